@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: Apache-2.0
+// Problem validation and the counts derived from a problem (pairs, FLOPs, bytes).
+#include "nbhd/problem.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <sstream>
+
+namespace nbhd {
+namespace {
+
+std::string axis_param(const char* param, int axis, int64_t value) {
+  std::ostringstream s;
+  s << param << "[axis " << axis << "] = " << value;
+  return s.str();
+}
+
+// a * b, or false when it would not fit in int64.
+bool mul_fits(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+
+}  // namespace
+
+Status Problem::validate() const {
+  if (rank < 1 || rank > 3)
+    return invalid_argument("rank = " + std::to_string(rank) + " is invalid: it must be 1, 2 or 3");
+  auto positive = [](const char* what, int64_t v) -> Status {
+    if (v >= 1) return Status::Ok();
+    return invalid_argument(std::string(what) + " = " + std::to_string(v) + " is invalid: it must be >= 1");
+  };
+  NBHD_RETURN_IF_ERROR(positive("batch", batch));
+  NBHD_RETURN_IF_ERROR(positive("heads", heads));
+  NBHD_RETURN_IF_ERROR(positive("kv_heads", kv_heads));
+  NBHD_RETURN_IF_ERROR(positive("dim", dim));
+  if (dim_v < 0)
+    return invalid_argument("dim_v = " + std::to_string(dim_v) + " is invalid: it must be >= 1 (or 0 for dim_v = dim)");
+  if (heads % kv_heads != 0)
+    return invalid_argument("heads = " + std::to_string(heads) + " is invalid: it must be a multiple of kv_heads = " +
+                            std::to_string(kv_heads));
+  if (additional_tokens < 0)
+    return invalid_argument("additional_tokens = " + std::to_string(additional_tokens) + " is invalid: it must be >= 0");
+  if (scale && !std::isfinite(*scale))
+    return invalid_argument("scale = " + std::to_string(*scale) + " is invalid: it must be finite");
+
+  for (int a = 0; a < rank; ++a) {
+    const int64_t L = extent[a], k = kernel[a], d = dilation[a], s = stride[a];
+    if (L < 1 || L > INT_MAX)
+      return invalid_argument(axis_param("extent", a, L) + " is invalid: it must be in [1, " + std::to_string(INT_MAX) + "]");
+    if (k < 1)
+      return invalid_argument(axis_param("kernel_size", a, k) + " is invalid: it must be >= 1");
+    if (d < 1)
+      return invalid_argument(axis_param("dilation", a, d) + " is invalid: it must be >= 1");
+    if (k > L || d > L || k * d > L)
+      return invalid_argument(axis_param("kernel_size", a, k) + " with " + axis_param("dilation", a, d) +
+                              " is invalid: kernel_size * dilation = " + std::to_string(k * d) +
+                              " must be <= the extent " + std::to_string(L) + " of axis " + std::to_string(a));
+    if (s < 1 || s > k)
+      return invalid_argument(axis_param("stride", a, s) + " is invalid: it must be in [1, kernel_size = " +
+                              std::to_string(k) + "]");
+  }
+
+  // Every tensor's element count must fit in int64 (offsets are 64-bit everywhere).
+  int64_t n = batch, count = 0;
+  for (int a = 0; a < rank; ++a)
+    if (!mul_fits(n, extent[a], &n)) return invalid_argument("the token grid (batch * extents) overflows 64 bits");
+  const int64_t widest = std::max({dim, value_dim()}) * std::max(heads, int64_t(1));
+  if (!mul_fits(n, widest, &count) || !mul_fits(rpb_size(), heads, &count))
+    return invalid_argument("a tensor of this problem has more than 2^63 elements");
+  return Status::Ok();
+}
+
+double Problem::softmax_scale() const { return scale ? *scale : 1.0 / std::sqrt(double(dim)); }
+
+int64_t Problem::tokens() const {
+  int64_t n = 1;
+  for (int a = 0; a < rank; ++a) n *= extent[a];
+  return n;
+}
+
+int64_t Problem::window_size() const {
+  int64_t n = 1;
+  for (int a = 0; a < rank; ++a) n *= kernel[a];
+  return n;
+}
+
+int64_t Problem::rpb_size() const {
+  int64_t n = 1;
+  for (int a = 0; a < rank; ++a) n *= 2 * kernel[a] - 1;
+  return n;
+}
+
+int Problem::padded_extent(int a) const {
+  const int first = kMaxRank - rank;
+  return a < first ? 1 : int(extent[a - first]);
+}
+
+Neighborhood Problem::neighborhood() const {
+  Neighborhood nb{};
+  const int first = kMaxRank - rank;
+  for (int a = 0; a < kMaxRank; ++a) {
+    Axis& ax = nb.axis[a];
+    if (a < first) {
+      ax = Axis{};
+      continue;
+    }
+    const int u = a - first;
+    ax.length = int(extent[u]);
+    ax.kernel = int(kernel[u]);
+    ax.dilation = int(dilation[u]);
+    ax.stride = int(stride[u]);
+    ax.causal = causal[u];
+  }
+  return nb;
+}
+
+int64_t Problem::attended_pairs() const {
+  // A token's neighbor count is the product of its per-axis window sizes, so the
+  // sum over the grid factors into per-axis sums.
+  const Neighborhood nb = neighborhood();
+  int64_t pairs = 1;
+  for (const Axis& ax : nb.axis) {
+    int64_t axis_sum = 0;
+    for (int i = 0; i < ax.length; ++i) {
+      const int g = i % ax.dilation;
+      axis_sum += ax.window(i / ax.dilation, ax.group_length(g)).size();
+    }
+    pairs *= axis_sum;
+  }
+  return pairs;
+}
+
+double Problem::forward_flops() const {
+  const double pairs = double(attended_pairs()) + double(tokens()) * double(additional_tokens);
+  return 2.0 * double(batch) * double(heads) * pairs * double(dim + value_dim());
+}
+
+double Problem::forward_bytes() const {
+  const double e = size_of(dtype), n = double(batch) * double(tokens());
+  const double q = n * heads * dim, k = n * kv_heads * dim, v = n * kv_heads * value_dim();
+  const double o = n * heads * value_dim(), lse = n * heads * 4.0 / e;
+  const double extra = double(batch) * additional_tokens * kv_heads * (dim + value_dim());
+  return e * (q + k + v + o + lse + extra);
+}
+
+std::string Problem::to_string() const {
+  std::ostringstream s;
+  auto axes = [&](const char* label, const auto& v) {
+    s << label;
+    for (int a = 0; a < rank; ++a) s << (a ? "x" : "") << v[a];
+  };
+  axes("extent=", extent);
+  axes(" kernel=", kernel);
+  axes(" dilation=", dilation);
+  axes(" stride=", stride);
+  s << " causal=";
+  for (int a = 0; a < rank; ++a) s << (a ? "x" : "") << int(causal[a]);
+  s << " batch=" << batch << " heads=" << heads << " kv_heads=" << kv_heads << " dim=" << dim
+    << " dim_v=" << value_dim() << " dtype=" << name(dtype);
+  if (additional_tokens) s << " additional=" << additional_tokens;
+  if (has_rpb) s << " rpb";
+  return s.str();
+}
+
+}  // namespace nbhd

@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: Apache-2.0
+// What a backend provides to the dispatcher. Each backend defines one BackendImpl;
+// the registry lists those compiled in, in order of preference for Backend::kAuto.
+#pragma once
+
+#include <vector>
+
+#include "nbhd/api.hpp"
+
+namespace nbhd::detail {
+
+enum class Pass { kForward, kBackward, kUnfused };
+
+struct UnfusedImpl {
+  Status (*qk)(const Problem&, const QkTensors&, const Options&);
+  Status (*qk_backward)(const Problem&, const QkBackwardTensors&, const Options&);
+  Status (*softmax)(const Problem&, const SoftmaxTensors&, const Options&);
+  Status (*softmax_backward)(const Problem&, const SoftmaxBackwardTensors&, const Options&);
+  Status (*av)(const Problem&, const AvTensors&, const Options&);
+  Status (*av_backward)(const Problem&, const AvBackwardTensors&, const Options&);
+};
+
+struct BackendImpl {
+  Backend id;
+  Device device;
+  // Ok, or why this backend cannot run the (already validated) problem.
+  Status (*supports)(const Problem&, Pass);
+  Status (*forward)(const Problem&, const ForwardTensors&, const Options&);    // may be null
+  Status (*backward)(const Problem&, const BackwardTensors&, const Options&);  // may be null
+  const UnfusedImpl* unfused;                                                  // may be null
+};
+
+const std::vector<const BackendImpl*>& registry();
+
+}  // namespace nbhd::detail

@@ -1,0 +1,27 @@
+// SPDX-License-Identifier: Apache-2.0
+// The backends compiled into this build, best first (Backend::kAuto takes the first
+// one that runs the problem on the tensors' device).
+#include "dispatch/backend.hpp"
+
+namespace nbhd::detail {
+
+extern const BackendImpl kReferenceBackend;
+extern const BackendImpl kCpuBackend;
+#if NBHD_WITH_CUDA
+extern const BackendImpl kNaiveBackend;
+extern const BackendImpl kFusedBackend;
+#endif
+
+const std::vector<const BackendImpl*>& registry() {
+  static const std::vector<const BackendImpl*> backends = {
+#if NBHD_WITH_CUDA
+      &kFusedBackend,
+      &kNaiveBackend,
+#endif
+      &kCpuBackend,
+      &kReferenceBackend,
+  };
+  return backends;
+}
+
+}  // namespace nbhd::detail
