@@ -7,15 +7,19 @@ namespace nbhd::detail {
 
 extern const BackendImpl kReferenceBackend;
 extern const BackendImpl kCpuBackend;
-#if NBHD_WITH_CUDA
+#if NBHD_BACKEND_NAIVE
 extern const BackendImpl kNaiveBackend;
+#endif
+#if NBHD_BACKEND_FUSED
 extern const BackendImpl kFusedBackend;
 #endif
 
 const std::vector<const BackendImpl*>& registry() {
   static const std::vector<const BackendImpl*> backends = {
-#if NBHD_WITH_CUDA
+#if NBHD_BACKEND_FUSED
       &kFusedBackend,
+#endif
+#if NBHD_BACKEND_NAIVE
       &kNaiveBackend,
 #endif
       &kCpuBackend,

@@ -36,6 +36,10 @@ class HostTensor {
   }
 
   const TensorRef& ref() const { return ref_; }
+  // The whole allocation (padding included), for copies to and from a device.
+  void* storage() { return storage_.data(); }
+  const void* storage() const { return storage_.data(); }
+  size_t storage_bytes() const { return storage_.size(); }
   int64_t numel() const { return ref_.numel(); }
 
   // Element at logical (row-major) position i.
