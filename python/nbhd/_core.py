@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Framework-neutral calls into the extension: argument normalisation, the Problem
+built from the arrays' shapes, output allocation through a small adapter (numpy
+here, torch in _torch_ops), then the C++ entry point. No torch import here."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _nbhd
+
+MAX_RANK = 3
+
+
+class Window(NamedTuple):
+    """Per-axis neighborhood parameters, each a tuple of `rank` entries."""
+
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def window_size(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+def _per_axis(name: str, value: Any, rank: int, kind: type) -> tuple:
+    what = "a bool" if kind is bool else "an int"
+    if isinstance(value, (tuple, list)):
+        if len(value) != rank:
+            raise ValueError(f"{name} has {len(value)} entries but the problem has {rank} spatial axes: "
+                             f"pass {what} or a tuple of {rank}")
+        items = list(value)
+    else:
+        items = [value] * rank
+    out = []
+    for axis, item in enumerate(items):
+        ok = isinstance(item, (bool, np.bool_)) if kind is bool else (
+            not isinstance(item, (bool, np.bool_)) and _is_integer(item))
+        if not ok:
+            where = f"{name}[axis {axis}]" if isinstance(value, (tuple, list)) else name
+            raise TypeError(f"{where} = {item!r} must be {what}")
+        out.append(kind(item) if kind is bool else operator.index(item))
+    return tuple(out)
+
+
+def _is_integer(x: Any) -> bool:
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -> Window:
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank = {rank} is invalid: neighborhood attention has 1, 2 or 3 spatial axes")
+    return Window(
+        _per_axis("kernel_size", kernel_size, rank, int),
+        _per_axis("stride", stride, rank, int),
+        _per_axis("dilation", dilation, rank, int),
+        _per_axis("is_causal", is_causal, rank, bool),
+    )
+
+
+def window_from_lists(kernel_size, stride, dilation, is_causal) -> Window:
+    """The Window of a custom op's list arguments (already normalised)."""
+    return Window(tuple(int(k) for k in kernel_size), tuple(int(s) for s in stride),
+                  tuple(int(d) for d in dilation), tuple(bool(c) for c in is_causal))
+
+
+def check_scale(scale) -> Optional[float]:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale = {scale!r} must be a float or None")
+    return float(scale)
+
+
+def check_ndim(name: str, shape: Sequence[int], ndim: int, layout: str) -> None:
+    if len(shape) != ndim:
+        raise ValueError(f"{name} has {len(shape)} dimensions (shape {list(shape)}) but must have {ndim}: {layout}")
+
+
+def token_layout(rank: int, last: str = "dim", heads: str = "heads") -> str:
+    spatial = ", ".join(f"X{a + 1}" for a in range(rank))
+    return f"[batch, {spatial}, {heads}, {last}]"
+
+
+def _problem(window: Window, shape: Sequence[int]) -> "_nbhd.Problem":
+    """Problem with the grid and heads of a [B, X..., H, *] tensor."""
+    r = window.rank
+    p = _nbhd.Problem()
+    p.rank = r
+    p.batch = int(shape[0])
+    p.extent = [int(x) for x in shape[1:1 + r]] + [1] * (MAX_RANK - r)
+    p.heads = int(shape[1 + r])
+    p.kernel = list(window.kernel_size) + [1] * (MAX_RANK - r)
+    p.stride = list(window.stride) + [1] * (MAX_RANK - r)
+    p.dilation = list(window.dilation) + [1] * (MAX_RANK - r)
+    p.causal = list(window.is_causal) + [False] * (MAX_RANK - r)
+    return p
+
+
+def attention_problem(window: Window, q_shape, k_shape, v_shape, scale=None, ak_shape=None, av_shape=None,
+                      has_rpb=False) -> "_nbhd.Problem":
+    """The Problem of q [B, X..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv]; validated."""
+    r = window.rank
+    check_ndim("query", q_shape, r + 3, token_layout(r))
+    check_ndim("key", k_shape, r + 3, token_layout(r, heads="kv_heads"))
+    check_ndim("value", v_shape, r + 3, token_layout(r, "dim_v", "kv_heads"))
+    p = _problem(window, q_shape)
+    p.kv_heads = int(k_shape[-2])
+    p.dim = int(q_shape[-1])
+    p.dim_v = int(v_shape[-1])
+    p.scale = scale
+    p.has_rpb = has_rpb
+    _set_additional(p, ak_shape, av_shape)
+    p.validate()
+    return p
+
+
+def qk_problem(window: Window, q_shape, k_shape, scale=None, ak_shape=None, has_rpb=False) -> "_nbhd.Problem":
+    r = window.rank
+    check_ndim("query", q_shape, r + 3, token_layout(r))
+    check_ndim("key", k_shape, r + 3, token_layout(r, heads="kv_heads"))
+    p = _problem(window, q_shape)
+    p.kv_heads = int(k_shape[-2])
+    p.dim = int(q_shape[-1])
+    p.scale = scale
+    p.has_rpb = has_rpb
+    _set_additional(p, ak_shape, None)
+    p.validate()
+    return p
+
+
+def weights_problem(window: Window, attn_shape, v_shape=None, name="attn") -> "_nbhd.Problem":
+    """Problem of attention weights [B, X..., H, W + M] (and value [B, X..., Hkv, Dv])."""
+    r = window.rank
+    check_ndim(name, attn_shape, r + 3, token_layout(r, "prod(kernel_size) + additional tokens"))
+    p = _problem(window, attn_shape)
+    extra = int(attn_shape[-1]) - window.window_size
+    if extra < 0:
+        raise ValueError(f"{name} has {attn_shape[-1]} slots in its last dimension but kernel_size "
+                         f"{window.kernel_size} needs at least {window.window_size}")
+    p.additional_tokens = extra
+    if v_shape is not None:
+        check_ndim("value", v_shape, r + 3, token_layout(r, "dim_v", "kv_heads"))
+        p.kv_heads = int(v_shape[-2])
+        p.dim = p.dim_v = int(v_shape[-1])
+    else:
+        p.kv_heads = p.heads
+        p.dim = 1  # softmax reads no features; any valid dim will do
+    p.validate()
+    return p
+
+
+def _set_additional(p, ak_shape, av_shape) -> None:
+    shapes = [s for s in (ak_shape, av_shape) if s is not None]
+    if ak_shape is not None:
+        check_ndim("additional_keys", ak_shape, 4, "[batch, M, kv_heads, dim]")
+    if av_shape is not None:
+        check_ndim("additional_values", av_shape, 4, "[batch, M, kv_heads, dim_v]")
+    p.additional_tokens = int(shapes[0][1]) if shapes else 0
+
+
+def check_pair(ak, av) -> None:
+    if (ak is None) != (av is None):
+        given, missing = ("additional_keys", "additional_values") if av is None else (
+            "additional_values", "additional_keys")
+        raise ValueError(f"{given} was given without {missing}; pass both or neither")
+
+
+def backend_name(backend: Optional[str]) -> str:
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend = {backend!r} must be a str or None")
+    return backend
+
+
+# ----------------------------------------------------------------- framework adapters
+
+class NumpyArrays:
+    """Allocation and launch settings for numpy arrays (CPU, no stream)."""
+
+    float32 = np.float32
+
+    @staticmethod
+    def empty(shape, like, dtype=None):
+        return np.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype)
+
+    @staticmethod
+    def launch(like) -> dict:
+        return {"stream": 0, "deterministic": False}
+
+
+def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):
+    """(out [B, X..., H, Dv], lse [B, X..., H] float32)."""
+    check_pair(ak, av)
+    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
+    out = fw.empty(tuple(q.shape[:-1]) + (v.shape[-1],), q)
+    lse = fw.empty(tuple(q.shape[:-1]), q, fw.float32)
+    _nbhd.forward(p, q, k, v, out, lse, rpb, ak, av, backend=backend_name(backend), **fw.launch(q))
+    return out, lse
+
+
+def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=None, av=None, backend=None):
+    """(dq, dk, dv, d_rpb float32 or None, d_ak or None, d_av or None)."""
+    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
+    dq, dk, dv = fw.empty(q.shape, q), fw.empty(k.shape, k), fw.empty(v.shape, v)
+    d_rpb = None if rpb is None else fw.empty(rpb.shape, q, fw.float32)
+    d_ak = None if ak is None else fw.empty(ak.shape, ak)
+    d_av = None if av is None else fw.empty(av.shape, av)
+    _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av,
+                   backend=backend_name(backend), **fw.launch(q))
+    return dq, dk, dv, d_rpb, d_ak, d_av
+
+
+def qk(fw, window: Window, scale, q, k, rpb=None, ak=None, backend=None):
+    """attn [B, X..., H, prod(kernel_size) + M]: scale * <q, k> + rpb, -inf where a causal window ends early."""
+    p = qk_problem(window, q.shape, k.shape, scale, _shape(ak), rpb is not None)
+    attn = fw.empty(tuple(q.shape[:-1]) + (p.window_size() + p.additional_tokens,), q)
+    _nbhd.qk(p, q, k, attn, rpb, ak, backend=backend_name(backend), **fw.launch(q))
+    return attn
+
+
+def qk_backward(fw, window: Window, scale, d_attn, q, k, ak=None, has_rpb=False, backend=None):
+    """(dq, dk, d_rpb float32 or None, d_ak or None)."""
+    p = qk_problem(window, q.shape, k.shape, scale, _shape(ak), has_rpb)
+    dq, dk = fw.empty(q.shape, q), fw.empty(k.shape, k)
+    d_rpb = fw.empty((p.heads,) + tuple(2 * x - 1 for x in window.kernel_size), q, fw.float32) if has_rpb else None
+    d_ak = None if ak is None else fw.empty(ak.shape, ak)
+    _nbhd.qk_backward(p, q, k, d_attn, dq, dk, ak, d_rpb, d_ak, backend=backend_name(backend), **fw.launch(q))
+    return dq, dk, d_rpb, d_ak
+
+
+def softmax(fw, window: Window, attn, backend=None):
+    p = weights_problem(window, attn.shape)
+    probs = fw.empty(attn.shape, attn)
+    _nbhd.softmax(p, attn, probs, backend=backend_name(backend), **fw.launch(attn))
+    return probs
+
+
+def softmax_backward(fw, window: Window, probs, d_probs, backend=None):
+    p = weights_problem(window, probs.shape, name="probs")
+    d_attn = fw.empty(probs.shape, probs)
+    _nbhd.softmax_backward(p, probs, d_probs, d_attn, backend=backend_name(backend), **fw.launch(probs))
+    return d_attn
+
+
+def av(fw, window: Window, probs, v, av_extra=None, backend=None):
+    """out [B, X..., H, Dv] = sum over slots of probs * value."""
+    p = weights_problem(window, probs.shape, v.shape, name="probs")
+    if av_extra is not None:
+        check_ndim("additional_values", av_extra.shape, 4, "[batch, M, kv_heads, dim_v]")
+    out = fw.empty(tuple(probs.shape[:-1]) + (v.shape[-1],), probs)
+    _nbhd.av(p, probs, v, out, av_extra, backend=backend_name(backend), **fw.launch(probs))
+    return out
+
+
+def av_backward(fw, window: Window, d_out, probs, v, av_extra=None, backend=None):
+    """(d_probs, dv, d_additional_values or None)."""
+    p = weights_problem(window, probs.shape, v.shape, name="probs")
+    d_probs, dv = fw.empty(probs.shape, probs), fw.empty(v.shape, v)
+    d_av = None if av_extra is None else fw.empty(av_extra.shape, av_extra)
+    _nbhd.av_backward(p, probs, v, d_out, d_probs, dv, av_extra, d_av, backend=backend_name(backend),
+                      **fw.launch(probs))
+    return d_probs, dv, d_av
+
+
+def _shape(x):
+    return None if x is None else tuple(x.shape)

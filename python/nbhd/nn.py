@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Neighborhood attention layers: input [B, X1..Xr, C] -> output of the same shape.
+
+Drop-in for the NATTEN layers of the same names: same constructor arguments and
+parameter names (qkv, rpb, proj), so their state dicts load. Inputs smaller than
+kernel_size * dilation on an axis are zero-padded at the end of it and the output is
+cropped, as NATTEN does."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import _core, ops
+from .functional import neighborhood_attention
+
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
+
+
+class _NeighborhoodAttention(nn.Module):
+    rank = 0
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1, is_causal=False,
+                 qkv_bias: bool = True, qk_scale=None, rel_pos_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        window = _core.make_window(self.rank, kernel_size, stride, dilation, is_causal)
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim = {embed_dim} must be a positive multiple of num_heads = {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = _core.check_scale(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+        self.kernel_size, self.stride, self.dilation, self.is_causal = window
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+        self.attn_drop_rate = attn_drop
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.rank + 2:
+            raise ValueError(f"{type(self).__name__} takes input [batch, {', '.join(f'X{a + 1}' for a in range(self.rank))}, "
+                             f"embed_dim] ({self.rank + 2} dimensions), got shape {list(x.shape)}")
+        spatial = tuple(x.shape[1:-1])
+        padded = tuple(max(n, k * d) for n, k, d in zip(spatial, self.kernel_size, self.dilation))
+        if padded != spatial:
+            # F.pad lists (before, after) pairs from the last dimension backwards; C is not padded.
+            pads = [0, 0]
+            for n, p in reversed(list(zip(spatial, padded))):
+                pads += [0, p - n]
+            x = F.pad(x, pads)
+        batch = x.shape[0]
+        qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(dim=-3)
+        window = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                      is_causal=self.is_causal)
+        if self.training and self.attn_drop_rate > 0:
+            # The fused kernels have no dropout: materialise the weights and drop them.
+            attn = ops.qk(query, key, scale=self.scale, rpb=self.rpb, **window)
+            probs = self.attn_drop(ops.softmax(attn, **window))
+            out = ops.av(probs, value, **window)
+        else:
+            out = neighborhood_attention(query, key, value, scale=self.scale, rpb=self.rpb, **window)
+        out = out.reshape(batch, *padded, self.embed_dim)
+        if padded != spatial:
+            out = out[(slice(None),) + tuple(slice(0, n) for n in spatial)]
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, "
+                f"is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}, "
+                f"attn_drop={self.attn_drop_rate}")
+
+
+_DOC = """{rank}-D neighborhood attention layer: input [B, {axes}, embed_dim], output the same shape.
+
+    Args:
+        embed_dim: channels C of the input; a multiple of num_heads.
+        num_heads: attention heads; head_dim = embed_dim // num_heads.
+        kernel_size, stride, dilation: window size, window stride and dilation; an int or a
+            tuple of {rank}. Valid per axis: 1 <= stride <= kernel_size, kernel_size * dilation
+            <= the input's extent (smaller inputs are zero-padded, see the module docstring).
+        is_causal: a bool or a tuple of {rank}; a causal axis attends only to earlier tokens.
+        qkv_bias: bias in the qkv projection.
+        qk_scale: attention scale; None means head_dim ** -0.5.
+        rel_pos_bias: learn a relative positional bias rpb [num_heads, {rpb}].
+        attn_drop: dropout on the attention weights. When > 0 and the module is training, the
+            layer runs the unfused operations (nbhd.ops.qk, softmax, av), since the fused
+            kernels have no dropout: the weights [B, {axes}, heads, prod(kernel_size)] are
+            materialised, which costs memory and time. In eval mode the fused path runs.
+        proj_drop: dropout on the output projection.
+    """
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    __doc__ = _DOC.format(rank=1, axes="L", rpb="2*k-1")
+    rank = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    __doc__ = _DOC.format(rank=2, axes="H, W", rpb="2*k1-1, 2*k2-1")
+    rank = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    __doc__ = _DOC.format(rank=3, axes="D, H, W", rpb="2*k1-1, 2*k2-1, 2*k3-1")
+    rank = 3
