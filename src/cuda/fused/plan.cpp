@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cuda/fused/plan.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <mutex>
+#include <sstream>
+
+namespace nbhd::cuda::fused {
+namespace {
+
+constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
+  return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};  // log2 extents
+}
+
+// The table. Extents are log2 (3 = 8). Query tiles of 64 (4 warps) or 128
+// (8 warps); warp boxes of 16; key tiles of 64 with an innermost run >= 8.
+// Reasons come from ../shared/design/tiling.md (pairs computed per pair needed,
+// per-warp 8-key-chunk skipping) until GPU measurements replace them.
+const std::vector<TileConfig>& table() {
+  static const std::vector<TileConfig> t = {
+      // rank 1 (leading axes are length 1)
+      {1, 0, 4, 64, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D: 64 queries x 64 keys; 1.01x work at w2048"},
+      {1, 0, 8, 64, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D: 128 queries halve K/V reloads per query"},
+      // rank 2
+      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31"},
+      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / keys 8x8: square windows, short rows"},
+      {2, 0, 4, 64, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8: wide windows"},
+      {2, 0, 4, 64, shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "2-D 2x32: very wide, short windows"},
+      {2, 0, 8, 64, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4: 1.10x at k80, K/V reuse"},
+      {2, 0, 8, 64, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8"},
+      // rank 3
+      {3, 0, 4, 64, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan"},
+      {3, 0, 8, 64, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4: 1.33x Hunyuan, K/V reuse"},
+      {3, 0, 8, 64, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8"},
+  };
+  return t;
+}
+
+}  // namespace
+
+int head_dim_bucket(int64_t dim, int64_t dim_v) {
+  const int64_t d = std::max(dim, dim_v);
+  for (int bucket : {32, 64, 128, 256})
+    if (d <= bucket) return bucket;
+  return 0;
+}
+
+std::vector<TileConfig> candidate_configs(int rank, int head_dim) {
+  std::vector<TileConfig> out;
+  for (TileConfig c : table()) {
+    if (c.rank != rank) continue;
+    c.head_dim = head_dim;
+    // head dim 256: K and V tiles of 64 keys in two stages need 128 KB of shared
+    // memory; 8 warps add 64 KB of Q. Keep 4 warps there.
+    if (head_dim == 256 && c.warps != 4) continue;
+    out.push_back(c);
+  }
+  return out;
+}
+
+PlanEstimate estimate(const Problem& p, const TileConfig& c) {
+  PlanEstimate e;
+  e.config = c;
+  const Neighborhood nb = p.neighborhood();
+  const TileShape& s = c.shape;
+  // Sample query tiles of dilation group 0 along each axis: up to 8 per axis,
+  // evenly spread, borders included (they shift windows inward).
+  std::vector<int> origins[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int lg = nb.axis[a].group_length(0);
+    const int tiles = ceil_div(lg, s.q(a));
+    const int step = std::max(1, tiles / 8);
+    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
+    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
+  }
+  const int warps = c.warps;
+  for (int o0 : origins[0])
+    for (int o1 : origins[1])
+      for (int o2 : origins[2]) {
+        const int origin[kMaxRank] = {o0, o1, o2};
+        int lg[kMaxRank];
+        Range kbox[kMaxRank];
+        for (int a = 0; a < kMaxRank; ++a) {
+          lg[a] = nb.axis[a].group_length(0);
+          const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
+          kbox[a] = {nb.axis[a].window(origin[a], lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
+        }
+        for (int w = 0; w < warps; ++w) {
+          int off[kMaxRank];
+          s.warp_offset(w, off);
+          Range uni[kMaxRank];
+          double needed = 1;
+          bool idle = false;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            if (first > last) {
+              idle = true;
+              break;
+            }
+            uni[a] = {nb.axis[a].window(first, lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
+            double axis_needed = 0;
+            for (int j = first; j <= last; ++j) axis_needed += nb.axis[a].window(j, lg[a]).size();
+            needed *= axis_needed;
+          }
+          if (idle) continue;
+          e.needed_pairs += needed;
+          // Active 8-key chunks over the key tiles of the CTA's key box.
+          double chunks = 1;
+          for (int a = 0; a < kMaxRank; ++a) {
+            double axis_chunks = 0;
+            const int step = a == kMaxRank - 1 ? 8 : 1;  // chunk extent along the axis
+            for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a))
+              for (int x = 0; x < s.k(a); x += step) {
+                const int lo = k + x, hi = lo + step;
+                if (lo < uni[a].end && hi > uni[a].begin && lo < kbox[a].end) ++axis_chunks;
+              }
+            chunks *= axis_chunks;
+          }
+          // The tensor cores compute 16 rows x 8 keys per chunk, valid rows or not.
+          e.computed_pairs += chunks * 8 * 16;
+        }
+      }
+  // Cost per needed pair: the pairs computed, times a charge for K/V tile loads,
+  // which 16 * warps queries share: at 4 warps a CTA reads 1/64 byte of K/V per
+  // FLOP, ~4.7 TB/s at 300 TFLOP/s, near the L2's bandwidth; 8 warps halve it.
+  e.cost = e.waste() * (1.0 + 2.0 / warps);
+  return e;
+}
+
+std::vector<PlanEstimate> rank_configs(const Problem& p) {
+  const int rank = p.rank;
+  const int bucket = head_dim_bucket(p.dim, p.value_dim());
+  std::vector<PlanEstimate> out;
+  if (!bucket) return out;
+  for (const TileConfig& c : candidate_configs(rank, bucket)) out.push_back(estimate(p, c));
+  std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
+  return out;
+}
+
+std::vector<std::string> describe_plan(const Problem& p) {
+  std::vector<std::string> lines;
+  const auto ranked = rank_configs(p);
+  if (ranked.empty()) {
+    lines.push_back("fused: no head-dim bucket holds max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())));
+    return lines;
+  }
+  for (size_t i = 0; i < ranked.size(); ++i) {
+    const PlanEstimate& e = ranked[i];
+    const TileShape& s = e.config.shape;
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "fused %s q %dx%dx%d warp %dx%dx%d kv %dx%dx%d (warps %d, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
+                  i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
+                  s.k(2), e.config.warps, e.config.block_kv, e.config.head_dim, e.waste(), e.cost, e.config.why);
+    lines.push_back(buf);
+  }
+  return lines;
+}
+
+}  // namespace nbhd::cuda::fused

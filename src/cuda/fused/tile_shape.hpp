@@ -1,0 +1,53 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tile shapes of the fused kernels: a query tile is a box of one dilation group's
+// grid, cut into one 16-query box per warp; a key tile is a box of keys. Extents
+// are powers of two per (padded) axis, so a row index splits into coordinates with
+// shifts. Host and device.
+#pragma once
+
+#include "nbhd/core/window.hpp"
+
+namespace nbhd::cuda::fused {
+
+struct TileShape {
+  int q_log2[kMaxRank];  // query tile extent per axis, log2; product = 16 * warps
+  int w_log2[kMaxRank];  // per-warp box, log2; product 16, divides the query tile
+  int k_log2[kMaxRank];  // key tile, log2; product = keys per tile, innermost >= 8
+
+  NBHD_HOST_DEVICE constexpr int q(int a) const { return 1 << q_log2[a]; }
+  NBHD_HOST_DEVICE constexpr int w(int a) const { return 1 << w_log2[a]; }
+  NBHD_HOST_DEVICE constexpr int k(int a) const { return 1 << k_log2[a]; }
+  NBHD_HOST_DEVICE constexpr int queries() const { return 1 << (q_log2[0] + q_log2[1] + q_log2[2]); }
+  NBHD_HOST_DEVICE constexpr int keys() const { return 1 << (k_log2[0] + k_log2[1] + k_log2[2]); }
+
+  // Query row r of the tile (0 .. queries-1): warp r / 16 owns a w-box, rows inside
+  // it are row-major. Writes the row's offset from the tile origin per axis.
+  NBHD_HOST_DEVICE constexpr void query_offset(int r, int* off) const {
+    int warp = r >> 4, i = r & 15;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      const int nw_log2 = q_log2[a] - w_log2[a];
+      off[a] = ((warp & ((1 << nw_log2) - 1)) << w_log2[a]) + (i & ((1 << w_log2[a]) - 1));
+      warp >>= nw_log2;
+      i >>= w_log2[a];
+    }
+  }
+
+  // Origin of warp `warp`'s box relative to the query tile origin.
+  NBHD_HOST_DEVICE constexpr void warp_offset(int warp, int* off) const {
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      const int nw_log2 = q_log2[a] - w_log2[a];
+      off[a] = (warp & ((1 << nw_log2) - 1)) << w_log2[a];
+      warp >>= nw_log2;
+    }
+  }
+
+  // Key n of a key tile, row-major over the tile box.
+  NBHD_HOST_DEVICE constexpr void key_offset(int n, int* off) const {
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      off[a] = n & ((1 << k_log2[a]) - 1);
+      n >>= k_log2[a];
+    }
+  }
+};
+
+}  // namespace nbhd::cuda::fused

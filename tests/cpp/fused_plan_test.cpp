@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: Apache-2.0
+// The fused kernels' tile table and planner (host code, runs on the CPU): every
+// table entry is a valid tiling, row and key numbering cover their boxes exactly,
+// and the chosen tilings waste no more than ../shared/design/tiling.md counts.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "cuda/fused/plan.hpp"
+
+namespace nbhd::cuda::fused {
+namespace {
+
+TEST(FusedPlan, TableEntriesAreValidTilings) {
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int head_dim : {32, 64, 128, 256}) {
+      const auto configs = candidate_configs(rank, head_dim);
+      ASSERT_FALSE(configs.empty()) << "rank " << rank << " head dim " << head_dim;
+      for (const TileConfig& c : configs) {
+        const TileShape& s = c.shape;
+        SCOPED_TRACE(c.why);
+        EXPECT_EQ(s.queries(), 16 * c.warps);
+        EXPECT_EQ(s.keys(), c.block_kv);
+        EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
+        int warp_rows = 1;
+        for (int a = 0; a < kMaxRank; ++a) {
+          EXPECT_LE(s.w_log2[a], s.q_log2[a]);
+          warp_rows *= s.w(a);
+          if (a < 3 - rank) EXPECT_EQ(s.q(a) * s.w(a) * s.k(a), 1) << "padded axis " << a << " must stay 1";
+        }
+        EXPECT_EQ(warp_rows, 16);
+        // Rows cover the query box once; each warp's rows form its box.
+        std::set<int> seen;
+        for (int r = 0; r < s.queries(); ++r) {
+          int off[kMaxRank], wo[kMaxRank];
+          s.query_offset(r, off);
+          s.warp_offset(r / 16, wo);
+          for (int a = 0; a < kMaxRank; ++a) {
+            EXPECT_GE(off[a], wo[a]);
+            EXPECT_LT(off[a], wo[a] + s.w(a));
+          }
+          seen.insert((off[0] * s.q(1) + off[1]) * s.q(2) + off[2]);
+        }
+        EXPECT_EQ(int(seen.size()), s.queries());
+        seen.clear();
+        for (int n = 0; n < s.keys(); ++n) {
+          int off[kMaxRank];
+          s.key_offset(n, off);
+          for (int a = 0; a < kMaxRank; ++a) EXPECT_LT(off[a], s.k(a));
+          if (n % 8) {  // an 8-key chunk is a run along the innermost axis
+            int prev[kMaxRank];
+            s.key_offset(n - 1, prev);
+            EXPECT_EQ(off[2], prev[2] + 1);
+          }
+          seen.insert((off[0] * s.k(1) + off[1]) * s.k(2) + off[2]);
+        }
+        EXPECT_EQ(int(seen.size()), s.keys());
+      }
+    }
+}
+
+Problem anchor(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {
+  Problem p;
+  p.rank = rank;
+  p.extent = extent;
+  p.kernel = kernel;
+  p.dim = dim;
+  p.dtype = DType::kFloat16;
+  return p;
+}
+
+TEST(FusedPlan, ChosenTilingsWasteLittle) {
+  struct Expect {
+    Problem p;
+    double max_waste;  // pairs computed per pair needed, from tiling.md (+ margin)
+  };
+  const Expect cases[] = {
+      {anchor(1, {32768, 0, 0}, {2048, 0, 0}, 128), 1.05},
+      {anchor(2, {128, 128, 0}, {31, 31, 0}, 128), 1.40},
+      {anchor(2, {256, 256, 0}, {80, 80, 0}, 128), 1.15},
+      {anchor(3, {16, 48, 80}, {8, 16, 24}, 128), 1.50},
+      {anchor(3, {30, 48, 80}, {18, 24, 24}, 128), 1.40},
+  };
+  for (const Expect& e : cases) {
+    const auto ranked = rank_configs(e.p);
+    ASSERT_FALSE(ranked.empty());
+    EXPECT_GE(ranked.front().waste(), 1.0) << e.p.to_string();
+    EXPECT_LE(ranked.front().waste(), e.max_waste) << e.p.to_string() << ": " << ranked.front().config.why;
+  }
+}
+
+TEST(FusedPlan, DryRunListsEveryCandidateChosenFirst) {
+  const auto lines = describe_plan(anchor(2, {56, 56, 0}, {7, 7, 0}, 32));
+  ASSERT_EQ(lines.size(), candidate_configs(2, 32).size());
+  EXPECT_NE(lines.front().find("CHOSEN"), std::string::npos);
+  for (size_t i = 1; i < lines.size(); ++i) EXPECT_NE(lines[i].find("rejected"), std::string::npos);
+  EXPECT_NE(describe_plan(anchor(1, {64, 0, 0}, {3, 0, 0}, 512)).front().find("no head-dim bucket"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace nbhd::cuda::fused
