@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "backends.hpp"
+
+#include <cstdio>
+
+#include "device.hpp"
+
+namespace nbhd::bench {
+namespace {
+
+// Whether `device` exists on this machine; why not when it does not.
+bool present(Device device, std::string* why_not) {
+  return device == Device::kCPU || gpu_available(why_not);
+}
+
+std::string built_list() {
+  std::string s;
+  for (const BackendInfo& b : built_backends()) s += (s.empty() ? "" : ", ") + std::string(name(b.backend));
+  return s;
+}
+
+}  // namespace
+
+Status choose_backend(const Problem& p, Backend requested, Choice* out) {
+  std::string reasons;
+  for (const BackendInfo& b : built_backends()) {
+    if (requested != Backend::kAuto && b.backend != requested) continue;
+    std::string why_not;
+    Status ok = b.fused_ops ? Status::Ok() : unsupported("it implements only the unfused operations");
+    if (ok.ok() && !present(b.device, &why_not)) ok = unsupported("it runs on " + std::string(name(b.device)) + ": " + why_not);
+    if (ok.ok()) ok = can_run(b.backend, p, b.device);
+    if (ok.ok()) {
+      *out = {requested, b.backend, b.device};
+      return Status::Ok();
+    }
+    if (requested != Backend::kAuto) return ok;
+    reasons += "\n  " + std::string(name(b.backend)) + ": " + ok.message();
+  }
+  if (requested != Backend::kAuto)
+    return unsupported("backend '" + std::string(name(requested)) + "' is not built into this library (built: " +
+                       built_list() + ")");
+  return unsupported("no built backend can run " + p.to_string() + " here:" + reasons);
+}
+
+std::vector<std::string> candidate_lines(const Problem&, Backend) { return {}; }
+
+void print_dry_run(const Problem& p, std::ostream& os) {
+  char line[256];
+  os << "problem  " << p.to_string() << "\n";
+  const double pairs = double(p.attended_pairs());
+  std::snprintf(line, sizeof line, "work     %.0f attended pairs (%.1f keys per query), forward %.4g GFLOP, %.4g MB\n",
+                pairs, pairs / double(p.tokens()), p.forward_flops() * 1e-9, p.forward_bytes() * 1e-6);
+  os << line;
+  std::string why_not;
+  os << "gpu      " << (gpu_available(&why_not) ? device_name(Device::kCUDA) : "none (" + why_not + ")") << "\n";
+  os << "backends (best first; forward on this problem):\n";
+  for (const BackendInfo& b : built_backends()) {
+    std::snprintf(line, sizeof line, "  %-10s %-5s ", name(b.backend), name(b.device));
+    os << line;
+    std::string absent;
+    const Status s = can_run(b.backend, p, b.device);
+    if (!b.fused_ops)
+      os << "unfused operations only\n";
+    else if (!s.ok())
+      os << "cannot run: " << s.message() << "\n";
+    else if (!present(b.device, &absent))
+      os << "can run, but not here: " << absent << "\n";
+    else
+      os << "can run\n";
+    for (const std::string& extra : candidate_lines(p, b.backend)) os << "      " << extra << "\n";
+  }
+  Choice choice;
+  const Status s = choose_backend(p, Backend::kAuto, &choice);
+  os << "auto     " << (s.ok() ? std::string(name(choice.backend)) + " on " + name(choice.device) : s.message()) << "\n";
+}
+
+}  // namespace nbhd::bench
