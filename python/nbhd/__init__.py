@@ -9,6 +9,8 @@
 
 Torch is optional: it is imported only by nbhd.nn and for torch inputs."""
 
+import sys
+
 from . import _nbhd, ops
 from .functional import merge_attentions, na1d, na2d, na3d, neighborhood_attention
 
@@ -22,6 +24,12 @@ def backends() -> list:
     'naive', 'cpu', 'reference'), device ('cuda' or 'cpu'), fused_ops (runs
     neighborhood_attention) and unfused_ops (runs nbhd.ops)."""
     return _nbhd.built_backends()
+
+
+if sys.modules.get("torch") is not None:
+    # torch is loaded already: register the torch.ops.nbhd operators now (cheap), so
+    # that graphs which name them directly load without a call to nbhd first.
+    from . import _torch_ops  # noqa: F401
 
 
 def __getattr__(name):

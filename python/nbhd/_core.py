@@ -180,6 +180,19 @@ def check_pair(ak, av) -> None:
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
 
 
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_dtypes(**named) -> None:
+    """TypeError naming the first array whose dtype no backend takes."""
+    for name, x in named.items():
+        if x is None:
+            continue
+        dtype = str(x.dtype).replace("torch.", "")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {dtype}; nbhd takes {', '.join(SUPPORTED_DTYPES)}")
+
+
 def backend_name(backend: Optional[str]) -> str:
     if backend is None:
         return "auto"
@@ -207,6 +220,7 @@ class NumpyArrays:
 def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):
     """(out [B, X..., H, Dv], lse [B, X..., H] float32)."""
     check_pair(ak, av)
+    check_dtypes(query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
     out = fw.empty(tuple(q.shape[:-1]) + (v.shape[-1],), q)
     lse = fw.empty(tuple(q.shape[:-1]), q, fw.float32)
@@ -228,6 +242,7 @@ def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=N
 
 def qk(fw, window: Window, scale, q, k, rpb=None, ak=None, backend=None):
     """attn [B, X..., H, prod(kernel_size) + M]: scale * <q, k> + rpb, -inf where a causal window ends early."""
+    check_dtypes(query=q, key=k, rpb=rpb, additional_keys=ak)
     p = qk_problem(window, q.shape, k.shape, scale, _shape(ak), rpb is not None)
     attn = fw.empty(tuple(q.shape[:-1]) + (p.window_size() + p.additional_tokens,), q)
     _nbhd.qk(p, q, k, attn, rpb, ak, backend=backend_name(backend), **fw.launch(q))
@@ -245,6 +260,7 @@ def qk_backward(fw, window: Window, scale, d_attn, q, k, ak=None, has_rpb=False,
 
 
 def softmax(fw, window: Window, attn, backend=None):
+    check_dtypes(attn=attn)
     p = weights_problem(window, attn.shape)
     probs = fw.empty(attn.shape, attn)
     _nbhd.softmax(p, attn, probs, backend=backend_name(backend), **fw.launch(attn))
@@ -260,6 +276,7 @@ def softmax_backward(fw, window: Window, probs, d_probs, backend=None):
 
 def av(fw, window: Window, probs, v, av_extra=None, backend=None):
     """out [B, X..., H, Dv] = sum over slots of probs * value."""
+    check_dtypes(probs=probs, value=v, additional_values=av_extra)
     p = weights_problem(window, probs.shape, v.shape, name="probs")
     if av_extra is not None:
         check_ndim("additional_values", av_extra.shape, 4, "[batch, M, kv_heads, dim_v]")

@@ -157,6 +157,18 @@ NB_MODULE(_nbhd, m) {
       .def_rw("scale", &nbhd::Problem::scale, nb::for_setter(nb::arg("scale").none()))
       .def_rw("additional_tokens", &nbhd::Problem::additional_tokens)
       .def_rw("has_rpb", &nbhd::Problem::has_rpb)
+      .def_prop_rw(
+          "dtype", [](const nbhd::Problem& p) { return std::string(nbhd::name(p.dtype)); },
+          [](nbhd::Problem& p, const std::string& text) {
+            for (nbhd::DType t : {nbhd::DType::kFloat16, nbhd::DType::kBFloat16, nbhd::DType::kFloat32,
+                                  nbhd::DType::kFloat64})
+              if (text == nbhd::name(t)) {
+                p.dtype = t;
+                return;
+              }
+            raise(PyExc_ValueError, "dtype = '" + text + "' is not one of float16, bfloat16, float32, float64");
+          },
+          "Element type of q, k, v and out; the array functions set it from the query.")
       .def("validate", [](const nbhd::Problem& p) { check(p.validate()); },
            "Raise ValueError naming the argument, axis and bound if the problem is invalid.")
       .def("window_size", &nbhd::Problem::window_size)
