@@ -72,10 +72,14 @@ void print_text(const Report& r, std::ostream& os) {
   const Args& a = r.args;
   const Metrics& m = r.metrics;
   os << "problem   " << a.problem.to_string() << "\n";
+  // The public API tells which backend runs a problem's forward; with auto the
+  // library picks each pass's backend, so a backward may run on another one.
+  const bool auto_backward = r.choice.requested == Backend::kAuto && a.pass != Pass::kForward;
   os << "backend   " << name(r.choice.backend)
-     << (r.choice.requested == Backend::kAuto ? " (auto)" : "") << " on " << name(r.choice.device) << ": "
-     << r.device_name << "\n";
-  os << "pass      " << name(a.pass) << ", " << r.warmup << " warm-up + " << r.iters << " timed iterations\n";
+     << (auto_backward ? " (auto, for the forward; the backward may use another)"
+                       : r.choice.requested == Backend::kAuto ? " (auto)" : "")
+     << " on " << name(r.choice.device) << ": " << r.device_name << "\n";
+  os << "pass      " << name(a.pass) << ", " << r.warmup << " warm-up + " << r.iters << (r.iters == 1 ? " timed iteration\n" : " timed iterations\n");
   os << "time      median " << fmt("%.4g", r.timings.median_ms) << " ms (min " << fmt("%.4g", r.timings.min_ms)
      << ", max " << fmt("%.4g", r.timings.max_ms) << ")\n";
   os << "rate      " << fmt("%.4g", m.tflops) << " TFLOP/s (" << fmt("%.4g", m.flops * 1e-9)
