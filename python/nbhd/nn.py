@@ -46,8 +46,9 @@ class _NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.rank + 2:
-            raise ValueError(f"{type(self).__name__} takes input [batch, {', '.join(f'X{a + 1}' for a in range(self.rank))}, "
-                             f"embed_dim] ({self.rank + 2} dimensions), got shape {list(x.shape)}")
+            axes = ", ".join(f"X{a + 1}" for a in range(self.rank))
+            raise ValueError(f"{type(self).__name__} takes input [batch, {axes}, embed_dim] ({self.rank + 2} "
+                             f"dimensions), got shape {list(x.shape)}")
         spatial = tuple(x.shape[1:-1])
         padded = tuple(max(n, k * d) for n, k, d in zip(spatial, self.kernel_size, self.dilation))
         if padded != spatial:

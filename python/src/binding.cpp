@@ -51,7 +51,8 @@ nbhd::DType to_dtype(const char* name, nb::dlpack::dtype t) {
     if (t.code == uint8_t(Code::Bfloat) && t.bits == 16) return nbhd::DType::kBFloat16;
   }
   raise(PyExc_TypeError, std::string(name) + " has an unsupported dtype (DLPack code " + std::to_string(t.code) +
-                             ", " + std::to_string(t.bits) + " bits); nbhd takes float16, bfloat16, float32 and float64");
+                             ", " + std::to_string(t.bits) +
+                             " bits); nbhd takes float16, bfloat16, float32 and float64");
 }
 
 // Holds the imported arrays alive while the library reads their memory.
@@ -63,7 +64,8 @@ class Arrays {
     InputArray a;
     if (!nb::try_cast(h, a, /*convert=*/false))
       raise(PyExc_TypeError, std::string(name) + " must be an array with DLPack support (numpy, torch), got " +
-                                 python_type(h) + (python_type(h) == "torch.Tensor" ? " (detach it if it requires grad)" : ""));
+                                 python_type(h) +
+                                 (python_type(h) == "torch.Tensor" ? " (detach it if it requires grad)" : ""));
     inputs_.push_back(a);
     return to_ref(name, a.data(), a);
   }
@@ -72,7 +74,8 @@ class Arrays {
     if (h.is_none()) return {};
     OutputArray a;
     if (!nb::try_cast(h, a, /*convert=*/false))
-      raise(PyExc_TypeError, std::string(name) + " must be a writable array with DLPack support, got " + python_type(h));
+      raise(PyExc_TypeError,
+            std::string(name) + " must be a writable array with DLPack support, got " + python_type(h));
     outputs_.push_back(a);
     return to_ref(name, a.data(), a);
   }
@@ -132,6 +135,9 @@ void run(F&& call) {
   }
   check(status);
 }
+
+// An array argument that may be None (the default).
+nb::arg_v optional_array(const char* name) { return nb::arg(name).none() = nb::none(); }
 
 #define NBHD_OPTION_ARGS \
   "backend"_a = "auto", "stream"_a = 0, "deterministic"_a = false, "num_threads"_a = 0
@@ -214,8 +220,8 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::forward(typed_p, t, o); });
-  }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a.none() = nb::none(), "rpb"_a.none() = nb::none(),
-     "additional_keys"_a.none() = nb::none(), "additional_values"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+  }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, optional_array("lse"), optional_array("rpb"),
+     optional_array("additional_keys"), optional_array("additional_values"), NBHD_OPTION_ARGS);
 
   m.def("backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
                        nb::handle lse, nb::handle d_out, nb::handle d_query, nb::handle d_key, nb::handle d_value,
@@ -243,8 +249,9 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::backward(typed_p, t, o); });
   }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "d_query"_a, "d_key"_a, "d_value"_a,
-     "rpb"_a.none() = nb::none(), "additional_keys"_a.none() = nb::none(), "additional_values"_a.none() = nb::none(), "d_rpb"_a.none() = nb::none(),
-     "d_additional_keys"_a.none() = nb::none(), "d_additional_values"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+     optional_array("rpb"), optional_array("additional_keys"), optional_array("additional_values"),
+     optional_array("d_rpb"), optional_array("d_additional_keys"), optional_array("d_additional_values"),
+     NBHD_OPTION_ARGS);
 
   m.def("qk", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle attn, nb::handle rpb,
                  nb::handle additional_keys, const std::string& backend, uintptr_t stream, bool deterministic,
@@ -259,7 +266,8 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::qk(typed_p, t, o); });
-  }, "problem"_a, "query"_a, "key"_a, "attn"_a, "rpb"_a.none() = nb::none(), "additional_keys"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+  }, "problem"_a, "query"_a, "key"_a, "attn"_a, optional_array("rpb"), optional_array("additional_keys"),
+     NBHD_OPTION_ARGS);
 
   m.def("qk_backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle d_attn,
                           nb::handle d_query, nb::handle d_key, nb::handle additional_keys, nb::handle d_rpb,
@@ -278,8 +286,8 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::qk_backward(typed_p, t, o); });
-  }, "problem"_a, "query"_a, "key"_a, "d_attn"_a, "d_query"_a, "d_key"_a, "additional_keys"_a.none() = nb::none(),
-     "d_rpb"_a.none() = nb::none(), "d_additional_keys"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+  }, "problem"_a, "query"_a, "key"_a, "d_attn"_a, "d_query"_a, "d_key"_a, optional_array("additional_keys"),
+     optional_array("d_rpb"), optional_array("d_additional_keys"), NBHD_OPTION_ARGS);
 
   m.def("softmax", [](const nbhd::Problem& p, nb::handle attn, nb::handle probs, const std::string& backend,
                       uintptr_t stream, bool deterministic, int num_threads) {
@@ -316,7 +324,7 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.probs);
     run([&] { return nbhd::av(typed_p, t, o); });
-  }, "problem"_a, "probs"_a, "value"_a, "out"_a, "additional_values"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+  }, "problem"_a, "probs"_a, "value"_a, "out"_a, optional_array("additional_values"), NBHD_OPTION_ARGS);
 
   m.def("av_backward", [](const nbhd::Problem& p, nb::handle probs, nb::handle value, nb::handle d_out,
                           nb::handle d_probs, nb::handle d_value, nb::handle additional_values,
@@ -334,6 +342,6 @@ NB_MODULE(_nbhd, m) {
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.probs);
     run([&] { return nbhd::av_backward(typed_p, t, o); });
-  }, "problem"_a, "probs"_a, "value"_a, "d_out"_a, "d_probs"_a, "d_value"_a, "additional_values"_a.none() = nb::none(),
-     "d_additional_values"_a.none() = nb::none(), NBHD_OPTION_ARGS);
+  }, "problem"_a, "probs"_a, "value"_a, "d_out"_a, "d_probs"_a, "d_value"_a, optional_array("additional_values"),
+     optional_array("d_additional_values"), NBHD_OPTION_ARGS);
 }

@@ -183,3 +183,9 @@ def test_numpy_path_does_not_need_autograd():
     case = GRAD_CASES[0]
     out = nbhd.na1d(*case.arrays()[:3], **case.window_kwargs())
     assert isinstance(out, np.ndarray)
+
+
+def test_gradcheck_merge_attentions():
+    outs = [torch.randn(1, 3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lses = [torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *x: nbhd.merge_attentions(x[:3], x[3:]), (*outs, *lses))
