@@ -3,6 +3,7 @@
 // compiled kernel for (dtype, head-dim bucket, warps, key tile).
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -84,7 +85,14 @@ Status check_alignment(const char* what, const TensorRef& t) {
 }
 
 // The chosen configuration for a problem; planning samples tiles, so cache it.
+// NBHD_FUSED_TILE=<i> forces candidate i of `nbhd-bench --dry-run`'s list (for
+// measuring the table's entries; an index out of range is ignored).
 TileConfig plan(const Problem& p) {
+  if (const char* forced = std::getenv("NBHD_FUSED_TILE"); forced && *forced >= '0' && *forced <= '9') {
+    const auto candidates = candidate_configs(p.rank, head_dim_bucket(p.dim, p.value_dim()));
+    const size_t i = size_t(std::atoi(forced));
+    if (i < candidates.size()) return candidates[i];
+  }
   static std::mutex mutex;
   static std::map<std::string, TileConfig> cache;
   const std::string key = p.to_string();

@@ -35,22 +35,44 @@ struct ForwardConfig {
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
   static constexpr int kNBlocks = kBlockKV / 8;  // n8 blocks of a score tile
   static constexpr int kDBlocks = kHeadDim / 8;  // n8 blocks of the output
+  // CTAs per SM the register budget must allow (255 / 168 / 128 registers at 4 warps):
+  // small head dims leave room for more warps to hide load latency, which is what
+  // memory-bound shapes (NAT: head dim 32, 7x7 windows) need.
+  static constexpr int kMinBlocksPerSM =
+      kWarps == 4 && kBlockKV == 64 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2) : kWarps == 4 ? 2 : 1;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
   struct SharedStorage {
     T q[kBlockQ * kHeadDim];  // reused to stage the output
+    // Two stages: tile it + 1 loads while tile it computes. (One buffer each for K
+    // and V, K loading during P·V and V during Q·K^T as FlashAttention-2 does, was
+    // 10-15% slower on an H200 with 2 CTAs per SM: the loads were not hidden.)
     T k[2][kBlockKV * kHeadDim];
     T v[2][kBlockKV * kHeadDim];
+    // Per key-tile row: element offset from the tile origin's row in k and v, and
+    // the row's offset in the tile box (axis a in bits 10a..10a+9). Computed once
+    // per CTA, so a tile's loads are an add and three compares per row.
+    int64_t k_row_delta[kBlockKV];
+    int64_t v_row_delta[kBlockKV];
+    int key_row_offset[kBlockKV];
+    // Per query row and axis: its group index and window {j, begin, end, unused};
+    // an empty window marks a row past the grid. Kept here, not in registers: only
+    // masked tiles and the epilogue read it.
+    int4 row_axis[kBlockQ][kMaxRank];
+    // Per warp and axis: {union begin, union end, intersection begin, intersection
+    // end} of its queries' windows.
+    int4 warp_box[kWarps][kMaxRank];
   };
   static constexpr int kSharedBytes = int(sizeof(SharedStorage));
 
   // 16-byte chunk `c` of row `r` lives at chunk c ^ swizzle(r): the 8 rows one
   // ldmatrix reads then hit 8 different bank groups (rows are 64-512 bytes apart).
-  __device__ static constexpr int chunk_index(int r, int c) {
-    const int swizzle = kChunks >= 8 ? (r & 7) : ((r >> 1) & 3);
-    return r * kChunks + (c ^ swizzle);
-  }
+  // The swizzle depends on r % 8 only, and every ldmatrix reads 8 rows starting at
+  // a multiple of 8, so a lane's swizzle is fixed: swizzle(lane % 8).
+  __device__ static constexpr int swizzle(int r) { return kChunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
+  __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ swizzle(r)); }
+  static constexpr int kRowBytes = kChunks * 16;
 };
 
 namespace detail_fwd {
@@ -75,7 +97,7 @@ struct Box {
 }  // namespace detail_fwd
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __grid_constant__ ForwardParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_forward_kernel(const __grid_constant__ ForwardParams p) {
   using T = typename Cfg::Element;
   using detail_fwd::Box;
   using detail_fwd::kNegInf;
@@ -124,11 +146,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
   const int additional_tiles = ceil_div(p.additional_tokens, kBlockKV);
   const int total_tiles = neighbor_tiles + additional_tiles;
 
-  // Group index of key tile `it` along each axis (its origin).
-  auto key_tile_origin = [&](int it, int* origin) {
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      origin[a] = kbox.r[a].begin + (it % key_tiles_axis[a]) * shape.k(a);
-      it /= key_tiles_axis[a];
+  // Key tiles are visited in row-major order over the key box; the loads run one
+  // tile ahead of the compute, each with its own odometer (no divisions per tile).
+  struct Odometer {
+    int origin[kMaxRank];
+    __device__ void advance(const Box& box, const TileShape& shape) {
+      for (int a = kMaxRank - 1; a >= 0; --a) {
+        origin[a] += shape.k(a);
+        if (origin[a] < box.r[a].end || a == 0) return;
+        origin[a] = box.r[a].begin;
+      }
     }
   };
   auto token_of = [&](const int* j, int* token) {
@@ -158,63 +185,103 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
       ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * 8]), src, valid ? 16 : 0);
     }
   };
-  auto load_kv = [&](int it, int stage) {
+  // Each thread copies one 16-byte column `chunk` of rows load_row, load_row + step, ...
+  constexpr int kRowStep = Cfg::kThreads / kChunks;
+  static_assert(Cfg::kThreads % kChunks == 0 && kBlockKV % kRowStep == 0, "load mapping");
+  const int chunk = tid % kChunks, load_row = tid / kChunks;
+  for (int n = tid; n < kBlockKV; n += Cfg::kThreads) {
+    int off[kMaxRank];
+    shape.key_offset(n, off);
+    int64_t dk = 0, dv = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      dk += int64_t(off[a]) * p.nb.axis[a].dilation * p.k_layout.axis[a];
+      dv += int64_t(off[a]) * p.nb.axis[a].dilation * p.v_layout.axis[a];
+    }
+    smem.k_row_delta[n] = dk;
+    smem.v_row_delta[n] = dv;
+    smem.key_row_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
+  }
+  __syncthreads();
+  Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
+  Odometer compute_tile = load_tile;
+  const bool k_chunk_ok = chunk * 8 < p.dim, v_chunk_ok = chunk * 8 < p.dim_v;
+
+  // Where tile `it`'s rows come from: the tile origin's row in k and v, and the
+  // extent of the tile inside the key box (rows past it are zero-filled). Computed
+  // when K is loaded, reused for V.
+  struct TileSource {
+    const T* k;
+    const T* v;
+    int limit[kMaxRank];
+    int first_additional;  // -1 for a neighborhood tile
+  };
+  auto tile_source = [&](int it) {
+    TileSource src;
     if (it < neighbor_tiles) {
-      int origin[kMaxRank];
-      key_tile_origin(it, origin);
-      for (int idx = tid; idx < kBlockKV * kChunks; idx += Cfg::kThreads) {
-        const int n = idx / kChunks, c = idx % kChunks;
-        int off[kMaxRank], j[kMaxRank], token[kMaxRank];
-        shape.key_offset(n, off);
-        bool valid = true;
-        for (int a = 0; a < kMaxRank; ++a) {
-          j[a] = origin[a] + off[a];
-          valid &= j[a] < kbox.r[a].end;
-        }
-        token_of(j, token);
-        const bool k_ok = valid && c * 8 < p.dim, v_ok = valid && c * 8 < p.dim_v;
-        const T* ks = k_ok ? k_base + p.k_layout.offset(b, token, hk) + c * 8 : k_base;
-        const T* vs = v_ok ? v_base + p.v_layout.offset(b, token, hk) + c * 8 : v_base;
-        const int dst = Cfg::chunk_index(n, c) * 8;
-        ptx::cp_async_16(ptx::smem_address(&smem.k[stage][dst]), ks, k_ok ? 16 : 0);
-        ptx::cp_async_16(ptx::smem_address(&smem.v[stage][dst]), vs, v_ok ? 16 : 0);
-      }
+      int token[kMaxRank];
+      token_of(load_tile.origin, token);
+      for (int a = 0; a < kMaxRank; ++a) src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+      src.k = k_base + p.k_layout.offset(b, token, hk);
+      src.v = v_base + p.v_layout.offset(b, token, hk);
+      src.first_additional = -1;
+      load_tile.advance(kbox, shape);
     } else {
       const int m0 = (it - neighbor_tiles) * kBlockKV;
-      const T* ak = static_cast<const T*>(p.additional_k);
-      const T* av = static_cast<const T*>(p.additional_v);
-      for (int idx = tid; idx < kBlockKV * kChunks; idx += Cfg::kThreads) {
-        const int n = idx / kChunks, c = idx % kChunks;
-        const int token[kMaxRank] = {0, 0, m0 + n};
-        const bool valid = m0 + n < p.additional_tokens;
-        const bool k_ok = valid && c * 8 < p.dim, v_ok = valid && c * 8 < p.dim_v;
-        const T* ks = k_ok ? ak + p.ak_layout.offset(b, token, hk) + c * 8 : ak;
-        const T* vs = v_ok ? av + p.av_layout.offset(b, token, hk) + c * 8 : av;
-        const int dst = Cfg::chunk_index(n, c) * 8;
-        ptx::cp_async_16(ptx::smem_address(&smem.k[stage][dst]), ks, k_ok ? 16 : 0);
-        ptx::cp_async_16(ptx::smem_address(&smem.v[stage][dst]), vs, v_ok ? 16 : 0);
+      const int first[kMaxRank] = {0, 0, m0};  // row m0 exists: the tile is not empty
+      src.k = static_cast<const T*>(p.additional_k) + p.ak_layout.offset(b, first, hk);
+      src.v = static_cast<const T*>(p.additional_v) + p.av_layout.offset(b, first, hk);
+      src.first_additional = m0;
+    }
+    return src;
+  };
+  // Invalid rows and columns past the head dim read nothing (src size 0); their
+  // address stays at the tile origin's row, which exists.
+  auto load_rows = [&](const TileSource& src, bool value, int stage) {
+    const T* base = value ? src.v : src.k;
+    T* dst_tile = value ? smem.v[stage] : smem.k[stage];
+    const bool chunk_ok = value ? v_chunk_ok : k_chunk_ok;
+    const int64_t additional_step = value ? p.av_layout.axis[2] : p.ak_layout.axis[2];
+#pragma unroll
+    for (int i = 0; i < kBlockKV / kRowStep; ++i) {
+      const int n = load_row + i * kRowStep;
+      bool valid;
+      int64_t delta;
+      if (src.first_additional < 0) {
+        const int packed = smem.key_row_offset[n];
+        valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
+                (packed >> 20) < src.limit[2];
+        delta = value ? smem.v_row_delta[n] : smem.k_row_delta[n];
+      } else {
+        valid = src.first_additional + n < p.additional_tokens;
+        delta = n * additional_step;
       }
+      const bool ok = valid && chunk_ok;
+      ptx::cp_async_16(ptx::smem_address(&dst_tile[Cfg::chunk_index(n, chunk) * 8]),
+                       base + (ok ? delta + chunk * 8 : 0), ok ? 16 : 0);
     }
   };
 
   // ---- this warp's queries ------------------------------------------------------
-  // Rows g and g + 8 of the warp belong to this thread (mma C layout).
-  int row_j[2][kMaxRank];
-  Range row_win[2][kMaxRank];
-  bool row_valid[2];
-  for (int i = 0; i < 2; ++i) {
-    int off[kMaxRank];
-    shape.query_offset(warp * 16 + g + 8 * i, off);
-    row_valid[i] = true;
-    for (int a = 0; a < kMaxRank; ++a) {
-      row_j[i][a] = q_origin[a] + off[a];
-      row_valid[i] &= row_j[i][a] < lg[a];
+  // Rows g and g + 8 of the warp belong to this thread (mma C layout). Their windows
+  // go to shared memory (written by one lane of each quad; first read after the
+  // main loop's first barrier).
+  const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  if (t4 == 0) {
+    for (int i = 0; i < 2; ++i) {
+      int off[kMaxRank];
+      shape.query_offset(my_row[i], off);
+      bool valid = true;
+      for (int a = 0; a < kMaxRank; ++a) valid &= q_origin[a] + off[a] < lg[a];
+      for (int a = 0; a < kMaxRank; ++a) {
+        const int j = q_origin[a] + off[a];
+        const Range w = valid ? p.nb.axis[a].window(j, lg[a]) : Range{0, 0};
+        smem.row_axis[my_row[i]][a] = make_int4(j, w.begin, w.end, 0);
+      }
     }
-    for (int a = 0; a < kMaxRank; ++a)
-      row_win[i][a] = row_valid[i] ? p.nb.axis[a].window(row_j[i][a], lg[a]) : Range{0, 0};
   }
-  // Union and intersection of the warp's windows (first and last valid query per axis).
-  Box warp_union, warp_inter;
+  // Union and intersection of the warp's windows (first and last valid query per
+  // axis: window begins and ends never decrease along an axis).
+  bool warp_idle = false;
   {
     int off[kMaxRank];
     shape.warp_offset(warp, off);
@@ -222,16 +289,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
       const Axis& ax = p.nb.axis[a];
       const int first = q_origin[a] + off[a];
       const int last = imin(first + shape.w(a), lg[a]) - 1;
-      if (first > last) {
-        warp_union.r[a] = warp_inter.r[a] = {0, 0};
-        continue;
-      }
-      const Range wf = ax.window(first, lg[a]), wl = ax.window(last, lg[a]);
-      warp_union.r[a] = {wf.begin, wl.end};
-      warp_inter.r[a] = {wl.begin, wf.end};
+      warp_idle |= first > last;
+      const Range wf = ax.window(first, lg[a]), wl = ax.window(imax(last, first), lg[a]);
+      if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
     }
   }
-  const bool warp_idle = warp_union.empty();
 
   // ---- main loop --------------------------------------------------------------------
   float o[kDBlocks][4];
@@ -241,20 +303,35 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
   const bool has_rpb = p.rpb != nullptr;
   const float rpb_log2 = kLog2e;
 
+  // Shared-memory addresses of this lane's ldmatrix rows (see Cfg::swizzle):
+  // Q rows warp*16 + (lane % 8) + 8 * ((lane / 8) % 2); K rows 8 * (lane / 16) + lane % 8
+  // of each 16-key pair; V rows (lane % 8) + 8 * ((lane / 8) % 2) of each 16-key block.
+  const int lane_swizzle = Cfg::swizzle(lane & 7);
+  const uint32_t q_lane_base =
+      ptx::smem_address(smem.q) + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+  const uint32_t k_lane_base = ptx::smem_address(smem.k[0]) + ((lane >> 4) * 8 + (lane & 7)) * Cfg::kRowBytes;
+  const uint32_t v_lane_base = ptx::smem_address(smem.v[0]) + ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+
   load_q();
-  load_kv(0, 0);
-  ptx::cp_async_commit();
+  {
+    const TileSource first = tile_source(0);
+    load_rows(first, /*value=*/false, 0);
+    load_rows(first, /*value=*/true, 0);
+    ptx::cp_async_commit();
+  }
 
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < total_tiles) {
-      load_kv(it + 1, stage ^ 1);
+      const TileSource next = tile_source(it + 1);
+      load_rows(next, /*value=*/false, stage ^ 1);
+      load_rows(next, /*value=*/true, stage ^ 1);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
       ptx::cp_async_wait<0>();
     }
-    __syncthreads();
+    __syncthreads();  // this tile (and Q) landed
 
     const bool additional = it >= neighbor_tiles;
     int origin[kMaxRank] = {0, 0, 0};
@@ -262,7 +339,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
     bool needs_mask = true;
     if (!warp_idle) {
       if (!additional) {
-        key_tile_origin(it, origin);
+        for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
         // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
         // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
         bool lane_active = false;
@@ -271,16 +348,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
           shape.key_offset(lane * 8, off);
           lane_active = true;
           for (int a = 0; a < kMaxRank; ++a) {
+            const int4 box = smem.warp_box[warp][a];  // {union begin, union end, ...}
             const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-            lane_active &= lo < warp_union.r[a].end && hi > warp_union.r[a].begin && lo < kbox.r[a].end;
+            lane_active &= lo < box.y && hi > box.x && lo < kbox.r[a].end;
           }
         }
         active = __ballot_sync(0xffffffffu, lane_active);
         // Inside every window of the warp and inside the key box: no element mask.
         needs_mask = has_rpb;
         for (int a = 0; a < kMaxRank; ++a) {
+          const int4 box = smem.warp_box[warp][a];  // {..., intersection begin, end}
           const int lo = origin[a], hi = origin[a] + shape.k(a);
-          needs_mask |= lo < warp_inter.r[a].begin || hi > warp_inter.r[a].end || hi > kbox.r[a].end;
+          needs_mask |= lo < box.z || hi > box.w || hi > kbox.r[a].end;
         }
       } else {
         const int m0 = (it - neighbor_tiles) * kBlockKV;
@@ -289,62 +368,89 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
       }
     }
 
+    float s[kNBlocks][4];
     if (active) {
-      // S = Q K^T for the active chunks.
-      float s[kNBlocks][4];
+      // S = Q K^T. Fragments are loaded for every chunk; the mma of a chunk no query
+      // of this warp can see is predicated off.
       for (int j = 0; j < kNBlocks; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      const uint32_t k_stage = k_lane_base + stage * uint32_t(sizeof(smem.k[0]));
 #pragma unroll
       for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
         uint32_t a[4];
-        {
-          const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * kk + (lane >> 4);
-          ptx::ldmatrix_x4(a, ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * 8]));
-        }
+        ptx::ldmatrix_x4(a, q_lane_base + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+        const uint32_t k_col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
         for (int pair = 0; pair < kNBlocks / 2; ++pair) {
-          if (((active >> (2 * pair)) & 3u) == 0) continue;
           uint32_t bk[4];
-          const int n = 16 * pair + (lane >> 4) * 8 + (lane & 7), c = 2 * kk + ((lane >> 3) & 1);
-          ptx::ldmatrix_x4(bk, ptx::smem_address(&smem.k[stage][Cfg::chunk_index(n, c) * 8]));
-          ptx::mma_16816<T>(s[2 * pair], a, bk);
-          ptx::mma_16816<T>(s[2 * pair + 1], a, bk + 2);
+          ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + k_col);
+          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, s[2 * pair], a, bk);
+          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bk + 2);
         }
       }
 
-      // Scale to base-2 units, add the bias, mask.
+      // Scale to base-2 units; on tiles that need it, add the bias and mask.
+      if (!needs_mask) {
 #pragma unroll
-      for (int j = 0; j < kNBlocks; ++j) {
-        const bool chunk_on = (active >> j) & 1u;
+        for (int j = 0; j < kNBlocks; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, n = 8 * j + 2 * t4 + (e & 1);
-          float x = s[j][e] * p.scale_log2;
-          bool keep = chunk_on;
-          if (keep && needs_mask) {
-            if (additional) {
-              keep = (it - neighbor_tiles) * kBlockKV + n < p.additional_tokens;
-            } else {
-              int off[kMaxRank], idx[kMaxRank];
-              shape.key_offset(n, off);
-              for (int a = 0; a < kMaxRank; ++a) {
-                const int key = origin[a] + off[a];
-                keep &= row_win[i][a].contains(key) && key < kbox.r[a].end;
-                idx[a] = key - row_j[i][a] + p.nb.axis[a].kernel - 1;
-              }
-              if (keep && has_rpb) {
-                const int64_t ro = p.rpb_layout.offset(h, idx);
-                const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
-                                                    : to_float(static_cast<const T*>(p.rpb)[ro]);
-                x += bias * rpb_log2;
-              }
+          for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+      } else if (additional) {
+        const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
+#pragma unroll
+        for (int j = 0; j < kNBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int n = 8 * j + 2 * t4 + (e & 1);
+            s[j][e] = n < valid_keys ? s[j][e] * p.scale_log2 : kNegInf;
+          }
+      } else {
+        // Per row and axis, the keys of this tile (offsets from its origin) the row sees.
+        int lo[2][kMaxRank], hi[2][kMaxRank];
+        int64_t bias_base[2];
+        for (int i = 0; i < 2; ++i) {
+          bias_base[i] = int64_t(h) * p.rpb_layout.head;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int4 ra = smem.row_axis[my_row[i]][a];  // {j, window begin, window end}
+            lo[i][a] = ra.y - origin[a];
+            hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
+            bias_base[i] += int64_t(origin[a] - ra.x + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kNBlocks; ++j) {
+          const bool chunk_on = (active >> j) & 1u;
+          int off[kMaxRank];
+          shape.key_offset(8 * j, off);  // the chunk's first key; the run is along axis 2
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+            const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                              off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+            s[j][e] = keep ? s[j][e] * p.scale_log2 : kNegInf;
+          }
+        }
+        if (has_rpb) {
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j) {
+            int off[kMaxRank];
+            shape.key_offset(8 * j, off);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (s[j][e] == kNegInf) continue;
+              const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+              const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
+                                 off2 * p.rpb_layout.axis[2];
+              const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                  : to_float(static_cast<const T*>(p.rpb)[ro]);
+              s[j][e] += bias * rpb_log2;
             }
           }
-          s[j][e] = keep ? x : kNegInf;
         }
       }
 
       // Online softmax: running max and (thread-partial) sum per row.
+      float rescale[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         float mx = row_max[i];
@@ -352,25 +458,32 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
         mx = detail_fwd::quad_max(mx);
         // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
         const float ref = mx == kNegInf ? 0.f : mx;
-        const float rescale = exp2f(row_max[i] - ref);
+        rescale[i] = ptx::exp2_approx(row_max[i] - ref);
         row_max[i] = mx;
         float sum = 0.f;
         for (int j = 0; j < kNBlocks; ++j) {
-          s[j][2 * i] = exp2f(s[j][2 * i] - ref);
-          s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - ref);
+          s[j][2 * i] = ptx::exp2_approx(s[j][2 * i] - ref);
+          s[j][2 * i + 1] = ptx::exp2_approx(s[j][2 * i + 1] - ref);
           sum += s[j][2 * i] + s[j][2 * i + 1];
         }
-        row_sum[i] = row_sum[i] * rescale + sum;
+        row_sum[i] = row_sum[i] * rescale[i] + sum;
+      }
+      // Once the running maxima settle, most tiles leave them unchanged: skip the
+      // rescale of O (64 multiplies per thread at head dim 128) when no row moved.
+      if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
         for (int d = 0; d < kDBlocks; ++d) {
-          o[d][2 * i] *= rescale;
-          o[d][2 * i + 1] *= rescale;
+          o[d][0] *= rescale[0];
+          o[d][1] *= rescale[0];
+          o[d][2] *= rescale[1];
+          o[d][3] *= rescale[1];
         }
       }
 
       // O += P V, P from registers (the C layout of two n8 blocks is the A layout of k16).
+      const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
 #pragma unroll
       for (int kb = 0; kb < kBlockKV / 16; ++kb) {
-        if (((active >> (2 * kb)) & 3u) == 0) continue;
+        const bool on = (active >> (2 * kb)) & 3u;
         uint32_t a[4];
         a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
         a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
@@ -379,14 +492,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
 #pragma unroll
         for (int dp = 0; dp < kDBlocks / 2; ++dp) {
           uint32_t bv[4];
-          const int n = 16 * kb + (lane & 7) + ((lane >> 3) & 1) * 8, c = 2 * dp + (lane >> 4);
-          ptx::ldmatrix_x4_trans(bv, ptx::smem_address(&smem.v[stage][Cfg::chunk_index(n, c) * 8]));
-          ptx::mma_16816<T>(o[2 * dp], a, bv);
-          ptx::mma_16816<T>(o[2 * dp + 1], a, bv + 2);
+          ptx::ldmatrix_x4_trans(bv, v_stage + kb * 16 * Cfg::kRowBytes + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
+          ptx::mma_16816_if<T>(on, o[2 * dp], a, bv);
+          ptx::mma_16816_if<T>(on, o[2 * dp + 1], a, bv + 2);
         }
       }
     }
-    __syncthreads();  // the next iteration's load overwrites this stage
+    if (!additional) compute_tile.advance(kbox, shape);
+    __syncthreads();  // the next iteration's loads overwrite this stage
   }
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------
@@ -421,9 +534,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
   if (p.lse && t4 == 0) {
     constexpr float kLn2 = 0.6931471805599453f;
     for (int i = 0; i < 2; ++i) {
-      if (!row_valid[i]) continue;
-      int token[kMaxRank];
-      token_of(row_j[i], token);
+      int j[kMaxRank], token[kMaxRank];
+      bool valid = true;
+      for (int a = 0; a < kMaxRank; ++a) {
+        const int4 ra = smem.row_axis[my_row[i]][a];
+        j[a] = ra.x;
+        valid &= ra.y < ra.z;
+      }
+      if (!valid) continue;
+      token_of(j, token);
       p.lse[p.lse_layout.offset(b, token, h)] = (row_max[i] + log2f(row_sum[i])) * kLn2;
     }
   }
@@ -432,8 +551,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) fused_forward_kernel(const __gr
 template <class Cfg>
 cudaError_t launch_fused_forward(const ForwardParams& p, int64_t batch, cudaStream_t stream) {
   auto kernel = fused_forward_kernel<Cfg>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSharedBytes);
-  if (err != cudaSuccess) return err;
+  // Above 48 KB a kernel must opt in to dynamic shared memory (once per device use
+  // is enough, but the call is cheap next to any launch that needs it).
+  static const cudaError_t attribute =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSharedBytes);
+  if (attribute != cudaSuccess) return attribute;
   const int64_t blocks = p.tiles * p.heads * batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), Cfg::kSharedBytes, stream>>>(p);

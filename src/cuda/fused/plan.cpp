@@ -20,21 +20,29 @@ constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0
 const std::vector<TileConfig>& table() {
   static const std::vector<TileConfig> t = {
       // rank 1 (leading axes are length 1)
-      {1, 0, 4, 64, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D: 64 queries x 64 keys; 1.01x work at w2048"},
-      {1, 0, 8, 64, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D: 128 queries halve K/V reloads per query"},
+      {1, 0, 4, 64, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
+      {1, 0, 4, 128, shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
+      {1, 0, 8, 64, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
       // rank 2
-      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31"},
-      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / keys 8x8: square windows, short rows"},
-      {2, 0, 4, 64, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8: wide windows"},
-      {2, 0, 4, 64, shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "2-D 2x32: very wide, short windows"},
-      {2, 0, 8, 64, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4: 1.10x at k80, K/V reuse"},
-      {2, 0, 8, 64, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8"},
+      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
+      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
+      {2, 0, 4, 64, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8 / keys 4x16: wide windows"},
+      {2, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "2-D 8x8 / warp 4x4 / keys 8x16"},
+      {2, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 2, 5), "2-D 8x8 / warp 4x4 / keys 4x32"},
+      {2, 0, 4, 128, shape(0, 2, 4, 0, 1, 3, 0, 2, 5), "2-D 4x16 / warp 2x8 / keys 4x32: wide windows"},
+      {2, 0, 4, 128, shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
+      {2, 0, 8, 64, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
+      {2, 0, 8, 64, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
       // rank 3
       {3, 0, 4, 64, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 4, 64, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan"},
-      {3, 0, 8, 64, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4: 1.33x Hunyuan, K/V reuse"},
-      {3, 0, 8, 64, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8"},
+      {3, 0, 4, 64, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan (tiling.md)"},
+      {3, 0, 4, 128, shape(1, 2, 3, 0, 2, 2, 1, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 2x4x16"},
+      {3, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x8x16"},
+      {3, 0, 4, 128, shape(2, 2, 2, 1, 1, 2, 1, 3, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x8x8"},
+      {3, 0, 4, 128, shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
+      {3, 0, 8, 64, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 8, 64, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
   };
   return t;
 }
@@ -53,8 +61,10 @@ std::vector<TileConfig> candidate_configs(int rank, int head_dim) {
   for (TileConfig c : table()) {
     if (c.rank != rank) continue;
     c.head_dim = head_dim;
-    // head dim 256: K and V tiles of 64 keys in two stages need 128 KB of shared
-    // memory; 8 warps add 64 KB of Q. Keep 4 warps there.
+    // Shared memory: double-buffered 128-key K and V tiles need 128 KB at head dim
+    // 128 (one CTA per SM, measured 10-20% slower on an H200); 8 warps at head dim
+    // 256 need 64 KB of Q on top. Keep those out.
+    if (head_dim >= 128 && c.block_kv != 64) continue;
     if (head_dim == 256 && c.warps != 4) continue;
     out.push_back(c);
   }
@@ -107,26 +117,42 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           }
           if (idle) continue;
           e.needed_pairs += needed;
-          // Active 8-key chunks over the key tiles of the CTA's key box.
-          double chunks = 1;
+          // Over the key tiles of the CTA's key box that the warp visits (any key of
+          // its union): chunks it computes (active) and chunks it predicates off.
+          // Per axis the tile and chunk conditions are independent, so counts are
+          // products of per-axis counts.
+          double active = 1, visited = 1;
           for (int a = 0; a < kMaxRank; ++a) {
-            double axis_chunks = 0;
+            double axis_active = 0, axis_visited = 0;
             const int step = a == kMaxRank - 1 ? 8 : 1;  // chunk extent along the axis
-            for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a))
+            for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a)) {
+              const bool tile_hit = k < uni[a].end && k + s.k(a) > uni[a].begin;
               for (int x = 0; x < s.k(a); x += step) {
                 const int lo = k + x, hi = lo + step;
-                if (lo < uni[a].end && hi > uni[a].begin && lo < kbox[a].end) ++axis_chunks;
+                if (lo < uni[a].end && hi > uni[a].begin && lo < kbox[a].end) ++axis_active;
               }
-            chunks *= axis_chunks;
+              if (tile_hit) axis_visited += s.k(a) / step;
+            }
+            active *= axis_active;
+            visited *= axis_visited;
           }
-          // The tensor cores compute 16 rows x 8 keys per chunk, valid rows or not.
-          e.computed_pairs += chunks * 8 * 16;
+          // The tensor cores compute 16 rows x 8 keys per active chunk.
+          e.computed_pairs += active * 8 * 16;
+          e.visited_pairs += visited * 8 * 16;
         }
       }
-  // Cost per needed pair: the pairs computed, times a charge for K/V tile loads,
-  // which 16 * warps queries share: at 4 warps a CTA reads 1/64 byte of K/V per
-  // FLOP, ~4.7 TB/s at 300 TFLOP/s, near the L2's bandwidth; 8 warps halve it.
-  e.cost = e.waste() * (1.0 + 2.0 / warps);
+  // Cost per needed pair. The kernel issues an ldmatrix and two mma slots for every
+  // chunk of a visited tile (inactive ones predicated off), and is bound by issue
+  // more than by the tensor pipe (ncu, H200: IPC 1.7, tensor pipe ~30%): charge
+  // visited chunks 0.6 of active ones. Each key tile also costs a fixed overhead
+  // (loads, barriers, tile bookkeeping) of about 24 keys' worth of work.
+  const double charged = e.computed_pairs + 0.6 * (e.visited_pairs - e.computed_pairs);
+  // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
+  // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
+  // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
+  // kernels run 3-4 CTAs per SM and 8 warps lose (NAT 56x56 k7: 0.93 vs 0.48 ms).
+  const double warps_factor = c.warps == 8 ? (c.head_dim >= 128 ? 0.93 : 1.5) : 1.0;
+  e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv) * warps_factor;
   return e;
 }
 

@@ -34,6 +34,7 @@ struct PlanEstimate {
   TileConfig config;
   double computed_pairs = 0;  // query-key pairs the tensor cores compute (sampled)
   double needed_pairs = 0;    // pairs the neighborhood attends (same sample)
+  double visited_pairs = 0;   // pairs of every key tile a warp visits, computed or not
   double waste() const { return needed_pairs > 0 ? computed_pairs / needed_pairs : 0; }
   double cost = 0;            // what the heuristic minimises
 };
