@@ -19,7 +19,7 @@ TEST(FusedPlan, TableEntriesAreValidTilings) {
       for (const TileConfig& c : configs) {
         const TileShape& s = c.shape;
         SCOPED_TRACE(c.why);
-        EXPECT_EQ(s.queries(), 16 * c.warps);
+        EXPECT_EQ(s.queries(), 16 * c.warps * c.m_tiles);
         EXPECT_EQ(s.keys(), c.block_kv);
         EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
         int warp_rows = 1;
@@ -34,7 +34,7 @@ TEST(FusedPlan, TableEntriesAreValidTilings) {
         for (int r = 0; r < s.queries(); ++r) {
           int off[kMaxRank], wo[kMaxRank];
           s.query_offset(r, off);
-          s.warp_offset(r / 16, wo);
+          s.warp_offset(r / 16, wo);  // the 16-query box of row r
           for (int a = 0; a < kMaxRank; ++a) {
             EXPECT_GE(off[a], wo[a]);
             EXPECT_LT(off[a], wo[a] + s.w(a));

@@ -6,7 +6,10 @@
 // reference run as a plain implementation in the same 16-bit dtype.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "cpu/reference.hpp"
+#include "cuda/fused/plan.hpp"
 #include "cuda_testing.hpp"
 
 namespace nbhd {
@@ -116,6 +119,30 @@ INSTANTIATE_TEST_SUITE_P(All, FusedForward,
                          [](const auto& info) {
                            return "rank" + std::to_string(std::get<0>(info.param)) + "_" + name(std::get<1>(info.param));
                          });
+
+// Every entry of the tile table, forced through NBHD_FUSED_TILE, on random problems
+// of its rank and head-dim bucket (the planner alone would leave some untested).
+TEST(FusedForwardConfigs, EveryTableEntry) {
+  NBHD_REQUIRE_GPU();
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int64_t dim : {32, 64, 128}) {
+      const auto configs = cuda::fused::candidate_configs(rank, int(dim));
+      for (size_t i = 0; i < configs.size(); ++i) {
+        SCOPED_TRACE("rank " + std::to_string(rank) + " dim " + std::to_string(dim) + " config " + std::to_string(i) +
+                     ": " + configs[i].why);
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        for (int seed = 0; seed < 3; ++seed) {
+          std::mt19937_64 rng(20000 + 1000 * rank + 10 * i + seed);
+          Case c = random_case(rng, rank, seed % 2 ? DType::kBFloat16 : DType::kFloat16);
+          c.p.dim = dim - 8 * (seed == 2);  // the bucket's edge and just inside it
+          c.p.dim_v = 0;
+          check_forward(c, rng);
+        }
+        unsetenv("NBHD_FUSED_TILE");
+        if (HasFatalFailure()) return;
+      }
+    }
+}
 
 // Shapes where tiles are full and interior (no element mask), and a large 2-D window.
 TEST(FusedForwardShapes, AnchorLikeShapes) {

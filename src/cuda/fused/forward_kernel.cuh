@@ -24,12 +24,17 @@
 
 namespace nbhd::cuda::fused {
 
-template <class T, int kHeadDim_, int kWarps_, int kBlockKV_>
+template <class T, int kHeadDim_, int kWarps_, int kBlockKV_, int kMTiles_ = 1>
 struct ForwardConfig {
   using Element = T;
   static constexpr int kHeadDim = kHeadDim_;  // padded: dim and dim_v fit in it
   static constexpr int kWarps = kWarps_;
-  static constexpr int kBlockQ = 16 * kWarps;
+  // 16-query boxes per warp. Two share every K and V fragment a warp loads from
+  // shared memory (half the ldmatrix and per-tile work per mma, as FlashAttention-2's
+  // 32 rows per warp), while masks and chunk skipping stay per 16-query box.
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kBoxes = kWarps * kMTiles;  // 16-query boxes per CTA
+  static constexpr int kBlockQ = 16 * kBoxes;
   static constexpr int kBlockKV = kBlockKV_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
@@ -39,7 +44,8 @@ struct ForwardConfig {
   // small head dims leave room for more warps to hide load latency, which is what
   // memory-bound shapes (NAT: head dim 32, 7x7 windows) need.
   static constexpr int kMinBlocksPerSM =
-      kWarps == 4 && kBlockKV == 64 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2) : kWarps == 4 ? 2 : 1;
+      kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
+                                                      : kWarps == 4 ? 2 : 1;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
@@ -60,9 +66,9 @@ struct ForwardConfig {
     // an empty window marks a row past the grid. Kept here, not in registers: only
     // masked tiles and the epilogue read it.
     int4 row_axis[kBlockQ][kMaxRank];
-    // Per warp and axis: {union begin, union end, intersection begin, intersection
-    // end} of its queries' windows.
-    int4 warp_box[kWarps][kMaxRank];
+    // Per 16-query box and axis: {union begin, union end, intersection begin,
+    // intersection end} of its queries' windows.
+    int4 box_windows[kBoxes][kMaxRank];
   };
   static constexpr int kSharedBytes = int(sizeof(SharedStorage));
 
@@ -262,53 +268,75 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   };
 
   // ---- this warp's queries ------------------------------------------------------
-  // Rows g and g + 8 of the warp belong to this thread (mma C layout). Their windows
-  // go to shared memory (written by one lane of each quad; first read after the
-  // main loop's first barrier).
-  const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  // Warp w owns 16-query boxes w * kMTiles + m. Of box m, rows g and g + 8 belong to
+  // this thread (mma C layout); my_row[m][i] is row 16 * box + g + 8 * i. The rows'
+  // windows go to shared memory (written by one lane of each quad; first read after
+  // the main loop's first barrier).
+  constexpr int kM = Cfg::kMTiles;
+  int my_row[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) my_row[m][i] = (warp * kM + m) * 16 + g + 8 * i;
   if (t4 == 0) {
-    for (int i = 0; i < 2; ++i) {
-      int off[kMaxRank];
-      shape.query_offset(my_row[i], off);
-      bool valid = true;
-      for (int a = 0; a < kMaxRank; ++a) valid &= q_origin[a] + off[a] < lg[a];
-      for (int a = 0; a < kMaxRank; ++a) {
-        const int j = q_origin[a] + off[a];
-        const Range w = valid ? p.nb.axis[a].window(j, lg[a]) : Range{0, 0};
-        smem.row_axis[my_row[i]][a] = make_int4(j, w.begin, w.end, 0);
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        int off[kMaxRank];
+        shape.query_offset(my_row[m][i], off);
+        bool valid = true;
+        for (int a = 0; a < kMaxRank; ++a) valid &= q_origin[a] + off[a] < lg[a];
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int j = q_origin[a] + off[a];
+          const Range w = valid ? p.nb.axis[a].window(j, lg[a]) : Range{0, 0};
+          smem.row_axis[my_row[m][i]][a] = make_int4(j, w.begin, w.end, 0);
+        }
       }
-    }
   }
-  // Union and intersection of the warp's windows (first and last valid query per
+  // Union and intersection of each box's windows (first and last valid query per
   // axis: window begins and ends never decrease along an axis).
-  bool warp_idle = false;
-  {
+  bool box_idle[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    const int box = warp * kM + m;
     int off[kMaxRank];
-    shape.warp_offset(warp, off);
+    shape.warp_offset(box, off);
+    box_idle[m] = false;
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = p.nb.axis[a];
       const int first = q_origin[a] + off[a];
       const int last = imin(first + shape.w(a), lg[a]) - 1;
-      warp_idle |= first > last;
+      box_idle[m] |= first > last;
       const Range wf = ax.window(first, lg[a]), wl = ax.window(imax(last, first), lg[a]);
-      if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+      if (lane == 0) smem.box_windows[box][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
     }
   }
 
   // ---- main loop --------------------------------------------------------------------
-  float o[kDBlocks][4];
-  for (int d = 0; d < kDBlocks; ++d)
-    for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  float o[kM][kDBlocks][4];
+  float row_max[kM][2], row_sum[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+#pragma unroll
+    for (int d = 0; d < kDBlocks; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[m][d][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_max[m][i] = kNegInf;
+      row_sum[m][i] = 0.f;
+    }
+  }
   const bool has_rpb = p.rpb != nullptr;
   const float rpb_log2 = kLog2e;
 
   // Shared-memory addresses of this lane's ldmatrix rows (see Cfg::swizzle):
-  // Q rows warp*16 + (lane % 8) + 8 * ((lane / 8) % 2); K rows 8 * (lane / 16) + lane % 8
+  // Q rows 16 * box + (lane % 8) + 8 * ((lane / 8) % 2); K rows 8 * (lane / 16) + lane % 8
   // of each 16-key pair; V rows (lane % 8) + 8 * ((lane / 8) % 2) of each 16-key block.
   const int lane_swizzle = Cfg::swizzle(lane & 7);
   const uint32_t q_lane_base =
-      ptx::smem_address(smem.q) + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+      ptx::smem_address(smem.q) + (warp * kM * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
   const uint32_t k_lane_base = ptx::smem_address(smem.k[0]) + ((lane >> 4) * 8 + (lane & 7)) * Cfg::kRowBytes;
   const uint32_t v_lane_base = ptx::smem_address(smem.v[0]) + ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
 
@@ -335,11 +363,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
     const bool additional = it >= neighbor_tiles;
     int origin[kMaxRank] = {0, 0, 0};
-    uint32_t active = 0;  // bit j: n8 chunk j has keys this warp may attend
-    bool needs_mask = true;
-    if (!warp_idle) {
+    if (!additional)
+      for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
+    uint32_t active[kM];  // bit j: n8 chunk j has keys box m may attend
+    bool needs_mask[kM];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      active[m] = 0;
+      needs_mask[m] = true;
+      if (box_idle[m]) continue;
+      const int box = warp * kM + m;
       if (!additional) {
-        for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
         // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
         // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
         bool lane_active = false;
@@ -348,153 +382,182 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           shape.key_offset(lane * 8, off);
           lane_active = true;
           for (int a = 0; a < kMaxRank; ++a) {
-            const int4 box = smem.warp_box[warp][a];  // {union begin, union end, ...}
+            const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
             const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-            lane_active &= lo < box.y && hi > box.x && lo < kbox.r[a].end;
+            lane_active &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
           }
         }
-        active = __ballot_sync(0xffffffffu, lane_active);
-        // Inside every window of the warp and inside the key box: no element mask.
-        needs_mask = has_rpb;
+        active[m] = __ballot_sync(0xffffffffu, lane_active);
+        // Inside every window of the box and inside the key box: no element mask.
+        needs_mask[m] = has_rpb;
         for (int a = 0; a < kMaxRank; ++a) {
-          const int4 box = smem.warp_box[warp][a];  // {..., intersection begin, end}
+          const int4 w = smem.box_windows[box][a];  // {..., intersection begin, end}
           const int lo = origin[a], hi = origin[a] + shape.k(a);
-          needs_mask |= lo < box.z || hi > box.w || hi > kbox.r[a].end;
+          needs_mask[m] |= lo < w.z || hi > w.w || hi > kbox.r[a].end;
         }
       } else {
         const int m0 = (it - neighbor_tiles) * kBlockKV;
-        active = __ballot_sync(0xffffffffu, lane < kNBlocks && m0 + lane * 8 < p.additional_tokens);
-        needs_mask = m0 + kBlockKV > p.additional_tokens;
+        active[m] = __ballot_sync(0xffffffffu, lane < kNBlocks && m0 + lane * 8 < p.additional_tokens);
+        needs_mask[m] = m0 + kBlockKV > p.additional_tokens;
       }
     }
+    uint32_t any_active = 0;
+#pragma unroll
+    for (int m = 0; m < kM; ++m) any_active |= active[m];
 
-    float s[kNBlocks][4];
-    if (active) {
-      // S = Q K^T. Fragments are loaded for every chunk; the mma of a chunk no query
-      // of this warp can see is predicated off.
-      for (int j = 0; j < kNBlocks; ++j)
-        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+    float s[kM][kNBlocks][4];
+    if (any_active) {
+      // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
+      // no query of a box can see is predicated off.
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int j = 0; j < kNBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[m][j][e] = 0.f;
       const uint32_t k_stage = k_lane_base + stage * uint32_t(sizeof(smem.k[0]));
 #pragma unroll
       for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-        uint32_t a[4];
-        ptx::ldmatrix_x4(a, q_lane_base + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int m = 0; m < kM; ++m)
+          ptx::ldmatrix_x4(a[m], q_lane_base + m * 16 * Cfg::kRowBytes + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
         const uint32_t k_col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
         for (int pair = 0; pair < kNBlocks / 2; ++pair) {
           uint32_t bk[4];
           ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + k_col);
-          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, s[2 * pair], a, bk);
-          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bk + 2);
+#pragma unroll
+          for (int m = 0; m < kM; ++m) {
+            ptx::mma_16816_if<T>((active[m] >> (2 * pair)) & 1u, s[m][2 * pair], a[m], bk);
+            ptx::mma_16816_if<T>((active[m] >> (2 * pair + 1)) & 1u, s[m][2 * pair + 1], a[m], bk + 2);
+          }
         }
       }
 
-      // Scale to base-2 units; on tiles that need it, add the bias and mask.
-      if (!needs_mask) {
 #pragma unroll
-        for (int j = 0; j < kNBlocks; ++j)
+      for (int m = 0; m < kM; ++m) {
+        // Scale to base-2 units; on tiles that need it, add the bias and mask.
+        if (!needs_mask[m]) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
-      } else if (additional) {
-        const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
+          for (int j = 0; j < kNBlocks; ++j)
 #pragma unroll
-        for (int j = 0; j < kNBlocks; ++j)
+            for (int e = 0; e < 4; ++e) s[m][j][e] *= p.scale_log2;
+        } else if (additional) {
+          const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int n = 8 * j + 2 * t4 + (e & 1);
-            s[j][e] = n < valid_keys ? s[j][e] * p.scale_log2 : kNegInf;
-          }
-      } else {
-        // Per row and axis, the keys of this tile (offsets from its origin) the row sees.
-        int lo[2][kMaxRank], hi[2][kMaxRank];
-        int64_t bias_base[2];
-        for (int i = 0; i < 2; ++i) {
-          bias_base[i] = int64_t(h) * p.rpb_layout.head;
-          for (int a = 0; a < kMaxRank; ++a) {
-            const int4 ra = smem.row_axis[my_row[i]][a];  // {j, window begin, window end}
-            lo[i][a] = ra.y - origin[a];
-            hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
-            bias_base[i] += int64_t(origin[a] - ra.x + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kNBlocks; ++j) {
-          const bool chunk_on = (active >> j) & 1u;
-          int off[kMaxRank];
-          shape.key_offset(8 * j, off);  // the chunk's first key; the run is along axis 2
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
-            const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
-                              off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
-            s[j][e] = keep ? s[j][e] * p.scale_log2 : kNegInf;
-          }
-        }
-        if (has_rpb) {
-#pragma unroll
-          for (int j = 0; j < kNBlocks; ++j) {
-            int off[kMaxRank];
-            shape.key_offset(8 * j, off);
+          for (int j = 0; j < kNBlocks; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              if (s[j][e] == kNegInf) continue;
+              const int n = 8 * j + 2 * t4 + (e & 1);
+              s[m][j][e] = n < valid_keys ? s[m][j][e] * p.scale_log2 : kNegInf;
+            }
+        } else {
+          // Per row and axis, the keys of this tile (offsets from its origin) the row sees.
+          int lo[2][kMaxRank], hi[2][kMaxRank];
+          int64_t bias_base[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            bias_base[i] = int64_t(h) * p.rpb_layout.head;
+            for (int a = 0; a < kMaxRank; ++a) {
+              const int4 ra = smem.row_axis[my_row[m][i]][a];  // {j, window begin, window end}
+              lo[i][a] = ra.y - origin[a];
+              hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
+              bias_base[i] += int64_t(origin[a] - ra.x + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j) {
+            const bool chunk_on = (active[m] >> j) & 1u;
+            int off[kMaxRank];
+            shape.key_offset(8 * j, off);  // the chunk's first key; the run is along axis 2
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
               const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
-              const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
-                                 off2 * p.rpb_layout.axis[2];
-              const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
-                                                  : to_float(static_cast<const T*>(p.rpb)[ro]);
-              s[j][e] += bias * rpb_log2;
+              const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                                off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+              s[m][j][e] = keep ? s[m][j][e] * p.scale_log2 : kNegInf;
+            }
+          }
+          if (has_rpb) {
+#pragma unroll
+            for (int j = 0; j < kNBlocks; ++j) {
+              int off[kMaxRank];
+              shape.key_offset(8 * j, off);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                if (s[m][j][e] == kNegInf) continue;
+                const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+                const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
+                                   off2 * p.rpb_layout.axis[2];
+                const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                    : to_float(static_cast<const T*>(p.rpb)[ro]);
+                s[m][j][e] += bias * rpb_log2;
+              }
             }
           }
         }
-      }
 
-      // Online softmax: running max and (thread-partial) sum per row.
-      float rescale[2];
+        // Online softmax: running max and (thread-partial) sum per row.
+        float rescale[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = row_max[i];
-        for (int j = 0; j < kNBlocks; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-        mx = detail_fwd::quad_max(mx);
-        // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
-        const float ref = mx == kNegInf ? 0.f : mx;
-        rescale[i] = ptx::exp2_approx(row_max[i] - ref);
-        row_max[i] = mx;
-        float sum = 0.f;
-        for (int j = 0; j < kNBlocks; ++j) {
-          s[j][2 * i] = ptx::exp2_approx(s[j][2 * i] - ref);
-          s[j][2 * i + 1] = ptx::exp2_approx(s[j][2 * i + 1] - ref);
-          sum += s[j][2 * i] + s[j][2 * i + 1];
+        for (int i = 0; i < 2; ++i) {
+          float mx = row_max[m][i];
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j) mx = fmaxf(mx, fmaxf(s[m][j][2 * i], s[m][j][2 * i + 1]));
+          mx = detail_fwd::quad_max(mx);
+          // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
+          const float ref = mx == kNegInf ? 0.f : mx;
+          rescale[i] = ptx::exp2_approx(row_max[m][i] - ref);
+          row_max[m][i] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j) {
+            s[m][j][2 * i] = ptx::exp2_approx(s[m][j][2 * i] - ref);
+            s[m][j][2 * i + 1] = ptx::exp2_approx(s[m][j][2 * i + 1] - ref);
+            sum += s[m][j][2 * i] + s[m][j][2 * i + 1];
+          }
+          row_sum[m][i] = row_sum[m][i] * rescale[i] + sum;
         }
-        row_sum[i] = row_sum[i] * rescale[i] + sum;
-      }
-      // Once the running maxima settle, most tiles leave them unchanged: skip the
-      // rescale of O (64 multiplies per thread at head dim 128) when no row moved.
-      if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
-        for (int d = 0; d < kDBlocks; ++d) {
-          o[d][0] *= rescale[0];
-          o[d][1] *= rescale[0];
-          o[d][2] *= rescale[1];
-          o[d][3] *= rescale[1];
+        // Once the running maxima settle, most tiles leave them unchanged: skip the
+        // rescale of O (64 multiplies per thread and box at head dim 128) when no row
+        // of the box moved.
+        if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
+#pragma unroll
+          for (int d = 0; d < kDBlocks; ++d) {
+            o[m][d][0] *= rescale[0];
+            o[m][d][1] *= rescale[0];
+            o[m][d][2] *= rescale[1];
+            o[m][d][3] *= rescale[1];
+          }
         }
       }
 
-      // O += P V, P from registers (the C layout of two n8 blocks is the A layout of k16).
+      // O += P V, P from registers (the C layout of two n8 blocks is the A layout of
+      // k16); each V fragment serves every box of the warp.
       const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
 #pragma unroll
       for (int kb = 0; kb < kBlockKV / 16; ++kb) {
-        const bool on = (active >> (2 * kb)) & 3u;
-        uint32_t a[4];
-        a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
-        a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
-        a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-        a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+        if (((any_active >> (2 * kb)) & 3u) == 0) continue;
+        bool on[kM];
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          on[m] = (active[m] >> (2 * kb)) & 3u;
+          a[m][0] = ptx::pack2<T>(s[m][2 * kb][0], s[m][2 * kb][1]);
+          a[m][1] = ptx::pack2<T>(s[m][2 * kb][2], s[m][2 * kb][3]);
+          a[m][2] = ptx::pack2<T>(s[m][2 * kb + 1][0], s[m][2 * kb + 1][1]);
+          a[m][3] = ptx::pack2<T>(s[m][2 * kb + 1][2], s[m][2 * kb + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < kDBlocks / 2; ++dp) {
           uint32_t bv[4];
           ptx::ldmatrix_x4_trans(bv, v_stage + kb * 16 * Cfg::kRowBytes + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
-          ptx::mma_16816_if<T>(on, o[2 * dp], a, bv);
-          ptx::mma_16816_if<T>(on, o[2 * dp + 1], a, bv + 2);
+#pragma unroll
+          for (int m = 0; m < kM; ++m) {
+            ptx::mma_16816_if<T>(on[m], o[m][2 * dp], a[m], bv);
+            ptx::mma_16816_if<T>(on[m], o[m][2 * dp + 1], a[m], bv + 2);
+          }
         }
       }
     }
@@ -503,22 +566,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   }
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------
-  float inv[2];
-  for (int i = 0; i < 2; ++i) {
-    row_sum[i] = detail_fwd::quad_sum(row_sum[i]);
-    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-  }
-  for (int d = 0; d < kDBlocks; ++d)
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    float inv[2];
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int r = warp * 16 + g + 8 * i;
-      T* dst = &smem.q[Cfg::chunk_index(r, d) * 8 + 2 * t4];
-      dst[0] = from_float<T>(o[d][2 * i] * inv[i]);
-      dst[1] = from_float<T>(o[d][2 * i + 1] * inv[i]);
+      row_sum[m][i] = detail_fwd::quad_sum(row_sum[m][i]);
+      inv[i] = row_sum[m][i] > 0.f ? 1.f / row_sum[m][i] : 0.f;
     }
+#pragma unroll
+    for (int d = 0; d < kDBlocks; ++d)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        T* dst = &smem.q[Cfg::chunk_index(my_row[m][i], d) * 8 + 2 * t4];
+        dst[0] = from_float<T>(o[m][d][2 * i] * inv[i]);
+        dst[1] = from_float<T>(o[m][d][2 * i + 1] * inv[i]);
+      }
+  }
   __syncwarp();
   T* out = static_cast<T*>(p.out);
-  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
-    const int rr = idx / kChunks, c = idx % kChunks, r = warp * 16 + rr;
+  for (int idx = lane; idx < kM * 16 * kChunks; idx += 32) {
+    const int rr = idx / kChunks, c = idx % kChunks, r = warp * kM * 16 + rr;
     int off[kMaxRank], j[kMaxRank], token[kMaxRank];
     shape.query_offset(r, off);
     bool valid = c * 8 < p.dim_v;
@@ -533,18 +601,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   }
   if (p.lse && t4 == 0) {
     constexpr float kLn2 = 0.6931471805599453f;
-    for (int i = 0; i < 2; ++i) {
-      int j[kMaxRank], token[kMaxRank];
-      bool valid = true;
-      for (int a = 0; a < kMaxRank; ++a) {
-        const int4 ra = smem.row_axis[my_row[i]][a];
-        j[a] = ra.x;
-        valid &= ra.y < ra.z;
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        int j[kMaxRank], token[kMaxRank];
+        bool valid = true;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int4 ra = smem.row_axis[my_row[m][i]][a];
+          j[a] = ra.x;
+          valid &= ra.y < ra.z;
+        }
+        if (!valid) continue;
+        token_of(j, token);
+        p.lse[p.lse_layout.offset(b, token, h)] = (row_max[m][i] + log2f(row_sum[m][i])) * kLn2;
       }
-      if (!valid) continue;
-      token_of(j, token);
-      p.lse[p.lse_layout.offset(b, token, h)] = (row_max[i] + log2f(row_sum[i])) * kLn2;
-    }
   }
 }
 

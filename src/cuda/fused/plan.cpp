@@ -20,29 +20,41 @@ constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0
 const std::vector<TileConfig>& table() {
   static const std::vector<TileConfig> t = {
       // rank 1 (leading axes are length 1)
-      {1, 0, 4, 64, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
-      {1, 0, 4, 128, shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
-      {1, 0, 8, 64, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
+      {1, 0, 4, 64, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
+      {1, 0, 4, 128, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
+      {1, 0, 8, 64, 1, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
+      {1, 0, 4, 64, 2, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries, 32 per warp sharing K/V fragments"},
+      {1, 0, 4, 32, 2, shape(0, 0, 7, 0, 0, 4, 0, 0, 5), "1-D 128 queries, 32 per warp, 32-key tiles (head dim 128)"},
       // rank 2
-      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
-      {2, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
-      {2, 0, 4, 64, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8 / keys 4x16: wide windows"},
-      {2, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "2-D 8x8 / warp 4x4 / keys 8x16"},
-      {2, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 2, 5), "2-D 8x8 / warp 4x4 / keys 4x32"},
-      {2, 0, 4, 128, shape(0, 2, 4, 0, 1, 3, 0, 2, 5), "2-D 4x16 / warp 2x8 / keys 4x32: wide windows"},
-      {2, 0, 4, 128, shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
-      {2, 0, 8, 64, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
-      {2, 0, 8, 64, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
+      {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
+      {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
+      {2, 0, 4, 64, 1, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8 / keys 4x16: wide windows"},
+      {2, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "2-D 8x8 / warp 4x4 / keys 8x16"},
+      {2, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 5), "2-D 8x8 / warp 4x4 / keys 4x32"},
+      {2, 0, 4, 128, 1, shape(0, 2, 4, 0, 1, 3, 0, 2, 5), "2-D 4x16 / warp 2x8 / keys 4x32: wide windows"},
+      {2, 0, 4, 128, 1, shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
+      {2, 0, 8, 64, 1, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
+      {2, 0, 8, 64, 1, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
+      {2, 0, 4, 64, 2, shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "2-D 8x16 / box 4x4, 2 per warp / keys 8x8"},
+      {2, 0, 4, 64, 2, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / box 4x4, 2 per warp / keys 8x8"},
+      {2, 0, 4, 64, 2, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / box 4x4, 2 per warp / keys 4x16"},
+      {2, 0, 4, 32, 2, shape(0, 3, 4, 0, 2, 2, 0, 2, 3), "2-D 8x16 / box 4x4, 2 per warp / keys 4x8 (head dim 128)"},
+      {2, 0, 4, 32, 2, shape(0, 4, 3, 0, 2, 2, 0, 2, 3), "2-D 16x8 / box 4x4, 2 per warp / keys 4x8 (head dim 128)"},
+      {2, 0, 4, 32, 2, shape(0, 3, 4, 0, 2, 2, 0, 1, 4), "2-D 8x16 / box 4x4, 2 per warp / keys 2x16 (head dim 128)"},
       // rank 3
-      {3, 0, 4, 64, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 4, 64, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 4, 64, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan (tiling.md)"},
-      {3, 0, 4, 128, shape(1, 2, 3, 0, 2, 2, 1, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 2x4x16"},
-      {3, 0, 4, 128, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x8x16"},
-      {3, 0, 4, 128, shape(2, 2, 2, 1, 1, 2, 1, 3, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x8x8"},
-      {3, 0, 4, 128, shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
-      {3, 0, 8, 64, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 8, 64, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
+      {3, 0, 4, 64, 1, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, 1, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan (tiling.md)"},
+      {3, 0, 4, 128, 1, shape(1, 2, 3, 0, 2, 2, 1, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 2x4x16"},
+      {3, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x8x16"},
+      {3, 0, 4, 128, 1, shape(2, 2, 2, 1, 1, 2, 1, 3, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x8x8"},
+      {3, 0, 4, 128, 1, shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
+      {3, 0, 8, 64, 1, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 8, 64, 1, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
+      {3, 0, 4, 64, 2, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / box 2x2x4, 2 per warp / keys 2x4x8"},
+      {3, 0, 4, 64, 2, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / box 1x4x4, 2 per warp / keys 1x4x16"},
+      {3, 0, 4, 32, 2, shape(2, 2, 3, 1, 1, 2, 1, 1, 3), "3-D 4x4x8 / box 2x2x4, 2 per warp / keys 2x2x8 (head dim 128)"},
+      {3, 0, 4, 32, 2, shape(1, 3, 3, 0, 2, 2, 0, 2, 3), "3-D 2x8x8 / box 1x4x4, 2 per warp / keys 1x4x8 (head dim 128)"},
   };
   return t;
 }
@@ -56,16 +68,29 @@ int head_dim_bucket(int64_t dim, int64_t dim_v) {
   return 0;
 }
 
+bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles) {
+  // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
+  // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
+  // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
+  // slower on an H200); two boxes per warp need 32-key tiles to stay off local
+  // memory (O and S take 192 registers at 64 keys).
+  struct Shape { int warps, block_kv, m_tiles; };
+  static const Shape small[] = {{4, 64, 1}, {8, 64, 1}, {4, 128, 1}, {4, 64, 2}};
+  static const Shape d128[] = {{4, 64, 1}, {8, 64, 1}, {4, 32, 2}};
+  static const Shape d256[] = {{4, 64, 1}};
+  auto has = [&](const auto& list) {
+    for (const Shape& s : list)
+      if (s.warps == warps && s.block_kv == block_kv && s.m_tiles == m_tiles) return true;
+    return false;
+  };
+  return head_dim == 256 ? has(d256) : head_dim == 128 ? has(d128) : has(small);
+}
+
 std::vector<TileConfig> candidate_configs(int rank, int head_dim) {
   std::vector<TileConfig> out;
   for (TileConfig c : table()) {
-    if (c.rank != rank) continue;
+    if (c.rank != rank || !kernel_compiled(head_dim, c.warps, c.block_kv, c.m_tiles)) continue;
     c.head_dim = head_dim;
-    // Shared memory: double-buffered 128-key K and V tiles need 128 KB at head dim
-    // 128 (one CTA per SM, measured 10-20% slower on an H200); 8 warps at head dim
-    // 256 need 64 KB of Q on top. Keep those out.
-    if (head_dim >= 128 && c.block_kv != 64) continue;
-    if (head_dim == 256 && c.warps != 4) continue;
     out.push_back(c);
   }
   return out;
@@ -86,7 +111,7 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
     for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
     if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
   }
-  const int warps = c.warps;
+  const int boxes = c.warps * c.m_tiles;  // 16-query boxes per CTA
   for (int o0 : origins[0])
     for (int o1 : origins[1])
       for (int o2 : origins[2]) {
@@ -98,7 +123,7 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
           kbox[a] = {nb.axis[a].window(origin[a], lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
         }
-        for (int w = 0; w < warps; ++w) {
+        for (int w = 0; w < boxes; ++w) {
           int off[kMaxRank];
           s.warp_offset(w, off);
           Range uni[kMaxRank];
@@ -152,7 +177,10 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
   // kernels run 3-4 CTAs per SM and 8 warps lose (NAT 56x56 k7: 0.93 vs 0.48 ms).
   const double warps_factor = c.warps == 8 ? (c.head_dim >= 128 ? 0.93 : 1.5) : 1.0;
-  e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv) * warps_factor;
+  // Two boxes per warp share every K/V fragment and the per-tile bookkeeping: ~40%
+  // fewer instructions per mma (SASS count). Estimated, not yet measured.
+  const double m_factor = c.m_tiles == 2 ? 0.85 : 1.0;
+  e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv) * warps_factor * m_factor;
   return e;
 }
 
@@ -177,9 +205,11 @@ std::vector<std::string> describe_plan(const Problem& p) {
     const PlanEstimate& e = ranked[i];
     const TileShape& s = e.config.shape;
     char buf[256];
-    std::snprintf(buf, sizeof buf, "fused %s q %dx%dx%d warp %dx%dx%d kv %dx%dx%d (warps %d, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
+    std::snprintf(buf, sizeof buf,
+                  "fused %s q %dx%dx%d box %dx%dx%d kv %dx%dx%d (warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
                   i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
-                  s.k(2), e.config.warps, e.config.block_kv, e.config.head_dim, e.waste(), e.cost, e.config.why);
+                  s.k(2), e.config.warps, e.config.m_tiles, e.config.block_kv, e.config.head_dim, e.waste(), e.cost,
+                  e.config.why);
     lines.push_back(buf);
   }
   return lines;

@@ -18,11 +18,16 @@ namespace nbhd::cuda::fused {
 struct TileConfig {
   int rank;
   int head_dim;   // kernel bucket: problems with max(dim, dim_v) <= head_dim
-  int warps;      // 16 queries per warp
+  int warps;
   int block_kv;   // keys per key tile
+  int m_tiles;    // 16-query boxes per warp (1, or 2 sharing every K/V fragment)
   TileShape shape;
   const char* why;  // the measured or counted reason for this entry
 };
+
+// Whether the kernel for (head-dim bucket, warps, key tile, boxes per warp) is in
+// the build's kernel list (NBHD_DTYPES / NBHD_HEAD_DIMS filter further).
+bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles);
 
 // Configurations available for a problem's rank and head-dim bucket.
 std::vector<TileConfig> candidate_configs(int rank, int head_dim);
