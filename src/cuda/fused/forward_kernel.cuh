@@ -4,11 +4,12 @@
 // One CTA computes one query tile (a box of one dilation group) for one head. Its
 // keys are the union of its queries' windows (a box, by monotonicity of windows),
 // walked in key tiles that are double-buffered in shared memory by cp.async. Each
-// warp owns 16 queries forming a smaller box; for every key tile it
-//   - skips the tile when the tile misses the union of its queries' windows,
-//   - skips each 8-key chunk that misses that union (ballot over chunks),
+// warp owns kMTiles boxes of 16 queries (compiled kernels use 1; see plan.cpp);
+// for every key tile and box it
+//   - skips the tile when the tile misses the union of the box's windows,
+//   - predicates off each 8-key chunk that misses that union (ballot over chunks),
 //   - applies the element mask only when the tile is not inside the intersection
-//     of its queries' windows (or when an RPB must be added),
+//     of the box's windows (or when an RPB must be added),
 // then runs the online softmax and P·V with P kept in registers. The M additional
 // tokens follow as plain key tiles. Out and lse are written once.
 #pragma once

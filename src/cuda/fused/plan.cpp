@@ -23,8 +23,6 @@ const std::vector<TileConfig>& table() {
       {1, 0, 4, 64, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
       {1, 0, 4, 128, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
       {1, 0, 8, 64, 1, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
-      {1, 0, 4, 64, 2, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries, 32 per warp sharing K/V fragments"},
-      {1, 0, 4, 32, 2, shape(0, 0, 7, 0, 0, 4, 0, 0, 5), "1-D 128 queries, 32 per warp, 32-key tiles (head dim 128)"},
       // rank 2
       {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
       {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
@@ -35,12 +33,6 @@ const std::vector<TileConfig>& table() {
       {2, 0, 4, 128, 1, shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
       {2, 0, 8, 64, 1, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
       {2, 0, 8, 64, 1, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
-      {2, 0, 4, 64, 2, shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "2-D 8x16 / box 4x4, 2 per warp / keys 8x8"},
-      {2, 0, 4, 64, 2, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / box 4x4, 2 per warp / keys 8x8"},
-      {2, 0, 4, 64, 2, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / box 4x4, 2 per warp / keys 4x16"},
-      {2, 0, 4, 32, 2, shape(0, 3, 4, 0, 2, 2, 0, 2, 3), "2-D 8x16 / box 4x4, 2 per warp / keys 4x8 (head dim 128)"},
-      {2, 0, 4, 32, 2, shape(0, 4, 3, 0, 2, 2, 0, 2, 3), "2-D 16x8 / box 4x4, 2 per warp / keys 4x8 (head dim 128)"},
-      {2, 0, 4, 32, 2, shape(0, 3, 4, 0, 2, 2, 0, 1, 4), "2-D 8x16 / box 4x4, 2 per warp / keys 2x16 (head dim 128)"},
       // rank 3
       {3, 0, 4, 64, 1, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
@@ -51,10 +43,6 @@ const std::vector<TileConfig>& table() {
       {3, 0, 4, 128, 1, shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
       {3, 0, 8, 64, 1, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 8, 64, 1, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
-      {3, 0, 4, 64, 2, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / box 2x2x4, 2 per warp / keys 2x4x8"},
-      {3, 0, 4, 64, 2, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / box 1x4x4, 2 per warp / keys 1x4x16"},
-      {3, 0, 4, 32, 2, shape(2, 2, 3, 1, 1, 2, 1, 1, 3), "3-D 4x4x8 / box 2x2x4, 2 per warp / keys 2x2x8 (head dim 128)"},
-      {3, 0, 4, 32, 2, shape(1, 3, 3, 0, 2, 2, 0, 2, 3), "3-D 2x8x8 / box 1x4x4, 2 per warp / keys 1x4x8 (head dim 128)"},
   };
   return t;
 }
@@ -72,11 +60,12 @@ bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
   // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
-  // slower on an H200); two boxes per warp need 32-key tiles to stay off local
-  // memory (O and S take 192 registers at 64 keys).
+  // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
+  // to stay off local memory) measured no faster and up to 1.6x slower (H200,
+  // docs/performance.md), so none is compiled.
   struct Shape { int warps, block_kv, m_tiles; };
-  static const Shape small[] = {{4, 64, 1}, {8, 64, 1}, {4, 128, 1}, {4, 64, 2}};
-  static const Shape d128[] = {{4, 64, 1}, {8, 64, 1}, {4, 32, 2}};
+  static const Shape small[] = {{4, 64, 1}, {8, 64, 1}, {4, 128, 1}};
+  static const Shape d128[] = {{4, 64, 1}, {8, 64, 1}};
   static const Shape d256[] = {{4, 64, 1}};
   auto has = [&](const auto& list) {
     for (const Shape& s : list)
@@ -177,9 +166,8 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
   // kernels run 3-4 CTAs per SM and 8 warps lose (NAT 56x56 k7: 0.93 vs 0.48 ms).
   const double warps_factor = c.warps == 8 ? (c.head_dim >= 128 ? 0.93 : 1.5) : 1.0;
-  // Two boxes per warp share every K/V fragment and the per-tile bookkeeping: ~40%
-  // fewer instructions per mma (SASS count). Estimated, not yet measured.
-  const double m_factor = c.m_tiles == 2 ? 0.85 : 1.0;
+  // Two boxes per warp measured 1.0-1.6x slower than one (H200).
+  const double m_factor = c.m_tiles == 2 ? 1.2 : 1.0;
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv) * warps_factor * m_factor;
   return e;
 }
