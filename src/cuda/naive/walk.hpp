@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: Apache-2.0
+// How the naive kernels walk the grid: a row's (batch, token, head), a query's window
+// slots (PN, NN), a key's inverse neighborhood (IN), the slot of a relative position
+// (d rpb). Host and device, built only on core/window.hpp, so the CPU tests check
+// every index the kernels compute.
+#pragma once
+
+#include <cstdint>
+
+#include "nbhd/core/window.hpp"
+
+namespace nbhd::cuda::naive {
+
+// a / b for non-negative values; 32-bit when both fit, several times cheaper than a
+// 64-bit division on the GPU.
+NBHD_HOST_DEVICE int64_t divide(int64_t a, int64_t b) {
+  return ((a | b) >> 32) == 0 ? int64_t(uint32_t(a) / uint32_t(b)) : a / b;
+}
+
+// Row `row` of a [B, X..., heads, ...] tensor walked in memory order (head fastest,
+// then the token grid row-major, then the batch).
+struct RowIndex {
+  int64_t batch;
+  int token[kMaxRank];
+  int64_t head;
+};
+
+NBHD_HOST_DEVICE RowIndex decode_row(int64_t row, const Neighborhood& nb, int64_t tokens, int64_t heads) {
+  RowIndex r{};
+  const int64_t bt = divide(row, heads);
+  r.head = row - bt * heads;
+  r.batch = divide(bt, tokens);
+  int64_t t = bt - r.batch * tokens;
+  for (int a = kMaxRank - 1; a > 0; --a) {
+    const int64_t rest = divide(t, nb.axis[a].length);
+    r.token[a] = int(t - rest * nb.axis[a].length);
+    t = rest;
+  }
+  r.token[0] = int(t);
+  return r;
+}
+
+// Advances `token` to the next token of the grid in row-major order; returns true
+// when it wrapped around to the first token (the walk enters the next batch).
+NBHD_HOST_DEVICE bool next_token(int* token, const Neighborhood& nb) {
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    if (++token[a] < nb.axis[a].length) return false;
+    token[a] = 0;
+  }
+  return true;
+}
+
+NBHD_HOST_DEVICE int window_slots(const Neighborhood& nb) {
+  return nb.axis[0].kernel * nb.axis[1].kernel * nb.axis[2].kernel;
+}
+
+// Calls f(slot, key, valid) for every slot 0..W-1 of a query's window `w`, in slot
+// order (row-major over the kernel offsets). The trip count is the same for every
+// query, which the warp-level reductions of PN rely on; `valid` is false for the
+// slots a causal window does not reach, and then `key` is not a token.
+template <class F>
+NBHD_HOST_DEVICE void for_each_window_slot(const Neighborhood& nb, const Neighborhood::Windows& w, F&& f) {
+  int slot = 0;
+  int key[kMaxRank];
+  for (int o0 = 0; o0 < nb.axis[0].kernel; ++o0) {
+    const int j0 = w.range[0].begin + o0;
+    key[0] = w.group[0] + nb.axis[0].dilation * j0;
+    for (int o1 = 0; o1 < nb.axis[1].kernel; ++o1) {
+      const int j1 = w.range[1].begin + o1;
+      key[1] = w.group[1] + nb.axis[1].dilation * j1;
+      for (int o2 = 0; o2 < nb.axis[2].kernel; ++o2, ++slot) {
+        const int j2 = w.range[2].begin + o2;
+        key[2] = w.group[2] + nb.axis[2].dilation * j2;
+        f(slot, key, j0 < w.range[0].end && j1 < w.range[1].end && j2 < w.range[2].end);
+      }
+    }
+  }
+}
+
+// Calls f(slot, key) for each neighbor of a query with windows `w`, in slot order.
+template <class F>
+NBHD_HOST_DEVICE void for_each_neighbor(const Neighborhood& nb, const Neighborhood::Windows& w, F&& f) {
+  int key[kMaxRank];
+  for (int j0 = w.range[0].begin; j0 < w.range[0].end; ++j0) {
+    key[0] = w.group[0] + nb.axis[0].dilation * j0;
+    const int s0 = j0 - w.range[0].begin;
+    for (int j1 = w.range[1].begin; j1 < w.range[1].end; ++j1) {
+      key[1] = w.group[1] + nb.axis[1].dilation * j1;
+      const int s1 = s0 * nb.axis[1].kernel + (j1 - w.range[1].begin);
+      for (int j2 = w.range[2].begin; j2 < w.range[2].end; ++j2) {
+        key[2] = w.group[2] + nb.axis[2].dilation * j2;
+        f(s1 * nb.axis[2].kernel + (j2 - w.range[2].begin), key);
+      }
+    }
+  }
+}
+
+// Calls f(query, slot) for each query whose window holds `key` (the inverse
+// neighborhood, from Axis::inverse_window), with the slot `key` has in that query's
+// window. Queries come in row-major order.
+template <class F>
+NBHD_HOST_DEVICE void for_each_inverse_neighbor(const Neighborhood& nb, const int* key, F&& f) {
+  const Neighborhood::Windows inv = nb.inverse_windows(key);
+  int jk[kMaxRank], lg[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    jk[a] = key[a] / nb.axis[a].dilation;
+    lg[a] = nb.axis[a].group_length(inv.group[a]);
+  }
+  int query[kMaxRank];
+  for (int j0 = inv.range[0].begin; j0 < inv.range[0].end; ++j0) {
+    query[0] = inv.group[0] + nb.axis[0].dilation * j0;
+    const int s0 = jk[0] - nb.axis[0].window(j0, lg[0]).begin;
+    for (int j1 = inv.range[1].begin; j1 < inv.range[1].end; ++j1) {
+      query[1] = inv.group[1] + nb.axis[1].dilation * j1;
+      const int s1 = s0 * nb.axis[1].kernel + (jk[1] - nb.axis[1].window(j1, lg[1]).begin);
+      for (int j2 = inv.range[2].begin; j2 < inv.range[2].end; ++j2) {
+        query[2] = inv.group[2] + nb.axis[2].dilation * j2;
+        f(query, s1 * nb.axis[2].kernel + (jk[2] - nb.axis[2].window(j2, lg[2]).begin));
+      }
+    }
+  }
+}
+
+// The window slot of `query` whose key sits at relative-position-bias index `delta`
+// (per axis, in [0, 2k - 2], see Neighborhood::rpb_index), or -1 when that key is
+// not a neighbor.
+NBHD_HOST_DEVICE int rpb_slot(const Neighborhood& nb, const int* query, const int* delta) {
+  const Neighborhood::Windows w = nb.windows(query);
+  int slot = 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const int j = query[a] / ax.dilation + delta[a] - (ax.kernel - 1);
+    if (!w.range[a].contains(j)) return -1;
+    slot = slot * ax.kernel + (j - w.range[a].begin);
+  }
+  return slot;
+}
+
+}  // namespace nbhd::cuda::naive
