@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// The `naive` backend: the unfused operations of ops.hpp, composed. Forward is
-// scores (PN) -> softmax -> out (NN) through float32 attention weights in a
-// workspace of batch * tokens * heads * (window + additional) floats; backward
-// recomputes the probabilities and applies the same operations' gradients. Memory
-// and speed: docs/naive.md.
+// The `naive` backend: the operations of ops.hpp, composed. Forward is PN -> softmax
+// -> NN through float32 weights in a workspace of batch * tokens * heads * (window +
+// additional) floats; backward recomputes the probabilities and applies the same
+// operations' gradients. Memory and speed: docs/naive.md.
 #include <cuda_runtime.h>
 
 #include <algorithm>

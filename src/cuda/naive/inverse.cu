@@ -1,10 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// IN (inverse-neighborhood): for each key row (key token, kv head), the sum over the
-// queries whose windows hold the key (Axis::inverse_window, a closed form, no search)
-// and the query heads of its group: out[k, hkv] = alpha * sum of w[q, h, slot] * x[q, h],
-// slot being the key's slot in q's window. d value when w = probs, x = d out; d key
-// when w = d scores, x = q, alpha = scale. Each key row is written once, by its own
-// lanes: no atomics, deterministic.
+// IN (inverse-neighborhood): out[k, hkv] = alpha * sum of w[q, h, slot] * x[q, h] over
+// the queries q whose windows hold key k (Axis::inverse_window, a closed form) and
+// the heads h of kv head hkv's group, slot being k's slot in q's window. d value when
+// w = probs, x = d out; d key when w = d scores, x = q, alpha = scale.
 #include "cuda/common/check.hpp"
 #include "cuda/naive/device.cuh"
 #include "cuda/naive/ops.hpp"
@@ -26,6 +24,8 @@ struct InverseParams {
   Out out;
 };
 
+// A key row belongs to `lanes` lanes, each owning 8 output elements; each row is
+// written once, by its own lanes: no atomics, deterministic.
 template <class T, class A>
 __global__ void __launch_bounds__(kBlock) inverse_kernel(const __grid_constant__ InverseParams p) {
   const A* weights = static_cast<const A*>(p.weights.data);

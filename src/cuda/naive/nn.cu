@@ -2,10 +2,6 @@
 // NN (neighborhood-neighborhood, "AV"): out[q, h] = alpha * sum over the window slots
 // and the additional tokens of w[q, h, slot] * y[key, h / G]. The output when w =
 // probs, y = v; d query when w = d scores, y = k, alpha = scale.
-//
-// A row (query, head) belongs to `lanes` lanes, each owning 8 output elements (a
-// chunk), so no reduction between lanes: per neighbor a group reads one y row
-// together and the row's weight once (the same address for the whole group).
 #include "cuda/common/check.hpp"
 #include "cuda/naive/device.cuh"
 #include "cuda/naive/ops.hpp"
@@ -29,6 +25,9 @@ struct NnParams {
   Out out;
 };
 
+// A row (query, head) belongs to `lanes` lanes, each owning 8 output elements (a
+// chunk), so no reduction between lanes: per neighbor a group reads one y row
+// together and the row's weight once (the same address for the whole group).
 template <class T, class A>
 __global__ void __launch_bounds__(kBlock) nn_kernel(const __grid_constant__ NnParams p) {
   const A* weights = static_cast<const A*>(p.weights.data);

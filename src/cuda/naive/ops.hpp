@@ -2,15 +2,6 @@
 // The naive backend's operations, each one kernel (two for the reductions over
 // tokens), launched on a stream. Tensors are the API's TensorRefs on the device; the
 // attention weights [B, X..., H, W + M] are float32 or the problem's dtype.
-//
-//   pn       scores  out[q, h, slot] = alpha * <x[q, h], y[key(q, slot), h / G]> (+ rpb)
-//   nn       rows    out[q, h] = alpha * sum over slots of w[q, h, slot] * y[key(q, slot), h / G]
-//   inverse  rows    out[k, hkv] = alpha * sum over (q, slot) with key(q, slot) = k, h in hkv's group
-//                    of w[q, h, slot] * x[q, h]
-//   extra_grad       the same sum for the additional tokens' rows (every query holds them)
-//   rpb_grad         d rpb[h, delta] = sum over q of w[q, h, slot(q, delta)]
-//
-// The additional tokens are slots W..W+M-1 of pn and nn.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,6 +11,15 @@
 #include "nbhd/api.hpp"
 
 namespace nbhd::cuda::naive {
+
+//   pn       scores  out[q, h, slot] = alpha * <x[q, h], y[key(q, slot), h / G]> (+ rpb)
+//   nn       rows    out[q, h] = alpha * sum over slots of w[q, h, slot] * y[key(q, slot), h / G]
+//   inverse  rows    out[k, hkv] = alpha * sum over (q, slot) with key(q, slot) = k, h in hkv's group
+//                    of w[q, h, slot] * x[q, h]
+//   extra_grad       the same sum for the additional tokens' rows (every query holds them)
+//   rpb_grad         d rpb[h, delta] = sum over q of w[q, h, slot(q, delta)]
+//
+// The additional tokens are slots W..W+M-1 of pn and nn.
 
 struct PnArgs {
   TensorRef x;        // [B, X..., H, D]

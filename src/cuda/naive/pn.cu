@@ -2,12 +2,6 @@
 // PN (pointwise-neighborhood, "QK"): out[q, h, slot] = alpha * <x[q, h], y[key, h / G]>
 // (+ rpb) for every window slot, then the additional tokens. Scores when x = q,
 // y = k; d probs when x = d out, y = v.
-//
-// A row (query, head) belongs to `lanes` lanes of one warp, each holding a chunk of
-// 8 elements of x in registers; per slot they read one y row together (a 64-byte
-// fp16 row at head dim 32 is 4 lanes x 16 bytes) and sum over the group with
-// shuffles. Lane i keeps the score of slot i (mod lanes), so a group writes `lanes`
-// consecutive slots at once instead of one float per store.
 #include <cmath>
 
 #include "cuda/common/check.hpp"
@@ -36,6 +30,11 @@ struct PnParams {
   Out out;
 };
 
+// A row (query, head) belongs to `lanes` lanes of one warp, each holding a chunk of
+// 8 elements of x in registers; per slot they read one y row together (a 64-byte
+// fp16 row at head dim 32 is 4 lanes x 16 bytes) and sum over the group with
+// shuffles. Lane i keeps the score of slot i (mod lanes), so a group writes `lanes`
+// consecutive slots at once instead of one float per store.
 // At least 2 blocks per SM: ptxas otherwise aims at 3 for 16-bit types and spills
 // ~90 bytes per thread at 80 registers; with 2 it takes 100 registers and spills none.
 template <class T, class A>

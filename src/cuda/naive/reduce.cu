@@ -1,6 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Gradients that sum over every query: the additional tokens' rows (every query
-// attends them) and d rpb (every query with a key at a relative position). Two
+// Gradients that sum over every query: the additional tokens' rows and d rpb. Two
 // passes, no atomics, so the result is deterministic: each thread sums a run of
 // queries into a partial (plan_split), then one thread per output adds the partials
 // in order.

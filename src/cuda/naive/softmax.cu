@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Row-wise softmax over the W + M slots of each (query, head), and its backward
 // d scores = probs * (d probs - <probs, d probs>). A row belongs to `lanes` lanes
-// (slots strided by `lanes`, so a warp's loads are consecutive floats), reduced with
-// shuffles. Each element is read, then written, by one lane: in place is safe.
+// (slots strided by `lanes`: a warp's loads are consecutive), reduced with shuffles.
+// Each element is read, then written, by one lane: in place is safe.
 #include <cmath>
 
 #include "cuda/common/check.hpp"
