@@ -45,7 +45,8 @@ the rank is the number of extents):
   --dtype T           float16 | bfloat16 | float32 | float64, default float32
 
 run:
-  --backend B         auto | reference | cpu | naive | fused, default auto
+  --backend B         auto | reference | cpu | naive | fused | gemm, default auto
+                      (--dry-run lists the ones this build has)
   --pass P            fwd | bwd | fwd+bwd, default fwd
   --warmup N          untimed iterations (default 10 on a GPU, 1 on the CPU)
   --iters N           timed iterations (default 30 on a GPU, 5 on the CPU)
@@ -55,10 +56,12 @@ run:
 
 report:
   --verify            check the result against the reference backend (exit 1 on FAIL)
-  --dry-run           list the built backends and whether each can run the problem
+  --dry-run           list the built backends, whether each can run the problem and
+                      why not, and the fused backend's tile configurations, ranked
   --json [FILE]       one JSON object to stdout, or to FILE
   --sol-tflops X      the card's attention rate, for % of speed of light
-  --sol-gbps X        the card's copy bandwidth, for % of speed of light
+  --sol-gbps X        the card's copy bandwidth (GB/s, read + write), for % of speed
+                      of light; 'measure' times a device-to-device copy first
   --help              this text
 
 exit status: 0 ok, 1 verification failed, 2 bad arguments or a problem no backend
@@ -204,6 +207,10 @@ Status parse_args(int argc, const char* const* argv, Args* out) {
        }},
       {"--sol-gbps",
        [&](auto& f, auto& v) {
+         if (v == "measure") {
+           args.measure_gbps = true;
+           return Status::Ok();
+         }
          double x = 0;
          NBHD_RETURN_IF_ERROR(parse_double(f, v, /*positive=*/true, &x));
          args.sol_gbps = x;

@@ -34,6 +34,7 @@ struct Args {
   int threads = 0;           // CPU backends; 0 = all hardware threads
   std::optional<double> sol_tflops;
   std::optional<double> sol_gbps;
+  bool measure_gbps = false; // --sol-gbps measure: sol_gbps is the copy bandwidth measured first
 };
 
 // Parses argv[1..argc). Flags take their value as the next argument or after '='

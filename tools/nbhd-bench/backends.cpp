@@ -5,6 +5,10 @@
 
 #include "device.hpp"
 
+#if NBHD_BENCH_FUSED
+#include "cuda/fused/plan.hpp"  // the fused backend's planner, compiled into nbhd with the backend
+#endif
+
 namespace nbhd::bench {
 namespace {
 
@@ -42,7 +46,15 @@ Status choose_backend(const Problem& p, Backend requested, Choice* out) {
   return unsupported("no built backend can run " + p.to_string() + " here:" + reasons);
 }
 
-std::vector<std::string> candidate_lines(const Problem&, Backend) { return {}; }
+std::vector<std::string> candidate_lines(const Problem& p, Backend backend) {
+#if NBHD_BENCH_FUSED
+  // Every tile configuration of the problem's rank and head dim, ranked, the chosen one first.
+  if (backend == Backend::kFused) return cuda::fused::describe_plan(p);
+#endif
+  (void)p;
+  (void)backend;
+  return {};
+}
 
 void print_dry_run(const Problem& p, std::ostream& os) {
   char line[256];

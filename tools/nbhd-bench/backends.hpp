@@ -22,9 +22,10 @@ struct Choice {
 // and it can run the problem.
 Status choose_backend(const Problem& p, Backend requested, Choice* out);
 
-// Extra --dry-run lines a backend may contribute about `p` (e.g. its tile
-// configurations and why each fits or not). The hook for backends with candidates;
-// no backend contributes any yet, so it returns nothing.
+// Extra --dry-run lines a backend contributes about `p`: the fused backend's tile
+// configurations, ranked by its planner (chosen first, then each rejected one with its
+// cost), when nbhd-bench is built with that backend (NBHD_BENCH_FUSED); nothing for
+// the other backends.
 std::vector<std::string> candidate_lines(const Problem& p, Backend backend);
 
 void print_dry_run(const Problem& p, std::ostream& os);

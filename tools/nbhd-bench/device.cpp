@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "device.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -159,6 +160,22 @@ Status Buffer::fill_bytes(unsigned char value, void* stream) {
   }
 #if NBHD_BENCH_CUDA
   BENCH_CUDA(cudaMemsetAsync(data_, value, bytes_, static_cast<cudaStream_t>(stream)));
+  return Status::Ok();
+#else
+  (void)stream;
+  return no_cuda_runtime();
+#endif
+}
+
+Status Buffer::copy_from(const Buffer& src, void* stream) {
+  const size_t n = std::min(bytes_, src.bytes_);
+  if (device_ != src.device_) return invalid_argument("copy between buffers on different devices");
+  if (device_ == Device::kCPU) {
+    std::memcpy(data_, src.data_, n);
+    return Status::Ok();
+  }
+#if NBHD_BENCH_CUDA
+  BENCH_CUDA(cudaMemcpyAsync(data_, src.data_, n, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)));
   return Status::Ok();
 #else
   (void)stream;

@@ -41,6 +41,8 @@ class Buffer {
   Status upload(const void* host);   // host -> this (all bytes)
   Status download(void* host) const; // this -> host (all bytes)
   Status fill_bytes(unsigned char value, void* stream = nullptr);
+  // Copies min(bytes) of `src` (same device) into this, on `stream` (CUDA).
+  Status copy_from(const Buffer& src, void* stream = nullptr);
 
  private:
   void release();

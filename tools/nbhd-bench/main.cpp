@@ -45,6 +45,11 @@ int run(int argc, char** argv) {
   if (args.verify)
     if (Status s = plan_verification(args.problem, args.pass, &slices); !s.ok()) return fail(s);
 
+  if (args.measure_gbps) {
+    double gbps = 0;
+    if (Status s = measure_copy_gbps(choice.device, &gbps); !s.ok()) return fail(s);
+    args.sol_gbps = gbps;
+  }
   Outcome outcome;
   if (Status s = run_benchmark(args, choice, &outcome); !s.ok()) return fail(s);
   Report report{args, choice, device_name(choice.device), outcome.warmup, outcome.iters, outcome.timings,

@@ -88,7 +88,8 @@ void print_text(const Report& r, std::ostream& os) {
   if (m.sol_fraction)
     os << "SoL       " << fmt("%.1f", 100 * *m.sol_fraction) << "% of speed of light (" << fmt("%.4g", *m.sol_ms)
        << " ms at" << (a.sol_tflops ? " " + fmt("%g", *a.sol_tflops) + " TFLOP/s" : "")
-       << (a.sol_gbps ? " " + fmt("%g", *a.sol_gbps) + " GB/s" : "") << ")\n";
+       << (a.sol_gbps ? " " + fmt("%.4g", *a.sol_gbps) + " GB/s" + (a.measure_gbps ? " measured" : "") : "")
+       << ")\n";
   if (!r.verification) return;
   const Verification& v = *r.verification;
   const Check* worst = v.worst();
@@ -230,6 +231,7 @@ std::string to_json(const Report& r) {
   j.key("flops").value(m.flops).key("bytes").value(m.bytes);
   j.key("tflops").value(m.tflops).key("gbps").value(m.gbps);
   j.key("sol_tflops").optional(a.sol_tflops).key("sol_gbps").optional(a.sol_gbps);
+  j.key("sol_gbps_measured").value(a.measure_gbps);
   j.key("sol_ms").optional(m.sol_ms).key("sol_fraction").optional(m.sol_fraction);
   j.key("verified");
   if (r.verification)

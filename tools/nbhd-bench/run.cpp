@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "run.hpp"
 
+#include <algorithm>
+
 #include "device.hpp"
 #include "workload.hpp"
 
@@ -41,6 +43,24 @@ Status run_benchmark(const Args& args, const Choice& choice, Outcome* out) {
     NBHD_RETURN_IF_ERROR(verify(p, args.pass, host, args.seed, &v));
     out->verification = std::move(v);
   }
+  return Status::Ok();
+}
+
+Status measure_copy_gbps(Device device, double* gbps) {
+  const size_t bytes = device == Device::kCUDA ? std::max<size_t>(4 * l2_cache_bytes(device), size_t(1) << 30)
+                                               : size_t(256) << 20;
+  Stream stream;
+  NBHD_RETURN_IF_ERROR(stream.create(device));
+  Buffer from, to;
+  NBHD_RETURN_IF_ERROR(Buffer::allocate(device, bytes, &from));
+  NBHD_RETURN_IF_ERROR(Buffer::allocate(device, bytes, &to));
+  NBHD_RETURN_IF_ERROR(from.fill_bytes(0x5a, stream.get()));
+  Timings t;
+  NBHD_RETURN_IF_ERROR(time_steps(device, stream.get(), /*warmup=*/2, /*iters=*/10,
+                                  [&] { return to.copy_from(from, stream.get()); }, &t));
+  NBHD_RETURN_IF_ERROR(stream.synchronize());
+  if (!(t.median_ms > 0)) return Status(StatusCode::kInternal, "the copy took no measurable time");
+  *gbps = 2.0 * double(bytes) / (t.median_ms * 1e-3) * 1e-9;
   return Status::Ok();
 }
 

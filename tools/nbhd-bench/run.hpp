@@ -20,4 +20,8 @@ struct Outcome {
 
 Status run_benchmark(const Args& args, const Choice& choice, Outcome* out);
 
+// The device's copy bandwidth in GB/s, read + write (--sol-gbps measure): the median
+// of timed copies between two buffers of max(1 GiB, 4x L2) on a GPU, 256 MiB on the CPU.
+Status measure_copy_gbps(Device device, double* gbps);
+
 }  // namespace nbhd::bench
