@@ -120,6 +120,23 @@ INSTANTIATE_TEST_SUITE_P(All, FusedForward,
                            return "rank" + std::to_string(std::get<0>(info.param)) + "_" + name(std::get<1>(info.param));
                          });
 
+// A few small problems per rank: what compute-sanitizer runs (scripts/gpu-check).
+TEST(FusedForwardSmoke, SmallProblems) {
+  NBHD_REQUIRE_GPU();
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 3; ++seed) {
+      std::mt19937_64 rng(30000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 90 : rank == 2 ? 12 : 6;
+      Case c{testing::random_problem(rng, o), seed == 1 ? 8 : 0};
+      c.p.dim = 32;
+      c.p.dim_v = seed == 2 ? 16 : 0;
+      check_forward(c, rng);
+    }
+}
+
 // Every entry of the tile table, forced through NBHD_FUSED_TILE, on random problems
 // of its rank and head-dim bucket (the planner alone would leave some untested).
 TEST(FusedForwardConfigs, EveryTableEntry) {
