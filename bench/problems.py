@@ -10,6 +10,7 @@ Pure Python, no torch: the counts are checked against nbhd.Problem and nbhd-benc
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, replace
@@ -104,6 +105,7 @@ def axis_pairs(L: int, k: int, d: int, s: int, causal: bool) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=4096)
 def pairs(p: Problem) -> int:
     """Attended (query, key) token pairs of one (batch, head): a token's neighbors are
     the product of its per-axis windows, so the sum over the grid factors by axis."""
