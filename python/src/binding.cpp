@@ -137,7 +137,9 @@ void run(F&& call) {
 }
 
 // An array argument that may be None (the default).
-nb::arg_v optional_array(const char* name) { return nb::arg(name).none() = nb::none(); }
+// (`auto`: the argument type carries the none() flag as a template parameter since
+// nanobind 3, and the GPU machine's nanobind is 3.1 while the pinned one is 2.10.)
+auto optional_array(const char* name) { return nb::arg(name).none() = nb::none(); }
 
 #define NBHD_OPTION_ARGS \
   "backend"_a = "auto", "stream"_a = 0, "deterministic"_a = false, "num_threads"_a = 0
