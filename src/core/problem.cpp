@@ -5,15 +5,12 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <sstream>
 
 namespace nbhd {
 namespace {
 
 std::string axis_param(const char* param, int axis, int64_t value) {
-  std::ostringstream s;
-  s << param << "[axis " << axis << "] = " << value;
-  return s.str();
+  return std::string(param) + "[axis " + std::to_string(axis) + "] = " + std::to_string(value);
 }
 
 // a * b, or false when it would not fit in int64.
@@ -142,23 +139,26 @@ double Problem::forward_bytes() const {
   return e * (q + k + v + o + lse + extra);
 }
 
+// Plain string building, no iostreams: under PyTorch on an H200, the first integer
+// written to an ostringstream from this library crashed inside libstdc++'s locale
+// code; std::to_string does not touch locales.
 std::string Problem::to_string() const {
-  std::ostringstream s;
-  auto axes = [&](const char* label, const auto& v) {
-    s << label;
-    for (int a = 0; a < rank; ++a) s << (a ? "x" : "") << v[a];
+  std::string s;
+  auto axes = [&](const char* label, auto value) {
+    s += label;
+    for (int a = 0; a < rank; ++a) s += (a ? "x" : "") + std::to_string(value(a));
   };
-  axes("extent=", extent);
-  axes(" kernel=", kernel);
-  axes(" dilation=", dilation);
-  axes(" stride=", stride);
-  s << " causal=";
-  for (int a = 0; a < rank; ++a) s << (a ? "x" : "") << int(causal[a]);
-  s << " batch=" << batch << " heads=" << heads << " kv_heads=" << kv_heads << " dim=" << dim
-    << " dim_v=" << value_dim() << " dtype=" << name(dtype);
-  if (additional_tokens) s << " additional=" << additional_tokens;
-  if (has_rpb) s << " rpb";
-  return s.str();
+  axes("extent=", [&](int a) { return extent[a]; });
+  axes(" kernel=", [&](int a) { return kernel[a]; });
+  axes(" dilation=", [&](int a) { return dilation[a]; });
+  axes(" stride=", [&](int a) { return stride[a]; });
+  axes(" causal=", [&](int a) { return int(causal[a]); });
+  s += " batch=" + std::to_string(batch) + " heads=" + std::to_string(heads) + " kv_heads=" +
+       std::to_string(kv_heads) + " dim=" + std::to_string(dim) + " dim_v=" + std::to_string(value_dim()) +
+       " dtype=" + name(dtype);
+  if (additional_tokens) s += " additional=" + std::to_string(additional_tokens);
+  if (has_rpb) s += " rpb";
+  return s;
 }
 
 }  // namespace nbhd

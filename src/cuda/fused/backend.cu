@@ -3,6 +3,7 @@
 // compiled kernel for (dtype, head-dim bucket, warps, key tile).
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -93,9 +94,17 @@ TileConfig plan(const Problem& p) {
     const size_t i = size_t(std::atoi(forced));
     if (i < candidates.size()) return candidates[i];
   }
+  // The plan depends on the grid geometry and the head dims only.
+  std::array<int64_t, 18> key{p.rank, p.dim, p.value_dim()};
+  for (int a = 0; a < p.rank; ++a) {
+    key[3 + 5 * a] = p.extent[a];
+    key[4 + 5 * a] = p.kernel[a];
+    key[5 + 5 * a] = p.dilation[a];
+    key[6 + 5 * a] = p.stride[a];
+    key[7 + 5 * a] = p.causal[a];
+  }
   static std::mutex mutex;
-  static std::map<std::string, TileConfig> cache;
-  const std::string key = p.to_string();
+  static std::map<std::array<int64_t, 18>, TileConfig> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -108,13 +117,16 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
     NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
-  int device = 0;
-  cudaDeviceProp prop;
+  // Attributes, not cudaGetDeviceProperties: its struct grows between CUDA releases,
+  // and a runtime newer than the headers (a wheel's CUDA next to the toolkit's)
+  // wrote past it on the stack (crash under torch on an H200).
+  int device = 0, major = 0, minor = 0;
   NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
-  if (prop.major < 8)
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major < 8)
     return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
-                       std::to_string(prop.major) + "." + std::to_string(prop.minor));
+                       std::to_string(major) + "." + std::to_string(minor));
 
   const TileConfig config = plan(p);
   const auto launch = kernels().find(KernelKey{p.dtype, config.head_dim, config.warps, config.block_kv, config.m_tiles});

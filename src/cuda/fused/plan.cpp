@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
-#include <sstream>
 
 namespace nbhd::cuda::fused {
 namespace {
