@@ -19,10 +19,11 @@ enum class Backend {
   kCpu,        // CPU, tiled and multi-threaded
   kNaive,      // CUDA, unfused kernels (the paper's baseline)
   kFused,      // CUDA, flash-style fused kernels on tensor cores
+  kGemm,       // CUDA, unfused operations as tiled matrix products on tensor cores
 };
 
 const char* name(Backend b);
-// Parses "auto", "reference", "cpu", "naive", "fused".
+// Parses "auto", "reference", "cpu", "naive", "fused", "gemm".
 Status parse_backend(const std::string& text, Backend* out);
 
 // Workspace memory for backends that need scratch space. When `allocate` is null

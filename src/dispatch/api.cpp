@@ -138,17 +138,18 @@ const char* name(Backend b) {
     case Backend::kCpu: return "cpu";
     case Backend::kNaive: return "naive";
     case Backend::kFused: return "fused";
+    case Backend::kGemm: return "gemm";
   }
   return "?";
 }
 
 Status parse_backend(const std::string& text, Backend* out) {
-  for (Backend b : {Backend::kAuto, Backend::kReference, Backend::kCpu, Backend::kNaive, Backend::kFused})
+  for (Backend b : {Backend::kAuto, Backend::kReference, Backend::kCpu, Backend::kNaive, Backend::kFused, Backend::kGemm})
     if (text == name(b)) {
       *out = b;
       return Status::Ok();
     }
-  return invalid_argument("backend = '" + text + "' is not one of auto, reference, cpu, naive, fused");
+  return invalid_argument("backend = '" + text + "' is not one of auto, reference, cpu, naive, fused, gemm");
 }
 
 std::vector<BackendInfo> built_backends() {

@@ -13,6 +13,9 @@ extern const BackendImpl kNaiveBackend;
 #if NBHD_BACKEND_FUSED
 extern const BackendImpl kFusedBackend;
 #endif
+#if NBHD_BACKEND_GEMM
+extern const BackendImpl kGemmBackend;
+#endif
 
 const std::vector<const BackendImpl*>& registry() {
   static const std::vector<const BackendImpl*> backends = {
@@ -21,6 +24,9 @@ const std::vector<const BackendImpl*>& registry() {
 #endif
 #if NBHD_BACKEND_NAIVE
       &kNaiveBackend,
+#endif
+#if NBHD_BACKEND_GEMM
+      &kGemmBackend,  // after naive until its GPU tests and benchmarks have run
 #endif
       &kCpuBackend,
       &kReferenceBackend,
