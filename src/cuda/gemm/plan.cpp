@@ -2,6 +2,7 @@
 #include "cuda/gemm/plan.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -220,12 +221,21 @@ Plan compute_plan(const Problem& p, const SmemLimits& limits) {
 }  // namespace
 
 Plan make_plan(const Problem& p, const SmemLimits& limits) {
-  // Planning samples tiles and slabs (well under a millisecond); a model calls the
-  // same few problems over and over, so keep the answers.
+  // Planning samples tiles and slabs (a few milliseconds at most); a model calls the
+  // same few problems over and over, so keep the answers. The plan depends on the
+  // grid geometry, the head dim, the element size, the additional tokens and the
+  // device's shared memory only.
+  std::array<int64_t, 22> key{p.rank, p.dim, size_of(p.dtype), p.additional_tokens, limits.per_block_optin,
+                              limits.per_sm};
+  for (int a = 0; a < p.rank; ++a) {
+    key[6 + 5 * a] = p.extent[a];
+    key[7 + 5 * a] = p.kernel[a];
+    key[8 + 5 * a] = p.dilation[a];
+    key[9 + 5 * a] = p.stride[a];
+    key[10 + 5 * a] = p.causal[a];
+  }
   static std::mutex mutex;
-  static std::map<std::string, Plan> cache;
-  const std::string key =
-      p.to_string() + " smem " + std::to_string(limits.per_block_optin) + "/" + std::to_string(limits.per_sm);
+  static std::map<std::array<int64_t, 22>, Plan> cache;
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
