@@ -225,7 +225,7 @@ Plan make_plan(const Problem& p, const SmemLimits& limits) {
   // same few problems over and over, so keep the answers. The plan depends on the
   // grid geometry, the head dim, the element size, the additional tokens and the
   // device's shared memory only.
-  std::array<int64_t, 22> key{p.rank, p.dim, size_of(p.dtype), p.additional_tokens, limits.per_block_optin,
+  std::array<int64_t, 22> key{p.rank,       p.dim, size_of(p.dtype), p.additional_tokens, limits.per_block_optin,
                               limits.per_sm};
   for (int a = 0; a < p.rank; ++a) {
     key[6 + 5 * a] = p.extent[a];
