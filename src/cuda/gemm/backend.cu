@@ -108,6 +108,7 @@ Status prepare(const Problem& p, int device_index, DeviceGuard& guard, Plan* pla
 Status probabilities(const Problem& p, const Plan& plan, const TensorRef& q, const TensorRef& k, const TensorRef& ak,
                      const TensorRef& rpb, const TensorRef& weights, const TensorRef& lse, cudaStream_t s) {
   PnArgs a{q, k, ak, rpb, weights, scale_of(p), -kInf, Epilogue::kSoftmax, TensorRef{}, lse};
+  a.out_capacity = padded_slots(p);
   bool done = false;
   NBHD_RETURN_IF_ERROR(pn(p, plan, a, s, &done));
   if (!done) NBHD_RETURN_IF_ERROR(naive::softmax(p, weights, weights, lse, s));
@@ -159,8 +160,10 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   NBHD_RETURN_IF_ERROR(probabilities(p, plan, t.query, t.key, t.additional_keys, t.rpb, probs, TensorRef{}, s));
   // d probs = <d out, v> per slot, turned into d scores in PN's epilogue when rows fit.
   {
-    PnArgs a{t.d_out, t.value, t.additional_values,        TensorRef{}, d_scores,
-             1.f,     0.f,     Epilogue::kSoftmaxBackward, probs,       TensorRef{}};
+    PnArgs a{t.d_out, t.value, t.additional_values, TensorRef{}, d_scores, 1.f, 0.f};
+    a.epilogue = Epilogue::kSoftmaxBackward;
+    a.probs = probs;
+    a.out_capacity = capacity;
     bool done = false;
     NBHD_RETURN_IF_ERROR(pn(p, plan, a, s, &done));
     // d value and d additional values read probs only.

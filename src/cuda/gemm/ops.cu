@@ -214,6 +214,7 @@ Status pn(const Problem& p, const Plan& plan, const PnArgs& a, cudaStream_t stre
   k.out = a.out.data;
   k.out_layout = detail::token_layout(a.out, p.rank);
   k.out_vec = aligned_rows(a.out);
+  k.out_capacity = int(std::min<int64_t>(std::max(a.out_capacity, p.window_size() + p.additional_tokens), INT_MAX));
   k.probs = a.probs.data;
   if (k.epilogue == Epilogue::kSoftmaxBackward) {
     const detail::TokenLayout pl = detail::token_layout(a.probs, p.rank);

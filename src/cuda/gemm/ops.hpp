@@ -30,8 +30,9 @@ struct PnArgs {
   float alpha;
   float masked;  // slots a causal window does not reach: -inf for scores, 0 for gradients
   Epilogue epilogue = Epilogue::kStore;
-  TensorRef probs;  // kSoftmaxBackward: probabilities, out's layout and dtype
-  TensorRef lse;    // kSoftmax: optional
+  TensorRef probs;           // kSoftmaxBackward: probabilities, out's layout and dtype
+  TensorRef lse;             // kSoftmax: optional
+  int64_t out_capacity = 0;  // writable slots per out row; 0: W + M (the workspace passes its padded rows)
 };
 // `*epilogue_done`: whether the epilogue ran (it needs whole rows in shared memory);
 // when it did not, the caller applies it (naive::softmax / softmax_backward).

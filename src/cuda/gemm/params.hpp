@@ -50,6 +50,7 @@ struct PnParams {
   void* out;  // weights, type A
   detail::TokenLayout out_layout;
   bool out_vec;       // rows start on 16 bytes, unit inner stride
+  int out_capacity;   // writable slots per row (>= W + M): a row's last 16 bytes are written whole
   const void* probs;  // kSoftmaxBackward: probabilities in out's type and layout
   float* lse;         // kSoftmax: optional
   detail::TokenLayout lse_layout;

@@ -300,11 +300,13 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
       __syncthreads();
     }
 
-    // ---- store the slab's slots of every row
+    // ---- store the slab's slots of every row; the row's last slab also fills its last
+    // 16 bytes (workspace padding: NN loads it whole, initcheck sees it written)
     {
       A* const out = static_cast<A*>(p.out);
       const int64_t inner = p.out_layout.inner;
-      const int units = ceil_div(slab.s1 - s_base, kVecA);
+      const int end = slab.s1 == p.window + p.extra ? imin(round_up(slab.s1, kVecA), p.out_capacity) : slab.s1;
+      const int units = ceil_div(end - s_base, kVecA);
       for (int idx = tid; idx < kBlockQ * units; idx += kThreads) {
         const int r = idx / units, u = idx - r * units;
         const int64_t ro = row_out[r];
@@ -312,13 +314,13 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
         const int first = s_base + u * kVecA;
         const float* src = tile + r * L.tile_cols + u * kVecA;
         A* dst = out + ro;
-        if (p.out_vec && first >= slab.s0 && first + kVecA <= slab.s1) {
+        if (p.out_vec && first >= slab.s0 && first + kVecA <= end) {
           store16<A>(dst + first, src);
         } else {
 #pragma unroll
           for (int e = 0; e < kVecA; ++e) {
             const int sl = first + e;
-            if (sl >= slab.s0 && sl < slab.s1) dst[sl * inner] = from_float<A>(src[e]);
+            if (sl >= slab.s0 && sl < end) dst[sl * inner] = from_float<A>(src[e]);
           }
         }
       }
