@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "cuda/common/check.hpp"
+#include "cuda/fused/backward.hpp"
 #include "cuda/fused/forward_kernel.cuh"
 #include "cuda/fused/plan.hpp"
 #include "dispatch/backend.hpp"
@@ -51,7 +52,6 @@ bool built(DType dtype, int head_dim) {
 
 Status supports(const Problem& p, detail::Pass pass) {
   if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
-  if (pass == detail::Pass::kBackward) return unsupported("the fused backward is not implemented yet (use naive)");
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16 and bfloat16 run on tensor cores; "
                        "float32 runs on the naive backend)");
@@ -65,6 +65,7 @@ Status supports(const Problem& p, detail::Pass pass) {
     return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
                        " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
+  if (pass == detail::Pass::kBackward) return backward_supports(p);
   return Status::Ok();
 }
 
@@ -172,5 +173,5 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
 
 namespace nbhd::detail {
 extern const BackendImpl kFusedBackend = {Backend::kFused, Device::kCUDA, cuda::fused::supports,
-                                          cuda::fused::forward, nullptr, nullptr};
+                                          cuda::fused::forward, cuda::fused::backward, nullptr};
 }  // namespace nbhd::detail

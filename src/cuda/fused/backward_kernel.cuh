@@ -1,0 +1,1335 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused neighborhood attention backward on tensor cores (mma.sync m16n8k16, sm_80+).
+//
+// Passes, launched in order by launch_fused_backward (bottom of this file):
+//  1. preprocess: lse_delta[b, h, token] = {lse * log2(e), rowsum(dO * out)}.
+//  2. key pass: one CTA per key tile (a box of one dilation group) and kv head. The
+//     queries whose windows hold its keys form a box (the inverse-window union); the
+//     CTA walks it in query tiles, for each query head of its GQA group, computing
+//       S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T,
+//       dS^T = P^T (dP^T - delta), dK += dS^T Q
+//     with keys in the mma M dimension (16 per warp, each warp a box) and P^T, dS^T
+//     kept in registers. Per warp, 8-query chunks outside the union of its keys'
+//     inverse windows are predicated off and the element mask runs only on tiles not
+//     inside their intersection: the forward's scheme, transposed. dK and dV are
+//     written once. dS^T also goes to shared memory, where all warps turn it into
+//     dQ = dS K for the tile and add it to a float32 workspace by atomics, unless
+//     the dq pass computes dQ (deterministic mode; windows of <= 128 keys by
+//     default, see backward_plan.hpp). Additional tokens get CTAs of their own (64
+//     tokens, one kv head) that walk every query tile with bounds masks only.
+//  3. the float32 dQ sums -> d_query; or the dq pass, a query-tile kernel in the
+//     forward's orientation that recomputes P and dP and keeps dQ in registers. In
+//     deterministic mode, a fixed-order reduction of the key pass's d rpb sums.
+// docs/fused_backward.md has the costs of each choice.
+// d rpb: per (key tile, query tile) pair, dS^T (float32) is binned by relative
+// position in shared memory, each bin summed by one thread in a fixed order, then
+// added to d_rpb by one atomic per bin (default) or to the CTA's slice of a
+// workspace that pass 3 reduces (deterministic).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "cuda/common/numeric.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/fused/backward.hpp"
+#include "cuda/fused/backward_params.hpp"
+#include "cuda/fused/backward_ptx.cuh"
+
+namespace nbhd::cuda::fused {
+
+namespace detail_bwd {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Per axis [begin, end) ranges of group indices, 3 axes.
+struct Box {
+  Range r[kMaxRank];
+};
+
+// 16-byte chunk `c` of row `r` of a tile with `chunks` chunks per row lives at
+// c ^ swizzle(r): the 8 rows an ldmatrix reads hit 8 different bank groups. The
+// swizzle depends on r % 8 only (see ForwardConfig).
+__host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
+
+__device__ __forceinline__ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
+  for (int a = 0; a < kMaxRank; ++a) token[a] = group[a] + nb.axis[a].dilation * j[a];
+}
+
+// Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
+__device__ __forceinline__ int64_t flat_token(const Neighborhood& nb, const int* token) {
+  return (int64_t(token[0]) * nb.axis[1].length + token[1]) * nb.axis[2].length + token[2];
+}
+
+// The key-pass CTA `tile` of one (batch, kv head): dilation group and origin of its
+// key tile per axis. False for the empty tiles past a shorter group's end.
+__device__ __forceinline__ bool decode_tile(const Neighborhood& nb, const int* tiles_per_group, const int* row_log2,
+                                            int64_t tile, int* group, int* origin, int* lg) {
+  bool inside = true;
+#pragma unroll
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int per_axis = tiles_per_group[a] * nb.axis[a].dilation;
+    const int ta = int(tile % per_axis);
+    tile /= per_axis;
+    group[a] = ta / tiles_per_group[a];
+    origin[a] = (ta % tiles_per_group[a]) << row_log2[a];
+    lg[a] = nb.axis[a].group_length(group[a]);
+    inside &= origin[a] < lg[a];
+  }
+  return inside;
+}
+
+}  // namespace detail_bwd
+
+// ---------------------------------------------------------------------------------
+// Key pass configuration. Rows are keys (16 per warp), columns queries.
+template <class T, int kHeadDim_, int kWarps_, int kBlockCols_, int kSubCols_>
+struct KeyPassConfig {
+  using Element = T;
+  static constexpr int kHeadDim = kHeadDim_;  // padded: dim and dim_v fit in it
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockRows = 16 * kWarps;  // keys per CTA
+  static constexpr int kBlockCols = kBlockCols_;  // queries per tile
+  // Queries per register pass: S^T and dP^T of kSubCols columns are live at once
+  // (2 * kSubCols / 2 floats per thread) on top of dK and dV (kHeadDim floats); at
+  // head dim 128 a full 64-query pass would need ~290 registers.
+  static constexpr int kSubCols = kSubCols_;
+  static constexpr int kChunks = kHeadDim / 8;      // 16-byte chunks per row
+  static constexpr int kColBlocks = kBlockCols / 8;  // n8 blocks (8-query chunks) of a tile
+  static constexpr int kSubBlocks = kSubCols / 8;
+  static constexpr int kDBlocks = kHeadDim / 8;
+  static constexpr int kQBlocks = kBlockCols / 16;  // 16-query blocks of the dQ = dS K product
+  // CTAs per SM the register budget must allow (255 / 168 registers at 4 warps):
+  // ptxas -v with 32-query passes, sm_90a: 254 registers at head dim 128, 168 at 64,
+  // 162 at 32, no spills (4 CTAs at 32 would spill 60 bytes). Shared memory allows
+  // 2 CTAs per SM at head dim 128 (~106 KB each).
+  static constexpr int kMinBlocksPerSM = kHeadDim <= 64 ? 3 : 2;
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "key pass head dim bucket must be 32, 64 or 128");
+  static_assert(kBlockCols % kSubCols == 0 && kSubCols % 16 == 0, "register passes of whole k16 steps");
+  static_assert(kWarps % kQBlocks == 0, "the dQ product splits 16-query blocks x head-dim parts over warps");
+  static_assert((kHeadDim / 16) % (kWarps / kQBlocks) == 0, "head-dim parts of the dQ product");
+
+  struct SharedStorage {
+    T k[kBlockRows * kHeadDim];  // reused to stage dK at the end
+    T v[kBlockRows * kHeadDim];  // reused to stage dV
+    // Two stages: query tile it + 1 loads while tile it computes.
+    T q[2][kBlockCols * kHeadDim];
+    T dout[2][kBlockCols * kHeadDim];
+    T ds[kBlockRows * kBlockCols];  // dS^T [key][query] in T, swizzled, for dQ = dS K
+    alignas(16) float2 lse_delta[2][kBlockCols];
+    // Per query-tile column: element offsets from the tile origin's row in q and dO,
+    // token offset in the workspaces, offsets in the tile box (axis a in bits 10a..).
+    int64_t q_col_delta[kBlockCols];
+    int64_t dout_col_delta[kBlockCols];
+    int token_col_delta[kBlockCols];
+    int col_offset[kBlockCols];
+    // Per key row and axis: its group index and inverse window {j, begin, end, 0};
+    // an empty window marks a row past the grid (additional tokens: {m, 0, valid}).
+    int4 row_axis[kBlockRows][kMaxRank];
+    // Per warp and axis: {union begin, union end, intersection begin, intersection
+    // end} of its keys' inverse windows.
+    int4 warp_box[kWarps][kMaxRank];
+    uint32_t warp_active[kWarps];  // this tile's active 8-query chunks per warp
+    WalkAxis walk[kMaxRank];       // the query walk per axis (query_tile)
+    int rpb_lo[kMaxRank];          // d rpb: the CTA's first bias index per axis
+    int rpb_hi[kMaxRank];          //        and one past its last
+  };
+  // With d rpb, dS^T in float32 follows SharedStorage: [key][query + 8] (the pad
+  // makes the 64-bit stores of a half warp hit 32 distinct banks).
+  static constexpr int kDs32Stride = kBlockCols + 8;
+  static constexpr int kRpbBytes = kBlockRows * kDs32Stride * 4;
+  static constexpr int kSharedBytes = int(sizeof(SharedStorage));
+
+  __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ detail_bwd::swizzle(kChunks, r)); }
+  __device__ static constexpr int ds_index(int r, int c) { return r * kColBlocks + (c ^ detail_bwd::swizzle(kColBlocks, r)); }
+  static constexpr int kRowBytes = kChunks * 16;
+  static constexpr int kDsRowBytes = kColBlocks * 16;
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
+    fused_backward_key_kernel(const __grid_constant__ BackwardParams p) {
+  using T = typename Cfg::Element;
+  using detail_bwd::Box;
+  using detail_bwd::kNegInf;
+  constexpr int kRows = Cfg::kBlockRows, kCols = Cfg::kBlockCols, kChunks = Cfg::kChunks;
+  constexpr int kDBlocks = Cfg::kDBlocks, kSubBlocks = Cfg::kSubBlocks, kColBlocks = Cfg::kColBlocks;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const GridTile& shape = p.kv_shape;
+  const Neighborhood& nb = p.nb;
+
+  // ---- which CTA: additional-token CTAs first (they walk every query) -------------
+  int64_t linear = blockIdx.x;
+  const int64_t additional_blocks = int64_t(p.batch) * p.kv_heads * p.additional_ctas;
+  const bool additional = linear < additional_blocks;
+  int64_t tile = 0;
+  int m0 = 0;
+  if (additional) {
+    m0 = int(linear % p.additional_ctas) * kRows;
+    linear /= p.additional_ctas;
+  } else {
+    linear -= additional_blocks;
+    tile = linear % p.kv_tiles;
+    linear /= p.kv_tiles;
+  }
+  const int hk = int(linear % p.kv_heads);
+  const int64_t b = linear / p.kv_heads;
+
+  int group[kMaxRank] = {0, 0, 0}, lg[kMaxRank] = {1, 1, 1}, k_origin[kMaxRank] = {0, 0, 0};
+  Box qbox{};  // the queries of this key tile (neighborhood CTAs)
+  if (!additional) {
+    if (!detail_bwd::decode_tile(nb, p.kv_tiles_per_group, shape.row_log2, tile, group, k_origin, lg)) return;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int last = imin(k_origin[a] + shape.row(a), lg[a]) - 1;
+      qbox.r[a] = nb.axis[a].inverse_window_union({k_origin[a], last + 1}, lg[a]);
+    }
+  }
+
+  int tiles_per_head = p.additional_col_tiles;
+  if (!additional) {
+    tiles_per_head = 1;
+    for (int a = 0; a < kMaxRank; ++a) tiles_per_head *= ceil_div(qbox.r[a].size(), shape.col(a));
+  }
+  const int total_tiles = tiles_per_head * p.heads_per_kv;
+
+  const T* q_base = static_cast<const T*>(p.q);
+  const T* dout_base = static_cast<const T*>(p.d_out);
+
+  // ---- per-CTA tables ---------------------------------------------------------------
+  for (int n = tid; n < kCols; n += Cfg::kThreads) {
+    int off[kMaxRank];
+    shape.col_offset(n, off);
+    int64_t dq = 0, ddo = 0;
+    int dt = 0;
+    const int token_stride[kMaxRank] = {nb.axis[1].length * nb.axis[2].length, nb.axis[2].length, 1};
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int step = off[a] * nb.axis[a].dilation;
+      dq += int64_t(step) * p.q_layout.axis[a];
+      ddo += int64_t(step) * p.dout_layout.axis[a];
+      dt += step * token_stride[a];
+    }
+    smem.q_col_delta[n] = dq;
+    smem.dout_col_delta[n] = ddo;
+    smem.token_col_delta[n] = dt;
+    smem.col_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
+  }
+  if (tid == 0)
+    for (int a = 0; a < kMaxRank; ++a)
+      smem.walk[a] = additional ? WalkAxis{0, 0, all_groups_tiles(nb.axis[a], shape.col(a)), -1}
+                                : WalkAxis{qbox.r[a].begin, qbox.r[a].end, ceil_div(qbox.r[a].size(), shape.col(a)), group[a]};
+  const bool rpb_grad = p.d_rpb != nullptr && !additional;
+  float* rpb_slot = nullptr;  // deterministic d rpb: this CTA's partial sums, all heads of the group
+  int rpb_slot_size = 0;
+  if (rpb_grad) {
+    if (tid == 0)
+      for (int a = 0; a < kMaxRank; ++a) {
+        const Range span = key_tile_rpb_span(nb.axis[a], lg[a], k_origin[a], shape.row(a));
+        smem.rpb_lo[a] = span.begin;
+        smem.rpb_hi[a] = span.end;
+      }
+    if (p.rpb_partial) {
+      rpb_slot_size = p.rpb_span[0] * p.rpb_span[1] * p.rpb_span[2];
+      const int64_t cta = (b * p.kv_heads + hk) * p.kv_tiles + tile;
+      rpb_slot = p.rpb_partial + cta * p.heads_per_kv * rpb_slot_size;
+      for (int i = tid; i < p.heads_per_kv * rpb_slot_size; i += Cfg::kThreads) rpb_slot[i] = 0.f;
+    }
+  }
+
+  // ---- this CTA's keys: K and V rows, and each row's inverse window ---------------
+  auto key_row = [&](int r, int* token) {  // false for a row past the grid / past M
+    if (additional) {
+      token[0] = token[1] = 0;
+      token[2] = m0 + r;
+      return m0 + r < p.additional_tokens;
+    }
+    int off[kMaxRank], j[kMaxRank];
+    shape.row_offset(r, off);
+    bool valid = true;
+    for (int a = 0; a < kMaxRank; ++a) {
+      j[a] = k_origin[a] + off[a];
+      valid &= j[a] < lg[a];
+    }
+    detail_bwd::token_of(nb, group, j, token);
+    return valid;
+  };
+  {
+    const T* k_src = static_cast<const T*>(additional ? p.additional_k : p.k);
+    const T* v_src = static_cast<const T*>(additional ? p.additional_v : p.v);
+    const detail::TokenLayout& kl = additional ? p.ak_layout : p.k_layout;
+    const detail::TokenLayout& vl = additional ? p.av_layout : p.v_layout;
+    for (int idx = tid; idx < kRows * kChunks; idx += Cfg::kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      int token[kMaxRank];
+      const bool valid = key_row(r, token);
+      const bool k_ok = valid && c * 8 < p.dim, v_ok = valid && c * 8 < p.dim_v;
+      ptx::cp_async_16(ptx::smem_address(&smem.k[Cfg::chunk_index(r, c) * 8]),
+                       k_ok ? k_src + kl.offset(b, token, hk) + c * 8 : k_src, k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.v[Cfg::chunk_index(r, c) * 8]),
+                       v_ok ? v_src + vl.offset(b, token, hk) + c * 8 : v_src, v_ok ? 16 : 0);
+    }
+  }
+  const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  if (t4 == 0) {
+    for (int i = 0; i < 2; ++i) {
+      int token[kMaxRank];
+      const bool valid = key_row(my_row[i], token);
+      if (additional) {
+        for (int a = 0; a < kMaxRank; ++a) smem.row_axis[my_row[i]][a] = make_int4(token[a], 0, valid ? 1 : 0, 0);
+        continue;
+      }
+      int off[kMaxRank];
+      shape.row_offset(my_row[i], off);
+      for (int a = 0; a < kMaxRank; ++a) {
+        const int j = k_origin[a] + off[a];
+        const Range w = valid ? nb.axis[a].inverse_window(j, lg[a]) : Range{0, 0};
+        smem.row_axis[my_row[i]][a] = make_int4(j, w.begin, w.end, 0);
+      }
+    }
+  }
+  // Union and intersection of the warp's inverse windows (first and last valid key
+  // per axis: inverse windows' begins and ends never decrease along an axis). A warp
+  // with rows past the grid always masks, so those rows' probabilities are zero (they
+  // would otherwise reach d rpb).
+  bool warp_idle = false, warp_partial = false;
+  if (additional) {
+    warp_idle = m0 + 16 * warp >= p.additional_tokens;
+    warp_partial = m0 + 16 * warp + 16 > p.additional_tokens;
+  } else {
+    int off[kMaxRank];
+    shape.warp_offset(warp, off);
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = nb.axis[a];
+      const int first = k_origin[a] + off[a];
+      const int last = imin(first + shape.warp(a), lg[a]) - 1;
+      warp_idle |= first > last;
+      warp_partial |= first + shape.warp(a) > lg[a];
+      const Range wf = ax.inverse_window(imin(first, lg[a] - 1), lg[a]), wl = ax.inverse_window(imax(last, 0), lg[a]);
+      if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+    }
+  }
+
+  // ---- column tiles: loads ----------------------------------------------------------
+  struct ColSource {
+    const T* q;
+    const T* dout;
+    const float2* lse_delta;
+    int limit[kMaxRank];
+  };
+  auto col_source = [&](const QueryTile& w) {
+    ColSource src;
+    int token[kMaxRank];
+    detail_bwd::token_of(nb, w.group, w.origin, token);
+    const int h = hk * p.heads_per_kv + w.head;
+    src.q = q_base + p.q_layout.offset(b, token, h);
+    src.dout = dout_base + p.dout_layout.offset(b, token, h);
+    src.lse_delta = reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + h) * p.tokens +
+                    detail_bwd::flat_token(nb, token);
+    for (int a = 0; a < kMaxRank; ++a) src.limit[a] = w.end[a] - w.origin[a];
+    return src;
+  };
+  auto col_valid = [&](int packed, const int* limit) {
+    return (packed & 1023) < limit[0] && ((packed >> 10) & 1023) < limit[1] && (packed >> 20) < limit[2];
+  };
+  // Each thread copies one 16-byte column `chunk` of rows load_row, load_row + step, ...
+  constexpr int kRowStep = Cfg::kThreads / kChunks;
+  static_assert(Cfg::kThreads % kChunks == 0 && kCols % kRowStep == 0, "load mapping");
+  const int chunk = tid % kChunks, load_row = tid / kChunks;
+  const bool q_chunk_ok = chunk * 8 < p.dim, dout_chunk_ok = chunk * 8 < p.dim_v;
+  // Columns past the walk's end read nothing (zeros: their lse and delta too, so a
+  // masked probability is exp2(-inf - 0) = 0); the address stays at the tile origin.
+  auto load_cols = [&](const ColSource& src, int stage) {
+#pragma unroll
+    for (int i = 0; i < kCols / kRowStep; ++i) {
+      const int n = load_row + i * kRowStep;
+      const bool valid = col_valid(smem.col_offset[n], src.limit);
+      const bool q_ok = valid && q_chunk_ok, d_ok = valid && dout_chunk_ok;
+      ptx::cp_async_16(ptx::smem_address(&smem.q[stage][Cfg::chunk_index(n, chunk) * 8]),
+                       src.q + (q_ok ? smem.q_col_delta[n] + chunk * 8 : 0), q_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][Cfg::chunk_index(n, chunk) * 8]),
+                       src.dout + (d_ok ? smem.dout_col_delta[n] + chunk * 8 : 0), d_ok ? 16 : 0);
+    }
+    for (int n = tid; n < kCols; n += Cfg::kThreads) {
+      const bool valid = col_valid(smem.col_offset[n], src.limit);
+      ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]),
+                             src.lse_delta + (valid ? smem.token_col_delta[n] : 0), valid ? 8 : 0);
+    }
+  };
+
+  // ---- main loop -----------------------------------------------------------------------
+  float dk[kDBlocks][4], dv[kDBlocks][4];
+  for (int d = 0; d < kDBlocks; ++d)
+    for (int e = 0; e < 4; ++e) dk[d][e] = dv[d][e] = 0.f;
+  const bool has_rpb = p.rpb != nullptr && !additional;
+  float* ds32 = reinterpret_cast<float*>(smem_raw + Cfg::kSharedBytes);  // with d rpb only
+
+  // Shared-memory addresses of this lane's ldmatrix rows (swizzle(lane % 8), as in
+  // the forward): key rows warp*16 + (lane % 8) + 8 * ((lane / 8) % 2) of K and V as
+  // A; query rows 8 * (lane / 16) + lane % 8 of each 16-query pair of Q and dO as B;
+  // rows (lane % 8) + 8 * ((lane / 8) % 2) of each 16-row block of Q, dO and K as
+  // transposed B; dS^T rows (lane % 8) + 8 * (lane / 16) of each 16-key block, at
+  // query chunk 2 * qb + (lane / 8) % 2, as transposed A.
+  const int lane_swizzle = detail_bwd::swizzle(kChunks, lane & 7);
+  const uint32_t row_a = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+  const uint32_t k_lane = ptx::smem_address(smem.k) + row_a, v_lane = ptx::smem_address(smem.v) + row_a;
+  const uint32_t col_b = ((lane >> 4) * 8 + (lane & 7)) * Cfg::kRowBytes;
+  const uint32_t col_bt = ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+  const uint32_t q0 = ptx::smem_address(smem.q[0]), dout0 = ptx::smem_address(smem.dout[0]);
+  constexpr uint32_t kStageBytes = uint32_t(sizeof(smem.q[0]));
+
+  __syncthreads();  // the per-CTA tables
+  load_cols(col_source(query_tile(nb, shape, smem.walk, 0)), 0);  // with K and V: group 0
+  ptx::cp_async_commit();
+
+  for (int it = 0; it < total_tiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < total_tiles) {
+      load_cols(col_source(query_tile(nb, shape, smem.walk, it + 1)), stage ^ 1);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile landed (and K, V); the last tile's dS reads are done
+
+    const QueryTile qtile = query_tile(nb, shape, smem.walk, it);
+    const int h = hk * p.heads_per_kv + qtile.head;
+    int limit[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) limit[a] = qtile.end[a] - qtile.origin[a];
+    uint32_t active = 0;  // bit j: 8-query chunk j holds queries this warp's keys may see
+    bool needs_mask = true;
+    if (!warp_idle) {
+      // Chunk j holds queries 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
+      // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
+      bool lane_active = false;
+      if (lane < kColBlocks) {
+        int off[kMaxRank];
+        shape.col_offset(lane * 8, off);
+        lane_active = true;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int lo = off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
+          lane_active &= lo < limit[a];
+          if (!additional) {
+            const int4 box = smem.warp_box[warp][a];  // {union begin, union end, ...}
+            lane_active &= qtile.origin[a] + lo < box.y && qtile.origin[a] + hi > box.x;
+          }
+        }
+      }
+      active = __ballot_sync(0xffffffffu, lane_active);
+      // Inside every inverse window of the warp's keys, and inside the walk: no mask.
+      needs_mask = has_rpb || warp_partial;
+      for (int a = 0; a < kMaxRank; ++a) {
+        needs_mask |= shape.col(a) > limit[a];
+        if (!additional) {
+          const int4 box = smem.warp_box[warp][a];  // {..., intersection begin, end}
+          needs_mask |= qtile.origin[a] < box.z || qtile.origin[a] + shape.col(a) > box.w;
+        }
+      }
+    }
+    if (lane == 0) smem.warp_active[warp] = active;
+
+    const uint32_t q_stage = q0 + stage * kStageBytes, dout_stage = dout0 + stage * kStageBytes;
+    const float4* lse_delta4 = reinterpret_cast<const float4*>(smem.lse_delta[stage]);
+#pragma unroll 1
+    for (int sub = 0; sub < kCols / Cfg::kSubCols; ++sub) {
+      const int jb0 = sub * kSubBlocks;  // first n8 block of this pass
+      const uint32_t sub_active = (active >> jb0) & ((1u << kSubBlocks) - 1);
+      float s[kSubBlocks][4];
+      for (int j = 0; j < kSubBlocks; ++j)
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      if (sub_active) {
+        // S^T = K Q^T. Fragments load for every chunk; a chunk no key of this warp
+        // reaches has its mma predicated off.
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+          uint32_t a[4];
+          ptx::ldmatrix_x4(a, k_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+          const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
+#pragma unroll
+          for (int pair = 0; pair < kSubBlocks / 2; ++pair) {
+            uint32_t bq[4];
+            ptx::ldmatrix_x4(bq, q_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col);
+            ptx::mma_16816_if<T>((sub_active >> (2 * pair)) & 1u, s[2 * pair], a, bq);
+            ptx::mma_16816_if<T>((sub_active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bq + 2);
+          }
+        }
+
+        // Base-2 scores, masked (-inf) and biased where needed; then P^T.
+        if (!needs_mask) {
+#pragma unroll
+          for (int j = 0; j < kSubBlocks; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+        } else if (additional) {
+          bool row_ok[2];
+          for (int i = 0; i < 2; ++i) row_ok[i] = smem.row_axis[my_row[i]][0].z != 0;
+#pragma unroll
+          for (int j = 0; j < kSubBlocks; ++j) {
+            int off[kMaxRank];
+            shape.col_offset(8 * (jb0 + j), off);  // the chunk's first query; the run is along axis 2
+            const bool chunk_ok = ((sub_active >> j) & 1u) && off[0] < limit[0] && off[1] < limit[1];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const bool keep = chunk_ok && row_ok[e >> 1] && off[2] + 2 * t4 + (e & 1) < limit[2];
+              s[j][e] = keep ? s[j][e] * p.scale_log2 : kNegInf;
+            }
+          }
+        } else {
+          // Per key row and axis, the queries of this tile (offsets from its origin)
+          // that see the key: its inverse window.
+          int lo[2][kMaxRank], hi[2][kMaxRank];
+          int64_t bias_base[2];
+          for (int i = 0; i < 2; ++i) {
+            bias_base[i] = int64_t(h) * p.rpb_layout.head;
+            for (int a = 0; a < kMaxRank; ++a) {
+              const int4 ra = smem.row_axis[my_row[i]][a];  // {j, inverse begin, inverse end}
+              lo[i][a] = ra.y - qtile.origin[a];
+              hi[i][a] = ra.z - qtile.origin[a];
+              bias_base[i] += int64_t(ra.x - qtile.origin[a] + nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < kSubBlocks; ++j) {
+            const bool chunk_on = (sub_active >> j) & 1u;
+            int off[kMaxRank];
+            shape.col_offset(8 * (jb0 + j), off);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+              const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                                off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+              float x = kNegInf;
+              if (keep) {
+                x = s[j][e] * p.scale_log2;
+                if (has_rpb) {
+                  // bias index = key - query + kernel - 1 per axis
+                  const int64_t ro = bias_base[i] - off[0] * p.rpb_layout.axis[0] - off[1] * p.rpb_layout.axis[1] -
+                                     off2 * p.rpb_layout.axis[2];
+                  const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                      : to_float(static_cast<const T*>(p.rpb)[ro]);
+                  x += bias * kLog2e;
+                }
+              }
+              s[j][e] = x;
+            }
+          }
+        }
+        // P^T = exp2(score - lse); columns hold queries, so lse varies along e & 1.
+#pragma unroll
+        for (int j = 0; j < kSubBlocks; ++j) {
+          const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];  // {lse, delta} of 2 queries
+          s[j][0] = ptx::exp2_approx(s[j][0] - ld.x);
+          s[j][1] = ptx::exp2_approx(s[j][1] - ld.z);
+          s[j][2] = ptx::exp2_approx(s[j][2] - ld.x);
+          s[j][3] = ptx::exp2_approx(s[j][3] - ld.z);
+        }
+
+        // dV += P^T dO, P^T from registers (C layout of two n8 blocks = A layout of k16).
+#pragma unroll
+        for (int kb = 0; kb < kSubBlocks / 2; ++kb) {
+          const bool on = (sub_active >> (2 * kb)) & 3u;
+          uint32_t a[4];
+          a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
+          a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
+          a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+          a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+          const uint32_t rows = dout_stage + (jb0 / 2 + kb) * 16 * Cfg::kRowBytes + col_bt;
+#pragma unroll
+          for (int dp = 0; dp < kDBlocks / 2; ++dp) {
+            uint32_t bv[4];
+            ptx::ldmatrix_x4_trans(bv, rows + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
+            ptx::mma_16816_if<T>(on, dv[2 * dp], a, bv);
+            ptx::mma_16816_if<T>(on, dv[2 * dp + 1], a, bv + 2);
+          }
+        }
+
+        // dP^T = V dO^T.
+        float dp[kSubBlocks][4];
+        for (int j = 0; j < kSubBlocks; ++j)
+          for (int e = 0; e < 4; ++e) dp[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+          uint32_t a[4];
+          ptx::ldmatrix_x4(a, v_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+          const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
+#pragma unroll
+          for (int pair = 0; pair < kSubBlocks / 2; ++pair) {
+            uint32_t bo[4];
+            ptx::ldmatrix_x4(bo, dout_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col);
+            ptx::mma_16816_if<T>((sub_active >> (2 * pair)) & 1u, dp[2 * pair], a, bo);
+            ptx::mma_16816_if<T>((sub_active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, bo + 2);
+          }
+        }
+        // dS^T = P^T (dP^T - delta); masked entries stay 0.
+#pragma unroll
+        for (int j = 0; j < kSubBlocks; ++j) {
+          const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];
+          s[j][0] *= dp[j][0] - ld.y;
+          s[j][1] *= dp[j][1] - ld.w;
+          s[j][2] *= dp[j][2] - ld.y;
+          s[j][3] *= dp[j][3] - ld.w;
+        }
+
+        // dK += dS^T Q.
+#pragma unroll
+        for (int kb = 0; kb < kSubBlocks / 2; ++kb) {
+          const bool on = (sub_active >> (2 * kb)) & 3u;
+          uint32_t a[4];
+          a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
+          a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
+          a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+          a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+          const uint32_t rows = q_stage + (jb0 / 2 + kb) * 16 * Cfg::kRowBytes + col_bt;
+#pragma unroll
+          for (int dp2 = 0; dp2 < kDBlocks / 2; ++dp2) {
+            uint32_t bq[4];
+            ptx::ldmatrix_x4_trans(bq, rows + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
+            ptx::mma_16816_if<T>(on, dk[2 * dp2], a, bq);
+            ptx::mma_16816_if<T>(on, dk[2 * dp2 + 1], a, bq + 2);
+          }
+        }
+      }
+
+      // dS^T to shared memory, zeros for inactive chunks (the dQ product reads all).
+#pragma unroll
+      for (int j = 0; j < kSubBlocks; ++j)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = my_row[i];
+          *reinterpret_cast<uint32_t*>(&smem.ds[Cfg::ds_index(r, jb0 + j) * 8 + 2 * t4]) =
+              ptx::pack2<T>(s[j][2 * i], s[j][2 * i + 1]);
+          if (rpb_grad)
+            *reinterpret_cast<float2*>(&ds32[r * Cfg::kDs32Stride + 8 * (jb0 + j) + 2 * t4]) =
+                make_float2(s[j][2 * i], s[j][2 * i + 1]);
+        }
+    }
+    __syncthreads();  // dS^T of every warp in shared memory
+
+    // ---- dQ += dS K for this tile, added to the workspace ---------------------------
+    // Warp w takes 16-query block w % kQBlocks and a part of the head dim; the product
+    // runs over all keys of the CTA (key block kb = warp kb's rows).
+    if (p.dq_accum != nullptr) {
+      constexpr int kDParts = Cfg::kWarps / Cfg::kQBlocks, kPairsPerPart = kDBlocks / 2 / kDParts;
+      const int qb = warp % Cfg::kQBlocks, part = warp / Cfg::kQBlocks;
+      uint32_t cta_active = 0;
+      for (int w = 0; w < Cfg::kWarps; ++w) cta_active |= smem.warp_active[w];
+      if ((cta_active >> (2 * qb)) & 3u) {
+        uint32_t a[kRows / 16][4];
+        const uint32_t ds_lane = ptx::smem_address(smem.ds) + ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kDsRowBytes +
+                                 (((2 * qb + ((lane >> 3) & 1)) ^ detail_bwd::swizzle(kColBlocks, lane & 7)) << 4);
+#pragma unroll
+        for (int kb = 0; kb < kRows / 16; ++kb) ptx::ldmatrix_x4_trans(a[kb], ds_lane + kb * 16 * Cfg::kDsRowBytes);
+        // This thread's two queries (rows g, g + 8 of the block) in the workspace.
+        float* dst[2];
+        for (int i = 0; i < 2; ++i) {
+          const int n = 16 * qb + g + 8 * i;
+          const bool ok = ((cta_active >> (2 * qb + i)) & 1u) && col_valid(smem.col_offset[n], limit);
+          int token[kMaxRank];
+          detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
+          dst[i] = ok ? p.dq_accum + ((b * p.tokens + detail_bwd::flat_token(nb, token) + smem.token_col_delta[n]) *
+                                          p.heads + h) * p.dim
+                      : nullptr;
+        }
+        const uint32_t k_rows = ptx::smem_address(smem.k) + col_bt;
+#pragma unroll
+        for (int i = 0; i < kPairsPerPart; ++i) {
+          const int dp2 = part * kPairsPerPart + i;
+          if (16 * dp2 >= p.dim) break;
+          float acc[2][4] = {};
+#pragma unroll
+          for (int kb = 0; kb < kRows / 16; ++kb) {
+            const bool on = (smem.warp_active[kb] >> (2 * qb)) & 3u;
+            uint32_t bk[4];
+            ptx::ldmatrix_x4_trans(bk, k_rows + kb * 16 * Cfg::kRowBytes + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
+            ptx::mma_16816_if<T>(on, acc[0], a[kb], bk);
+            ptx::mma_16816_if<T>(on, acc[1], a[kb], bk + 2);
+          }
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int d = 16 * dp2 + 8 * half + 2 * t4;
+            if (16 * dp2 + 8 * half >= p.dim) continue;
+            if (dst[0]) ptx::red_add2(dst[0] + d, acc[half][0], acc[half][1]);
+            if (dst[1]) ptx::red_add2(dst[1] + d, acc[half][2], acc[half][3]);
+          }
+        }
+      }
+    }
+
+    // ---- d rpb: bin dS^T by relative position ------------------------------------------
+    // Bin (x0, x1, x2) holds the pairs with key offset - query offset = x - (col - 1)
+    // per axis; every pair is in exactly one bin, and one thread sums each bin over its
+    // queries in a fixed order.
+    if (rpb_grad) {
+      // Bin x has extent row + col - 1 per axis; its bias index per axis is
+      // x - (col - 1) + key tile origin - query tile origin + kernel - 1.
+      const int n0 = shape.row(0) + shape.col(0) - 1, n1 = shape.row(1) + shape.col(1) - 1;
+      const int n2 = shape.row(2) + shape.col(2) - 1;
+      int base[kMaxRank];
+      for (int a = 0; a < kMaxRank; ++a)
+        base[a] = k_origin[a] - qtile.origin[a] + nb.axis[a].kernel - shape.col(a);
+      float* slot = rpb_slot ? rpb_slot + qtile.head * rpb_slot_size : nullptr;
+      for (int bin = tid; bin < n0 * n1 * n2; bin += Cfg::kThreads) {
+        const int x2 = bin % n2, x1 = bin / n2 % n1, x0 = bin / n2 / n1;
+        int index[kMaxRank] = {x0 + base[0], x1 + base[1], x2 + base[2]};
+        bool in_span = true;  // else no neighbor pair has this relative position
+        for (int a = 0; a < kMaxRank; ++a) in_span &= index[a] >= smem.rpb_lo[a] && index[a] < smem.rpb_hi[a];
+        if (!in_span) continue;
+        // Queries qo of the tile whose key qo + x - (col - 1) is in the key tile.
+        const int c0 = shape.col(0) - 1 - x0, c1 = shape.col(1) - 1 - x1, c2 = shape.col(2) - 1 - x2;
+        float sum = 0.f;
+        for (int q0 = imax(0, c0); q0 < imin(shape.col(0), shape.row(0) + c0); ++q0)
+          for (int q1 = imax(0, c1); q1 < imin(shape.col(1), shape.row(1) + c1); ++q1)
+            for (int q2 = imax(0, c2); q2 < imin(shape.col(2), shape.row(2) + c2); ++q2) {
+              const int ko[kMaxRank] = {q0 - c0, q1 - c1, q2 - c2};
+              const int n = (q0 * shape.col(1) + q1) * shape.col(2) + q2;
+              sum += ds32[shape.row_of(ko) * Cfg::kDs32Stride + n];
+            }
+        if (sum == 0.f) continue;
+        if (slot) {
+          slot[((index[0] - smem.rpb_lo[0]) * p.rpb_span[1] + index[1] - smem.rpb_lo[1]) * p.rpb_span[2] + index[2] -
+               smem.rpb_lo[2]] += sum;
+        } else {
+          atomicAdd(p.d_rpb + p.drpb_layout.offset(h, index), sum);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: dK = scale * sum dS^T Q and dV, staged through this warp's rows ----
+  __syncthreads();  // every warp's last dQ product has read K
+  for (int d = 0; d < kDBlocks; ++d)
+    for (int i = 0; i < 2; ++i) {
+      const int r = my_row[i];
+      *reinterpret_cast<uint32_t*>(&smem.k[Cfg::chunk_index(r, d) * 8 + 2 * t4]) =
+          ptx::pack2<T>(dk[d][2 * i] * p.scale, dk[d][2 * i + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(&smem.v[Cfg::chunk_index(r, d) * 8 + 2 * t4]) =
+          ptx::pack2<T>(dv[d][2 * i], dv[d][2 * i + 1]);
+    }
+  __syncwarp();
+  T* dk_out = static_cast<T*>(additional ? p.d_additional_k : p.d_k);
+  T* dv_out = static_cast<T*>(additional ? p.d_additional_v : p.d_v);
+  const detail::TokenLayout& dkl = additional ? p.dak_layout : p.dk_layout;
+  const detail::TokenLayout& dvl = additional ? p.dav_layout : p.dv_layout;
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = warp * 16 + idx / kChunks, c = idx % kChunks;
+    int token[kMaxRank];
+    if (!key_row(r, token)) continue;
+    if (dk_out && c * 8 < p.dim)
+      *reinterpret_cast<uint4*>(dk_out + dkl.offset(b, token, hk) + c * 8) =
+          *reinterpret_cast<const uint4*>(&smem.k[Cfg::chunk_index(r, c) * 8]);
+    if (dv_out && c * 8 < p.dim_v)
+      *reinterpret_cast<uint4*>(dv_out + dvl.offset(b, token, hk) + c * 8) =
+          *reinterpret_cast<const uint4*>(&smem.v[Cfg::chunk_index(r, c) * 8]);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Dq pass (deterministic mode): the forward's orientation, rows queries, columns keys.
+template <class T, int kHeadDim_, int kWarps_, int kBlockCols_>
+struct DqPassConfig {
+  using Element = T;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockRows = 16 * kWarps;  // queries per CTA
+  static constexpr int kBlockCols = kBlockCols_;  // keys per tile
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kColBlocks = kBlockCols / 8;
+  static constexpr int kDBlocks = kHeadDim / 8;
+  // dQ (kHeadDim / 2 floats per thread) plus S and dP (kBlockCols / 4 each); ptxas
+  // -v, sm_90a: 254 registers at head dim 128, 164 at 64, 163 at 32, no spills (4
+  // CTAs per SM at 32 would spill 12 bytes).
+  static constexpr int kMinBlocksPerSM = kHeadDim <= 64 ? 3 : 2;
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "dq pass head dim bucket must be 32, 64 or 128");
+  static_assert(kBlockCols % 16 == 0 && kBlockCols <= 128, "key tile must be a multiple of 16 keys");
+
+  struct SharedStorage {
+    T q[kBlockRows * kHeadDim];  // reused to stage dQ
+    T dout[kBlockRows * kHeadDim];
+    T k[2][kBlockCols * kHeadDim];
+    T v[2][kBlockCols * kHeadDim];
+    int64_t k_col_delta[kBlockCols];
+    int64_t v_col_delta[kBlockCols];
+    int col_offset[kBlockCols];
+    int4 row_axis[kBlockRows][kMaxRank];  // {j, window begin, window end, 0}
+    int4 warp_box[kWarps][kMaxRank];      // {union begin, union end, intersection begin, end}
+  };
+  static constexpr int kSharedBytes = int(sizeof(SharedStorage));
+  __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ detail_bwd::swizzle(kChunks, r)); }
+  static constexpr int kRowBytes = kChunks * 16;
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
+    fused_backward_dq_kernel(const __grid_constant__ BackwardParams p) {
+  using T = typename Cfg::Element;
+  using detail_bwd::Box;
+  using detail_bwd::kNegInf;
+  constexpr int kRows = Cfg::kBlockRows, kCols = Cfg::kBlockCols, kChunks = Cfg::kChunks;
+  constexpr int kColBlocks = Cfg::kColBlocks, kDBlocks = Cfg::kDBlocks;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const GridTile& shape = p.dq_shape;
+  const Neighborhood& nb = p.nb;
+
+  int64_t linear = blockIdx.x;
+  const int64_t tile = linear % p.dq_tiles;
+  linear /= p.dq_tiles;
+  const int h = int(linear % p.heads);
+  const int64_t b = linear / p.heads;
+  const int hk = h / p.heads_per_kv;
+
+  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank];
+  if (!detail_bwd::decode_tile(nb, p.dq_tiles_per_group, shape.row_log2, tile, group, q_origin, lg)) return;
+
+  // Key box: union of the tile's queries' windows; walked in key tiles by an odometer.
+  Box kbox;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int last = imin(q_origin[a] + shape.row(a), lg[a]) - 1;
+    kbox.r[a] = nb.axis[a].window_union({q_origin[a], last + 1}, lg[a]);
+  }
+  int neighbor_tiles = 1;
+  for (int a = 0; a < kMaxRank; ++a) neighbor_tiles *= ceil_div(kbox.r[a].size(), shape.col(a));
+  const int total_tiles = neighbor_tiles + ceil_div(p.additional_tokens, kCols);
+  struct Odometer {
+    int origin[kMaxRank];
+    __device__ void advance(const Box& box, const GridTile& shape) {
+      for (int a = kMaxRank - 1; a >= 0; --a) {
+        origin[a] += shape.col(a);
+        if (origin[a] < box.r[a].end || a == 0) return;
+        origin[a] = box.r[a].begin;
+      }
+    }
+  };
+
+  // ---- this CTA's queries: Q and dO rows, lse and delta, windows -------------------
+  auto query_row = [&](int r, int* j, int* token) {
+    int off[kMaxRank];
+    shape.row_offset(r, off);
+    bool valid = true;
+    for (int a = 0; a < kMaxRank; ++a) {
+      j[a] = q_origin[a] + off[a];
+      valid &= j[a] < lg[a];
+    }
+    detail_bwd::token_of(nb, group, j, token);
+    return valid;
+  };
+  for (int idx = tid; idx < kRows * kChunks; idx += Cfg::kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    int j[kMaxRank], token[kMaxRank];
+    const bool valid = query_row(r, j, token);
+    const bool q_ok = valid && c * 8 < p.dim, d_ok = valid && c * 8 < p.dim_v;
+    const T* q_src = static_cast<const T*>(p.q);
+    const T* d_src = static_cast<const T*>(p.d_out);
+    ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * 8]),
+                     q_ok ? q_src + p.q_layout.offset(b, token, h) + c * 8 : q_src, q_ok ? 16 : 0);
+    ptx::cp_async_16(ptx::smem_address(&smem.dout[Cfg::chunk_index(r, c) * 8]),
+                     d_ok ? d_src + p.dout_layout.offset(b, token, h) + c * 8 : d_src, d_ok ? 16 : 0);
+  }
+  const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
+  // lse and delta of this thread's rows (rows past the grid: zeros, harmless).
+  float row_lse[2], row_delta[2];
+  for (int i = 0; i < 2; ++i) {
+    int j[kMaxRank], token[kMaxRank];
+    const bool valid = query_row(my_row[i], j, token);
+    const float2 ld = valid ? reinterpret_cast<const float2*>(p.lse_delta)[(b * p.heads + h) * p.tokens +
+                                                                           detail_bwd::flat_token(nb, token)]
+                            : make_float2(0.f, 0.f);
+    row_lse[i] = ld.x;
+    row_delta[i] = ld.y;
+    if (t4 == 0)
+      for (int a = 0; a < kMaxRank; ++a) {
+        const Range w = valid ? nb.axis[a].window(j[a], lg[a]) : Range{0, 0};
+        smem.row_axis[my_row[i]][a] = make_int4(j[a], w.begin, w.end, 0);
+      }
+  }
+  bool warp_idle = false;
+  {
+    int off[kMaxRank];
+    shape.warp_offset(warp, off);
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = nb.axis[a];
+      const int first = q_origin[a] + off[a];
+      const int last = imin(first + shape.warp(a), lg[a]) - 1;
+      warp_idle |= first > last;
+      const Range wf = ax.window(imin(first, lg[a] - 1), lg[a]), wl = ax.window(imax(last, 0), lg[a]);
+      if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+    }
+  }
+
+  // ---- key tiles ----------------------------------------------------------------------
+  constexpr int kRowStep = Cfg::kThreads / kChunks;
+  static_assert(Cfg::kThreads % kChunks == 0 && kCols % kRowStep == 0, "load mapping");
+  const int chunk = tid % kChunks, load_row = tid / kChunks;
+  for (int n = tid; n < kCols; n += Cfg::kThreads) {
+    int off[kMaxRank];
+    shape.col_offset(n, off);
+    int64_t dk = 0, dv = 0;
+    for (int a = 0; a < kMaxRank; ++a) {
+      dk += int64_t(off[a]) * nb.axis[a].dilation * p.k_layout.axis[a];
+      dv += int64_t(off[a]) * nb.axis[a].dilation * p.v_layout.axis[a];
+    }
+    smem.k_col_delta[n] = dk;
+    smem.v_col_delta[n] = dv;
+    smem.col_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
+  }
+  __syncthreads();  // the tables
+  Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
+  Odometer compute_tile = load_tile;
+  const bool k_chunk_ok = chunk * 8 < p.dim, v_chunk_ok = chunk * 8 < p.dim_v;
+  struct TileSource {
+    const T* k;
+    const T* v;
+    int limit[kMaxRank];
+    int first_additional;  // -1 for a neighborhood tile
+  };
+  auto tile_source = [&](int it) {
+    TileSource src;
+    if (it < neighbor_tiles) {
+      int token[kMaxRank];
+      detail_bwd::token_of(nb, group, load_tile.origin, token);
+      for (int a = 0; a < kMaxRank; ++a) src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+      src.k = static_cast<const T*>(p.k) + p.k_layout.offset(b, token, hk);
+      src.v = static_cast<const T*>(p.v) + p.v_layout.offset(b, token, hk);
+      src.first_additional = -1;
+      load_tile.advance(kbox, shape);
+    } else {
+      const int m0 = (it - neighbor_tiles) * kCols;
+      const int first[kMaxRank] = {0, 0, m0};
+      src.k = static_cast<const T*>(p.additional_k) + p.ak_layout.offset(b, first, hk);
+      src.v = static_cast<const T*>(p.additional_v) + p.av_layout.offset(b, first, hk);
+      src.first_additional = m0;
+    }
+    return src;
+  };
+  auto load_cols = [&](const TileSource& src, int stage) {
+#pragma unroll
+    for (int i = 0; i < kCols / kRowStep; ++i) {
+      const int n = load_row + i * kRowStep;
+      bool valid;
+      int64_t dk, dv;
+      if (src.first_additional < 0) {
+        const int packed = smem.col_offset[n];
+        valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
+                (packed >> 20) < src.limit[2];
+        dk = smem.k_col_delta[n];
+        dv = smem.v_col_delta[n];
+      } else {
+        valid = src.first_additional + n < p.additional_tokens;
+        dk = n * p.ak_layout.axis[2];
+        dv = n * p.av_layout.axis[2];
+      }
+      const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
+      ptx::cp_async_16(ptx::smem_address(&smem.k[stage][Cfg::chunk_index(n, chunk) * 8]),
+                       src.k + (k_ok ? dk + chunk * 8 : 0), k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.v[stage][Cfg::chunk_index(n, chunk) * 8]),
+                       src.v + (v_ok ? dv + chunk * 8 : 0), v_ok ? 16 : 0);
+    }
+  };
+
+  float dq[kDBlocks][4];
+  for (int d = 0; d < kDBlocks; ++d)
+    for (int e = 0; e < 4; ++e) dq[d][e] = 0.f;
+  const bool has_rpb = p.rpb != nullptr;
+
+  // ldmatrix lane addresses (see the forward): Q and dO rows as A; K and V rows of
+  // each 16-key pair as B; K rows of each 16-key block as transposed B.
+  const int lane_swizzle = detail_bwd::swizzle(kChunks, lane & 7);
+  const uint32_t row_a = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+  const uint32_t q_lane = ptx::smem_address(smem.q) + row_a, dout_lane = ptx::smem_address(smem.dout) + row_a;
+  const uint32_t col_b = ((lane >> 4) * 8 + (lane & 7)) * Cfg::kRowBytes;
+  const uint32_t col_bt = ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
+  const uint32_t k0 = ptx::smem_address(smem.k[0]), v0 = ptx::smem_address(smem.v[0]);
+  constexpr uint32_t kStageBytes = uint32_t(sizeof(smem.k[0]));
+
+  {
+    const TileSource first = tile_source(0);  // with Q and dO: group 0
+    load_cols(first, 0);
+    ptx::cp_async_commit();
+  }
+  for (int it = 0; it < total_tiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < total_tiles) {
+      const TileSource next = tile_source(it + 1);
+      load_cols(next, stage ^ 1);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile (and Q, dO) landed
+
+    const bool additional = it >= neighbor_tiles;
+    int origin[kMaxRank] = {0, 0, 0};
+    uint32_t active = 0;
+    bool needs_mask = true;
+    if (!warp_idle) {
+      if (!additional) {
+        for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
+        bool lane_active = false;
+        if (lane < kColBlocks) {
+          int off[kMaxRank];
+          shape.col_offset(lane * 8, off);
+          lane_active = true;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int4 box = smem.warp_box[warp][a];
+            const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
+            lane_active &= lo < box.y && hi > box.x && lo < kbox.r[a].end;
+          }
+        }
+        active = __ballot_sync(0xffffffffu, lane_active);
+        needs_mask = has_rpb;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int4 box = smem.warp_box[warp][a];
+          const int lo = origin[a], hi = origin[a] + shape.col(a);
+          needs_mask |= lo < box.z || hi > box.w || hi > kbox.r[a].end;
+        }
+      } else {
+        const int m0 = (it - neighbor_tiles) * kCols;
+        active = __ballot_sync(0xffffffffu, lane < kColBlocks && m0 + lane * 8 < p.additional_tokens);
+        needs_mask = m0 + kCols > p.additional_tokens;
+      }
+    }
+
+    if (active) {
+      const uint32_t k_stage = k0 + stage * kStageBytes, v_stage = v0 + stage * kStageBytes;
+      // S = Q K^T.
+      float s[kColBlocks][4];
+      for (int j = 0; j < kColBlocks; ++j)
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, q_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+        const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
+#pragma unroll
+        for (int pair = 0; pair < kColBlocks / 2; ++pair) {
+          uint32_t bk[4];
+          ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + col_b + col);
+          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, s[2 * pair], a, bk);
+          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bk + 2);
+        }
+      }
+      if (!needs_mask) {
+#pragma unroll
+        for (int j = 0; j < kColBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+      } else if (additional) {
+        const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kCols;
+#pragma unroll
+        for (int j = 0; j < kColBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int n = 8 * j + 2 * t4 + (e & 1);
+            s[j][e] = n < valid_keys ? s[j][e] * p.scale_log2 : kNegInf;
+          }
+      } else {
+        int lo[2][kMaxRank], hi[2][kMaxRank];
+        int64_t bias_base[2];
+        for (int i = 0; i < 2; ++i) {
+          bias_base[i] = int64_t(h) * p.rpb_layout.head;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int4 ra = smem.row_axis[my_row[i]][a];  // {j, window begin, window end}
+            lo[i][a] = ra.y - origin[a];
+            hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
+            bias_base[i] += int64_t(origin[a] - ra.x + nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kColBlocks; ++j) {
+          const bool chunk_on = (active >> j) & 1u;
+          int off[kMaxRank];
+          shape.col_offset(8 * j, off);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+            const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                              off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+            float x = kNegInf;
+            if (keep) {
+              x = s[j][e] * p.scale_log2;
+              if (has_rpb) {
+                const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
+                                   off2 * p.rpb_layout.axis[2];
+                const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                    : to_float(static_cast<const T*>(p.rpb)[ro]);
+                x += bias * kLog2e;
+              }
+            }
+            s[j][e] = x;
+          }
+        }
+      }
+      // P = exp2(score - lse): rows hold queries, lse varies along e >> 1.
+#pragma unroll
+      for (int j = 0; j < kColBlocks; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = ptx::exp2_approx(s[j][e] - row_lse[e >> 1]);
+
+      // dP = dO V^T.
+      float dp[kColBlocks][4];
+      for (int j = 0; j < kColBlocks; ++j)
+        for (int e = 0; e < 4; ++e) dp[j][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, dout_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+        const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
+#pragma unroll
+        for (int pair = 0; pair < kColBlocks / 2; ++pair) {
+          uint32_t bv[4];
+          ptx::ldmatrix_x4(bv, v_stage + pair * 16 * Cfg::kRowBytes + col_b + col);
+          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, dp[2 * pair], a, bv);
+          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, bv + 2);
+        }
+      }
+      // dS = P (dP - delta).
+#pragma unroll
+      for (int j = 0; j < kColBlocks; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - row_delta[e >> 1];
+
+      // dQ += dS K, dS from registers.
+#pragma unroll
+      for (int kb = 0; kb < kCols / 16; ++kb) {
+        const bool on = (active >> (2 * kb)) & 3u;
+        uint32_t a[4];
+        a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
+        a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
+        a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+        a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+        const uint32_t rows = k_stage + kb * 16 * Cfg::kRowBytes + col_bt;
+#pragma unroll
+        for (int dp2 = 0; dp2 < kDBlocks / 2; ++dp2) {
+          uint32_t bk[4];
+          ptx::ldmatrix_x4_trans(bk, rows + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
+          ptx::mma_16816_if<T>(on, dq[2 * dp2], a, bk);
+          ptx::mma_16816_if<T>(on, dq[2 * dp2 + 1], a, bk + 2);
+        }
+      }
+    }
+    if (!additional) compute_tile.advance(kbox, shape);
+    __syncthreads();  // the next iteration's loads overwrite this stage
+  }
+
+  // ---- epilogue: dQ = scale * sum dS K, staged through this warp's rows of smem.q ----
+  for (int d = 0; d < kDBlocks; ++d)
+    for (int i = 0; i < 2; ++i)
+      *reinterpret_cast<uint32_t*>(&smem.q[Cfg::chunk_index(my_row[i], d) * 8 + 2 * t4]) =
+          ptx::pack2<T>(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+  __syncwarp();
+  T* out = static_cast<T*>(p.d_q);
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = warp * 16 + idx / kChunks, c = idx % kChunks;
+    int j[kMaxRank], token[kMaxRank];
+    if (!query_row(r, j, token) || c * 8 >= p.dim) continue;
+    *reinterpret_cast<uint4*>(out + p.dq_layout.offset(b, token, h) + c * 8) =
+        *reinterpret_cast<const uint4*>(&smem.q[Cfg::chunk_index(r, c) * 8]);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Small passes.
+
+// lse_delta = {lse * log2(e), rowsum(dO * out)}: 4 threads per (batch, token, head)
+// row, each summing 16-byte chunks c, c + 4, ... (dim_v is a multiple of 8).
+template <class T>
+__global__ void fused_backward_preprocess_kernel(const __grid_constant__ BackwardParams p) {
+  const int64_t rows = int64_t(p.batch) * p.tokens * p.heads;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 2;
+  const int part = threadIdx.x & 3;
+  const bool valid = row < rows;
+  const int h = int(row % p.heads);
+  const int64_t flat = row / p.heads % p.tokens, b = row / p.heads / p.tokens;
+  int token[kMaxRank];
+  token[2] = int(flat % p.nb.axis[2].length);
+  token[1] = int(flat / p.nb.axis[2].length % p.nb.axis[1].length);
+  token[0] = int(flat / p.nb.axis[2].length / p.nb.axis[1].length);
+  float sum = 0.f;
+  if (valid) {
+    const T* o = static_cast<const T*>(p.out) + p.out_layout.offset(b, token, h);
+    const T* d = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, h);
+    for (int c = part; c * 8 < p.dim_v; c += 4) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8), dv = *reinterpret_cast<const uint4*>(d + c * 8);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += to_float(oe[e]) * to_float(de[e]);
+    }
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  if (valid && part == 0)
+    reinterpret_cast<float2*>(p.lse_delta)[(b * p.heads + h) * p.tokens + flat] =
+        make_float2(p.lse[p.lse_layout.offset(b, token, h)] * kLog2e, sum);
+}
+
+// d_query = scale * dq_accum, 8 elements per thread.
+template <class T>
+__global__ void fused_backward_convert_dq_kernel(const __grid_constant__ BackwardParams p) {
+  const int chunks = p.dim / 8;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.batch) * p.tokens * p.heads * chunks) return;
+  const int c = int(idx % chunks);
+  const int64_t row = idx / chunks;  // (b * tokens + flat) * heads + h
+  const int h = int(row % p.heads);
+  const int64_t flat = row / p.heads % p.tokens, b = row / p.heads / p.tokens;
+  int token[kMaxRank];
+  token[2] = int(flat % p.nb.axis[2].length);
+  token[1] = int(flat / p.nb.axis[2].length % p.nb.axis[1].length);
+  token[0] = int(flat / p.nb.axis[2].length / p.nb.axis[1].length);
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * p.dim + c * 8);
+  const float4 x = src[0], y = src[1];
+  uint4 v;
+  v.x = ptx::pack2<T>(x.x * p.scale, x.y * p.scale);
+  v.y = ptx::pack2<T>(x.z * p.scale, x.w * p.scale);
+  v.z = ptx::pack2<T>(y.x * p.scale, y.y * p.scale);
+  v.w = ptx::pack2<T>(y.z * p.scale, y.w * p.scale);
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.d_q) + p.dq_layout.offset(b, token, h) + c * 8) = v;
+}
+
+// Bias index i (row-major over [H, 2k-1, ...]) as head and per-axis indices.
+__device__ __forceinline__ int decode_rpb_index(const Neighborhood& nb, int64_t i, int* idx) {
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int n = 2 * nb.axis[a].kernel - 1;
+    idx[a] = int(i % n);
+    i /= n;
+  }
+  return int(i);
+}
+
+// d_rpb = 0 before the key pass's atomics. (Templates, like every kernel here: each
+// generated translation unit instantiates them, and non-template definitions in
+// this header would collide at link time.)
+template <class T>
+__global__ void fused_backward_zero_rpb_kernel(const __grid_constant__ BackwardParams p, int64_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  int idx[kMaxRank];
+  const int h = decode_rpb_index(p.nb, i, idx);
+  p.d_rpb[p.drpb_layout.offset(h, idx)] = 0.f;
+}
+
+// Deterministic d rpb: d_rpb[h, idx] = sum, in a fixed order (batch, then key tiles
+// in grid order), of the key-pass CTAs' partial sums whose span holds idx.
+template <class T>
+__global__ void fused_backward_reduce_rpb_kernel(const __grid_constant__ BackwardParams p, int64_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const Neighborhood& nb = p.nb;
+  int idx[kMaxRank];
+  const int h = decode_rpb_index(nb, i, idx);
+  const int hk = h / p.heads_per_kv, hg = h % p.heads_per_kv;
+  const int slot_size = p.rpb_span[0] * p.rpb_span[1] * p.rpb_span[2];
+  // Per axis, tile coordinate ta = group * tiles_per_group + t (the key pass's decode).
+  int per_axis[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) per_axis[a] = p.kv_tiles_per_group[a] * nb.axis[a].dilation;
+  // lo of axis a for tile coordinate ta, or -1 when the tile is empty or misses idx.
+  auto axis_lo = [&](int a, int ta) {
+    const Axis& ax = nb.axis[a];
+    const int group = ta / p.kv_tiles_per_group[a];
+    const int origin = (ta % p.kv_tiles_per_group[a]) << p.kv_shape.row_log2[a];
+    const int lg = ax.group_length(group);
+    if (origin >= lg) return -1;
+    const Range span = key_tile_rpb_span(ax, lg, origin, p.kv_shape.row(a));
+    return span.contains(idx[a]) ? span.begin : -1;
+  };
+  float sum = 0.f;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int t0 = 0; t0 < per_axis[0]; ++t0) {
+      const int lo0 = axis_lo(0, t0);
+      if (lo0 < 0) continue;
+      for (int t1 = 0; t1 < per_axis[1]; ++t1) {
+        const int lo1 = axis_lo(1, t1);
+        if (lo1 < 0) continue;
+        for (int t2 = 0; t2 < per_axis[2]; ++t2) {
+          const int lo2 = axis_lo(2, t2);
+          if (lo2 < 0) continue;
+          const int64_t tile = (int64_t(t0) * per_axis[1] + t1) * per_axis[2] + t2;
+          const int64_t cta = (b * p.kv_heads + hk) * p.kv_tiles + tile;
+          sum += p.rpb_partial[(cta * p.heads_per_kv + hg) * slot_size +
+                               ((idx[0] - lo0) * p.rpb_span[1] + idx[1] - lo1) * p.rpb_span[2] + idx[2] - lo2];
+        }
+      }
+    }
+  p.d_rpb[p.drpb_layout.offset(h, idx)] = sum;
+}
+
+// ---------------------------------------------------------------------------------
+// The compiled configurations per (dtype, head dim), and the launch sequence.
+template <class T, int kHeadDim>
+struct BackwardKernels {
+  // Key pass: 64 keys (4 warps) x 64-query tiles in 32-query register passes (a
+  // 64-query pass needs 248 registers at head dim 64 and spills at 128).
+  using KeyPass = KeyPassConfig<T, kHeadDim, 4, 64, 32>;
+  using DqPass = DqPassConfig<T, kHeadDim, 4, 64>;
+};
+
+// Launches the passes for a problem whose params (and workspace) are filled in.
+template <class T, int kHeadDim>
+cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) {
+  using Kernels = BackwardKernels<T, kHeadDim>;
+  using KeyPass = typename Kernels::KeyPass;
+  using DqPass = typename Kernels::DqPass;
+  constexpr int kThreads = 256;
+  auto blocks_for = [](int64_t n, int per_block) { return (n + per_block - 1) / per_block; };
+
+  if (p.dq_accum) {
+    const cudaError_t err =
+        cudaMemsetAsync(p.dq_accum, 0, size_t(p.batch) * p.tokens * p.heads * p.dim * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t rpb_count = p.d_rpb ? int64_t(p.heads) * (2 * p.nb.axis[0].kernel - 1) *
+                                          (2 * p.nb.axis[1].kernel - 1) * (2 * p.nb.axis[2].kernel - 1)
+                                    : 0;
+  if (p.d_rpb && !p.rpb_partial) {
+    fused_backward_zero_rpb_kernel<T><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+  }
+  const int64_t pre_blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * 4, kThreads);
+  if (pre_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  fused_backward_preprocess_kernel<T><<<unsigned(pre_blocks), kThreads, 0, stream>>>(p);
+
+  {
+    auto kernel = fused_backward_key_kernel<KeyPass>;
+    const int bytes = KeyPass::kSharedBytes + (p.d_rpb ? KeyPass::kRpbBytes : 0);
+    // Above 48 KB a kernel must opt in (once per process is enough, as the forward);
+    // the limit covers the d rpb buffer, a launch uses what it needs.
+    static const cudaError_t attribute =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KeyPass::kSharedBytes + KeyPass::kRpbBytes);
+    if (attribute != cudaSuccess) return attribute;
+    const int64_t blocks = int64_t(p.batch) * p.kv_heads * (p.kv_tiles + p.additional_ctas);
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    kernel<<<dim3(unsigned(blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
+  }
+
+  if (p.dq_accum) {
+    const int64_t blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / 8), kThreads);
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    fused_backward_convert_dq_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  } else {
+    auto kernel = fused_backward_dq_kernel<DqPass>;
+    static const cudaError_t attribute =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqPass::kSharedBytes);
+    if (attribute != cudaSuccess) return attribute;
+    const int64_t blocks = p.dq_tiles * p.heads * p.batch;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    kernel<<<dim3(unsigned(blocks)), dim3(DqPass::kThreads), DqPass::kSharedBytes, stream>>>(p);
+  }
+  if (p.d_rpb && p.rpb_partial)
+    fused_backward_reduce_rpb_kernel<T><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+  return cudaGetLastError();
+}
+
+}  // namespace nbhd::cuda::fused

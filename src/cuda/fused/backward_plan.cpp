@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cuda/fused/backward_plan.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace nbhd::cuda::fused {
+
+std::vector<TileConfig> backward_candidates(int rank, int head_dim) {
+  std::vector<TileConfig> out;
+  if (head_dim > 128) return out;
+  for (const TileConfig& c : candidate_configs(rank, head_dim))
+    if (c.warps == kBackwardWarps && c.block_kv == kBackwardCols && c.m_tiles == 1) out.push_back(c);
+  return out;
+}
+
+PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
+  PlanEstimate e;
+  e.config = c;
+  const Neighborhood nb = p.neighborhood();
+  const TileShape& s = c.shape;  // q_log2 / w_log2: the key tile and its warp boxes; k_log2: query tiles
+  // Sample key tiles of dilation group 0: up to 8 per axis, borders included.
+  std::vector<int> origins[kMaxRank];
+  int lg[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    lg[a] = nb.axis[a].group_length(0);
+    const int tiles = ceil_div(lg[a], s.q(a));
+    const int step = std::max(1, tiles / 8);
+    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
+    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
+  }
+  for (int o0 : origins[0])
+    for (int o1 : origins[1])
+      for (int o2 : origins[2]) {
+        const int origin[kMaxRank] = {o0, o1, o2};
+        Range qbox[kMaxRank];
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
+          qbox[a] = nb.axis[a].inverse_window_union({origin[a], last + 1}, lg[a]);
+        }
+        for (int w = 0; w < c.warps; ++w) {
+          int off[kMaxRank];
+          s.warp_offset(w, off);
+          Range uni[kMaxRank];
+          double needed = 1;
+          bool idle = false;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            if (first > last) {
+              idle = true;
+              break;
+            }
+            uni[a] = nb.axis[a].inverse_window_union({first, last + 1}, lg[a]);
+            double axis_needed = 0;
+            for (int j = first; j <= last; ++j) axis_needed += nb.axis[a].inverse_window(j, lg[a]).size();
+            needed *= axis_needed;
+          }
+          if (idle) continue;
+          e.needed_pairs += needed;
+          // Per axis, over the query tiles of the CTA's query box: chunks the warp
+          // computes, and chunks of the tiles it does not skip (any chunk active).
+          double active = 1, visited = 1;
+          for (int a = 0; a < kMaxRank; ++a) {
+            double axis_active = 0, axis_visited = 0;
+            const int step = a == kMaxRank - 1 ? 8 : 1;
+            for (int q = qbox[a].begin; q < qbox[a].end; q += s.k(a)) {
+              const bool tile_hit = q < uni[a].end && q + s.k(a) > uni[a].begin;
+              for (int x = 0; x < s.k(a); x += step) {
+                const int lo = q + x, hi = lo + step;
+                if (lo < uni[a].end && hi > uni[a].begin && lo < qbox[a].end) ++axis_active;
+              }
+              if (tile_hit) axis_visited += s.k(a) / step;
+            }
+            active *= axis_active;
+            visited *= axis_visited;
+          }
+          e.computed_pairs += active * 8 * 16;
+          e.visited_pairs += visited * 8 * 16;
+        }
+      }
+  // The forward's cost model (plan.cpp): visited chunks at 0.6 of computed ones, a
+  // per-tile overhead of 24 keys' worth. Every candidate has 4 warps and 64 columns.
+  const double charged = e.computed_pairs + 0.6 * (e.visited_pairs - e.computed_pairs);
+  e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv);
+  return e;
+}
+
+namespace {
+
+template <class Estimate>
+std::vector<PlanEstimate> ranked(const Problem& p, Estimate&& estimate_one) {
+  std::vector<PlanEstimate> out;
+  for (const TileConfig& c : backward_candidates(p.rank, head_dim_bucket(p.dim, p.value_dim())))
+    out.push_back(estimate_one(p, c));
+  std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
+  return out;
+}
+
+}  // namespace
+
+bool prefer_dq_pass(const Problem& p) {
+  if (const char* forced = std::getenv("NBHD_FUSED_BACKWARD_DQ")) {
+    if (std::string(forced) == "pass") return true;
+    if (std::string(forced) == "atomics") return false;
+  }
+  return p.window_size() <= kDqPassMaxWindow;
+}
+
+BackwardPlan plan_backward(const Problem& p) {
+  return {ranked(p, estimate_key_pass).front().config, ranked(p, estimate).front().config, prefer_dq_pass(p)};
+}
+
+std::vector<std::string> describe_backward_plan(const Problem& p) {
+  std::vector<std::string> lines;
+  const int bucket = head_dim_bucket(p.dim, p.value_dim());
+  if (backward_candidates(p.rank, bucket).empty()) {
+    lines.push_back("fused backward: runs max(dim, dim_v) <= 128, got " + std::to_string(std::max(p.dim, p.value_dim())));
+    return lines;
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    const auto list = pass == 0 ? ranked(p, estimate_key_pass) : ranked(p, estimate);
+    for (size_t i = 0; i < list.size(); ++i) {
+      const PlanEstimate& e = list[i];
+      const TileShape& s = e.config.shape;
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "fused backward %s %s rows %dx%dx%d warp %dx%dx%d cols %dx%dx%d (d %d): %.2fx pairs  [%s]",
+                    pass == 0 ? "key pass" : "dq pass ", i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0),
+                    s.w(1), s.w(2), s.k(0), s.k(1), s.k(2), e.config.head_dim, e.waste(), e.config.why);
+      lines.push_back(buf);
+    }
+  }
+  return lines;
+}
+
+}  // namespace nbhd::cuda::fused

@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tiles of the fused backward: which entries of the forward's table (plan.hpp) the
+// compiled backward kernels take, and the choice per pass. Host only, no CUDA: the
+// tests run it on the CPU.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "cuda/fused/plan.hpp"
+
+namespace nbhd::cuda::fused {
+
+// The backward kernels are compiled for CTAs of 4 warps (64 rows) and 64-column
+// tiles: the key pass keeps dK and dV of its 16 keys per warp in registers (128
+// floats per thread at head dim 128), which leaves no room for the 128-column tiles
+// or the 8-warp CTAs (2 x 16 KB more K and V, one CTA per SM) the forward also uses.
+inline constexpr int kBackwardWarps = 4;
+inline constexpr int kBackwardCols = 64;
+
+// Table entries the backward kernels run for a rank and head-dim bucket (<= 128).
+std::vector<TileConfig> backward_candidates(int rank, int head_dim);
+
+// The key pass's counterpart of estimate(): rows are keys (the entry's query tile
+// and warp boxes), columns are query tiles (its key tile) walked over the inverse-
+// window union of each key tile; chunks are skipped per warp against the union of
+// its keys' inverse windows.
+PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c);
+
+struct BackwardPlan {
+  TileConfig key_pass;  // rows keys, columns queries
+  TileConfig dq_pass;   // the forward's orientation
+  // dQ by the dq pass (recomputing S and dP per query tile) rather than by float32
+  // atomics from the key pass; always so in deterministic mode.
+  bool dq_by_pass = false;
+};
+
+// Whether dQ should come from the dq pass in the default mode: for windows of at
+// most kDqPassMaxWindow keys per query the problem is bound by memory, and the
+// atomic path's float32 dQ (zeroed, accumulated in L2, converted: ~5x the bytes of
+// dQ itself) costs more than the dq pass's two extra products per tile pair
+// (S and dP again; 7 products instead of 5). NBHD_FUSED_BACKWARD_DQ=atomics|pass
+// overrides it (for measuring).
+inline constexpr int64_t kDqPassMaxWindow = 128;
+bool prefer_dq_pass(const Problem& p);
+
+// The candidates computing the fewest wasted pairs per pass (the forward's cost
+// model). Needs max(dim, dim_v) <= 128: backward_candidates must not be empty.
+BackwardPlan plan_backward(const Problem& p);
+
+// Human-readable lines for `nbhd-bench --dry-run`.
+std::vector<std::string> describe_backward_plan(const Problem& p);
+
+}  // namespace nbhd::cuda::fused

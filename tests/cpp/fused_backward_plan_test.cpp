@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: Apache-2.0
+// The fused backward's host-side geometry and planner, on the CPU: candidate tiles,
+// the row numbering of GridTile, the key pass's query walk (query_tile) against a
+// stateful walk, the d rpb span of a key tile against brute force, and the key
+// pass's waste estimate on the anchor problems.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <set>
+
+#include "cuda/fused/backward_params.hpp"
+#include "cuda/fused/backward_plan.hpp"
+
+namespace nbhd::cuda::fused {
+namespace {
+
+TEST(FusedBackwardPlan, CandidatesAreCompiledShapes) {
+  for (int rank = 1; rank <= 3; ++rank) {
+    for (int head_dim : {32, 64, 128}) {
+      const auto c = backward_candidates(rank, head_dim);
+      ASSERT_FALSE(c.empty()) << "rank " << rank << " head dim " << head_dim;
+      for (const TileConfig& t : c) {
+        EXPECT_EQ(t.warps, kBackwardWarps);
+        EXPECT_EQ(t.block_kv, kBackwardCols);
+        EXPECT_EQ(t.m_tiles, 1);
+        EXPECT_EQ(t.shape.queries(), 16 * kBackwardWarps);
+        EXPECT_EQ(t.shape.keys(), kBackwardCols);
+      }
+    }
+    EXPECT_TRUE(backward_candidates(rank, 256).empty()) << "head dim 256 has no backward kernel";
+  }
+}
+
+TEST(FusedBackwardPlan, RowNumberingIsABijection) {
+  for (int rank = 1; rank <= 3; ++rank)
+    for (const TileConfig& c : backward_candidates(rank, 64)) {
+      const GridTile g = GridTile::from(c.shape);
+      SCOPED_TRACE(c.why);
+      std::set<int> seen;
+      for (int r = 0; r < g.rows(); ++r) {
+        int off[kMaxRank], wo[kMaxRank];
+        g.row_offset(r, off);
+        g.warp_offset(r / 16, wo);
+        for (int a = 0; a < kMaxRank; ++a) {
+          EXPECT_GE(off[a], wo[a]);
+          EXPECT_LT(off[a], wo[a] + g.warp(a));
+        }
+        EXPECT_EQ(g.row_of(off), r);
+        seen.insert((off[0] * g.row(1) + off[1]) * g.row(2) + off[2]);
+      }
+      EXPECT_EQ(int(seen.size()), g.rows());
+      EXPECT_EQ(g.cols(), kBackwardCols);
+      EXPECT_GE(g.col_log2[2], 3) << "8-query chunks must be runs along the innermost axis";
+    }
+}
+
+Axis random_axis(std::mt19937_64& rng, int max_length) {
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  Axis ax;
+  ax.length = uniform(1, max_length);
+  ax.kernel = uniform(1, ax.length);
+  ax.dilation = uniform(1, ax.length / ax.kernel);
+  ax.stride = uniform(1, ax.kernel);
+  ax.causal = uniform(0, 3) == 0;
+  return ax;
+}
+
+// query_tile(it) walks the same tiles, in the same order, as an odometer over heads,
+// then axes 0..2 (innermost last), each axis over its groups in order.
+TEST(FusedBackwardPlan, QueryWalkMatchesAStatefulWalk) {
+  std::mt19937_64 rng(11);
+  for (int trial = 0; trial < 400; ++trial) {
+    Neighborhood nb;
+    GridTile shape{{0, 0, 0}, {0, 0, 0}, {0, 0, 0}};
+    for (int a = 0; a < kMaxRank; ++a) {
+      nb.axis[a] = random_axis(rng, a == 2 ? 90 : 20);
+      shape.col_log2[a] = std::uniform_int_distribution<int>(a == 2 ? 3 : 0, a == 2 ? 5 : 2)(rng);
+    }
+    const bool all_groups = trial % 2 == 0;
+    WalkAxis walk[kMaxRank];
+    int group[kMaxRank];
+    Range box[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = nb.axis[a];
+      group[a] = std::uniform_int_distribution<int>(0, ax.dilation - 1)(rng);
+      const int lg = ax.group_length(group[a]);
+      const int b = std::uniform_int_distribution<int>(0, lg - 1)(rng);
+      box[a] = {b, std::uniform_int_distribution<int>(b + 1, lg)(rng)};
+      walk[a] = all_groups ? WalkAxis{0, 0, all_groups_tiles(ax, shape.col(a)), -1}
+                           : WalkAxis{box[a].begin, box[a].end, ceil_div(box[a].size(), shape.col(a)), group[a]};
+    }
+    // The stateful walk, per axis a list of (group, origin, end).
+    struct Step {
+      int group, origin, end;
+    };
+    std::vector<Step> steps[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = nb.axis[a];
+      for (int g = 0; g < ax.dilation; ++g) {
+        if (!all_groups && g != group[a]) continue;
+        const Range r = all_groups ? Range{0, ax.group_length(g)} : box[a];
+        for (int o = r.begin; o < r.end; o += shape.col(a)) steps[a].push_back({g, o, r.end});
+      }
+      ASSERT_EQ(int(steps[a].size()), walk[a].tiles) << "axis " << a;
+    }
+    const int heads = 3;
+    int it = 0;
+    for (int h = 0; h < heads; ++h)
+      for (const Step& s0 : steps[0])
+        for (const Step& s1 : steps[1])
+          for (const Step& s2 : steps[2]) {
+            const QueryTile t = query_tile(nb, shape, walk, it++);
+            const Step s[kMaxRank] = {s0, s1, s2};
+            ASSERT_EQ(t.head, h);
+            for (int a = 0; a < kMaxRank; ++a) {
+              ASSERT_EQ(t.group[a], s[a].group) << "tile " << it - 1 << " axis " << a;
+              ASSERT_EQ(t.origin[a], s[a].origin) << "tile " << it - 1 << " axis " << a;
+              ASSERT_EQ(t.end[a], s[a].end) << "tile " << it - 1 << " axis " << a;
+            }
+          }
+  }
+}
+
+// The span of bias indices of a key tile holds every index its (key, query) neighbor
+// pairs use (found by brute force over the windows) and stays in [0, 2 * kernel - 1).
+// It may be wider: it pairs the box's last key with its first query, which need not
+// be neighbors; the extra indices get zero sums.
+TEST(FusedBackwardPlan, RpbSpanOfAKeyTileHoldsItsPairs) {
+  std::mt19937_64 rng(12);
+  for (int trial = 0; trial < 300; ++trial) {
+    const Axis ax = random_axis(rng, 60);
+    const int extent = 1 << std::uniform_int_distribution<int>(0, 4)(rng);
+    for (int g = 0; g < ax.dilation; ++g) {
+      const int lg = ax.group_length(g);
+      for (int origin = 0; origin < lg; origin += extent) {
+        int lo = 1 << 30, hi = -1;
+        for (int jq = 0; jq < lg; ++jq) {
+          const Range w = ax.window(jq, lg);
+          for (int jk = std::max(origin, w.begin); jk < std::min({origin + extent, lg, w.end}); ++jk) {
+            lo = std::min(lo, jk - jq + ax.kernel - 1);
+            hi = std::max(hi, jk - jq + ax.kernel - 1);
+          }
+        }
+        const Range span = key_tile_rpb_span(ax, lg, origin, extent);
+        SCOPED_TRACE("length " + std::to_string(ax.length) + " kernel " + std::to_string(ax.kernel) + " dilation " +
+                     std::to_string(ax.dilation) + " stride " + std::to_string(ax.stride) + " causal " +
+                     std::to_string(ax.causal) + " origin " + std::to_string(origin));
+        ASSERT_GE(hi, lo) << "every key has a query";
+        ASSERT_LE(span.begin, lo);
+        ASSERT_GE(span.end, hi + 1);
+        ASSERT_GE(span.begin, 0);
+        ASSERT_LE(span.end, 2 * ax.kernel - 1);
+      }
+    }
+  }
+}
+
+Problem anchor(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {
+  Problem p;
+  p.rank = rank;
+  p.extent = extent;
+  p.kernel = kernel;
+  p.dim = dim;
+  p.dtype = DType::kFloat16;
+  return p;
+}
+
+// The key pass computes about as few wasted pairs as the forward: the inverse
+// neighborhood of a key tile is as compact as the neighborhood of a query tile.
+TEST(FusedBackwardPlan, KeyPassWastesLittle) {
+  struct Expect {
+    Problem p;
+    double max_waste;  // pairs computed per pair needed (the forward's bound + margin)
+  };
+  const Expect cases[] = {
+      {anchor(1, {32768, 0, 0}, {2048, 0, 0}, 128), 1.06},
+      {anchor(2, {128, 128, 0}, {31, 31, 0}, 128), 1.45},
+      {anchor(2, {56, 56, 0}, {7, 7, 0}, 32), 3.3},
+      {anchor(3, {16, 48, 80}, {8, 16, 24}, 128), 1.6},
+  };
+  for (const Expect& e : cases) {
+    SCOPED_TRACE(e.p.to_string());
+    const BackwardPlan plan = plan_backward(e.p);
+    const PlanEstimate key = estimate_key_pass(e.p, plan.key_pass);
+    EXPECT_GE(key.waste(), 1.0);
+    EXPECT_LE(key.waste(), e.max_waste);
+    EXPECT_GT(key.needed_pairs, 0);
+    for (const std::string& line : describe_backward_plan(e.p)) EXPECT_FALSE(line.empty());
+  }
+}
+
+// Needed pairs counted from the keys' side equal those from the queries' side
+// (every pair is one query in one key's inverse window).
+TEST(FusedBackwardPlan, KeyPassCountsTheSamePairs) {
+  Problem p = anchor(2, {24, 40, 0}, {5, 9, 0}, 64);
+  p.stride = {2, 3, 1};
+  p.causal = {false, true, false};
+  for (const TileConfig& c : backward_candidates(2, 64)) {
+    // Whole-grid counts: the estimate samples up to 8 tiles per axis, so use a grid
+    // of at most 8 key tiles per axis.
+    const PlanEstimate k = estimate_key_pass(p, c), f = estimate(p, c);
+    int64_t pairs = 0;
+    const Neighborhood nb = p.neighborhood();
+    for (int j1 = 0; j1 < 24; ++j1)
+      for (int j2 = 0; j2 < 40; ++j2)
+        pairs += int64_t(nb.axis[1].window(j1, 24).size()) * nb.axis[2].window(j2, 40).size();
+    EXPECT_DOUBLE_EQ(k.needed_pairs, double(pairs)) << c.why;
+    EXPECT_DOUBLE_EQ(f.needed_pairs, double(pairs)) << c.why;
+  }
+}
+
+}  // namespace
+}  // namespace nbhd::cuda::fused

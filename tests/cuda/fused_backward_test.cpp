@@ -1,0 +1,374 @@
+// SPDX-License-Identifier: Apache-2.0
+// The fused backward against the CPU reference on seeded random problems: ranks 1-3,
+// extents that are not multiples of any tile, dilation with unequal groups, stride,
+// every causal combination, GQA, Dv != D, additional tokens (their gradients too),
+// RPB and its gradient, padded strides, head dims 8..128; both modes, and the
+// deterministic mode bitwise over two runs.
+//
+// Tolerance: the flash-attention rule (testing.hpp), err <= 2 * err(plain) + 2 * noise,
+// where the plain implementation is the textbook backward in the same precision,
+// written below: P from the stored lse, delta from the stored (rounded) out, dP, dS
+// and every product accumulated in float32, P and dS rounded to the dtype where they
+// enter a matrix product (as they must for tensor cores), gradients rounded to the
+// dtype once. The exact answer is the float64 reference on the same (rounded) inputs.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/reference.hpp"
+#include "cuda_testing.hpp"
+
+namespace nbhd {
+namespace {
+
+using testing::DeviceTensor;
+using testing::HostTensor;
+using testing::Inputs;
+
+std::vector<int64_t> shape_of(const TensorRef& t) { return {t.shape, t.shape + t.ndim}; }
+
+struct Case {
+  Problem p;
+  int64_t gap;
+};
+
+// Largest extent per rank: the float64 oracle and the plain backward stay quick
+// (NBHD_TEST_SMALL=1 shrinks them further for the CPU emulator).
+int max_extent(int rank) {
+  const bool small = std::getenv("NBHD_TEST_SMALL") != nullptr;
+  return rank == 1 ? (small ? 160 : 300) : rank == 2 ? (small ? 18 : 28) : (small ? 7 : 10);
+}
+
+Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  testing::RandomOptions o;
+  o.rank = rank;
+  o.dtype = dtype;
+  o.max_extent = max_extent(rank);
+  Case c{testing::random_problem(rng, o), 0};
+  // Head dims: multiples of 8 up to 128 (the backward's largest bucket), often at a
+  // bucket's edge or just past it.
+  const int64_t dims[] = {8, 24, 32, 40, 64, 72, 128};
+  c.p.dim = dims[uniform(0, 6)];
+  c.p.dim_v = uniform(0, 2) == 0 ? dims[uniform(0, 6)] : 0;
+  c.p.heads = c.p.kv_heads * uniform(1, 3);
+  c.gap = uniform(0, 3) == 0 ? 8 : 0;
+  return c;
+}
+
+// Row-major logical index of element d of (b, token, h) in a [B, X..., heads, n] tensor.
+int64_t row_index(const Problem& p, int64_t b, const int* token, int64_t h, int64_t heads, int64_t n, int64_t d) {
+  int64_t flat = b;
+  for (int a = 0; a < kMaxRank; ++a) flat = flat * p.padded_extent(a) + token[a];
+  return (flat * heads + h) * n + d;
+}
+
+struct Gradients {
+  std::vector<double> dq, dk, dv, drpb, dak, dav;
+};
+
+// The plain backward in the problem's precision (see the file comment).
+Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& out, const HostTensor& lse,
+                         const HostTensor& d_out) {
+  const Neighborhood nb = p.neighborhood();
+  const int64_t H = p.heads, Hkv = p.kv_heads, G = p.heads_per_kv(), D = p.dim, Dv = p.value_dim(),
+                M = p.additional_tokens;
+  const double scale = p.softmax_scale();
+  auto f32 = [](double x) { return double(float(x)); };
+  auto low = [&](double x) { return round_to(p.dtype, x); };
+  Gradients g;
+  g.dq.assign(size_t(p.batch) * p.tokens() * H * D, 0);
+  g.dk.assign(size_t(p.batch) * p.tokens() * Hkv * D, 0);
+  g.dv.assign(size_t(p.batch) * p.tokens() * Hkv * Dv, 0);
+  g.drpb.assign(p.has_rpb ? size_t(H) * p.rpb_size() : 0, 0);
+  g.dak.assign(size_t(p.batch) * M * Hkv * D, 0);
+  g.dav.assign(size_t(p.batch) * M * Hkv * Dv, 0);
+  auto rpb_index = [&](int64_t h, const int* idx) {
+    int64_t i = h;
+    for (int a = kMaxRank - p.rank; a < kMaxRank; ++a) i = i * (2 * nb.axis[a].kernel - 1) + idx[a];
+    return i;
+  };
+  const int e0 = p.padded_extent(0), e1 = p.padded_extent(1), e2 = p.padded_extent(2);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int x0 = 0; x0 < e0; ++x0)
+      for (int x1 = 0; x1 < e1; ++x1)
+        for (int x2 = 0; x2 < e2; ++x2)
+          for (int64_t h = 0; h < H; ++h) {
+            const int t[kMaxRank] = {x0, x1, x2};
+            const int64_t hk = h / G;
+            auto Q = [&](int64_t d) { return in.q.get(row_index(p, b, t, h, H, D, d)); };
+            auto dO = [&](int64_t d) { return d_out.get(row_index(p, b, t, h, H, Dv, d)); };
+            const double lse_t = lse.get(row_index(p, b, t, h, H, 1, 0));
+            double delta = 0;
+            for (int64_t d = 0; d < Dv; ++d) delta = f32(delta + dO(d) * out.get(row_index(p, b, t, h, H, Dv, d)));
+            // One key (neighbor or additional): its rows' accessors and its gradient rows.
+            auto visit = [&](auto&& K, auto&& V, double* dk_row, double* dv_row, double bias, double* drpb) {
+              double s = 0, dp = 0;
+              for (int64_t d = 0; d < D; ++d) s = f32(s + Q(d) * K(d));
+              for (int64_t d = 0; d < Dv; ++d) dp = f32(dp + dO(d) * V(d));
+              const double prob = f32(std::exp(f32(f32(scale * s) + bias) - lse_t));
+              const double ds = f32(prob * f32(dp - delta));
+              const double ds_low = low(ds), prob_low = low(prob);
+              for (int64_t d = 0; d < D; ++d) {
+                double& q_acc = g.dq[row_index(p, b, t, h, H, D, d)];
+                q_acc = f32(q_acc + ds_low * K(d));
+                dk_row[d] = f32(dk_row[d] + ds_low * Q(d));
+              }
+              for (int64_t d = 0; d < Dv; ++d) dv_row[d] = f32(dv_row[d] + prob_low * dO(d));
+              if (drpb) *drpb = f32(*drpb + ds);
+            };
+            const Neighborhood::Windows w = nb.windows(t);
+            for (int j0 = w.range[0].begin; j0 < w.range[0].end; ++j0)
+              for (int j1 = w.range[1].begin; j1 < w.range[1].end; ++j1)
+                for (int j2 = w.range[2].begin; j2 < w.range[2].end; ++j2) {
+                  const int j[kMaxRank] = {j0, j1, j2};
+                  int u[kMaxRank], idx[kMaxRank];
+                  for (int a = 0; a < kMaxRank; ++a) {
+                    u[a] = w.group[a] + nb.axis[a].dilation * j[a];
+                    idx[a] = Neighborhood::rpb_index(nb.axis[a], t[a], u[a]);
+                  }
+                  const double bias = p.has_rpb ? in.rpb.get(rpb_index(h, idx)) : 0.0;
+                  visit([&](int64_t d) { return in.k.get(row_index(p, b, u, hk, Hkv, D, d)); },
+                        [&](int64_t d) { return in.v.get(row_index(p, b, u, hk, Hkv, Dv, d)); },
+                        &g.dk[row_index(p, b, u, hk, Hkv, D, 0)], &g.dv[row_index(p, b, u, hk, Hkv, Dv, 0)], bias,
+                        p.has_rpb ? &g.drpb[rpb_index(h, idx)] : nullptr);
+                }
+            for (int64_t m = 0; m < M; ++m) {
+              const size_t kr = size_t((b * M + m) * Hkv + hk);
+              visit([&](int64_t d) { return in.ak.get(int64_t(kr) * D + d); },
+                    [&](int64_t d) { return in.av.get(int64_t(kr) * Dv + d); }, &g.dak[kr * D], &g.dav[kr * Dv], 0.0,
+                    nullptr);
+            }
+          }
+  for (double& x : g.dq) x = low(f32(scale * x));
+  for (double& x : g.dk) x = low(f32(scale * x));
+  for (double& x : g.dak) x = low(f32(scale * x));
+  for (double& x : g.dv) x = low(x);
+  for (double& x : g.dav) x = low(x);
+  return g;
+}
+
+// The fused backward's outputs on the host.
+struct Run {
+  HostTensor dq, dk, dv, drpb, dak, dav;
+};
+
+std::vector<double> values(const HostTensor& t) { return t.ref().defined() ? t.values() : std::vector<double>{}; }
+
+// Bytes of the logical elements (padding excluded), for bitwise comparison.
+std::vector<unsigned char> bytes(const HostTensor& t) {
+  std::vector<unsigned char> out;
+  if (!t.ref().defined()) return out;
+  const int size = size_of(t.ref().dtype);
+  const auto* base = static_cast<const unsigned char*>(t.ref().data);
+  for (int64_t i = 0; i < t.numel(); ++i) out.insert(out.end(), base + t.offset(i) * size, base + (t.offset(i) + 1) * size);
+  return out;
+}
+
+// Returns whether the case ran (false: its kernels are not in this build).
+bool check_backward(const Case& c, std::mt19937_64& rng) {
+  const Problem& p = c.p;
+  SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : ""));
+  const Inputs in(p, rng, c.gap);
+  auto out_shape = shape_of(in.q.ref());
+  out_shape.back() = p.value_dim();
+  auto lse_shape = shape_of(in.q.ref());
+  lse_shape.pop_back();
+  HostTensor out(p.dtype, out_shape, c.gap), lse(DType::kFloat32, lse_shape), d_out(p.dtype, out_shape, c.gap);
+  d_out.fill_random(rng);
+  EXPECT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), in.rpb.ref(), in.ak.ref(), in.av.ref(),
+                                         out.ref(), lse.ref()},
+                                     false)
+                  .ok());
+
+  // Exact gradients: the float64 reference on the same (rounded) inputs.
+  Problem p64 = p;
+  p64.dtype = DType::kFloat64;
+  Inputs in64(p64, rng);
+  auto copy = [](const HostTensor& from, HostTensor& to) {
+    for (int64_t i = 0; i < from.numel(); ++i) to.set(i, from.get(i));
+  };
+  copy(in.q, in64.q);
+  copy(in.k, in64.k);
+  copy(in.v, in64.v);
+  if (p.has_rpb) copy(in.rpb, in64.rpb);
+  if (p.additional_tokens) {
+    copy(in.ak, in64.ak);
+    copy(in.av, in64.av);
+  }
+  HostTensor out64(DType::kFloat64, out_shape), lse64(DType::kFloat64, lse_shape), d_out64(DType::kFloat64, out_shape);
+  copy(out, out64);
+  copy(lse, lse64);
+  copy(d_out, d_out64);
+  auto gradient_tensors = [&](DType dtype, int64_t gap) {
+    Run r;
+    r.dq = HostTensor(dtype, shape_of(in.q.ref()), gap);
+    r.dk = HostTensor(dtype, shape_of(in.k.ref()), gap);
+    r.dv = HostTensor(dtype, shape_of(in.v.ref()), gap);
+    if (p.has_rpb) r.drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()), gap);
+    if (p.additional_tokens) {
+      r.dak = HostTensor(dtype, shape_of(in.ak.ref()), gap);
+      r.dav = HostTensor(dtype, shape_of(in.av.ref()), gap);
+    }
+    return r;
+  };
+  Run exact = gradient_tensors(DType::kFloat64, 0);
+  exact.drpb = p.has_rpb ? HostTensor(DType::kFloat64, shape_of(in.rpb.ref())) : HostTensor();
+  EXPECT_TRUE(cpu::reference_backward(p64, {in64.q.ref(), in64.k.ref(), in64.v.ref(), in64.rpb.ref(), in64.ak.ref(),
+                                            in64.av.ref(), out64.ref(), lse64.ref(), d_out64.ref(), exact.dq.ref(),
+                                            exact.dk.ref(), exact.dv.ref(), exact.drpb.ref(), exact.dak.ref(),
+                                            exact.dav.ref()})
+                  .ok());
+  const Gradients plain = plain_backward(p, in, out, lse, d_out);
+
+  DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), ak(in.ak), av(in.av), dev_out(out), dev_lse(lse), dev_dout(d_out);
+  auto run = [&](bool deterministic, Run* result) {
+    *result = gradient_tensors(p.dtype, c.gap);
+    Run& r = *result;
+    // Poison: every element must be written.
+    for (HostTensor* t : {&r.dq, &r.dk, &r.dv, &r.drpb, &r.dak, &r.dav})
+      for (int64_t i = 0; i < (t->ref().defined() ? t->numel() : 0); ++i) t->set(i, std::nan(""));
+    DeviceTensor dq(r.dq), dk(r.dk), dv(r.dv), drpb(r.drpb), dak(r.dak), dav(r.dav);
+    Options o;
+    o.backend = Backend::kFused;
+    o.deterministic = deterministic;
+    const Status s = backward(p, {q.ref(), k.ref(), v.ref(), rpb.ref(), ak.ref(), av.ref(), dev_out.ref(),
+                                  dev_lse.ref(), dev_dout.ref(), dq.ref(), dk.ref(), dv.ref(), drpb.ref(), dak.ref(),
+                                  dav.ref()},
+                              o);
+    if (!s.ok()) return s;
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    dq.copy_to(r.dq);
+    dk.copy_to(r.dk);
+    dv.copy_to(r.dv);
+    drpb.copy_to(r.drpb);
+    dak.copy_to(r.dak);
+    dav.copy_to(r.dav);
+    return s;
+  };
+  auto expect_accurate = [&](const Run& r, const char* mode) {
+    SCOPED_TRACE(mode);
+    testing::expect_close("dq", p.dtype, values(r.dq), values(exact.dq), plain.dq);
+    testing::expect_close("dk", p.dtype, values(r.dk), values(exact.dk), plain.dk);
+    testing::expect_close("dv", p.dtype, values(r.dv), values(exact.dv), plain.dv);
+    testing::expect_close("d rpb", p.dtype, values(r.drpb), values(exact.drpb), plain.drpb);
+    testing::expect_close("d additional keys", p.dtype, values(r.dak), values(exact.dak), plain.dak);
+    testing::expect_close("d additional values", p.dtype, values(r.dav), values(exact.dav), plain.dav);
+  };
+
+  // The default mode takes dQ from float32 atomics or from the dq pass, by the
+  // window size (backward_plan.hpp); run both.
+  for (const char* dq : {"atomics", "pass"}) {
+    setenv("NBHD_FUSED_BACKWARD_DQ", dq, 1);
+    Run r;
+    const Status s = run(/*deterministic=*/false, &r);
+    unsetenv("NBHD_FUSED_BACKWARD_DQ");
+    if (!s.ok()) {
+      // Only build filters may exclude a case; anything else is a bug in the test.
+      EXPECT_NE(s.message().find("in this build"), std::string::npos) << s.message();
+      return false;
+    }
+    expect_accurate(r, dq == std::string("atomics") ? "default mode, dQ by atomics" : "default mode, dQ by the dq pass");
+  }
+  Run first, second;
+  EXPECT_TRUE(run(/*deterministic=*/true, &first).ok());
+  EXPECT_TRUE(run(/*deterministic=*/true, &second).ok());
+  expect_accurate(first, "deterministic mode");
+  for (auto [what, a, b] : {std::tuple{"dq", &first.dq, &second.dq}, {"dk", &first.dk, &second.dk},
+                            {"dv", &first.dv, &second.dv}, {"d rpb", &first.drpb, &second.drpb},
+                            {"d additional keys", &first.dak, &second.dak},
+                            {"d additional values", &first.dav, &second.dav}})
+    EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between two deterministic runs";
+  return true;
+}
+
+class FusedBackward : public ::testing::TestWithParam<std::tuple<int, DType>> {};
+
+TEST_P(FusedBackward, MatchesReference) {
+  NBHD_REQUIRE_GPU();
+  const auto [rank, dtype] = GetParam();
+  const int seeds = std::getenv("NBHD_TEST_SMALL") ? 6 : 16;
+  int ran = 0;
+  for (int seed = 0; seed < seeds && !HasFailure(); ++seed) {
+    std::mt19937_64 rng(7000 + 100 * rank + seed);
+    ran += check_backward(random_case(rng, rank, dtype), rng);
+  }
+  if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
+  std::printf("%d of %d cases ran (the others' head dims are not in this build)\n", ran, seeds);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, FusedBackward,
+                         ::testing::Combine(::testing::Values(1, 2, 3),
+                                            ::testing::Values(DType::kFloat16, DType::kBFloat16)),
+                         [](const auto& info) {
+                           return "rank" + std::to_string(std::get<0>(info.param)) + "_" + name(std::get<1>(info.param));
+                         });
+
+Case named_case(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {
+  Case c;
+  c.gap = 0;
+  c.p.rank = rank;
+  c.p.extent = extent;
+  c.p.kernel = kernel;
+  c.p.heads = 2;
+  c.p.kv_heads = 1;
+  c.p.dim = dim;
+  c.p.dtype = DType::kFloat16;
+  return c;
+}
+
+// Full interior tiles (no element mask), GQA with several query heads per kv head,
+// additional tokens past one 64-token CTA, RPB with its gradient, dilation and causal.
+TEST(FusedBackwardShapes, Features) {
+  NBHD_REQUIRE_GPU();
+  std::mt19937_64 rng(43);
+  std::vector<Case> cases;
+  cases.push_back(named_case(2, {40, 40, 0}, {7, 7, 0}, 32));  // NAT-like
+  cases.push_back(named_case(2, {24, 40, 0}, {13, 21, 0}, 128));
+  cases.push_back(named_case(1, {700, 0, 0}, {255, 0, 0}, 64));
+  cases.back().p.causal = {true, false, false};
+  cases.push_back(named_case(3, {6, 12, 20}, {3, 5, 9}, 64));
+  {
+    Case c = named_case(2, {20, 28, 0}, {5, 7, 0}, 64);  // GQA 4:1, additional tokens, rpb
+    c.p.heads = 8;
+    c.p.kv_heads = 2;
+    c.p.additional_tokens = 70;
+    c.p.has_rpb = true;
+    cases.push_back(c);
+  }
+  {
+    Case c = named_case(2, {30, 30, 0}, {5, 3, 0}, 40);  // dilation, stride, causal, Dv != D, rpb
+    c.p.dilation = {3, 4, 1};
+    c.p.stride = {2, 3, 1};
+    c.p.causal = {false, true, false};
+    c.p.dim_v = 24;
+    c.p.has_rpb = true;
+    c.p.dtype = DType::kBFloat16;
+    cases.push_back(c);
+  }
+  for (const Case& c : cases) {
+    check_backward(c, rng);
+    if (HasFailure()) return;
+  }
+}
+
+// Head dims past 128 are refused, with the reason (naive runs them).
+TEST(FusedBackwardShapes, HeadDim256IsRefused) {
+  NBHD_REQUIRE_GPU();
+  std::mt19937_64 rng(44);
+  const Problem p = named_case(1, {64, 0, 0}, {8, 0, 0}, 256).p;
+  const Inputs in(p, rng);
+  HostTensor out(p.dtype, shape_of(in.q.ref())), lse(DType::kFloat32, {1, 64, 2});
+  HostTensor dq(p.dtype, shape_of(in.q.ref())), dk(p.dtype, shape_of(in.k.ref())), dv(p.dtype, shape_of(in.v.ref()));
+  DeviceTensor q(in.q), k(in.k), v(in.v), o(out), l(lse), d_out(out), g_q(dq), g_k(dk), g_v(dv);
+  const Status s = backward(p, {q.ref(), k.ref(), v.ref(), {}, {}, {}, o.ref(), l.ref(), d_out.ref(), g_q.ref(),
+                                g_k.ref(), g_v.ref(), {}, {}, {}},
+                            Options{Backend::kFused});
+  ASSERT_FALSE(s.ok());
+  if (s.message().find("in this build") != std::string::npos) GTEST_SKIP() << s.message();
+  EXPECT_NE(s.message().find("<= 128"), std::string::npos) << s.message();
+}
+
+}  // namespace
+}  // namespace nbhd

@@ -1,0 +1,422 @@
+// SPDX-License-Identifier: Apache-2.0
+// A host emulation of the CUDA runtime and device subset the fused kernels use, so
+// they run without a GPU (tests/cuda/fused_emulator/run.py). Every thread of a block
+// is a fiber (ucontext); a fiber runs until a warp collective (mma.sync, ldmatrix,
+// shuffle, ballot, __syncwarp), which completes once all 32 lanes are there, or a
+// __syncthreads, which completes once every thread is there. Divergent collectives
+// and barriers (a lane missing, a thread exited) abort. cp.async copies land at the
+// issuing thread's cp.async.wait_group (EMU_CP_ASYNC=late, the default) or at issue
+// (=early): the two ends of the window a real copy may land in, so a missing wait or
+// barrier, or a prefetch over data still being read, shows in one of the runs.
+// EMU_SCHEDULE=reverse runs fibers in the opposite order between sync points.
+// "Device" memory is host memory filled with 0xff (NaN) when allocated. It checks
+// indexing, fragment layouts and arithmetic, not speed or the compiler.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <driver_types.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <ucontext.h>
+#include <vector>
+
+#define __launch_bounds__(...)
+#undef __grid_constant__
+#define __grid_constant__
+
+namespace emu {
+
+[[noreturn]] inline void die(const char* what, int thread = -1) {
+  std::fprintf(stderr, "emulated CUDA: %s (thread %d)\n", what, thread);
+  std::abort();
+}
+
+// Warp collectives: what each lane brings and takes.
+enum class Op { kNone, kMma, kLdmatrix, kShfl, kBallot, kSyncwarp };
+
+struct Lane {
+  Op op = Op::kNone;
+  int variant = 0;  // mma: 1 = bf16; ldmatrix: 1 = transposed
+  bool pred = true;
+  uint32_t a[4], b[2], addr;
+  float c[4], value;
+  uint32_t out[4];
+  float fout[4];
+};
+
+struct PendingCopy {
+  uint32_t dst;
+  const void* src;
+  int bytes, valid;
+  int group;
+};
+
+class Block {
+ public:
+  Block(unsigned index, dim3 grid, dim3 block, std::size_t smem_bytes)
+      : index_(index), grid_(grid), dim_(block), smem_(smem_bytes + 16, 0xcd), fibers_(block.x) {
+    if (block.x % 32) die("blocks must be whole warps");
+  }
+
+  template <class F>
+  void run(F&& body) {
+    body_ = [&] { body(); };
+    const int n = int(dim_.x);
+    static std::vector<char> stacks;
+    stacks.resize(std::size_t(n) * kStack);
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = fibers_[t];
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks.data() + std::size_t(t) * kStack;
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &main_;
+      makecontext(&f.ctx, reinterpret_cast<void (*)()>(&Block::entry), 0);
+      f.state = kReady;
+    }
+    const bool reverse = std::getenv("EMU_SCHEDULE") && std::string(std::getenv("EMU_SCHEDULE")) == "reverse";
+    for (;;) {
+      for (int i = 0; i < n; ++i) {
+        const int t = reverse ? n - 1 - i : i;
+        if (fibers_[t].state != kReady) continue;
+        current_ = t;
+        swapcontext(&main_, &fibers_[t].ctx);
+      }
+      // Every fiber now waits or has exited. Complete the warp collectives that all
+      // 32 lanes reached; else release a barrier all threads reached; else stuck.
+      bool progress = false;
+      int exited = 0, at_barrier = 0;
+      for (int w = 0; w < n / 32; ++w) {
+        int at_op = 0, lane_exited = 0;
+        for (int l = 0; l < 32; ++l) {
+          const State s = fibers_[w * 32 + l].state;
+          at_op += s == kAtWarpOp;
+          lane_exited += s == kExited;
+        }
+        exited += lane_exited;
+        if (at_op == 0) continue;
+        if (at_op != 32) {
+          if (lane_exited) die("a warp collective with exited lanes", w * 32);
+          continue;  // some lanes still at a barrier: stuck unless others move
+        }
+        execute(w);
+        for (int l = 0; l < 32; ++l) fibers_[w * 32 + l].state = kReady;
+        progress = true;
+      }
+      if (exited == n) return;
+      if (progress) continue;
+      for (int t = 0; t < n; ++t) at_barrier += fibers_[t].state == kAtBarrier;
+      if (at_barrier + exited == n) {
+        if (exited) die("__syncthreads with exited threads");
+        for (int t = 0; t < n; ++t) fibers_[t].state = kReady;
+        continue;
+      }
+      die("deadlock: threads wait at different collectives (divergent warp op or barrier)");
+    }
+  }
+
+  // Called by the running fiber.
+  int thread() const { return current_; }
+  unsigned index() const { return index_; }
+  dim3 grid() const { return grid_; }
+  dim3 dim() const { return dim_; }
+  unsigned char* smem() { return smem_.data(); }
+  std::size_t smem_size() const { return smem_.size() - 16; }
+  Lane& lane() { return lanes_[current_]; }
+  Lane& lane_of(int t) { return lanes_[t]; }
+  void warp_op() { wait(kAtWarpOp); }
+  void barrier() { wait(kAtBarrier); }
+
+  // cp.async of the running thread.
+  void cp_async(uint32_t dst, const void* src, int bytes, int valid) {
+    if (dst % bytes || dst + bytes > smem_size()) die("cp.async destination out of shared memory or misaligned", current_);
+    if (valid != 0 && valid != bytes) die("cp.async with a partial source size", current_);
+    if (valid && reinterpret_cast<uintptr_t>(src) % bytes) die("cp.async source misaligned", current_);
+    Fiber& f = fibers_[current_];
+    const PendingCopy c{dst, src, bytes, valid, f.groups};
+    if (early()) land(c);
+    else f.pending.push_back(c);
+  }
+  void cp_async_commit() { ++fibers_[current_].groups; }
+  void cp_async_wait(int keep) {
+    Fiber& f = fibers_[current_];
+    std::vector<PendingCopy> still;
+    for (const PendingCopy& c : f.pending) {
+      if (c.group < f.groups - keep) land(c);
+      else still.push_back(c);
+    }
+    f.pending.swap(still);
+  }
+
+ private:
+  static constexpr std::size_t kStack = std::size_t(256) << 10;
+  enum State { kReady, kAtWarpOp, kAtBarrier, kExited };
+  struct Fiber {
+    ucontext_t ctx;
+    State state;
+    int groups = 0;
+    std::vector<PendingCopy> pending;
+  };
+
+  static bool early() {
+    static const bool e = std::getenv("EMU_CP_ASYNC") && std::string(std::getenv("EMU_CP_ASYNC")) == "early";
+    return e;
+  }
+  void land(const PendingCopy& c) {
+    if (c.valid) std::memcpy(smem_.data() + c.dst, c.src, c.bytes);
+    else std::memset(smem_.data() + c.dst, 0, c.bytes);
+  }
+  void wait(State s) {
+    fibers_[current_].state = s;
+    swapcontext(&fibers_[current_].ctx, &main_);
+  }
+  static void entry();
+  void execute(int w);
+
+  unsigned index_;
+  dim3 grid_, dim_;
+  std::vector<unsigned char> smem_;
+  std::vector<Fiber> fibers_;
+  Lane lanes_[1024];
+  std::function<void()> body_;
+  ucontext_t main_;
+  int current_ = 0;
+};
+
+inline Block* block = nullptr;
+
+inline void Block::entry() {
+  Block* b = emu::block;
+  b->body_();
+  if (!b->fibers_[b->current_].pending.empty()) die("a thread exited with cp.async copies not waited for", b->current_);
+  b->fibers_[b->current_].state = kExited;
+}
+
+// 16-bit element `i` (0 or 1) of a packed register, as float.
+float half_of(uint32_t r, int i, bool bf16);
+uint16_t smem16(int w, uint32_t addr);
+
+inline void Block::execute(int w) {
+  Lane* L = &lanes_[w * 32];
+  const Op op = L[0].op;
+  for (int l = 1; l < 32; ++l)
+    if (L[l].op != op || L[l].variant != L[0].variant) die("lanes of a warp at different collectives", w * 32 + l);
+  switch (op) {
+    case Op::kMma: {
+      for (int l = 1; l < 32; ++l)
+        if (L[l].pred != L[0].pred) die("mma.sync predicate differs across the warp", w * 32 + l);
+      for (int l = 0; l < 32; ++l)
+        for (int e = 0; e < 4; ++e) L[l].fout[e] = L[l].c[e];
+      if (!L[0].pred) break;
+      const bool bf16 = L[0].variant == 1;
+      double A[16][16], B[16][8];
+      for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        for (int i = 0; i < 2; ++i) {
+          A[g][2 * t + i] = half_of(L[l].a[0], i, bf16);
+          A[g + 8][2 * t + i] = half_of(L[l].a[1], i, bf16);
+          A[g][2 * t + 8 + i] = half_of(L[l].a[2], i, bf16);
+          A[g + 8][2 * t + 8 + i] = half_of(L[l].a[3], i, bf16);
+          B[2 * t + i][g] = half_of(L[l].b[0], i, bf16);
+          B[2 * t + 8 + i][g] = half_of(L[l].b[1], i, bf16);
+        }
+      }
+      for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        for (int e = 0; e < 4; ++e) {
+          const int m = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+          double s = L[l].c[e];
+          for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+          L[l].fout[e] = float(s);
+        }
+      }
+      break;
+    }
+    case Op::kLdmatrix: {
+      const bool trans = L[0].variant == 1;
+      for (int l = 0; l < 32; ++l) {
+        if (L[l].addr % 16 || L[l].addr + 16 > smem_size()) die("ldmatrix row address misaligned or out of shared memory", w * 32 + l);
+      }
+      for (int l = 0; l < 32; ++l)
+        for (int i = 0; i < 4; ++i) {
+          // Matrix i: rows from lanes 8i..8i+7, 8 16-bit elements each.
+          uint16_t lo, hi;
+          if (!trans) {
+            const uint32_t row = L[8 * i + l / 4].addr;
+            lo = smem16(w, row + 4 * (l % 4));
+            hi = smem16(w, row + 4 * (l % 4) + 2);
+          } else {
+            lo = smem16(w, L[8 * i + 2 * (l % 4)].addr + 2 * (l / 4));
+            hi = smem16(w, L[8 * i + 2 * (l % 4) + 1].addr + 2 * (l / 4));
+          }
+          L[l].out[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+        }
+      break;
+    }
+    case Op::kShfl: {
+      float v[32];
+      for (int l = 0; l < 32; ++l) v[l] = L[l].value;
+      for (int l = 0; l < 32; ++l) L[l].fout[0] = v[l ^ int(L[l].addr)];
+      break;
+    }
+    case Op::kBallot: {
+      uint32_t mask = 0;
+      for (int l = 0; l < 32; ++l) mask |= uint32_t(L[l].pred) << l;
+      for (int l = 0; l < 32; ++l) L[l].out[0] = mask;
+      break;
+    }
+    case Op::kSyncwarp:
+    case Op::kNone: break;
+  }
+  for (int l = 0; l < 32; ++l) L[l].op = Op::kNone;
+}
+
+inline uint16_t smem16(int, uint32_t addr) {
+  uint16_t v;
+  std::memcpy(&v, block->smem() + addr, 2);
+  return v;
+}
+
+inline float half_of(uint32_t r, int i, bool bf16) {
+  const uint16_t bits = uint16_t(i ? r >> 16 : r & 0xffffu);
+  if (bf16) {
+    const uint32_t f = uint32_t(bits) << 16;
+    float x;
+    std::memcpy(&x, &f, 4);
+    return x;
+  }
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+
+inline uint3 thread_index() { return make_uint3(unsigned(block->thread()), 0, 0); }
+inline uint3 block_index() { return make_uint3(block->index(), 0, 0); }
+
+inline void check_dim(dim3 d, const char* what) {
+  if (d.y != 1 || d.z != 1) die(what);
+}
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, cudaStream_t, A&&... args) {
+  check_dim(grid, "only 1-D grids are emulated");
+  check_dim(dims, "only 1-D blocks are emulated");
+  for (unsigned b = 0; b < grid.x; ++b) {
+    Block blk(b, grid, dims, smem);
+    block = &blk;
+    blk.run([&] { kernel(args...); });
+    block = nullptr;
+  }
+}
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, int, A&&... args) {
+  launch(kernel, grid, dims, smem, cudaStream_t{}, std::forward<A>(args)...);
+}
+
+// One counted "device" for cudaMemGetInfo.
+inline std::size_t device_bytes = std::size_t(8) << 30;
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_index())
+#define blockIdx (::emu::block_index())
+#define blockDim (::emu::block->dim())
+#define gridDim (::emu::block->grid())
+
+inline void __syncthreads() { emu::block->barrier(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) emu::die("only full-warp __syncwarp is emulated");
+  emu::block->lane().op = emu::Op::kSyncwarp;
+  emu::block->warp_op();
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) emu::die("only full-warp ballots are emulated");
+  emu::Lane& l = emu::block->lane();
+  l.op = emu::Op::kBallot;
+  l.variant = 0;
+  l.pred = pred != 0;
+  emu::block->warp_op();
+  return emu::block->lane().out[0];
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline float __shfl_xor_sync(unsigned mask, float v, int offset, int width = 32) {
+  if (mask != 0xffffffffu || width != 32) emu::die("only full-warp shuffles are emulated");
+  emu::Lane& l = emu::block->lane();
+  l.op = emu::Op::kShfl;
+  l.variant = 0;
+  l.value = v;
+  l.addr = uint32_t(offset);
+  emu::block->warp_op();
+  return emu::block->lane().fout[0];
+}
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError"; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMallocAsync(void** p, std::size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind) {
+  std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int) {
+  std::memset(prop, 0, sizeof *prop);
+  prop->major = 9;
+  prop->minor = 0;
+  prop->multiProcessorCount = 132;
+  prop->sharedMemPerBlockOptin = 227 << 10;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : attr == cudaDevAttrComputeCapabilityMinor ? 0 : 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_bytes) {
+  *free_bytes = *total_bytes = emu::device_bytes;
+  return cudaSuccess;
+}
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
+  return value <= (227 << 10) ? cudaSuccess : cudaErrorInvalidValue;
+}
