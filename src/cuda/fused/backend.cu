@@ -14,6 +14,7 @@
 #include "cuda/common/check.hpp"
 #include "cuda/fused/backward.hpp"
 #include "cuda/fused/forward_kernel.cuh"
+#include "cuda/fused/host.hpp"
 #include "cuda/fused/plan.hpp"
 #include "dispatch/backend.hpp"
 
@@ -69,43 +70,19 @@ Status supports(const Problem& p, detail::Pass pass) {
   return Status::Ok();
 }
 
-// 16-byte loads need aligned rows: base pointers on 16 bytes, every stride but the
-// innermost a multiple of 8 elements, the innermost 1.
-Status check_alignment(const char* what, const TensorRef& t) {
-  if (!t.defined()) return Status::Ok();
-  if (reinterpret_cast<uintptr_t>(t.data) % 16)
-    return unsupported(std::string("backend fused needs ") + what + " to start on a 16-byte boundary");
-  if (t.stride[t.ndim - 1] != 1)
-    return unsupported(std::string("backend fused needs the last dimension of ") + what +
-                       " to be contiguous (stride 1); call .contiguous() first");
-  for (int i = 0; i < t.ndim - 1; ++i)
-    if (t.stride[i] % 8)
-      return unsupported(std::string("backend fused needs every stride of ") + what +
-                         " but the last to be a multiple of 8 elements; got " + std::to_string(t.stride[i]) +
-                         " in dimension " + std::to_string(i));
-  return Status::Ok();
-}
-
 // The chosen configuration for a problem; planning samples tiles, so cache it.
 // NBHD_FUSED_TILE=<i> forces candidate i of `nbhd-bench --dry-run`'s list (for
 // measuring the table's entries; an index out of range is ignored).
 TileConfig plan(const Problem& p) {
-  if (const char* forced = std::getenv("NBHD_FUSED_TILE"); forced && *forced >= '0' && *forced <= '9') {
+  if (const int forced = forced_index("NBHD_FUSED_TILE"); forced >= 0) {
     const auto candidates = candidate_configs(p.rank, head_dim_bucket(p.dim, p.value_dim()));
-    const size_t i = size_t(std::atoi(forced));
+    const size_t i = size_t(forced);
     if (i < candidates.size()) return candidates[i];
   }
   // The plan depends on the grid geometry and the head dims only.
-  std::array<int64_t, 18> key{p.rank, p.dim, p.value_dim()};
-  for (int a = 0; a < p.rank; ++a) {
-    key[3 + 5 * a] = p.extent[a];
-    key[4 + 5 * a] = p.kernel[a];
-    key[5 + 5 * a] = p.dilation[a];
-    key[6 + 5 * a] = p.stride[a];
-    key[7 + 5 * a] = p.causal[a];
-  }
+  const GeometryKey key = geometry_key(p);
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 18>, TileConfig> cache;
+  static std::map<GeometryKey, TileConfig> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -118,16 +95,7 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
     NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
-  // Attributes, not cudaGetDeviceProperties: its struct grows between CUDA releases,
-  // and a runtime newer than the headers (a wheel's CUDA next to the toolkit's)
-  // wrote past it on the stack (crash under torch on an H200).
-  int device = 0, major = 0, minor = 0;
-  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major < 8)
-    return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
-                       std::to_string(major) + "." + std::to_string(minor));
+  NBHD_RETURN_IF_ERROR(check_device());
 
   const TileConfig config = plan(p);
   const auto launch = kernels().find(KernelKey{p.dtype, config.head_dim, config.warps, config.block_kv, config.m_tiles});

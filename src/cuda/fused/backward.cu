@@ -18,6 +18,7 @@
 #include "cuda/common/check.hpp"
 #include "cuda/common/workspace.hpp"
 #include "cuda/fused/backward_plan.hpp"
+#include "cuda/fused/host.hpp"
 
 namespace nbhd::cuda::fused {
 namespace {
@@ -39,42 +40,18 @@ const std::map<KernelKey, Launch>& kernels() {
   return table;
 }
 
-// 16-byte loads and stores need aligned rows: base pointers on 16 bytes, every
-// stride but the innermost a multiple of 8 elements, the innermost 1.
-Status check_alignment(const char* what, const TensorRef& t) {
-  if (!t.defined()) return Status::Ok();
-  if (reinterpret_cast<uintptr_t>(t.data) % 16)
-    return unsupported(std::string("backend fused needs ") + what + " to start on a 16-byte boundary");
-  if (t.stride[t.ndim - 1] != 1)
-    return unsupported(std::string("backend fused needs the last dimension of ") + what +
-                       " to be contiguous (stride 1); call .contiguous() first");
-  for (int i = 0; i < t.ndim - 1; ++i)
-    if (t.stride[i] % 8)
-      return unsupported(std::string("backend fused needs every stride of ") + what +
-                         " but the last to be a multiple of 8 elements; got " + std::to_string(t.stride[i]) +
-                         " in dimension " + std::to_string(i));
-  return Status::Ok();
-}
-
 // Planning samples tiles: cache the plan per problem. NBHD_FUSED_BACKWARD_TILE=<i>
 // forces candidate i of backward_candidates for both passes (for measuring).
 BackwardPlan plan(const Problem& p) {
-  if (const char* forced = std::getenv("NBHD_FUSED_BACKWARD_TILE"); forced && *forced >= '0' && *forced <= '9') {
+  if (const int forced = forced_index("NBHD_FUSED_BACKWARD_TILE"); forced >= 0) {
     const auto candidates = backward_candidates(p.rank, head_dim_bucket(p.dim, p.value_dim()));
-    const size_t i = size_t(std::atoi(forced));
+    const size_t i = size_t(forced);
     if (i < candidates.size()) return {candidates[i], candidates[i], prefer_dq_pass(p)};
   }
   // The plan depends on the grid geometry and the head dims only (as the forward's).
-  std::array<int64_t, 18> key{p.rank, p.dim, p.value_dim()};
-  for (int a = 0; a < p.rank; ++a) {
-    key[3 + 5 * a] = p.extent[a];
-    key[4 + 5 * a] = p.kernel[a];
-    key[5 + 5 * a] = p.dilation[a];
-    key[6 + 5 * a] = p.stride[a];
-    key[7 + 5 * a] = p.causal[a];
-  }
+  const GeometryKey key = geometry_key(p);
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 18>, BackwardPlan> cache;
+  static std::map<GeometryKey, BackwardPlan> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -106,15 +83,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
         {"additional_values", &t.additional_values}, {"d_additional_keys", &t.d_additional_keys},
         {"d_additional_values", &t.d_additional_values}})
     NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
-  // Attributes, not cudaGetDeviceProperties (its struct grows between CUDA releases;
-  // see backend.cu).
-  int device = 0, major = 0, minor = 0;
-  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major < 8)
-    return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
-                       std::to_string(major) + "." + std::to_string(minor));
+  NBHD_RETURN_IF_ERROR(check_device());
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   const auto launch = kernels().find({p.dtype, bucket});
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");

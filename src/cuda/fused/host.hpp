@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host-side pieces the fused forward and backward share: what their 16-byte loads
+// need of a tensor, the device check, and the key their plan caches use.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "cuda/common/check.hpp"
+#include "nbhd/problem.hpp"
+#include "nbhd/tensor.hpp"
+
+namespace nbhd::cuda::fused {
+
+// 16-byte loads and stores need aligned rows: base pointers on 16 bytes, every
+// stride but the innermost a multiple of 8 elements, the innermost 1.
+inline Status check_alignment(const char* what, const TensorRef& t) {
+  if (!t.defined()) return Status::Ok();
+  if (reinterpret_cast<uintptr_t>(t.data) % 16)
+    return unsupported(std::string("backend fused needs ") + what + " to start on a 16-byte boundary");
+  if (t.stride[t.ndim - 1] != 1)
+    return unsupported(std::string("backend fused needs the last dimension of ") + what +
+                       " to be contiguous (stride 1); call .contiguous() first");
+  for (int i = 0; i < t.ndim - 1; ++i)
+    if (t.stride[i] % 8)
+      return unsupported(std::string("backend fused needs every stride of ") + what +
+                         " but the last to be a multiple of 8 elements; got " + std::to_string(t.stride[i]) +
+                         " in dimension " + std::to_string(i));
+  return Status::Ok();
+}
+
+// Compute capability 8.0 or newer (mma.sync m16n8k16, cp.async). Attributes, not
+// cudaGetDeviceProperties: its struct grows between CUDA releases, and a runtime
+// newer than the headers wrote past it on the stack (crash under torch, H200).
+inline Status check_device() {
+  int device = 0, major = 0, minor = 0;
+  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major < 8)
+    return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
+                       std::to_string(major) + "." + std::to_string(minor));
+  return Status::Ok();
+}
+
+// What a plan depends on: the grid geometry and the head dims (not batch, heads or
+// dtype), as a map key.
+using GeometryKey = std::array<int64_t, 18>;
+inline GeometryKey geometry_key(const Problem& p) {
+  GeometryKey key{p.rank, p.dim, p.value_dim()};
+  for (int a = 0; a < p.rank; ++a) {
+    key[3 + 5 * a] = p.extent[a];
+    key[4 + 5 * a] = p.kernel[a];
+    key[5 + 5 * a] = p.dilation[a];
+    key[6 + 5 * a] = p.stride[a];
+    key[7 + 5 * a] = p.causal[a];
+  }
+  return key;
+}
+
+// The index in an environment variable that forces a tile-table entry (for
+// measuring entries); -1 when unset or not a number.
+inline int forced_index(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value && *value >= '0' && *value <= '9' ? std::atoi(value) : -1;
+}
+
+}  // namespace nbhd::cuda::fused
