@@ -19,8 +19,9 @@ Inference runs the model in the dtype under torch.no_grad(); training runs fp32 
 under autocast with a loss scaler for float16, cross entropy on random labels and an
 AdamW step. Both report images per second (CUDA events around all timed iterations);
 training also the estimated hours for 300 ImageNet-1k epochs on this one device. The
-backend of every attention layer is chosen with `use_backend` (nbhd.nn layers have no
-backend argument); a backend that cannot run a pass is reported with nbhd's reason."""
+backend of every attention layer is chosen with `use_backend` (which also reaches layers
+a model builds later; a single layer takes `backend=`); a backend that cannot run a pass
+is reported with nbhd's reason."""
 
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ class _NeighborhoodAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1, is_causal=False,
                  qkv_bias: bool = True, qk_scale=None, rel_pos_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, backend=None):
         super().__init__()
+        self.backend = backend
         window = _core.make_window(self.rank, kernel_size, stride, dilation, is_causal)
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim = {embed_dim} must be a positive multiple of num_heads = {num_heads}")
@@ -68,7 +69,8 @@ class _NeighborhoodAttention(nn.Module):
             probs = self.attn_drop(ops.softmax(attn, **window))
             out = ops.av(probs, value, **window)
         else:
-            out = neighborhood_attention(query, key, value, scale=self.scale, rpb=self.rpb, **window)
+            out = neighborhood_attention(query, key, value, scale=self.scale, rpb=self.rpb, backend=self.backend,
+                                         **window)
         out = out.reshape(batch, *padded, self.embed_dim)
         if padded != spatial:
             out = out[(slice(None),) + tuple(slice(0, n) for n in spatial)]
@@ -93,6 +95,8 @@ _DOC = """{rank}-D neighborhood attention layer: input [B, {axes}, embed_dim], o
         qkv_bias: bias in the qkv projection.
         qk_scale: attention scale; None means head_dim ** -0.5.
         rel_pos_bias: learn a relative positional bias rpb [num_heads, {rpb}].
+        backend: the nbhd backend of the attention ("fused", "naive", "gemm", "cpu", ...);
+            None lets nbhd choose per call. A backend that cannot run a call raises.
         attn_drop: dropout on the attention weights. When > 0 and the module is training, the
             layer runs the unfused operations (nbhd.ops.qk, softmax, av), since the fused
             kernels have no dropout: the weights [B, {axes}, heads, prod(kernel_size)] are

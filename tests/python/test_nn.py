@@ -119,3 +119,14 @@ def test_compile_functional_with_lse_fullgraph():
     expected = torch.autograd.grad(f(q, k, v), (q, k, v))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_module_backend_argument():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 10, 16, dtype=torch.float64)
+    layers = [nbhd.nn.NeighborhoodAttention2D(16, 2, kernel_size=3, backend=b).double() for b in ("reference", "cpu")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    torch.testing.assert_close(layers[0](x), layers[1](x), rtol=1e-10, atol=1e-10)
+    layer = nbhd.nn.NeighborhoodAttention2D(16, 2, kernel_size=3, backend="naive").double()
+    with pytest.raises(ValueError, match="naive"):  # a CUDA backend cannot take CPU tensors
+        layer(x)
