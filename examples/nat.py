@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 import time
@@ -132,8 +131,12 @@ def use_backend(name: Optional[str]):
     """Runs every nbhd.nn layer on backend `name` (None: nbhd's own choice), forward and
     backward: the layers call nbhd.nn.neighborhood_attention, which this replaces."""
     original = nbhd_nn.neighborhood_attention
+
+    def forced(*args, backend=None, **kwargs):  # the layers pass their own backend (None)
+        return original(*args, backend=name, **kwargs)
+
     if name is not None:
-        nbhd_nn.neighborhood_attention = functools.partial(original, backend=name)
+        nbhd_nn.neighborhood_attention = forced
     try:
         yield
     finally:
