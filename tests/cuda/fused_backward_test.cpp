@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "cpu/reference.hpp"
+#include "cuda/fused/backward_plan.hpp"
 #include "cuda_testing.hpp"
 
 namespace nbhd {
@@ -304,6 +305,53 @@ INSTANTIATE_TEST_SUITE_P(All, FusedBackward,
                          [](const auto& info) {
                            return "rank" + std::to_string(std::get<0>(info.param)) + "_" + name(std::get<1>(info.param));
                          });
+
+// Small problems for compute-sanitizer (scripts/gpu-check runs *Smoke* under memcheck
+// and racecheck): every rank, both dtypes, rpb and its gradient, additional tokens,
+// GQA, padded strides.
+TEST(FusedBackwardSmoke, SmallProblems) {
+  NBHD_REQUIRE_GPU();
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 3; ++seed) {
+      std::mt19937_64 rng(31000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 90 : rank == 2 ? 12 : 6;
+      Case c{testing::random_problem(rng, o), seed == 1 ? 8 : 0};
+      c.p.dim = 32;
+      c.p.dim_v = seed == 2 ? 16 : 0;
+      c.p.has_rpb = seed != 1;
+      c.p.additional_tokens = seed == 1 ? 3 : 0;
+      c.p.heads = c.p.kv_heads * 2;
+      check_backward(c, rng);
+      if (HasFailure()) return;
+    }
+}
+
+// Every backward tile entry, forced through NBHD_FUSED_BACKWARD_TILE (both passes), on
+// random problems of its rank and head-dim bucket (the planner alone leaves some out).
+TEST(FusedBackwardConfigs, EveryTableEntry) {
+  NBHD_REQUIRE_GPU();
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int64_t dim : {32, 64, 128}) {
+      const auto configs = cuda::fused::backward_candidates(rank, int(dim));
+      for (size_t i = 0; i < configs.size(); ++i) {
+        SCOPED_TRACE("rank " + std::to_string(rank) + " dim " + std::to_string(dim) + " config " + std::to_string(i) +
+                     ": " + configs[i].why);
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
+        for (int seed = 0; seed < 2; ++seed) {
+          std::mt19937_64 rng(21000 + 1000 * rank + 10 * i + seed);
+          Case c = random_case(rng, rank, seed % 2 ? DType::kBFloat16 : DType::kFloat16);
+          c.p.dim = dim - 8 * seed;  // the bucket's edge and just inside it
+          c.p.dim_v = 0;
+          check_backward(c, rng);
+        }
+        unsetenv("NBHD_FUSED_BACKWARD_TILE");
+        if (HasFailure()) return;
+      }
+    }
+}
 
 Case named_case(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {
   Case c;

@@ -620,7 +620,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       const int qb = warp % Cfg::kQBlocks, part = warp / Cfg::kQBlocks;
       uint32_t cta_active = 0;
       for (int w = 0; w < Cfg::kWarps; ++w) cta_active |= smem.warp_active[w];
-      if ((cta_active >> (2 * qb)) & 3u) {
+      // Bit kb: key block kb (warp kb's rows) reaches this 16-query block. From a
+      // ballot, so the predicates below are provably warp-uniform (from shared
+      // memory, ptxas fences every mma.sync and ldmatrix with a WARPSYNC).
+      const uint32_t kb_on =
+          __ballot_sync(0xffffffffu, lane < Cfg::kWarps && ((smem.warp_active[lane] >> (2 * qb)) & 3u));
+      if (kb_on) {
         uint32_t a[kRows / 16][4];
         const uint32_t ds_lane = ptx::smem_address(smem.ds) + ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kDsRowBytes +
                                  (((2 * qb + ((lane >> 3) & 1)) ^ detail_bwd::swizzle(kColBlocks, lane & 7)) << 4);
@@ -645,7 +650,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
           float acc[2][4] = {};
 #pragma unroll
           for (int kb = 0; kb < kRows / 16; ++kb) {
-            const bool on = (smem.warp_active[kb] >> (2 * qb)) & 3u;
+            const bool on = (kb_on >> kb) & 1u;
             uint32_t bk[4];
             ptx::ldmatrix_x4_trans(bk, k_rows + kb * 16 * Cfg::kRowBytes + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
             ptx::mma_16816_if<T>(on, acc[0], a[kb], bk);
