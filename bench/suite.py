@@ -112,14 +112,17 @@ def card_slug(name: str) -> str:
 
 
 def git_revision() -> str:
+    """The commit measured: git's, else $NBHD_GIT_COMMIT (a copy of the tree without .git,
+    as the GPU machine gets), else 'unknown'."""
+    fallback = os.environ.get("NBHD_GIT_COMMIT", "")[:12] or "unknown"
     try:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "unknown"
+        return rev + ("+dirty" if dirty else "") if rev else fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def environment(torch, device: str) -> dict:
