@@ -5,14 +5,15 @@
 #   bench/reproduce.sh                  all steps: anchors models paper-1 paper-2 summary
 #   bench/reproduce.sh anchors          some steps (each well under 10 minutes on an H100)
 # Output: bench/results/<card>-<date>.{json,md}, -*.png, -paper.md; pieces in <card>-<date>/.
-# NBHD_BENCH_DATE=YYYY-MM-DD keeps the steps of one reproduction together across midnight.
+# NBHD_BENCH_DATE=YYYY-MM-DD keeps the steps of one reproduction together across midnight;
+# NBHD_BENCH_MAX_MINUTES (default 8.5) is when a step starts no new problem.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 date="${NBHD_BENCH_DATE:-$(date -u +%F)}"
 card="$("$py" -c 'import sys, torch; sys.path.insert(0, "bench"); import suite; print(suite.card_slug(torch.cuda.get_device_name()))')"
 tag="$card-$date"
-suite=("$py" bench/suite.py --date "$date" --max-minutes 8.5)
+suite=("$py" bench/suite.py --date "$date" --max-minutes "${NBHD_BENCH_MAX_MINUTES:-8.5}")
 
 [ $# -gt 0 ] || set -- anchors models paper-1 paper-2 summary
 for step in "$@"; do
