@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "core/tensor_checks.hpp"
+#include "core/unfold.hpp"
 #include "dispatch/backend.hpp"
 #include "nbhd/api.hpp"
 
@@ -129,6 +130,24 @@ Status run_checked(const Problem& p, Pass pass, const std::vector<TensorRule>& r
   });
 }
 
+// A backend that tiles each dilation group runs a problem whose groups are short as
+// the parts of core/unfold.hpp, when it supports every part; else as it is.
+template <class Tensors>
+Status run_unfolded(const BackendImpl& b, Pass pass, const Problem& p, const Tensors& t, const Options& o,
+                    Status (*run)(const Problem&, const Tensors&, const Options&), bool single_part_only) {
+  if (b.unfolds_short_groups) {
+    const std::vector<detail::UnfoldedPart> parts = detail::unfold_short_groups(p, single_part_only);
+    bool all_supported = !parts.empty();
+    for (const detail::UnfoldedPart& part : parts) all_supported = all_supported && b.supports(part.problem, pass).ok();
+    if (all_supported) {
+      for (const detail::UnfoldedPart& part : parts)
+        NBHD_RETURN_IF_ERROR(run(part.problem, detail::part_tensors(t, p, part), o));
+      return Status::Ok();
+    }
+  }
+  return run(p, t, o);
+}
+
 }  // namespace
 
 const char* name(Backend b) {
@@ -170,14 +189,16 @@ Status can_run(Backend backend, const Problem& p, Device device) {
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   return run_checked(p, Pass::kForward, forward_rules(p, t), o, [&](const BackendImpl& b) {
     NBHD_RETURN_IF_ERROR(check_presence(p, t.rpb, t.additional_keys));
-    return b.forward(p, t, o);
+    return run_unfolded(b, Pass::kForward, p, t, o, b.forward, /*single_part_only=*/false);
   });
 }
 
 Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   return run_checked(p, Pass::kBackward, backward_rules(p, t), o, [&](const BackendImpl& b) {
     NBHD_RETURN_IF_ERROR(check_presence(p, t.rpb, t.additional_keys));
-    return b.backward(p, t, o);
+    // d rpb and the additional tokens' gradients sum over every query: one part only.
+    const bool single_part_only = t.d_rpb.defined() || p.additional_tokens > 0;
+    return run_unfolded(b, Pass::kBackward, p, t, o, b.backward, single_part_only);
   });
 }
 

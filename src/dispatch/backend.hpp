@@ -28,6 +28,9 @@ struct BackendImpl {
   Status (*forward)(const Problem&, const ForwardTensors&, const Options&);    // may be null
   Status (*backward)(const Problem&, const BackwardTensors&, const Options&);  // may be null
   const UnfusedImpl* unfused;                                                  // may be null
+  // Tiles queries per dilation group: run problems with short groups unfolded
+  // (core/unfold.hpp).
+  bool unfolds_short_groups = false;
 };
 
 const std::vector<const BackendImpl*>& registry();

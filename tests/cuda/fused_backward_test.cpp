@@ -401,6 +401,35 @@ TEST(FusedBackwardShapes, Features) {
   }
 }
 
+// Dilation groups shorter than a warp's 16 queries run unfolded (core/unfold.hpp): in
+// two parts where groups are unequal and no gradient sums over every query, else
+// in one part (equal groups) or as they are (rpb, additional tokens).
+TEST(FusedBackwardShapes, ShortDilationGroups) {
+  NBHD_REQUIRE_GPU();
+  std::mt19937_64 rng(45);
+  std::vector<Case> cases;
+  cases.push_back(named_case(1, {2048, 0, 0}, {3, 0, 0}, 32));  // groups of 4 and 3: two parts
+  cases.back().p.dilation = {520, 1, 1};
+  cases.push_back(named_case(1, {300, 0, 0}, {5, 0, 0}, 64));  // equal groups of 15, rpb, additional
+  cases.back().p.dilation = {20, 1, 1};
+  cases.back().p.stride = {2, 1, 1};
+  cases.back().p.causal = {true, false, false};
+  cases.back().p.has_rpb = true;
+  cases.back().p.additional_tokens = 3;
+  cases.push_back(named_case(2, {37, 30, 0}, {3, 3, 0}, 32));  // unequal groups on axis 0, rank 3 parts
+  cases.back().p.dilation = {10, 2, 1};
+  cases.back().p.stride = {1, 3, 1};
+  cases.back().p.heads = 4;
+  cases.back().p.kv_heads = 2;
+  cases.push_back(named_case(1, {500, 0, 0}, {7, 0, 0}, 32));  // unequal groups with rpb: run as it is
+  cases.back().p.dilation = {43, 1, 1};
+  cases.back().p.has_rpb = true;
+  for (const Case& c : cases) {
+    check_backward(c, rng);
+    if (HasFailure()) return;
+  }
+}
+
 // Head dims past 128 are refused, with the reason (naive runs them).
 TEST(FusedBackwardShapes, HeadDim256IsRefused) {
   NBHD_REQUIRE_GPU();

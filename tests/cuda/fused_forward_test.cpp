@@ -194,5 +194,43 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
   }
 }
 
+// Dilation groups shorter than a warp's 16 queries: the dispatcher runs them unfolded
+// into a J x G grid (core/unfold.hpp), in two parts where the groups are unequal.
+TEST(FusedForwardShapes, ShortDilationGroups) {
+  NBHD_REQUIRE_GPU();
+  std::mt19937_64 rng(44);
+  struct Shape {
+    int rank;
+    std::array<int64_t, 3> extent, kernel, dilation, stride;
+    std::array<bool, 3> causal;
+    int64_t additional;
+    bool rpb;
+    int64_t gap;
+  };
+  const Shape shapes[] = {
+      {1, {2048, 0, 0}, {3, 0, 0}, {520, 1, 1}, {1, 1, 1}, {}, 0, false, 0},  // groups of 4 and 3
+      {1, {300, 0, 0}, {5, 0, 0}, {20, 1, 1}, {2, 1, 1}, {true, false, false}, 3, true, 8},  // equal groups of 15
+      {2, {40, 36, 0}, {3, 3, 0}, {1, 9, 1}, {1, 1, 1}, {}, 0, true, 0},                  // axis 1 unfolded
+      {2, {37, 30, 0}, {3, 3, 0}, {10, 2, 1}, {1, 3, 1}, {true, false, false}, 0, false, 8},  // 4 and 3, rank 3
+  };
+  for (const Shape& s : shapes) {
+    Case c;
+    c.gap = s.gap;
+    c.p.rank = s.rank;
+    c.p.extent = s.extent;
+    c.p.kernel = s.kernel;
+    c.p.dilation = s.dilation;
+    c.p.stride = s.stride;
+    c.p.causal = s.causal;
+    c.p.additional_tokens = s.additional;
+    c.p.has_rpb = s.rpb;
+    c.p.heads = 4;
+    c.p.kv_heads = 2;
+    c.p.dim = 32;
+    c.p.dtype = DType::kFloat16;
+    check_forward(c, rng);
+  }
+}
+
 }  // namespace
 }  // namespace nbhd

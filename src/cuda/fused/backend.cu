@@ -140,6 +140,7 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
 }  // namespace nbhd::cuda::fused
 
 namespace nbhd::detail {
-extern const BackendImpl kFusedBackend = {Backend::kFused, Device::kCUDA, cuda::fused::supports,
-                                          cuda::fused::forward, cuda::fused::backward, nullptr};
+extern const BackendImpl kFusedBackend = {Backend::kFused,        Device::kCUDA,          cuda::fused::supports,
+                                          cuda::fused::forward,   cuda::fused::backward,  nullptr,
+                                          /*unfolds_short_groups=*/true};
 }  // namespace nbhd::detail

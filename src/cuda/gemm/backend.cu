@@ -258,6 +258,7 @@ const detail::UnfusedImpl kUnfused = {qk_op, qk_backward_op, softmax_op, softmax
 namespace nbhd::detail {
 
 extern const BackendImpl kGemmBackend = {Backend::kGemm,      Device::kCUDA,        cuda::gemm::supports,
-                                         cuda::gemm::forward, cuda::gemm::backward, &cuda::gemm::kUnfused};
+                                         cuda::gemm::forward, cuda::gemm::backward, &cuda::gemm::kUnfused,
+                                         /*unfolds_short_groups=*/true};
 
 }  // namespace nbhd::detail

@@ -21,7 +21,8 @@ import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 HERE = os.path.dirname(os.path.abspath(__file__))
-LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/dispatch/api.cpp", "src/dispatch/registry.cpp",
+LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfold.cpp", "src/dispatch/api.cpp",
+           "src/dispatch/registry.cpp",
            "src/cpu/reference.cpp", "src/cpu/tiled.cpp", "tests/cpp/testing.cpp", "src/cuda/fused/backend.cu",
            "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp"]
 KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh"]
