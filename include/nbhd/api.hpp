@@ -107,6 +107,7 @@ struct BackendInfo {
   Device device;
   bool fused_ops;    // implements forward/backward
   bool unfused_ops;  // implements qk / softmax / av
+  bool unfolds_short_groups;  // runs short dilation groups as an extra axis (docs/design.md)
 };
 std::vector<BackendInfo> built_backends();
 

@@ -174,7 +174,7 @@ Status parse_backend(const std::string& text, Backend* out) {
 std::vector<BackendInfo> built_backends() {
   std::vector<BackendInfo> out;
   for (const BackendImpl* b : detail::registry())
-    out.push_back({b->id, b->device, b->forward != nullptr, b->unfused != nullptr});
+    out.push_back({b->id, b->device, b->forward != nullptr, b->unfused != nullptr, b->unfolds_short_groups});
   return out;
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "args.hpp"
+#include "backends.hpp"
 #include "report.hpp"
 
 namespace nbhd::bench {
@@ -185,6 +186,26 @@ Result run_bench(const std::string& args, bool with_stderr = true) {
   for (size_t n; (n = fread(buf, 1, sizeof buf, pipe)) > 0;) output.append(buf, n);
   const int status = pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+// A backend that unfolds short dilation groups lists the parts it runs (the CPU
+// build has none, so a BackendInfo stands in for one).
+TEST(BenchDryRun, ListsTheUnfoldedParts) {
+  Problem p;
+  p.rank = 1;
+  p.extent = {2048, 1, 1};
+  p.kernel = {3, 1, 1};
+  p.dilation = {520, 1, 1};
+  p.dim = 64;
+  const BackendInfo unfolding{Backend::kGemm, Device::kCUDA, true, true, /*unfolds_short_groups=*/true};
+  const std::vector<std::string> lines = candidate_lines(p, unfolding);
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_NE(lines[0].find("unfolded"), std::string::npos) << lines[0];
+  EXPECT_NE(lines[0].find("2 parts"), std::string::npos) << lines[0];
+  EXPECT_NE(lines[1].find("extent=4x488 kernel=3x1"), std::string::npos) << lines[1];
+  EXPECT_NE(lines[2].find("extent=3x32 kernel=3x1"), std::string::npos) << lines[2];
+  p.dilation = {1, 1, 1};
+  EXPECT_TRUE(candidate_lines(p, unfolding).empty());
 }
 
 TEST(BenchCli, BadArgumentsExitWithStatus2AndTheMessage) {

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 
+#include "core/unfold.hpp"
 #include "device.hpp"
 
 #if NBHD_BENCH_FUSED
@@ -46,14 +47,30 @@ Status choose_backend(const Problem& p, Backend requested, Choice* out) {
   return unsupported("no built backend can run " + p.to_string() + " here:" + reasons);
 }
 
-std::vector<std::string> candidate_lines(const Problem& p, Backend backend) {
+// Every tile configuration of the problem's rank and head dim, ranked, the chosen one
+// first (the fused backend's planner); nothing for the other backends.
+std::vector<std::string> plan_lines(const Problem& p, Backend backend) {
 #if NBHD_BENCH_FUSED
-  // Every tile configuration of the problem's rank and head dim, ranked, the chosen one first.
   if (backend == Backend::kFused) return cuda::fused::describe_plan(p);
 #endif
   (void)p;
   (void)backend;
   return {};
+}
+
+std::vector<std::string> candidate_lines(const Problem& p, const BackendInfo& b) {
+  if (!b.unfolds_short_groups) return plan_lines(p, b.backend);
+  // The dispatcher runs short dilation groups as the parts of core/unfold.hpp.
+  const std::vector<detail::UnfoldedPart> parts = detail::unfold_short_groups(p, /*single_part_only=*/false);
+  if (parts.empty()) return plan_lines(p, b.backend);
+  std::vector<std::string> lines = {"forward runs unfolded (dilation groups under " +
+                                    std::to_string(detail::kShortGroup) + " tokens) in " +
+                                    std::to_string(parts.size()) + (parts.size() == 1 ? " part:" : " parts:")};
+  for (const detail::UnfoldedPart& part : parts) {
+    lines.push_back("part " + part.problem.to_string());
+    for (const std::string& line : plan_lines(part.problem, b.backend)) lines.push_back("  " + line);
+  }
+  return lines;
 }
 
 void print_dry_run(const Problem& p, std::ostream& os) {
@@ -79,7 +96,7 @@ void print_dry_run(const Problem& p, std::ostream& os) {
       os << "can run, but not here: " << absent << "\n";
     else
       os << "can run\n";
-    for (const std::string& extra : candidate_lines(p, b.backend)) os << "      " << extra << "\n";
+    for (const std::string& extra : candidate_lines(p, b)) os << "      " << extra << "\n";
   }
   Choice choice;
   const Status s = choose_backend(p, Backend::kAuto, &choice);

@@ -22,11 +22,11 @@ struct Choice {
 // and it can run the problem.
 Status choose_backend(const Problem& p, Backend requested, Choice* out);
 
-// Extra --dry-run lines a backend contributes about `p`: the fused backend's tile
-// configurations, ranked by its planner (chosen first, then each rejected one with its
-// cost), when nbhd-bench is built with that backend (NBHD_BENCH_FUSED); nothing for
-// the other backends.
-std::vector<std::string> candidate_lines(const Problem& p, Backend backend);
+// Extra --dry-run lines a backend contributes about `p`: the parts it runs where
+// short dilation groups are unfolded (docs/design.md), and the fused backend's tile
+// configurations of each, ranked by its planner (chosen first, then each rejected one
+// with its cost), when nbhd-bench is built with that backend (NBHD_BENCH_FUSED).
+std::vector<std::string> candidate_lines(const Problem& p, const BackendInfo& backend);
 
 void print_dry_run(const Problem& p, std::ostream& os);
 
