@@ -55,6 +55,9 @@ std::vector<UnfoldedPart> unfold_short_groups(const Problem& p, bool single_part
     int axis;
     int64_t group_length;
   };
+  int64_t group_tokens = 1;  // of the largest dilation group
+  for (int a = 0; a < p.rank; ++a) group_tokens *= (p.extent[a] + p.dilation[a] - 1) / p.dilation[a];
+  if (group_tokens >= kSmallGroup) return {};
   std::vector<Candidate> candidates;
   for (int a = 0; a < p.rank; ++a) {
     const int64_t L = p.extent[a], d = p.dilation[a];

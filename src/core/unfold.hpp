@@ -20,8 +20,14 @@
 
 namespace nbhd::detail {
 
-// A group shorter than this fills less than one 16-query warp box of a 1-D tile.
+// An axis whose groups are shorter than this fills less than one 16-query warp box of
+// a 1-D tile, and only a dilation group of fewer tokens than kSmallGroup (half a
+// 64-query tile) is worth unfolding: a larger one already fills most of a tile the
+// planner can shape to it (DiNAT's 7x7 groups fill 49 of an 8x8 tile), and its
+// unfolding is not measured. Both unfolded problems measured on an H200 (groups of 3-6
+// tokens in 1-D, 4x4 in 2-D) ran 1.6-9x faster (docs/performance.md).
 inline constexpr int64_t kShortGroup = 16;
+inline constexpr int64_t kSmallGroup = 32;
 
 // One part of an unfolded problem: its problem (each unfolded axis a of the original
 // becomes two adjacent axes, J then G), and per axis of the original whether it was
@@ -33,8 +39,9 @@ struct UnfoldedPart {
 };
 
 // The parts to run instead of `p`, or an empty list when unfolding does not apply:
-// no axis has dilation > 1 with groups shorter than kShortGroup, or the rank has no
-// room (rank + unfolded axes <= 3; the shortest groups go first). With
+// a dilation group holds kSmallGroup tokens or more, no axis has dilation > 1 with
+// groups shorter than kShortGroup, or the rank has no room (rank + unfolded axes <= 3;
+// the shortest groups go first). With
 // `single_part_only`, only unfoldings that leave one part (L % d == 0 on every
 // unfolded axis): gradients that sum over all queries (d rpb, additional tokens)
 // would otherwise be split between parts.

@@ -71,29 +71,47 @@ TEST(UnfoldShortGroups, LongGroupsAndFullRanksStayAsTheyAre) {
 }
 
 TEST(UnfoldShortGroups, ShortestGroupsGoFirstWhenTheRankHasRoomForOne) {
-  Problem p = one_axis(40, 3, 4);  // groups of 10
+  Problem p = one_axis(24, 3, 4);  // groups of 6
   p.rank = 2;
-  p.extent = {40, 36, 1};
+  p.extent = {24, 36, 1};
   p.kernel = {3, 3, 1};
-  p.dilation = {4, 9, 1};  // groups of 4 on axis 1
+  p.dilation = {4, 9, 1};  // groups of 4 on axis 1: 24 tokens per group
   const std::vector<UnfoldedPart> parts = detail::unfold_short_groups(p, false);
   ASSERT_EQ(parts.size(), 1u);
   EXPECT_FALSE(parts[0].unfolded[0]);
   EXPECT_TRUE(parts[0].unfolded[1]);
   EXPECT_EQ(parts[0].problem.rank, 3);
-  EXPECT_EQ(parts[0].problem.extent[0], 40);
+  EXPECT_EQ(parts[0].problem.extent[0], 24);
   EXPECT_EQ(parts[0].problem.dilation[0], 4);
   EXPECT_EQ(parts[0].problem.extent[1], 4);
   EXPECT_EQ(parts[0].problem.extent[2], 9);
 }
 
-// A random valid problem whose axis 0 has dilation groups shorter than kShortGroup,
-// equal or not; the other axes as testing::random_problem makes them.
+TEST(UnfoldShortGroups, GroupsThatFillATileStayAsTheyAre) {
+  Problem p = one_axis(56, 7, 8);  // DiNAT: 56x56, window 7, dilation 8: 7x7 groups
+  p.rank = 2;
+  p.extent = {56, 56, 1};
+  p.kernel = {7, 7, 1};
+  p.dilation = {8, 8, 1};
+  EXPECT_TRUE(detail::unfold_short_groups(p, false).empty());
+  p.extent = {28, 28, 1};  // 4x4 groups
+  p.kernel = {3, 3, 1};
+  p.dilation = {9, 9, 1};
+  EXPECT_EQ(detail::unfold_short_groups(p, false).size(), 2u);
+}
+
+// A random valid problem whose axis 0 has dilation groups short enough to be
+// unfolded, equal or not (under 16 tokens; under 8 beside a second axis of at most 4
+// tokens, so that a group stays under kSmallGroup); the other axes as
+// testing::random_problem makes them.
 Problem short_group_problem(std::mt19937_64& rng, int rank) {
   auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
-  Problem p = testing::random_problem(rng, {rank, DType::kFloat64});
+  testing::RandomOptions o{rank, DType::kFloat64};
+  o.max_extent = rank == 1 ? 0 : 4;
+  Problem p = testing::random_problem(rng, o);
+  const int64_t longest = rank == 1 ? detail::kShortGroup - 1 : 7;
   const int64_t k = uniform(1, 4), L = uniform(2 * k + 4, 80);
-  const int64_t d = uniform(std::max<int64_t>(2, L / detail::kShortGroup + 1), L / k);
+  const int64_t d = uniform(std::max<int64_t>(2, L / longest + 1), L / k);
   p.extent[0] = L, p.kernel[0] = k, p.dilation[0] = d;
   p.stride[0] = uniform(1, k);
   p.causal[0] = uniform(0, 2) == 0;

@@ -401,7 +401,7 @@ TEST(FusedBackwardShapes, Features) {
   }
 }
 
-// Dilation groups shorter than a warp's 16 queries run unfolded (core/unfold.hpp): in
+// Small dilation groups (core/unfold.hpp's kShortGroup, kSmallGroup) run unfolded: in
 // two parts where groups are unequal and no gradient sums over every query, else
 // in one part (equal groups) or as they are (rpb, additional tokens).
 TEST(FusedBackwardShapes, ShortDilationGroups) {
@@ -416,7 +416,7 @@ TEST(FusedBackwardShapes, ShortDilationGroups) {
   cases.back().p.causal = {true, false, false};
   cases.back().p.has_rpb = true;
   cases.back().p.additional_tokens = 3;
-  cases.push_back(named_case(2, {37, 30, 0}, {3, 3, 0}, 32));  // unequal groups on axis 0, rank 3 parts
+  cases.push_back(named_case(2, {37, 12, 0}, {3, 3, 0}, 32));  // unequal groups on axis 0, rank 3 parts
   cases.back().p.dilation = {10, 2, 1};
   cases.back().p.stride = {1, 3, 1};
   cases.back().p.heads = 4;

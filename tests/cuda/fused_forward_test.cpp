@@ -194,8 +194,9 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
   }
 }
 
-// Dilation groups shorter than a warp's 16 queries: the dispatcher runs them unfolded
-// into a J x G grid (core/unfold.hpp), in two parts where the groups are unequal.
+// Dilation groups shorter than a warp's 16 queries (and under 32 tokens in all): the
+// dispatcher runs them unfolded into a J x G grid (core/unfold.hpp), in two parts
+// where the groups are unequal. DiNAT's 7x7 groups run as they are.
 TEST(FusedForwardShapes, ShortDilationGroups) {
   NBHD_REQUIRE_GPU();
   std::mt19937_64 rng(44);
@@ -210,8 +211,9 @@ TEST(FusedForwardShapes, ShortDilationGroups) {
   const Shape shapes[] = {
       {1, {2048, 0, 0}, {3, 0, 0}, {520, 1, 1}, {1, 1, 1}, {}, 0, false, 0},  // groups of 4 and 3
       {1, {300, 0, 0}, {5, 0, 0}, {20, 1, 1}, {2, 1, 1}, {true, false, false}, 3, true, 8},  // equal groups of 15
-      {2, {40, 36, 0}, {3, 3, 0}, {1, 9, 1}, {1, 1, 1}, {}, 0, true, 0},                  // axis 1 unfolded
-      {2, {37, 30, 0}, {3, 3, 0}, {10, 2, 1}, {1, 3, 1}, {true, false, false}, 0, false, 8},  // 4 and 3, rank 3
+      {2, {6, 36, 0}, {3, 3, 0}, {1, 9, 1}, {1, 1, 1}, {}, 0, true, 0},                   // axis 1 unfolded
+      {2, {37, 12, 0}, {3, 3, 0}, {10, 2, 1}, {1, 3, 1}, {true, false, false}, 0, false, 8},  // 4 and 3, rank 3
+      {2, {56, 56, 0}, {7, 7, 0}, {8, 8, 1}, {1, 1, 1}, {}, 0, true, 0},  // DiNAT's 7x7 groups: as they are
   };
   for (const Shape& s : shapes) {
     Case c;
