@@ -42,7 +42,8 @@ void copy_dims(const TensorRef& t, int from, int to, TensorRef* out) {
   }
 }
 
-TensorRef with_dims_of(const TensorRef& t) {
+// `t`'s data, dtype and device, with no dims yet.
+TensorRef dimensionless_copy(const TensorRef& t) {
   TensorRef v = t;
   v.ndim = 0;
   return v;
@@ -106,7 +107,7 @@ std::vector<UnfoldedPart> unfold_short_groups(const Problem& p, bool single_part
 
 TensorRef token_view(const TensorRef& t, const Problem& original, const UnfoldedPart& part) {
   if (!t.defined()) return t;
-  TensorRef v = with_dims_of(t);
+  TensorRef v = dimensionless_copy(t);
   copy_dims(t, 0, 1, &v);  // batch
   int64_t offset = 0;
   for (int a = 0; a < original.rank; ++a) {
@@ -131,7 +132,7 @@ TensorRef token_view(const TensorRef& t, const Problem& original, const Unfolded
 
 TensorRef rpb_view(const TensorRef& t, const Problem& original, const UnfoldedPart& part) {
   if (!t.defined()) return t;
-  TensorRef v = with_dims_of(t);
+  TensorRef v = dimensionless_copy(t);
   copy_dims(t, 0, 1, &v);  // heads
   for (int a = 0; a < original.rank; ++a) {
     copy_dims(t, 1 + a, 2 + a, &v);
