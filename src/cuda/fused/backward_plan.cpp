@@ -21,16 +21,10 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
   e.config = c;
   const Neighborhood nb = p.neighborhood();
   const TileShape& s = c.shape;  // q_log2 / w_log2: the key tile and its warp boxes; k_log2: query tiles
-  // Sample key tiles of dilation group 0: up to 8 per axis, borders included.
-  std::vector<int> origins[kMaxRank];
+  std::vector<int> origins[kMaxRank];  // of key tiles
+  sample_tile_origins(nb, s, origins);
   int lg[kMaxRank];
-  for (int a = 0; a < kMaxRank; ++a) {
-    lg[a] = nb.axis[a].group_length(0);
-    const int tiles = ceil_div(lg[a], s.q(a));
-    const int step = std::max(1, tiles / 8);
-    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
-    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
-  }
+  for (int a = 0; a < kMaxRank; ++a) lg[a] = nb.axis[a].group_length(0);
   for (int o0 : origins[0])
     for (int o1 : origins[1])
       for (int o2 : origins[2]) {
@@ -59,30 +53,14 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
           }
           if (idle) continue;
           e.needed_pairs += needed;
-          // Per axis, over the query tiles of the CTA's query box: chunks the warp
-          // computes, and chunks of the tiles it does not skip (any chunk active).
-          double active = 1, visited = 1;
-          for (int a = 0; a < kMaxRank; ++a) {
-            double axis_active = 0, axis_visited = 0;
-            const int step = a == kMaxRank - 1 ? 8 : 1;
-            for (int q = qbox[a].begin; q < qbox[a].end; q += s.k(a)) {
-              const bool tile_hit = q < uni[a].end && q + s.k(a) > uni[a].begin;
-              for (int x = 0; x < s.k(a); x += step) {
-                const int lo = q + x, hi = lo + step;
-                if (lo < uni[a].end && hi > uni[a].begin && lo < qbox[a].end) ++axis_active;
-              }
-              if (tile_hit) axis_visited += s.k(a) / step;
-            }
-            active *= axis_active;
-            visited *= axis_visited;
-          }
-          e.computed_pairs += active * 8 * 16;
-          e.visited_pairs += visited * 8 * 16;
+          // Over the query tiles of the CTA's query box: chunks the warp computes,
+          // and chunks of the tiles it does not skip (any chunk active).
+          add_warp_chunks(s, qbox, uni, &e);
         }
       }
-  // The forward's cost model (plan.cpp): visited chunks at 0.6 of computed ones, a
-  // per-tile overhead of 24 keys' worth. Every candidate has 4 warps and 64 columns.
-  const double charged = e.computed_pairs + 0.6 * (e.visited_pairs - e.computed_pairs);
+  // The forward's cost model (plan.cpp): charged_pairs, a per-tile overhead of 24
+  // keys' worth. Every candidate has 4 warps and 64 columns.
+  const double charged = charged_pairs(e);
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv);
   return e;
 }

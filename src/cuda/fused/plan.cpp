@@ -84,21 +84,46 @@ std::vector<TileConfig> candidate_configs(int rank, int head_dim) {
   return out;
 }
 
+void sample_tile_origins(const Neighborhood& nb, const TileShape& s, std::vector<int> (&origins)[kMaxRank]) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    origins[a].clear();
+    const int tiles = ceil_div(nb.axis[a].group_length(0), s.q(a));
+    const int step = std::max(1, tiles / 8);
+    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
+    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
+  }
+}
+
+void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, PlanEstimate* e) {
+  double active = 1, visited = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    double axis_active = 0, axis_visited = 0;
+    const int step = a == kMaxRank - 1 ? 8 : 1;  // chunk extent along the axis
+    for (int k = box[a].begin; k < box[a].end; k += s.k(a)) {
+      const bool tile_hit = k < uni[a].end && k + s.k(a) > uni[a].begin;
+      for (int x = 0; x < s.k(a); x += step) {
+        const int lo = k + x, hi = lo + step;
+        if (lo < uni[a].end && hi > uni[a].begin && lo < box[a].end) ++axis_active;
+      }
+      if (tile_hit) axis_visited += s.k(a) / step;
+    }
+    active *= axis_active;
+    visited *= axis_visited;
+  }
+  // The tensor cores compute 16 rows x 8 keys per active chunk.
+  e->computed_pairs += active * 8 * 16;
+  e->visited_pairs += visited * 8 * 16;
+}
+
+double charged_pairs(const PlanEstimate& e) { return e.computed_pairs + 0.6 * (e.visited_pairs - e.computed_pairs); }
+
 PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   PlanEstimate e;
   e.config = c;
   const Neighborhood nb = p.neighborhood();
   const TileShape& s = c.shape;
-  // Sample query tiles of dilation group 0 along each axis: up to 8 per axis,
-  // evenly spread, borders included (they shift windows inward).
-  std::vector<int> origins[kMaxRank];
-  for (int a = 0; a < kMaxRank; ++a) {
-    const int lg = nb.axis[a].group_length(0);
-    const int tiles = ceil_div(lg, s.q(a));
-    const int step = std::max(1, tiles / 8);
-    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
-    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
-  }
+  std::vector<int> origins[kMaxRank];  // of query tiles
+  sample_tile_origins(nb, s, origins);
   const int boxes = c.warps * c.m_tiles;  // 16-query boxes per CTA
   for (int o0 : origins[0])
     for (int o1 : origins[1])
@@ -132,34 +157,12 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           e.needed_pairs += needed;
           // Over the key tiles of the CTA's key box that the warp visits (any key of
           // its union): chunks it computes (active) and chunks it predicates off.
-          // Per axis the tile and chunk conditions are independent, so counts are
-          // products of per-axis counts.
-          double active = 1, visited = 1;
-          for (int a = 0; a < kMaxRank; ++a) {
-            double axis_active = 0, axis_visited = 0;
-            const int step = a == kMaxRank - 1 ? 8 : 1;  // chunk extent along the axis
-            for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a)) {
-              const bool tile_hit = k < uni[a].end && k + s.k(a) > uni[a].begin;
-              for (int x = 0; x < s.k(a); x += step) {
-                const int lo = k + x, hi = lo + step;
-                if (lo < uni[a].end && hi > uni[a].begin && lo < kbox[a].end) ++axis_active;
-              }
-              if (tile_hit) axis_visited += s.k(a) / step;
-            }
-            active *= axis_active;
-            visited *= axis_visited;
-          }
-          // The tensor cores compute 16 rows x 8 keys per active chunk.
-          e.computed_pairs += active * 8 * 16;
-          e.visited_pairs += visited * 8 * 16;
+          add_warp_chunks(s, kbox, uni, &e);
         }
       }
-  // Cost per needed pair. The kernel issues an ldmatrix and two mma slots for every
-  // chunk of a visited tile (inactive ones predicated off), and is bound by issue
-  // more than by the tensor pipe (ncu, H200: IPC 1.7, tensor pipe ~30%): charge
-  // visited chunks 0.6 of active ones. Each key tile also costs a fixed overhead
+  // Cost per needed pair: charged_pairs, and for each key tile a fixed overhead
   // (loads, barriers, tile bookkeeping) of about 24 keys' worth of work.
-  const double charged = e.computed_pairs + 0.6 * (e.visited_pairs - e.computed_pairs);
+  const double charged = charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
   // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp

@@ -48,6 +48,22 @@ struct PlanEstimate {
 // the kernel's granularity (per warp, per 8-key chunk) against the pairs needed.
 PlanEstimate estimate(const Problem& p, const TileConfig& c);
 
+// What the forward and backward planners share. The origins of the CTA tiles (extent
+// s.q per axis) they sample along each axis of dilation group 0: up to 8 per axis,
+// evenly spread, borders included (they shift windows inward).
+void sample_tile_origins(const Neighborhood& nb, const TileShape& s, std::vector<int> (&origins)[kMaxRank]);
+// Adds to `e` the pairs of one warp whose windows (or inverse windows) span `uni`,
+// walking `box` in tiles of s.k: computed = its 16 rows x 8 keys per chunk that
+// meets `uni`, visited = every chunk of the tiles it does not skip. Per axis the
+// tile and chunk conditions are independent, so counts are products of per-axis
+// counts.
+void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, PlanEstimate* e);
+// The pairs charged for `e`'s work: the kernel issues an ldmatrix and two mma slots
+// for every chunk of a visited tile (inactive ones predicated off) and is bound by
+// issue more than by the tensor pipe (ncu, H200: IPC 1.7, tensor pipe ~30%), so
+// visited chunks count 0.6 of active ones.
+double charged_pairs(const PlanEstimate& e);
+
 // All candidates with their estimates, best first.
 std::vector<PlanEstimate> rank_configs(const Problem& p);
 
