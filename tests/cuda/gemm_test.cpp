@@ -184,7 +184,7 @@ Problem make_problem(int rank, std::array<int64_t, 3> extent, std::array<int64_t
 // CPU: slabs, the kernels' index geometry replayed, shared memory, the planner
 // ============================================================================
 
-using cuda::gemm::TileShape;
+using cuda::TileShape;
 
 Problem random_cpu_problem(int seed, int max_extent = 0) {
   std::mt19937_64 rng(73000 + seed);
@@ -391,7 +391,7 @@ void replay_inverse(const Problem& p, const TileShape& shape) {
       }
       for (int r = 0; r < kBlockQI; ++r) {
         int off[kMaxRank], j[kMaxRank];
-        box_offset(r, shape.q_log2, off);
+        cuda::box_offset(r, shape.q_log2, off);
         bool valid = true;
         for (int a = 0; a < kMaxRank; ++a) {
           j[a] = qorigin[a] + off[a];

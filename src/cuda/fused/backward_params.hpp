@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "core/layout.hpp"
-#include "cuda/fused/tile_shape.hpp"
+#include "cuda/common/tile_shape.hpp"
 
 namespace nbhd::cuda::fused {
 

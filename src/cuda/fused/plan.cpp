@@ -8,10 +8,6 @@
 namespace nbhd::cuda::fused {
 namespace {
 
-constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
-  return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};  // log2 extents
-}
-
 // The table. Extents are log2 (3 = 8). Query tiles of 64 (4 warps) or 128
 // (8 warps); warp boxes of 16; key tiles of 64 with an innermost run >= 8.
 // Reasons come from ../shared/design/tiling.md (pairs computed per pair needed,
@@ -19,29 +15,29 @@ constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0
 const std::vector<TileConfig>& table() {
   static const std::vector<TileConfig> t = {
       // rank 1 (leading axes are length 1)
-      {1, 0, 4, 64, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
-      {1, 0, 4, 128, 1, shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
-      {1, 0, 8, 64, 1, shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
+      {1, 0, 4, 64, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D 64 queries, 64-key tiles"},
+      {1, 0, 4, 128, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "1-D 64 queries, 128-key tiles: half the per-tile overhead"},
+      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "1-D 128 queries: 3.74 vs 3.82 ms (4 warps) at w2048, H200"},
       // rank 2
-      {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
-      {2, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
-      {2, 0, 4, 64, 1, shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8 / keys 4x16: wide windows"},
-      {2, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "2-D 8x8 / warp 4x4 / keys 8x16"},
-      {2, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 5), "2-D 8x8 / warp 4x4 / keys 4x32"},
-      {2, 0, 4, 128, 1, shape(0, 2, 4, 0, 1, 3, 0, 2, 5), "2-D 4x16 / warp 2x8 / keys 4x32: wide windows"},
-      {2, 0, 4, 128, 1, shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
-      {2, 0, 8, 64, 1, shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
-      {2, 0, 8, 64, 1, shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "2-D 8x8 / warp 4x4 / keys 4x16: 1.31x at k31 (tiling.md)"},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "2-D 8x8 / warp 4x4 / keys 8x8: square windows, short rows"},
+      {2, 0, 4, 64, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "2-D 4x16 / warp 2x8 / keys 4x16: wide windows"},
+      {2, 0, 4, 128, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "2-D 8x8 / warp 4x4 / keys 8x16"},
+      {2, 0, 4, 128, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 5), "2-D 8x8 / warp 4x4 / keys 4x32"},
+      {2, 0, 4, 128, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 5), "2-D 4x16 / warp 2x8 / keys 4x32: wide windows"},
+      {2, 0, 4, 128, 1, log2_shape(0, 1, 5, 0, 0, 4, 0, 1, 6), "2-D 2x32 / warp 1x16 / keys 2x64: very wide windows"},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "2-D 8x16 / warp 4x4 / keys 4x16: K/V reuse, 1.10x at k80"},
+      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "2-D 16x8 / warp 4x4 / keys 8x8: 2.36 ms at k31, best, H200"},
       // rank 3
-      {3, 0, 4, 64, 1, shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 4, 64, 1, shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 4, 64, 1, shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan (tiling.md)"},
-      {3, 0, 4, 128, 1, shape(1, 2, 3, 0, 2, 2, 1, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 2x4x16"},
-      {3, 0, 4, 128, 1, shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x8x16"},
-      {3, 0, 4, 128, 1, shape(2, 2, 2, 1, 1, 2, 1, 3, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x8x8"},
-      {3, 0, 4, 128, 1, shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
-      {3, 0, 8, 64, 1, shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
-      {3, 0, 8, 64, 1, shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
+      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 4, 64, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x4x8: 1.30x Hunyuan (tiling.md)"},
+      {3, 0, 4, 128, 1, log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 4), "3-D 2x4x8 / warp 1x4x4 / keys 2x4x16"},
+      {3, 0, 4, 128, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "3-D 1x8x8 / warp 1x4x4 / keys 1x8x16"},
+      {3, 0, 4, 128, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 3, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x8x8"},
+      {3, 0, 4, 128, 1, log2_shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
+      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
   };
   return t;
 }

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/fused/tile_shape.hpp"
+#include "cuda/common/tile_shape.hpp"
 #include "nbhd/problem.hpp"
 
 namespace nbhd::cuda::fused {

@@ -10,10 +10,6 @@
 namespace nbhd::cuda::gemm {
 namespace {
 
-constexpr TileShape shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
-  return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};  // log2 extents
-}
-
 // Up to `count` evenly spread starts of tiles of `extent` over [0, length), the last included.
 std::vector<int> sample_origins(int length, int extent, int count) {
   std::vector<int> out;
@@ -32,42 +28,42 @@ Range through(Range w, Range o) { return {w.begin + o.begin, std::min(w.end, w.b
 // Costs below come from the work counts of ../shared/design/tiling.md (pairs computed
 // per pair needed) until GPU measurements replace them.
 std::vector<ShapeChoice> query_candidates(int rank) {
-  if (rank == 1) return {{shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D: 64 queries, warps of 16, 64-key tiles"}};
+  if (rank == 1) return {{log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1-D: 64 queries, warps of 16, 64-key tiles"}};
   if (rank == 2)
     return {
-        {shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "8x8 queries, 4x4 warps, 8x8 keys: square windows"},
-        {shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "8x8 queries, 4x4 warps, 4x16 keys"},
-        {shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "4x16 queries, 2x8 warps, 4x16 keys: wide windows"},
-        {shape(0, 4, 2, 0, 2, 2, 0, 3, 3), "16x4 queries, 4x4 warps, 8x8 keys: tall windows"},
-        {shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "2x32 queries, 1x16 warps, 2x32 keys: very wide windows"},
-        {shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1x64 queries: slabs of window rows recompute nothing along axis 0"},
+        {log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "8x8 queries, 4x4 warps, 8x8 keys: square windows"},
+        {log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "8x8 queries, 4x4 warps, 4x16 keys"},
+        {log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "4x16 queries, 2x8 warps, 4x16 keys: wide windows"},
+        {log2_shape(0, 4, 2, 0, 2, 2, 0, 3, 3), "16x4 queries, 4x4 warps, 8x8 keys: tall windows"},
+        {log2_shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "2x32 queries, 1x16 warps, 2x32 keys: very wide windows"},
+        {log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1x64 queries: slabs of window rows recompute nothing along axis 0"},
     };
   return {
-      {shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "2x4x8 queries, 1x4x4 warps, 2x4x8 keys"},
-      {shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "4x4x4 queries, 2x2x4 warps, 2x4x8 keys: cubic windows"},
-      {shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "1x8x8 queries, 1x4x4 warps, 1x8x8 keys: slabs along axis 0"},
-      {shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "1x4x16 queries, 1x2x8 warps, 1x4x16 keys: wide windows"},
-      {shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "1x2x32 queries: slabs along axis 1"},
-      {shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1x1x64 queries: slabs along axes 0 and 1"},
+      {log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "2x4x8 queries, 1x4x4 warps, 2x4x8 keys"},
+      {log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "4x4x4 queries, 2x2x4 warps, 2x4x8 keys: cubic windows"},
+      {log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "1x8x8 queries, 1x4x4 warps, 1x8x8 keys: slabs along axis 0"},
+      {log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "1x4x16 queries, 1x2x8 warps, 1x4x16 keys: wide windows"},
+      {log2_shape(0, 1, 5, 0, 0, 4, 0, 1, 5), "1x2x32 queries: slabs along axis 1"},
+      {log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "1x1x64 queries: slabs along axes 0 and 1"},
   };
 }
 
 std::vector<ShapeChoice> inverse_candidates(int rank) {
-  if (rank == 1) return {{shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1-D: 64 keys, 32-query tiles"}};
+  if (rank == 1) return {{log2_shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1-D: 64 keys, 32-query tiles"}};
   if (rank == 2)
     return {
-        {shape(0, 2, 3, 0, 0, 0, 0, 3, 3), "8x8 keys, 4x8 query tiles"},
-        {shape(0, 2, 3, 0, 0, 0, 0, 2, 4), "4x16 keys, 4x8 query tiles"},
-        {shape(0, 1, 4, 0, 0, 0, 0, 2, 4), "4x16 keys, 2x16 query tiles: wide windows"},
-        {shape(0, 1, 4, 0, 0, 0, 0, 1, 5), "2x32 keys, 2x16 query tiles: very wide windows"},
-        {shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1x64 keys, 1x32 query tiles"},
+        {log2_shape(0, 2, 3, 0, 0, 0, 0, 3, 3), "8x8 keys, 4x8 query tiles"},
+        {log2_shape(0, 2, 3, 0, 0, 0, 0, 2, 4), "4x16 keys, 4x8 query tiles"},
+        {log2_shape(0, 1, 4, 0, 0, 0, 0, 2, 4), "4x16 keys, 2x16 query tiles: wide windows"},
+        {log2_shape(0, 1, 4, 0, 0, 0, 0, 1, 5), "2x32 keys, 2x16 query tiles: very wide windows"},
+        {log2_shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1x64 keys, 1x32 query tiles"},
     };
   return {
-      {shape(1, 2, 2, 0, 0, 0, 1, 2, 3), "2x4x8 keys, 2x4x4 query tiles"},
-      {shape(1, 2, 2, 0, 0, 0, 2, 2, 2), "4x4x4 keys, 2x4x4 query tiles: cubic windows"},
-      {shape(0, 2, 3, 0, 0, 0, 0, 3, 3), "1x8x8 keys, 1x4x8 query tiles"},
-      {shape(0, 1, 4, 0, 0, 0, 0, 2, 4), "1x4x16 keys, 1x2x16 query tiles"},
-      {shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1x1x64 keys, 1x1x32 query tiles"},
+      {log2_shape(1, 2, 2, 0, 0, 0, 1, 2, 3), "2x4x8 keys, 2x4x4 query tiles"},
+      {log2_shape(1, 2, 2, 0, 0, 0, 2, 2, 2), "4x4x4 keys, 2x4x4 query tiles: cubic windows"},
+      {log2_shape(0, 2, 3, 0, 0, 0, 0, 3, 3), "1x8x8 keys, 1x4x8 query tiles"},
+      {log2_shape(0, 1, 4, 0, 0, 0, 0, 2, 4), "1x4x16 keys, 1x2x16 query tiles"},
+      {log2_shape(0, 0, 5, 0, 0, 0, 0, 0, 6), "1x1x64 keys, 1x1x32 query tiles"},
   };
 }
 

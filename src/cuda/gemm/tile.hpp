@@ -4,6 +4,7 @@
 // CTA keeps in shared memory at once). docs/gemm.md explains both.
 #pragma once
 
+#include "cuda/common/tile_shape.hpp"
 #include "nbhd/core/window.hpp"
 
 namespace nbhd::cuda::gemm {
@@ -19,50 +20,11 @@ inline constexpr int kMaxDim = 256;          // PN keeps the whole query tile (p
 
 NBHD_HOST_DEVICE constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
-// Element `n` of a box with extents 2^log2[a], row-major: its offset per axis.
-NBHD_HOST_DEVICE constexpr void box_offset(int n, const int* log2, int* off) {
-  for (int a = kMaxRank - 1; a >= 0; --a) {
-    off[a] = n & ((1 << log2[a]) - 1);
-    n >>= log2[a];
-  }
-}
-
-// PN / NN: a query tile of kBlockQ queries cut into one 16-query box per warp, and
-// the key tile the key box is walked in. IN: `k_log2` is the CTA's key tile (its
-// output rows, 16 consecutive keys per warp) and `q_log2` the query tile it walks
-// (kBlockQI queries); `w_log2` is unused.
-struct TileShape {
-  int q_log2[kMaxRank];
-  int w_log2[kMaxRank];
-  int k_log2[kMaxRank];  // product kBlockK, innermost >= kChunkKeys
-
-  NBHD_HOST_DEVICE constexpr int q(int a) const { return 1 << q_log2[a]; }
-  NBHD_HOST_DEVICE constexpr int w(int a) const { return 1 << w_log2[a]; }
-  NBHD_HOST_DEVICE constexpr int k(int a) const { return 1 << k_log2[a]; }
-
-  // Row r of a PN / NN query tile: warp r / 16 owns a w-box, rows inside it are
-  // row-major. Writes the row's offset from the tile origin per axis.
-  NBHD_HOST_DEVICE constexpr void query_offset(int r, int* off) const {
-    int warp = r >> 4, i = r & 15;
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      const int nw_log2 = q_log2[a] - w_log2[a];
-      off[a] = ((warp & ((1 << nw_log2) - 1)) << w_log2[a]) + (i & ((1 << w_log2[a]) - 1));
-      warp >>= nw_log2;
-      i >>= w_log2[a];
-    }
-  }
-
-  // Origin of warp `warp`'s box relative to the query tile origin.
-  NBHD_HOST_DEVICE constexpr void warp_offset(int warp, int* off) const {
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      const int nw_log2 = q_log2[a] - w_log2[a];
-      off[a] = (warp & ((1 << nw_log2) - 1)) << w_log2[a];
-      warp >>= nw_log2;
-    }
-  }
-
-  NBHD_HOST_DEVICE constexpr void key_offset(int n, int* off) const { box_offset(n, k_log2, off); }
-};
+// Tiles are cuda::TileShape (cuda/common/tile_shape.hpp). PN / NN: a query tile of
+// kBlockQ queries cut into one 16-query box per warp, and the key tile the key box is
+// walked in. IN: `k_log2` is the CTA's key tile (its output rows, 16 consecutive keys
+// per warp) and `q_log2` the query tile it walks (kBlockQI queries); `w_log2` is
+// unused.
 
 // How a window is cut into slabs. A slab is a box of kernel offsets: one offset on
 // each axis before `split_axis`, `split_extent` offsets on it, every offset on the

@@ -1,13 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tile shapes of the fused kernels: a query tile is a box of one dilation group's
-// grid, cut into one 16-query box per warp; a key tile is a box of keys. Extents
-// are powers of two per (padded) axis, so a row index splits into coordinates with
-// shifts. Host and device.
+// Tile shapes of the tiled CUDA backends (fused, gemm): a query tile is a box of one
+// dilation group's grid, cut into one 16-query box per warp; a key tile is a box of
+// keys. Extents are powers of two per (padded) axis, so a row index splits into
+// coordinates with shifts. Host and device.
 #pragma once
 
 #include "nbhd/core/window.hpp"
 
-namespace nbhd::cuda::fused {
+namespace nbhd::cuda {
+
+// Element `n` of a box with extents 2^log2[a], row-major: its offset per axis.
+NBHD_HOST_DEVICE constexpr void box_offset(int n, const int* log2, int* off) {
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    off[a] = n & ((1 << log2[a]) - 1);
+    n >>= log2[a];
+  }
+}
 
 struct TileShape {
   int q_log2[kMaxRank];  // query tile extent per axis, log2; product = 16 * warps
@@ -42,12 +50,12 @@ struct TileShape {
   }
 
   // Key n of a key tile, row-major over the tile box.
-  NBHD_HOST_DEVICE constexpr void key_offset(int n, int* off) const {
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      off[a] = n & ((1 << k_log2[a]) - 1);
-      n >>= k_log2[a];
-    }
-  }
+  NBHD_HOST_DEVICE constexpr void key_offset(int n, int* off) const { box_offset(n, k_log2, off); }
 };
 
-}  // namespace nbhd::cuda::fused
+// A shape from its log2 extents: query tile, warp box, key tile.
+constexpr TileShape log2_shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
+  return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};
+}
+
+}  // namespace nbhd::cuda
