@@ -12,51 +12,58 @@ namespace nbhd::cuda::fused {
 namespace {
 
 TEST(FusedPlan, TableEntriesAreValidTilings) {
-  for (int rank = 1; rank <= 3; ++rank)
-    for (int head_dim : {32, 64, 128, 256}) {
-      const auto configs = candidate_configs(rank, head_dim);
-      ASSERT_FALSE(configs.empty()) << "rank " << rank << " head dim " << head_dim;
-      for (const TileConfig& c : configs) {
-        const TileShape& s = c.shape;
-        SCOPED_TRACE(c.why);
-        EXPECT_EQ(s.queries(), 16 * c.warps * c.m_tiles);
-        EXPECT_EQ(s.keys(), c.block_kv);
-        EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
-        int warp_rows = 1;
-        for (int a = 0; a < kMaxRank; ++a) {
-          EXPECT_LE(s.w_log2[a], s.q_log2[a]);
-          warp_rows *= s.w(a);
-          if (a < 3 - rank) EXPECT_EQ(s.q(a) * s.w(a) * s.k(a), 1) << "padded axis " << a << " must stay 1";
-        }
-        EXPECT_EQ(warp_rows, 16);
-        // Rows cover the query box once; each warp's rows form its box.
-        std::set<int> seen;
-        for (int r = 0; r < s.queries(); ++r) {
-          int off[kMaxRank], wo[kMaxRank];
-          s.query_offset(r, off);
-          s.warp_offset(r / 16, wo);  // the 16-query box of row r
+  ASSERT_TRUE(wgmma_kernels_built()) << "this test is built with the sm_90a kernels in the table";
+  for (bool hopper : {false, true}) {
+    for (int rank = 1; rank <= 3; ++rank)
+      for (int head_dim : {32, 64, 128, 256}) {
+        const auto configs = candidate_configs(rank, head_dim, hopper);
+        ASSERT_FALSE(configs.empty()) << "rank " << rank << " head dim " << head_dim;
+        int wgmma = 0;
+        for (const TileConfig& c : configs) wgmma += c.wgmma;
+        EXPECT_EQ(wgmma > 0, hopper && (head_dim == 64 || head_dim == 128)) << "rank " << rank << " head dim " << head_dim;
+        for (const TileConfig& c : configs) {
+          const TileShape& s = c.shape;
+          SCOPED_TRACE(c.why);
+          if (c.wgmma) EXPECT_EQ(c.warps, 4) << "a wgmma kernel is one warpgroup";
+          EXPECT_EQ(s.queries(), 16 * c.warps * c.m_tiles);
+          EXPECT_EQ(s.keys(), c.block_kv);
+          EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
+          int warp_rows = 1;
           for (int a = 0; a < kMaxRank; ++a) {
-            EXPECT_GE(off[a], wo[a]);
-            EXPECT_LT(off[a], wo[a] + s.w(a));
+            EXPECT_LE(s.w_log2[a], s.q_log2[a]);
+            warp_rows *= s.w(a);
+            if (a < 3 - rank) EXPECT_EQ(s.q(a) * s.w(a) * s.k(a), 1) << "padded axis " << a << " must stay 1";
           }
-          seen.insert((off[0] * s.q(1) + off[1]) * s.q(2) + off[2]);
-        }
-        EXPECT_EQ(int(seen.size()), s.queries());
-        seen.clear();
-        for (int n = 0; n < s.keys(); ++n) {
-          int off[kMaxRank];
-          s.key_offset(n, off);
-          for (int a = 0; a < kMaxRank; ++a) EXPECT_LT(off[a], s.k(a));
-          if (n % 8) {  // an 8-key chunk is a run along the innermost axis
-            int prev[kMaxRank];
-            s.key_offset(n - 1, prev);
-            EXPECT_EQ(off[2], prev[2] + 1);
+          EXPECT_EQ(warp_rows, 16);
+          // Rows cover the query box once; each warp's rows form its box.
+          std::set<int> seen;
+          for (int r = 0; r < s.queries(); ++r) {
+            int off[kMaxRank], wo[kMaxRank];
+            s.query_offset(r, off);
+            s.warp_offset(r / 16, wo);  // the 16-query box of row r
+            for (int a = 0; a < kMaxRank; ++a) {
+              EXPECT_GE(off[a], wo[a]);
+              EXPECT_LT(off[a], wo[a] + s.w(a));
+            }
+            seen.insert((off[0] * s.q(1) + off[1]) * s.q(2) + off[2]);
           }
-          seen.insert((off[0] * s.k(1) + off[1]) * s.k(2) + off[2]);
+          EXPECT_EQ(int(seen.size()), s.queries());
+          seen.clear();
+          for (int n = 0; n < s.keys(); ++n) {
+            int off[kMaxRank];
+            s.key_offset(n, off);
+            for (int a = 0; a < kMaxRank; ++a) EXPECT_LT(off[a], s.k(a));
+            if (n % 8) {  // an 8-key chunk is a run along the innermost axis
+              int prev[kMaxRank];
+              s.key_offset(n - 1, prev);
+              EXPECT_EQ(off[2], prev[2] + 1);
+            }
+            seen.insert((off[0] * s.k(1) + off[1]) * s.k(2) + off[2]);
+          }
+          EXPECT_EQ(int(seen.size()), s.keys());
         }
-        EXPECT_EQ(int(seen.size()), s.keys());
       }
-    }
+  }
 }
 
 Problem anchor(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {
@@ -87,6 +94,23 @@ TEST(FusedPlan, ChosenTilingsWasteLittle) {
     EXPECT_GE(ranked.front().waste(), 1.0) << e.p.to_string();
     EXPECT_LE(ranked.front().waste(), e.max_waste) << e.p.to_string() << ": " << ranked.front().config.why;
   }
+}
+
+// On an sm_90 device the table offers both instruction paths; the estimate charges
+// a wgmma kernel every pair of a visited key tile (no per-warp chunk skipping).
+TEST(FusedPlan, WgmmaEstimateCountsWholeKeyTiles) {
+  const Problem p = anchor(2, {128, 128, 0}, {31, 31, 0}, 128);
+  for (const PlanEstimate& e : rank_configs(p, /*hopper=*/true)) {
+    SCOPED_TRACE(e.config.why);
+    if (e.config.wgmma) EXPECT_EQ(e.computed_pairs, e.visited_pairs);
+    else EXPECT_LE(e.computed_pairs, e.visited_pairs);
+    EXPECT_GE(e.waste(), 1.0);
+  }
+  const auto lines = describe_plan(p, /*hopper=*/true);
+  ASSERT_EQ(lines.size(), candidate_configs(2, 128, true).size());
+  bool listed_wgmma = false;
+  for (const std::string& line : lines) listed_wgmma |= line.find("(wgmma,") != std::string::npos;
+  EXPECT_TRUE(listed_wgmma);
 }
 
 TEST(FusedPlan, DryRunListsEveryCandidateChosenFirst) {

@@ -9,7 +9,7 @@
 #include <cstdlib>
 
 #include "cpu/reference.hpp"
-#include "cuda/fused/plan.hpp"
+#include "cuda/fused/host.hpp"
 #include "cuda_testing.hpp"
 
 namespace nbhd {
@@ -131,7 +131,8 @@ TEST(FusedForwardSmoke, SmallProblems) {
       o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
       o.max_extent = rank == 1 ? 90 : rank == 2 ? 12 : 6;
       Case c{testing::random_problem(rng, o), seed == 1 ? 8 : 0};
-      c.p.dim = 32;
+      // Head dim 32 runs the mma.sync kernels; 64 and 128 the wgmma ones on sm_90.
+      c.p.dim = 32 << seed;
       c.p.dim_v = seed == 2 ? 16 : 0;
       check_forward(c, rng);
     }
@@ -143,7 +144,7 @@ TEST(FusedForwardConfigs, EveryTableEntry) {
   NBHD_REQUIRE_GPU();
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 64, 128}) {
-      const auto configs = cuda::fused::candidate_configs(rank, int(dim));
+      const auto configs = cuda::fused::candidate_configs(rank, int(dim), cuda::fused::hopper_device());
       for (size_t i = 0; i < configs.size(); ++i) {
         SCOPED_TRACE("rank " + std::to_string(rank) + " dim " + std::to_string(dim) + " config " + std::to_string(i) +
                      ": " + configs[i].why);

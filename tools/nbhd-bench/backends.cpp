@@ -7,7 +7,7 @@
 #include "device.hpp"
 
 #if NBHD_BENCH_FUSED
-#include "cuda/fused/plan.hpp"  // the fused backend's planner, compiled into nbhd with the backend
+#include "cuda/fused/host.hpp"  // the fused backend's planner, compiled into nbhd with the backend
 #endif
 
 namespace nbhd::bench {
@@ -51,7 +51,7 @@ Status choose_backend(const Problem& p, Backend requested, Choice* out) {
 // first (the fused backend's planner); nothing for the other backends.
 std::vector<std::string> plan_lines(const Problem& p, Backend backend) {
 #if NBHD_BENCH_FUSED
-  if (backend == Backend::kFused) return cuda::fused::describe_plan(p);
+  if (backend == Backend::kFused) return cuda::fused::describe_plan(p, cuda::fused::hopper_device());
 #endif
   (void)p;
   (void)backend;

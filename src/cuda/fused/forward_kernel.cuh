@@ -12,6 +12,15 @@
 //     of the box's windows (or when an RPB must be added),
 // then runs the online softmax and P·V with P kept in registers. The M additional
 // tokens follow as plain key tiles. Out and lse are written once.
+//
+// Two instruction paths share this body (ForwardConfig::kWgmma):
+//   - mma.sync m16n8k16 (sm_80+): fragments via ldmatrix; a warp's chunks that no
+//     query of its box sees are predicated off.
+//   - wgmma (sm_90a): the CTA is one warpgroup; S = Q K^T and O += P V are each a
+//     warpgroup instruction per 16 of K, with Q, K and V read by the tensor cores
+//     from 128-byte-swizzled shared memory and P from registers. A key tile is
+//     computed whole once any warp needs it (the mask zeroes the rest), and skipped
+//     only when no warp does.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,11 +30,12 @@
 
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/ptx.cuh"
+#include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
 
 namespace nbhd::cuda::fused {
 
-template <class T, int kHeadDim_, int kWarps_, int kBlockKV_, int kMTiles_ = 1>
+template <class T, int kHeadDim_, int kWarps_, int kBlockKV_, int kMTiles_ = 1, bool kWgmma_ = false>
 struct ForwardConfig {
   using Element = T;
   static constexpr int kHeadDim = kHeadDim_;  // padded: dim and dim_v fit in it
@@ -47,7 +57,11 @@ struct ForwardConfig {
   static constexpr int kMinBlocksPerSM =
       kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
                                                       : kWarps == 4 ? 2 : 1;
+  static constexpr bool kWgmma = kWgmma_;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
+  static_assert(!kWgmma || (kWarps == 4 && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
+                            (kBlockKV == 64 || kBlockKV == 128)),
+                "wgmma kernels: one warpgroup, head dim 64 or 128, 64 or 128 keys per tile");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
   struct SharedStorage {
@@ -71,14 +85,22 @@ struct ForwardConfig {
     // intersection end} of its queries' windows.
     int4 box_windows[kBoxes][kMaxRank];
   };
-  static constexpr int kSharedBytes = int(sizeof(SharedStorage));
+  // wgmma's swizzled operands must start on 1024-byte boundaries: room to align the
+  // dynamic shared memory's base (every array above is a multiple of 1 KB).
+  static constexpr int kSharedBytes = int(sizeof(SharedStorage)) + (kWgmma ? 1024 : 0);
 
-  // 16-byte chunk `c` of row `r` lives at chunk c ^ swizzle(r): the 8 rows one
-  // ldmatrix reads then hit 8 different bank groups (rows are 64-512 bytes apart).
-  // The swizzle depends on r % 8 only, and every ldmatrix reads 8 rows starting at
-  // a multiple of 8, so a lane's swizzle is fixed: swizzle(lane % 8).
+  // mma.sync: 16-byte chunk `c` of row `r` lives at chunk c ^ swizzle(r): the 8 rows
+  // one ldmatrix reads then hit 8 different bank groups (rows are 64-512 bytes
+  // apart). The swizzle depends on r % 8 only, and every ldmatrix reads 8 rows
+  // starting at a multiple of 8, so a lane's swizzle is fixed: swizzle(lane % 8).
+  // wgmma: the 128-byte swizzle of wgmma.cuh, in slabs of 64 columns of a tile of
+  // kRows rows.
   __device__ static constexpr int swizzle(int r) { return kChunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
-  __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ swizzle(r)); }
+  template <int kRows>
+  __device__ static constexpr int chunk_index(int r, int c) {
+    if constexpr (kWgmma) return (c >> 3) * kRows * 8 + r * 8 + ((c & 7) ^ (r & 7));
+    else return r * kChunks + (c ^ swizzle(r));
+  }
   static constexpr int kRowBytes = kChunks * 16;
 };
 
@@ -112,7 +134,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   constexpr int kNBlocks = Cfg::kNBlocks, kDBlocks = Cfg::kDBlocks;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_raw);
+  unsigned char* smem_base = smem_raw;
+  if constexpr (Cfg::kWgmma) smem_base += (1024 - (ptx::smem_address(smem_raw) & 1023)) & 1023;
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_base);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
@@ -189,7 +213,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         token_of(j, token);
         src = q_base + p.q_layout.offset(b, token, h) + c * 8;
       }
-      ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * 8]), src, valid ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * 8]), src, valid ? 16 : 0);
     }
   };
   // Each thread copies one 16-byte column `chunk` of rows load_row, load_row + step, ...
@@ -263,7 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         delta = n * additional_step;
       }
       const bool ok = valid && chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&dst_tile[Cfg::chunk_index(n, chunk) * 8]),
+      ptx::cp_async_16(ptx::smem_address(&dst_tile[Cfg::template chunk_index<kBlockKV>(n, chunk) * 8]),
                        base + (ok ? delta + chunk * 8 : 0), ok ? 16 : 0);
     }
   };
@@ -313,6 +337,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       if (lane == 0) smem.box_windows[box][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
     }
   }
+  __syncwarp();  // a warp reads its own boxes' windows before each tile's barrier
 
   // ---- main loop --------------------------------------------------------------------
   float o[kM][kDBlocks][4];
@@ -360,7 +385,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     } else {
       ptx::cp_async_wait<0>();
     }
-    __syncthreads();  // this tile (and Q) landed
+    if constexpr (Cfg::kWgmma) wgmma::fence_proxy_async();  // cp.async wrote what wgmma reads
 
     const bool additional = it >= neighbor_tiles;
     int origin[kMaxRank] = {0, 0, 0};
@@ -405,33 +430,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     uint32_t any_active = 0;
 #pragma unroll
     for (int m = 0; m < kM; ++m) any_active |= active[m];
+    // The barrier: this tile (and Q) landed. A warpgroup instruction needs every
+    // warp, so the wgmma path computes the tile when any warp needs it.
+    bool compute_tile_now;
+    if constexpr (Cfg::kWgmma) {
+      compute_tile_now = __syncthreads_or(any_active != 0);
+    } else {
+      __syncthreads();
+      compute_tile_now = any_active != 0;
+    }
 
     float s[kM][kNBlocks][4];
-    if (any_active) {
-      // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
-      // no query of a box can see is predicated off.
+    if (compute_tile_now) {
+      if constexpr (Cfg::kWgmma) {
+        // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
+        // descriptor steps 32 bytes along a 128-byte row, then to the next slab.
+        const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
+        wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
+        wgmma::fence();
 #pragma unroll
-      for (int m = 0; m < kM; ++m)
-#pragma unroll
-        for (int j = 0; j < kNBlocks; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[m][j][e] = 0.f;
-      const uint32_t k_stage = k_lane_base + stage * uint32_t(sizeof(smem.k[0]));
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-        uint32_t a[kM][4];
+        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+          const uint32_t in_row = (kk & 3) * 32;  // 16 elements of a 64-column slab
+          const uint64_t a_desc = wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + in_row, 16, 1024);
+          const uint64_t b_desc = wgmma::descriptor(k_tile + (kk >> 2) * kBlockKV * 128 + in_row, 16, 1024);
+          wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
+        }
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
+      } else {
+        // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
+        // no query of a box can see is predicated off.
 #pragma unroll
         for (int m = 0; m < kM; ++m)
-          ptx::ldmatrix_x4(a[m], q_lane_base + m * 16 * Cfg::kRowBytes + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
-        const uint32_t k_col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
-        for (int pair = 0; pair < kNBlocks / 2; ++pair) {
-          uint32_t bk[4];
-          ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + k_col);
+          for (int j = 0; j < kNBlocks; ++j)
 #pragma unroll
-          for (int m = 0; m < kM; ++m) {
-            ptx::mma_16816_if<T>((active[m] >> (2 * pair)) & 1u, s[m][2 * pair], a[m], bk);
-            ptx::mma_16816_if<T>((active[m] >> (2 * pair + 1)) & 1u, s[m][2 * pair + 1], a[m], bk + 2);
+            for (int e = 0; e < 4; ++e) s[m][j][e] = 0.f;
+        const uint32_t k_stage = k_lane_base + stage * uint32_t(sizeof(smem.k[0]));
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+          uint32_t a[kM][4];
+#pragma unroll
+          for (int m = 0; m < kM; ++m)
+            ptx::ldmatrix_x4(a[m], q_lane_base + m * 16 * Cfg::kRowBytes + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+          const uint32_t k_col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
+#pragma unroll
+          for (int pair = 0; pair < kNBlocks / 2; ++pair) {
+            uint32_t bk[4];
+            ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + k_col);
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+              ptx::mma_16816_if<T>((active[m] >> (2 * pair)) & 1u, s[m][2 * pair], a[m], bk);
+              ptx::mma_16816_if<T>((active[m] >> (2 * pair + 1)) & 1u, s[m][2 * pair + 1], a[m], bk + 2);
+            }
           }
         }
       }
@@ -536,28 +588,52 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
       // O += P V, P from registers (the C layout of two n8 blocks is the A layout of
       // k16); each V fragment serves every box of the warp.
-      const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
+      if constexpr (Cfg::kWgmma) {
+        // One m64 x head dim x 16 product per 16 keys: V's rows are K here, its
+        // 64-column slabs kBlockKV rows apart.
+        const uint32_t v_tile = ptx::smem_address(smem.v[stage]);
+        uint32_t a[kBlockKV / 16][4];
 #pragma unroll
-      for (int kb = 0; kb < kBlockKV / 16; ++kb) {
-        if (((any_active >> (2 * kb)) & 3u) == 0) continue;
-        bool on[kM];
-        uint32_t a[kM][4];
-#pragma unroll
-        for (int m = 0; m < kM; ++m) {
-          on[m] = (active[m] >> (2 * kb)) & 3u;
-          a[m][0] = ptx::pack2<T>(s[m][2 * kb][0], s[m][2 * kb][1]);
-          a[m][1] = ptx::pack2<T>(s[m][2 * kb][2], s[m][2 * kb][3]);
-          a[m][2] = ptx::pack2<T>(s[m][2 * kb + 1][0], s[m][2 * kb + 1][1]);
-          a[m][3] = ptx::pack2<T>(s[m][2 * kb + 1][2], s[m][2 * kb + 1][3]);
+        for (int kb = 0; kb < kBlockKV / 16; ++kb) {
+          a[kb][0] = ptx::pack2<T>(s[0][2 * kb][0], s[0][2 * kb][1]);
+          a[kb][1] = ptx::pack2<T>(s[0][2 * kb][2], s[0][2 * kb][3]);
+          a[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
+          a[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
         }
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
+        wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
+        wgmma::fence();
 #pragma unroll
-        for (int dp = 0; dp < kDBlocks / 2; ++dp) {
-          uint32_t bv[4];
-          ptx::ldmatrix_x4_trans(bv, v_stage + kb * 16 * Cfg::kRowBytes + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
+        for (int kb = 0; kb < kBlockKV / 16; ++kb)
+          wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb], wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
+                                          /*accumulate=*/true);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      } else {
+        const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
+#pragma unroll
+        for (int kb = 0; kb < kBlockKV / 16; ++kb) {
+          if (((any_active >> (2 * kb)) & 3u) == 0) continue;
+          bool on[kM];
+          uint32_t a[kM][4];
 #pragma unroll
           for (int m = 0; m < kM; ++m) {
-            ptx::mma_16816_if<T>(on[m], o[m][2 * dp], a[m], bv);
-            ptx::mma_16816_if<T>(on[m], o[m][2 * dp + 1], a[m], bv + 2);
+            on[m] = (active[m] >> (2 * kb)) & 3u;
+            a[m][0] = ptx::pack2<T>(s[m][2 * kb][0], s[m][2 * kb][1]);
+            a[m][1] = ptx::pack2<T>(s[m][2 * kb][2], s[m][2 * kb][3]);
+            a[m][2] = ptx::pack2<T>(s[m][2 * kb + 1][0], s[m][2 * kb + 1][1]);
+            a[m][3] = ptx::pack2<T>(s[m][2 * kb + 1][2], s[m][2 * kb + 1][3]);
+          }
+#pragma unroll
+          for (int dp = 0; dp < kDBlocks / 2; ++dp) {
+            uint32_t bv[4];
+            ptx::ldmatrix_x4_trans(bv, v_stage + kb * 16 * Cfg::kRowBytes + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+              ptx::mma_16816_if<T>(on[m], o[m][2 * dp], a[m], bv);
+              ptx::mma_16816_if<T>(on[m], o[m][2 * dp + 1], a[m], bv + 2);
+            }
           }
         }
       }
@@ -579,7 +655,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     for (int d = 0; d < kDBlocks; ++d)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        T* dst = &smem.q[Cfg::chunk_index(my_row[m][i], d) * 8 + 2 * t4];
+        T* dst = &smem.q[Cfg::template chunk_index<kBlockQ>(my_row[m][i], d) * 8 + 2 * t4];
         dst[0] = from_float<T>(o[m][d][2 * i] * inv[i]);
         dst[1] = from_float<T>(o[m][d][2 * i + 1] * inv[i]);
       }
@@ -598,7 +674,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     if (!valid) continue;
     token_of(j, token);
     *reinterpret_cast<uint4*>(out + p.out_layout.offset(b, token, h) + c * 8) =
-        *reinterpret_cast<const uint4*>(&smem.q[Cfg::chunk_index(r, c) * 8]);
+        *reinterpret_cast<const uint4*>(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * 8]);
   }
   if (p.lse && t4 == 0) {
     constexpr float kLn2 = 0.6931471805599453f;

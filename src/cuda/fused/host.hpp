@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda/common/check.hpp"
+#include "cuda/fused/plan.hpp"
 #include "nbhd/problem.hpp"
 #include "nbhd/tensor.hpp"
 
@@ -45,6 +46,21 @@ inline Status check_device() {
     return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
                        std::to_string(major) + "." + std::to_string(minor));
   return Status::Ok();
+}
+
+// Whether the wgmma kernels can run here: the current device is sm_90 (H100, H200)
+// and the build has them (sm_90a in NBHD_CUDA_ARCHS). NBHD_FUSED_NO_WGMMA=1 keeps
+// the planner on the mma.sync kernels (to compare the two paths on one card).
+// Checked per call: cheap attribute reads, and the current device can change.
+inline bool hopper_device() {
+  const char* off = std::getenv("NBHD_FUSED_NO_WGMMA");
+  if (off && *off && *off != '0') return false;
+  int device = 0, major = 0, minor = 0;
+  if (!wgmma_kernels_built() || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
 }
 
 // What a plan depends on: the grid geometry and the head dims (not batch, heads or

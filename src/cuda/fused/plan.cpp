@@ -38,6 +38,17 @@ const std::vector<TileConfig>& table() {
       {3, 0, 4, 128, 1, log2_shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
       {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
+      // wgmma (sm_90a): 64 queries per warpgroup; a visited key tile is computed
+      // whole, so key tiles hug the window's shape.
+      {1, 0, 4, 64, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "wgmma 1-D 64 queries, 64-key tiles", true},
+      {1, 0, 4, 128, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "wgmma 1-D 64 queries, 128-key tiles", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma 2-D 8x8 / keys 4x16", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "wgmma 2-D 8x8 / keys 8x8: small windows", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "wgmma 2-D 4x16 / keys 4x16: wide windows", true},
+      {2, 0, 4, 128, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "wgmma 2-D 8x8 / keys 8x16", true},
+      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x4x8 / keys 1x4x16", true},
+      {3, 0, 4, 64, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x4 / keys 2x4x8", true},
+      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x4x8 / keys 2x4x8", true},
   };
   return t;
 }
@@ -51,8 +62,21 @@ int head_dim_bucket(int64_t dim, int64_t dim_v) {
   return 0;
 }
 
-bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles) {
+bool wgmma_kernels_built() {
+#if defined(NBHD_FUSED_WGMMA) && NBHD_FUSED_WGMMA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
+  // wgmma: one warpgroup, head dims 64 and 128; 128-key tiles at head dim 64 only
+  // (at 128 their two stages take 144 KB: one CTA per SM).
+  if (wgmma)
+    return wgmma_kernels_built() && warps == 4 && m_tiles == 1 && (head_dim == 64 ? block_kv == 64 || block_kv == 128
+                                                         : head_dim == 128 && block_kv == 64);
   // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
@@ -70,10 +94,11 @@ bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles) {
   return head_dim == 256 ? has(d256) : head_dim == 128 ? has(d128) : has(small);
 }
 
-std::vector<TileConfig> candidate_configs(int rank, int head_dim) {
+std::vector<TileConfig> candidate_configs(int rank, int head_dim, bool hopper) {
   std::vector<TileConfig> out;
   for (TileConfig c : table()) {
-    if (c.rank != rank || !kernel_compiled(head_dim, c.warps, c.block_kv, c.m_tiles)) continue;
+    if (c.rank != rank || (c.wgmma && !hopper) || !kernel_compiled(head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma))
+      continue;
     c.head_dim = head_dim;
     out.push_back(c);
   }
@@ -153,12 +178,22 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           e.needed_pairs += needed;
           // Over the key tiles of the CTA's key box that the warp visits (any key of
           // its union): chunks it computes (active) and chunks it predicates off.
-          add_warp_chunks(s, kbox, uni, &e);
+          if (!c.wgmma) add_warp_chunks(s, kbox, uni, &e);
+        }
+        if (c.wgmma) {
+          // The warpgroup computes every key tile of the key box whole for all its
+          // rows (the union of a box of queries' windows is the key box).
+          double tiles = 1;
+          for (int a = 0; a < kMaxRank; ++a) tiles *= ceil_div(kbox[a].size(), s.k(a));
+          e.computed_pairs += tiles * s.keys() * s.queries();
+          e.visited_pairs += tiles * s.keys() * s.queries();
         }
       }
   // Cost per needed pair: charged_pairs, and for each key tile a fixed overhead
   // (loads, barriers, tile bookkeeping) of about 24 keys' worth of work.
-  const double charged = charged_pairs(e);
+  // wgmma computes a pair at about half the issue cost of an mma.sync pair (one
+  // instruction per 64 x N x 16 block, no ldmatrix): an estimate until measured.
+  const double charged = c.wgmma ? 0.5 * e.computed_pairs : charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
   // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
@@ -170,19 +205,19 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   return e;
 }
 
-std::vector<PlanEstimate> rank_configs(const Problem& p) {
+std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int rank = p.rank;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   std::vector<PlanEstimate> out;
   if (!bucket) return out;
-  for (const TileConfig& c : candidate_configs(rank, bucket)) out.push_back(estimate(p, c));
+  for (const TileConfig& c : candidate_configs(rank, bucket, hopper)) out.push_back(estimate(p, c));
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
 }
 
-std::vector<std::string> describe_plan(const Problem& p) {
+std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
   std::vector<std::string> lines;
-  const auto ranked = rank_configs(p);
+  const auto ranked = rank_configs(p, hopper);
   if (ranked.empty()) {
     lines.push_back("fused: no head-dim bucket holds max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())));
     return lines;
@@ -192,10 +227,10 @@ std::vector<std::string> describe_plan(const Problem& p) {
     const TileShape& s = e.config.shape;
     char buf[256];
     std::snprintf(buf, sizeof buf,
-                  "fused %s q %dx%dx%d box %dx%dx%d kv %dx%dx%d (warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
+                  "fused %s q %dx%dx%d box %dx%dx%d kv %dx%dx%d (%s, warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
                   i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
-                  s.k(2), e.config.warps, e.config.m_tiles, e.config.block_kv, e.config.head_dim, e.waste(), e.cost,
-                  e.config.why);
+                  s.k(2), e.config.wgmma ? "wgmma" : "mma.sync", e.config.warps, e.config.m_tiles, e.config.block_kv,
+                  e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf);
   }
   return lines;

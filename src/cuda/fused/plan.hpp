@@ -13,8 +13,9 @@
 
 namespace nbhd::cuda::fused {
 
-// One entry of the table. `warps` and `block_kv` select the compiled kernel
-// (register and shared-memory layout); the tile shape is a runtime argument.
+// One entry of the table. `warps`, `block_kv`, `m_tiles` and `wgmma` select the
+// compiled kernel (register and shared-memory layout, instruction path); the tile
+// shape is a runtime argument.
 struct TileConfig {
   int rank;
   int head_dim;   // kernel bucket: problems with max(dim, dim_v) <= head_dim
@@ -23,14 +24,20 @@ struct TileConfig {
   int m_tiles;    // 16-query boxes per warp (1, or 2 sharing every K/V fragment)
   TileShape shape;
   const char* why;  // the measured or counted reason for this entry
+  bool wgmma = false;  // Hopper warpgroup instructions (sm_90a) instead of mma.sync
 };
 
-// Whether the kernel for (head-dim bucket, warps, key tile, boxes per warp) is in
-// the build's kernel list (NBHD_DTYPES / NBHD_HEAD_DIMS filter further).
-bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles);
+// Whether the kernel for (head-dim bucket, warps, key tile, boxes per warp,
+// instruction path) is in the build's kernel list (NBHD_DTYPES / NBHD_HEAD_DIMS /
+// NBHD_CUDA_ARCHS filter further).
+bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma);
 
-// Configurations available for a problem's rank and head-dim bucket.
-std::vector<TileConfig> candidate_configs(int rank, int head_dim);
+// Whether this build has the sm_90a (wgmma) forward kernels.
+bool wgmma_kernels_built();
+
+// Configurations available for a problem's rank and head-dim bucket; the wgmma ones
+// only when `hopper` (an sm_90 device, and a build with sm_90a).
+std::vector<TileConfig> candidate_configs(int rank, int head_dim, bool hopper = false);
 
 // Smallest compiled head-dim bucket >= max(dim, dim_v), or 0 when none.
 int head_dim_bucket(int64_t dim, int64_t dim_v);
@@ -65,9 +72,9 @@ void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, Pla
 double charged_pairs(const PlanEstimate& e);
 
 // All candidates with their estimates, best first.
-std::vector<PlanEstimate> rank_configs(const Problem& p);
+std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper = false);
 
 // Human-readable lines for `nbhd-bench --dry-run`.
-std::vector<std::string> describe_plan(const Problem& p);
+std::vector<std::string> describe_plan(const Problem& p, bool hopper = false);
 
 }  // namespace nbhd::cuda::fused

@@ -48,6 +48,7 @@ struct Lane {
   int variant = 0;  // mma: 1 = bf16; ldmatrix: 1 = transposed
   bool pred = true;
   uint32_t a[4], b[2], addr;
+  uint64_t desc[2];  // wgmma: the operands' shared-memory descriptors
   float c[4], value;
   uint32_t out[4];
   float fout[4];
@@ -332,6 +333,17 @@ inline std::size_t device_bytes = std::size_t(8) << 30;
 #define gridDim (::emu::block->grid())
 
 inline void __syncthreads() { emu::block->barrier(); }
+// A barrier that also ORs a predicate over the block: each thread reads every
+// thread's value between two barriers (no one writes its slot again before both).
+inline int __syncthreads_or(int pred) {
+  emu::Block* b = emu::block;
+  b->lane().pred = pred != 0;
+  b->barrier();
+  int any = 0;
+  for (unsigned t = 0; t < b->dim().x; ++t) any |= int(b->lane_of(int(t)).pred);
+  b->barrier();
+  return any;
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) emu::die("only full-warp __syncwarp is emulated");
   emu::block->lane().op = emu::Op::kSyncwarp;

@@ -66,12 +66,14 @@ def write_if_changed(path, text):
 
 
 def forward_configs(dim):
-    # Mirrors src/cuda/fused/CMakeLists.txt (kernel_compiled() in plan.cpp).
+    # Mirrors src/cuda/fused/CMakeLists.txt (kernel_compiled() in plan.cpp), with
+    # sm_90a: (warps, keys per tile, boxes per warp, wgmma).
     if dim == 256:
-        return [(4, 64, 1)]
+        return [(4, 64, 1, "false")]
     if dim == 128:
-        return [(4, 64, 1), (8, 64, 1)]
-    return [(4, 64, 1), (8, 64, 1), (4, 128, 1)]
+        return [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 64, 1, "true")]
+    configs = [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 128, 1, "false")]
+    return configs + ([(4, 64, 1, "true"), (4, 128, 1, "true")] if dim == 64 else [])
 
 
 def main():
@@ -104,10 +106,10 @@ def main():
         ctype = CTYPE[dtype]
         for dim in dims:
             body = '#include "cuda/fused/forward_kernel.cuh"\nnamespace nbhd::cuda::fused {\n'
-            for w, kv, m in forward_configs(dim):
-                body += (f"template cudaError_t launch_fused_forward<ForwardConfig<{ctype}, {dim}, {w}, {kv}, {m}>>"
+            for w, kv, m, g in forward_configs(dim):
+                body += (f"template cudaError_t launch_fused_forward<ForwardConfig<{ctype}, {dim}, {w}, {kv}, {m}, {g}>>"
                          "(const ForwardParams&, int64_t, cudaStream_t);\n")
-                fwd_inc += f"NBHD_FUSED_FORWARD({ctype}, {dim}, {w}, {kv}, {m})\n"
+                fwd_inc += f"NBHD_FUSED_FORWARD({ctype}, {dim}, {w}, {kv}, {m}, {g})\n"
             write_if_changed(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"), body + "}\n")
             sources.append(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"))
             if dim <= 128:
@@ -121,7 +123,7 @@ def main():
     write_if_changed(os.path.join(gen, "fused_backward_kernels.inc"), bwd_inc)
     tests = args.tests.split(",")
 
-    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fopenmp-simd", "-DNBHD_BACKEND_FUSED=1", "-DNBHD_WITH_CUDA=1",
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fopenmp-simd", "-DNBHD_BACKEND_FUSED=1", "-DNBHD_WITH_CUDA=1", "-DNBHD_FUSED_WGMMA=1",
              "-I", override, "-I", HERE, "-I", gen, "-I", os.path.join(ROOT, "include"), "-I", os.path.join(ROOT, "src"),
              "-I", os.path.join(ROOT, "tests", "cpp"), "-I", os.path.join(ROOT, "tests", "cuda"),
              "-isystem", args.cuda_include, "-Wno-unknown-pragmas", "-Wno-attributes"]
