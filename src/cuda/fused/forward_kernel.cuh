@@ -57,11 +57,12 @@ struct ForwardConfig {
   static constexpr int kMinBlocksPerSM =
       kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
                                                       : kWarps == 4 ? 2 : 1;
+  static_assert(!kWgmma_ || kWarps == 4 || kMinBlocksPerSM == 1, "two warpgroups: one CTA per SM, 255 registers");
   static constexpr bool kWgmma = kWgmma_;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
-  static_assert(!kWgmma || (kWarps == 4 && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
+  static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
                             (kBlockKV == 64 || kBlockKV == 128)),
-                "wgmma kernels: one warpgroup, head dim 64 or 128, 64 or 128 keys per tile");
+                "wgmma kernels: one or two warpgroups, head dim 64 or 128, 64 or 128 keys per tile");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
   struct SharedStorage {
@@ -445,7 +446,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       if constexpr (Cfg::kWgmma) {
         // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
         // descriptor steps 32 bytes along a 128-byte row, then to the next slab.
-        const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
+        // Warpgroup warp / 4 owns query rows 64 (warp / 4) .. + 63.
+        const uint32_t q_tile = ptx::smem_address(smem.q) + (warp >> 2) * 64 * 128;
+        const uint32_t k_tile = ptx::smem_address(smem.k[stage]);
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
         wgmma::fence();
 #pragma unroll

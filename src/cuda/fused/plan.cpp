@@ -49,6 +49,16 @@ const std::vector<TileConfig>& table() {
       {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x4x8 / keys 1x4x16", true},
       {3, 0, 4, 64, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x4 / keys 2x4x8", true},
       {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x4x8 / keys 2x4x8", true},
+      // Two warpgroups share each K/V tile among 128 queries: half the shared-memory
+      // fills and L2 reads per pair (at 64 queries the 1-D w2048 anchor reads about
+      // 6 TB/s from L2, near its limit).
+      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "wgmma 1-D 128 queries, 64-key tiles", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "wgmma 2-D 8x16 / keys 8x8", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "wgmma 2-D 16x8 / keys 8x8", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "wgmma 2-D 8x16 / keys 4x16", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x8x8 / keys 1x4x16", true},
+      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x8 / keys 2x4x8", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x8x8 / keys 2x4x8", true},
   };
   return t;
 }
@@ -72,11 +82,11 @@ bool wgmma_kernels_built() {
 
 bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
-  // wgmma: one warpgroup, head dims 64 and 128; 128-key tiles at head dim 64 only
-  // (at 128 their two stages take 144 KB: one CTA per SM).
+  // wgmma: one or two warpgroups, head dims 64 and 128, 64-key tiles; 128-key tiles
+  // for one warpgroup at head dim 64 only (at 128 their two stages take 144 KB).
   if (wgmma)
-    return wgmma_kernels_built() && warps == 4 && m_tiles == 1 && (head_dim == 64 ? block_kv == 64 || block_kv == 128
-                                                         : head_dim == 128 && block_kv == 64);
+    return wgmma_kernels_built() && (warps == 4 || warps == 8) && m_tiles == 1 &&
+           (head_dim == 64 || head_dim == 128) && (block_kv == 64 || (block_kv == 128 && warps == 4 && head_dim == 64));
   // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
@@ -191,9 +201,10 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
       }
   // Cost per needed pair: charged_pairs, and for each key tile a fixed overhead
   // (loads, barriers, tile bookkeeping) of about 24 keys' worth of work.
-  // wgmma computes a pair at about half the issue cost of an mma.sync pair (one
-  // instruction per 64 x N x 16 block, no ldmatrix): an estimate until measured.
-  const double charged = c.wgmma ? 0.5 * e.computed_pairs : charged_pairs(e);
+  // wgmma computes a pair at about 0.6 of the cost of a charged mma.sync pair: on
+  // the 1-D, 2-D k31, 3-D and FLUX anchors it ran in 0.72-0.75x the mma.sync time
+  // while computing 1.0-1.2x their charged pairs (H200, commit 9e7d9fb).
+  const double charged = c.wgmma ? 0.6 * e.computed_pairs : charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
   // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
@@ -210,7 +221,10 @@ std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   std::vector<PlanEstimate> out;
   if (!bucket) return out;
-  for (const TileConfig& c : candidate_configs(rank, bucket, hopper)) out.push_back(estimate(p, c));
+  for (const TileConfig& c : candidate_configs(rank, bucket, hopper)) {
+    out.push_back(estimate(p, c));
+    out.back().candidate = int(out.size()) - 1;
+  }
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
 }
@@ -227,8 +241,8 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
     const TileShape& s = e.config.shape;
     char buf[256];
     std::snprintf(buf, sizeof buf,
-                  "fused %s q %dx%dx%d box %dx%dx%d kv %dx%dx%d (%s, warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
-                  i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
+                  "fused %s #%d q %dx%dx%d box %dx%dx%d kv %dx%dx%d (%s, warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
+                  i == 0 ? "CHOSEN  " : "rejected", e.candidate, s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
                   s.k(2), e.config.wgmma ? "wgmma" : "mma.sync", e.config.warps, e.config.m_tiles, e.config.block_kv,
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf);

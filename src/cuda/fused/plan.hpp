@@ -44,6 +44,7 @@ int head_dim_bucket(int64_t dim, int64_t dim_v);
 
 struct PlanEstimate {
   TileConfig config;
+  int candidate = -1;         // index in candidate_configs (what NBHD_FUSED_TILE takes)
   double computed_pairs = 0;  // query-key pairs the tensor cores compute (sampled)
   double needed_pairs = 0;    // pairs the neighborhood attends (same sample)
   double visited_pairs = 0;   // pairs of every key tile a warp visits, computed or not

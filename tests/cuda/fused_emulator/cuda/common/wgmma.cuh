@@ -56,23 +56,25 @@ inline float mn_major(const Desc& d, int k, int n, bool bf16) {
 }
 
 // The warpgroup's D[64 x kN] (+)= A[64 x 16] B[16 x kN]; every thread publishes
-// its operands, waits for the group, computes its own accumulators, waits again.
+// its operands, waits for the block (every warpgroup issues the same instructions
+// in the kernels emulated here), computes its own accumulators, waits again.
+// a_of(group, row, k) reads A of warpgroup `group`.
 template <int kN, class AOf, class BOf>
 inline void warpgroup_mma(float* d, bool accumulate, AOf a_of, BOf b_of) {
   emu::Block* blk = emu::block;
-  if (blk->dim().x != 128) emu::die("wgmma is emulated for blocks of one warpgroup");
+  if (blk->dim().x % 128) emu::die("wgmma is emulated for blocks of whole warpgroups");
   blk->barrier();
-  const emu::Lane& first = blk->lane_of(0);
+  const int t = blk->thread(), group = t / 128, w = (t % 128) / 32, g = (t % 32) / 4, t4 = t % 4;
+  const emu::Lane& first = blk->lane_of(128 * group);
   if (blk->lane().desc[0] != first.desc[0] || blk->lane().desc[1] != first.desc[1] ||
       blk->lane().pred != first.pred)
     emu::die("wgmma operands differ across the warpgroup", blk->thread());
-  const int t = blk->thread(), w = t / 32, g = (t % 32) / 4, t4 = t % 4;
   float out[kN / 2];
   for (int j = 0; j < kN / 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int row = 16 * w + g + 8 * (e >> 1), col = 8 * j + 2 * t4 + (e & 1);
       double sum = accumulate ? d[4 * j + e] : 0.0;
-      for (int k = 0; k < 16; ++k) sum += double(a_of(row, k)) * double(b_of(k, col));
+      for (int k = 0; k < 16; ++k) sum += double(a_of(group, row, k)) * double(b_of(k, col));
       out[4 * j + e] = float(sum);
     }
   blk->barrier();
@@ -90,7 +92,7 @@ inline void mma_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) 
   l.desc[1] = b_desc;
   l.pred = accumulate;
   const detail::Desc a = detail::decode(a_desc), b = detail::decode(b_desc);
-  detail::warpgroup_mma<kN>(d, accumulate, [&](int row, int k) { return detail::k_major(a, row, k, bf16); },
+  detail::warpgroup_mma<kN>(d, accumulate, [&](int, int row, int k) { return detail::k_major(a, row, k, bf16); },
                             [&](int k, int col) { return detail::k_major(b, col, k, bf16); });
 }
 
@@ -106,8 +108,8 @@ inline void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate
   const detail::Desc b = detail::decode(b_desc);
   emu::Block* blk = emu::block;
   // A from the registers of the warp owning the row (mma.sync m16n8k16 A layout).
-  auto a_of = [&](int row, int k) {
-    const int w = row / 16, r = row % 16, lane = 4 * (r % 8) + (k % 8) / 2;
+  auto a_of = [&](int group, int row, int k) {
+    const int w = 4 * group + row / 16, r = row % 16, lane = 4 * (r % 8) + (k % 8) / 2;
     const int reg = r / 8 + 2 * (k / 8);
     return emu::half_of(blk->lane_of(32 * w + lane).a[reg], k % 2, bf16);
   };
