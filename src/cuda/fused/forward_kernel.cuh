@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
   // Where tile `it`'s rows come from: the tile origin's row in k and v, and the
   // extent of the tile inside the key box (rows past it are zero-filled). Computed
-  // when K is loaded, reused for V.
+  // once per tile for K and V.
   struct TileSource {
     const T* k;
     const T* v;
@@ -266,30 +266,45 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return src;
   };
-  // Invalid rows and columns past the head dim read nothing (src size 0); their
-  // address stays at the tile origin's row, which exists.
-  auto load_rows = [&](const TileSource& src, bool value, int stage) {
-    const T* base = value ? src.v : src.k;
-    T* dst_tile = value ? smem.v[stage] : smem.k[stage];
-    const bool chunk_ok = value ? v_chunk_ok : k_chunk_ok;
-    const int64_t additional_step = value ? p.av_layout.axis[2] : p.ak_layout.axis[2];
+  // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
+  // rows of K and V. Invalid rows and columns past the head dim read nothing (src
+  // size 0); their address stays at the tile origin's row, which exists. A tile
+  // inside the key box skips the per-row bounds test. (Per row and tensor this was
+  // about 31 instructions with the tile kind decided per row: half of what a warp
+  // issued per tile at head dim 128; now about 7.)
+  auto load_kv = [&](const TileSource& src, int stage) {
+    T* k_dst = smem.k[stage];
+    T* v_dst = smem.v[stage];
+    if (src.first_additional < 0) {
+      const bool whole = src.limit[0] >= shape.k(0) && src.limit[1] >= shape.k(1) && src.limit[2] >= shape.k(2);
 #pragma unroll
-    for (int i = 0; i < kBlockKV / kRowStep; ++i) {
-      const int n = load_row + i * kRowStep;
-      bool valid;
-      int64_t delta;
-      if (src.first_additional < 0) {
-        const int packed = smem.key_row_offset[n];
-        valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
-                (packed >> 20) < src.limit[2];
-        delta = value ? smem.v_row_delta[n] : smem.k_row_delta[n];
-      } else {
-        valid = src.first_additional + n < p.additional_tokens;
-        delta = n * additional_step;
+      for (int i = 0; i < kBlockKV / kRowStep; ++i) {
+        const int n = load_row + i * kRowStep;
+        bool valid = true;
+        if (!whole) {
+          const int packed = smem.key_row_offset[n];
+          valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
+                  (packed >> 20) < src.limit[2];
+        }
+        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * 8;
+        const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
+        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? smem.k_row_delta[n] + chunk * 8 : 0),
+                         k_ok ? 16 : 0);
+        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? smem.v_row_delta[n] + chunk * 8 : 0),
+                         v_ok ? 16 : 0);
       }
-      const bool ok = valid && chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&dst_tile[Cfg::template chunk_index<kBlockKV>(n, chunk) * 8]),
-                       base + (ok ? delta + chunk * 8 : 0), ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kBlockKV / kRowStep; ++i) {
+        const int n = load_row + i * kRowStep;
+        const bool valid = src.first_additional + n < p.additional_tokens;
+        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * 8;
+        const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
+        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? n * p.ak_layout.axis[2] + chunk * 8 : 0),
+                         k_ok ? 16 : 0);
+        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? n * p.av_layout.axis[2] + chunk * 8 : 0),
+                         v_ok ? 16 : 0);
+      }
     }
   };
 
@@ -369,18 +384,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
   load_q();
   {
-    const TileSource first = tile_source(0);
-    load_rows(first, /*value=*/false, 0);
-    load_rows(first, /*value=*/true, 0);
+    load_kv(tile_source(0), 0);
     ptx::cp_async_commit();
   }
 
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < total_tiles) {
-      const TileSource next = tile_source(it + 1);
-      load_rows(next, /*value=*/false, stage ^ 1);
-      load_rows(next, /*value=*/true, stage ^ 1);
+      load_kv(tile_source(it + 1), stage ^ 1);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
