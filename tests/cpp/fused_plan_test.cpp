@@ -24,7 +24,7 @@ TEST(FusedPlan, TableEntriesAreValidTilings) {
         for (const TileConfig& c : configs) {
           const TileShape& s = c.shape;
           SCOPED_TRACE(c.why);
-          if (c.wgmma) EXPECT_TRUE(c.warps == 4 || c.warps == 8) << "a wgmma kernel is one or two warpgroups";
+          if (c.wgmma) EXPECT_EQ(c.warps, 4) << "a wgmma kernel is one warpgroup";
           EXPECT_EQ(s.queries(), 16 * c.warps * c.m_tiles);
           EXPECT_EQ(s.keys(), c.block_kv);
           EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";

@@ -39,26 +39,17 @@ const std::vector<TileConfig>& table() {
       {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
       // wgmma (sm_90a): 64 queries per warpgroup; a visited key tile is computed
-      // whole, so key tiles hug the window's shape.
-      {1, 0, 4, 64, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "wgmma 1-D 64 queries, 64-key tiles", true},
-      {1, 0, 4, 128, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 7), "wgmma 1-D 64 queries, 128-key tiles", true},
-      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma 2-D 8x8 / keys 4x16", true},
-      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "wgmma 2-D 8x8 / keys 8x8: small windows", true},
-      {2, 0, 4, 64, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "wgmma 2-D 4x16 / keys 4x16: wide windows", true},
-      {2, 0, 4, 128, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 4), "wgmma 2-D 8x8 / keys 8x16", true},
-      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x4x8 / keys 1x4x16", true},
-      {3, 0, 4, 64, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x4 / keys 2x4x8", true},
-      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x4x8 / keys 2x4x8", true},
-      // Two warpgroups share each K/V tile among 128 queries: half the shared-memory
-      // fills and L2 reads per pair (at 64 queries the 1-D w2048 anchor reads about
-      // 6 TB/s from L2, near its limit).
-      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "wgmma 1-D 128 queries, 64-key tiles", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "wgmma 2-D 8x16 / keys 8x8", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "wgmma 2-D 16x8 / keys 8x8", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "wgmma 2-D 8x16 / keys 4x16", true},
-      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x8x8 / keys 1x4x16", true},
-      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x8 / keys 2x4x8", true},
-      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x8x8 / keys 2x4x8", true},
+      // whole, so key tiles hug the window's shape. Times: H200, commit 2145f1f.
+      {1, 0, 4, 64, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "wgmma 1-D 64 queries: 2.43 ms at w2048 (mma.sync 3.49)", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 3, 3), "wgmma 2-D 8x8 / keys 8x8: 1.57 ms at k31, 6.21 at k80 (x6 heads), best", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma 2-D 8x8 / keys 4x16: 1.87 ms at k31", true},
+      {2, 0, 4, 64, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 2, 4), "wgmma 2-D 4x16 / keys 4x16: wide windows, 1.73 ms at k31", true},
+      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 1, 2, 3), "wgmma 3-D 2x4x8 / keys 2x4x8: 6.28 ms at 16x48x80 (x8 heads), 16.0 at Hunyuan (x4), best", true},
+      {3, 0, 4, 64, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 4), "wgmma 3-D 2x4x8 / keys 1x4x16: 6.70 ms at 16x48x80", true},
+      {3, 0, 4, 64, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 2, 3), "wgmma 3-D 4x4x4 / keys 2x4x8: 6.85 ms at 16x48x80", true},
+      // Not kept: two warpgroups sharing K/V among 128 queries (half the L2 reads
+      // per pair) ran 2-12% slower per computed pair (1-D 2.49 vs 2.43 ms); 128-key
+      // tiles at head dim 64 spilled and were never the fastest.
   };
   return t;
 }
@@ -82,11 +73,9 @@ bool wgmma_kernels_built() {
 
 bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
-  // wgmma: one or two warpgroups, head dims 64 and 128, 64-key tiles; 128-key tiles
-  // for one warpgroup at head dim 64 only (at 128 their two stages take 144 KB).
+  // wgmma: one warpgroup, head dims 64 and 128, 64-key tiles (the table says why).
   if (wgmma)
-    return wgmma_kernels_built() && (warps == 4 || warps == 8) && m_tiles == 1 &&
-           (head_dim == 64 || head_dim == 128) && (block_kv == 64 || (block_kv == 128 && warps == 4 && head_dim == 64));
+    return wgmma_kernels_built() && warps == 4 && m_tiles == 1 && block_kv == 64 && (head_dim == 64 || head_dim == 128);
   // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128

@@ -71,9 +71,9 @@ def forward_configs(dim):
     if dim == 256:
         return [(4, 64, 1, "false")]
     if dim == 128:
-        return [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 64, 1, "true"), (8, 64, 1, "true")]
+        return [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 64, 1, "true")]
     configs = [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 128, 1, "false")]
-    return configs + ([(4, 64, 1, "true"), (8, 64, 1, "true"), (4, 128, 1, "true")] if dim == 64 else [])
+    return configs + ([(4, 64, 1, "true")] if dim == 64 else [])
 
 
 def main():
