@@ -63,17 +63,13 @@ struct ForwardConfig {
                 "wgmma kernels: one warpgroup, head dim 64 or 128, 64 keys per tile");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
-  // Stages of V: the wgmma path leaves tile it's P·V running into iteration it + 1,
-  // so tile it + 2 loads into a third V buffer.
-  static constexpr int kVStages = kWgmma ? 3 : 2;
-
   struct SharedStorage {
     T q[kBlockQ * kHeadDim];  // reused to stage the output
     // Two stages: tile it + 1 loads while tile it computes. (One buffer each for K
     // and V, K loading during P·V and V during Q·K^T as FlashAttention-2 does, was
     // 10-15% slower on an H200 with 2 CTAs per SM: the loads were not hidden.)
     T k[2][kBlockKV * kHeadDim];
-    T v[kVStages][kBlockKV * kHeadDim];
+    T v[2][kBlockKV * kHeadDim];
     // Per key-tile row: element offset from the tile origin's row in k and v, and
     // the row's offset in the tile box (axis a in bits 10a..10a+9). Computed once
     // per CTA, so a tile's loads are an add and three compares per row.
@@ -268,15 +264,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return src;
   };
-  // Loads tile `src` into K and V stages: each thread copies 16-byte column `chunk` of its
+  // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
   // rows of K and V. Invalid rows and columns past the head dim read nothing (src
   // size 0); their address stays at the tile origin's row, which exists. A tile
   // inside the key box skips the per-row bounds test. (Per row and tensor this was
   // about 31 instructions with the tile kind decided per row: half of what a warp
   // issued per tile at head dim 128; now about 7.)
-  auto load_kv = [&](const TileSource& src, int k_stage, int v_stage) {
-    T* k_dst = smem.k[k_stage];
-    T* v_dst = smem.v[v_stage];
+  auto load_kv = [&](const TileSource& src, int stage) {
+    T* k_dst = smem.k[stage];
+    T* v_dst = smem.v[stage];
     if (src.first_additional < 0) {
       const bool whole = src.limit[0] >= shape.k(0) && src.limit[1] >= shape.k(1) && src.limit[2] >= shape.k(2);
 #pragma unroll
@@ -386,19 +382,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
   load_q();
   {
-    load_kv(tile_source(0), 0, 0);
+    load_kv(tile_source(0), 0);
     ptx::cp_async_commit();
   }
-  // P of the tile whose P·V may still run (wgmma path): its registers stay reserved
-  // until the next wait (the instruction reads them asynchronously).
-  uint32_t p_frag[kBlockKV / 16][4] = {};
-  int v_stage = 0;  // tile it's V buffer: it % kVStages
 
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it & 1;
-    const int v_next = v_stage + 1 == Cfg::kVStages ? 0 : v_stage + 1;
     if (it + 1 < total_tiles) {
-      load_kv(tile_source(it + 1), stage ^ 1, v_next);
+      load_kv(tile_source(it + 1), stage ^ 1);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
@@ -475,10 +466,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
         wgmma::commit_group();
-        wgmma::wait_group<0>();  // this S, and the previous tile's P·V
+        wgmma::wait_group<0>();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-        wgmma::fence_operands<kBlockKV / 4>(&p_frag[0][0]);
       } else {
         // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
         // no query of a box can see is predicated off.
@@ -611,25 +600,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       // k16); each V fragment serves every box of the warp.
       if constexpr (Cfg::kWgmma) {
         // One m64 x head dim x 16 product per 16 keys: V's rows are K here, its
-        // 64-column slabs kBlockKV rows apart. Not waited for: it runs while the
-        // warps load, wait and issue the next tile's S (whose wait completes it).
-        const uint32_t v_tile = ptx::smem_address(smem.v[v_stage]);
+        // 64-column slabs kBlockKV rows apart.
+        const uint32_t v_tile = ptx::smem_address(smem.v[stage]);
+        uint32_t a[kBlockKV / 16][4];
 #pragma unroll
         for (int kb = 0; kb < kBlockKV / 16; ++kb) {
-          p_frag[kb][0] = ptx::pack2<T>(s[0][2 * kb][0], s[0][2 * kb][1]);
-          p_frag[kb][1] = ptx::pack2<T>(s[0][2 * kb][2], s[0][2 * kb][3]);
-          p_frag[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
-          p_frag[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
+          a[kb][0] = ptx::pack2<T>(s[0][2 * kb][0], s[0][2 * kb][1]);
+          a[kb][1] = ptx::pack2<T>(s[0][2 * kb][2], s[0][2 * kb][3]);
+          a[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
+          a[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
         }
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
-        wgmma::fence_operands<kBlockKV / 4>(&p_frag[0][0]);
+        wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
         wgmma::fence();
 #pragma unroll
         for (int kb = 0; kb < kBlockKV / 16; ++kb)
-          wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], p_frag[kb],
-                                          wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
+          wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb], wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
                                           /*accumulate=*/true);
         wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else {
         const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
 #pragma unroll
@@ -659,23 +649,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       }
     }
     if (!additional) compute_tile.advance(kbox, shape);
-    v_stage = v_next;
-    if constexpr (Cfg::kWgmma) {
-      // The next loads overwrite K of this tile (its S completed: every warp waited
-      // for it, and it completes for the warpgroup at once) and V of tile it - 1
-      // (its P·V completed at this tile's wait). A skipped tile waited for nothing.
-      if (!compute_tile_now) {
-        wgmma::wait_group<0>();
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-        wgmma::fence_operands<kBlockKV / 4>(&p_frag[0][0]);
-      }
-    } else {
-      __syncthreads();  // the next iteration's loads overwrite this stage
-    }
-  }
-  if constexpr (Cfg::kWgmma) {
-    wgmma::wait_group<0>();
-    wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+    __syncthreads();  // the next iteration's loads overwrite this stage
   }
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------
