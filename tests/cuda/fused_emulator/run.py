@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
 """Runs the fused backend's GPU tests on the CPU, through the emulated CUDA runtime
-beside this file (cuda_runtime.h; cuda/common/ptx.cuh and cuda/fused/backward_ptx.cuh
-replace the PTX wrappers). The kernel headers are copied with their launches
+beside this file (cuda_runtime.h; cuda/common/ptx.cuh, cuda/common/wgmma.cuh and
+cuda/fused/backward_ptx.cuh replace the PTX wrappers; the device reports compute
+capability 9.0, so the sm_90a wgmma kernels run too). The kernel headers are copied with their launches
 rewritten as calls; everything is compiled by the host compiler. The forward test
 runs too: the forward passed on an H200, so it checks the emulator itself.
 
