@@ -267,9 +267,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
   // rows of K and V. Invalid rows and columns past the head dim read nothing (src
   // size 0); their address stays at the tile origin's row, which exists. A tile
-  // inside the key box skips the per-row bounds test. (Per row and tensor this was
-  // about 31 instructions with the tile kind decided per row: half of what a warp
-  // issued per tile at head dim 128; now about 7.)
+  // inside the key box skips the per-row bounds test. (With the tile kind decided per
+  // row, a row of one tensor took about 31 SASS instructions: half of what a warp
+  // issued per tile at head dim 128, commit e135cb1.)
   auto load_kv = [&](const TileSource& src, int stage) {
     T* k_dst = smem.k[stage];
     T* v_dst = smem.v[stage];
