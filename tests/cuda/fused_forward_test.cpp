@@ -2,8 +2,9 @@
 // The fused forward against the CPU reference on seeded random problems: ranks 1-3,
 // extents that are not multiples of any tile, dilation with unequal groups, stride,
 // every causal combination, GQA, Dv != D, additional tokens, RPB, head dims at the
-// bucket edges. Tolerance: the flash-attention rule (testing.hpp) against the
-// reference run as a plain implementation in the same 16-bit dtype.
+// bucket edges, element offsets past 2^31. Tolerance: the flash-attention rule
+// (testing.hpp) against the reference run as a plain implementation in the same
+// 16-bit dtype.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -233,6 +234,88 @@ TEST(FusedForwardShapes, ShortDilationGroups) {
     c.p.dtype = DType::kFloat16;
     check_forward(c, rng);
   }
+}
+
+}  // namespace
+}  // namespace nbhd
+
+namespace nbhd {
+namespace {
+
+// Element offsets past 2^31 in each tensor the kernels index: q, k, v and out in turn
+// are held with token rows kTokenStride elements apart, so the rows of tokens >= 256
+// start beyond 2^31 elements (4.3 GB of float16); the other tensors stay packed.
+// Both instruction paths run where the GPU has two (wgmma on sm_90 at head dim 64).
+TEST(FusedForwardLarge, OffsetsPast2Pow31Elements) {
+  NBHD_REQUIRE_GPU();
+  constexpr int64_t L = 260, H = 2, D = 64, kTokenStride = (int64_t(1) << 23) + 8;
+  const size_t big_bytes = size_t((L - 1) * kTokenStride + H * D) * 2;
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  if (free_bytes < big_bytes + (size_t(1) << 30))
+    GTEST_SKIP() << "needs " << (big_bytes >> 20) + 1024 << " MiB of free GPU memory, has " << (free_bytes >> 20);
+
+  Problem p;
+  p.rank = 1;
+  p.extent = {L, 0, 0};
+  p.kernel = {33, 0, 0};
+  p.heads = H;
+  p.kv_heads = 1;
+  p.dim = D;
+  p.dtype = DType::kFloat16;
+  std::mt19937_64 rng(77);
+  const Inputs in(p, rng);
+  const testing::DenseResult exact = testing::dense_attention(p, in);
+  HostTensor plain(p.dtype, {1, L, H, D});
+  ASSERT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), {}, {}, {}, plain.ref(), {}}, true).ok());
+
+  // A device copy of `host` ([1, L, heads, D], packed) with token rows kTokenStride apart.
+  struct Strided {
+    void* data = nullptr;
+    TensorRef ref;
+    size_t row_bytes = 0;
+    ~Strided() {
+      if (data) cudaFree(data);
+    }
+  };
+  auto make_strided = [&](const HostTensor& host, Strided& s) {
+    const TensorRef& h = host.ref();
+    s.row_bytes = size_t(h.shape[2] * h.shape[3]) * 2;
+    ASSERT_EQ(cudaMalloc(&s.data, big_bytes), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy2D(s.data, kTokenStride * 2, host.storage(), s.row_bytes, s.row_bytes, L, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    s.ref = TensorRef::contiguous(s.data, p.dtype, Device::kCUDA, {1, L, h.shape[2], D});
+    s.ref.stride[0] = L * kTokenStride;
+    s.ref.stride[1] = kTokenStride;
+  };
+
+  const char* names[] = {"query", "key", "value", "out"};
+  for (int strided = 0; strided < 4; ++strided)
+    for (bool mma_sync_only : {false, true}) {
+      SCOPED_TRACE(std::string(names[strided]) + " strided" + (mma_sync_only ? ", NBHD_FUSED_NO_WGMMA=1" : ""));
+      if (mma_sync_only) setenv("NBHD_FUSED_NO_WGMMA", "1", 1);
+      HostTensor out(p.dtype, {1, L, H, D});
+      DeviceTensor q(in.q), k(in.k), v(in.v), d_out(out);
+      Strided big;
+      const HostTensor* sources[] = {&in.q, &in.k, &in.v, &out};
+      make_strided(*sources[strided], big);
+      if (HasFatalFailure()) return;
+      TensorRef refs[] = {q.ref(), k.ref(), v.ref(), d_out.ref()};
+      refs[strided] = big.ref;
+      Options o;
+      o.backend = Backend::kFused;
+      const Status s = forward(p, {refs[0], refs[1], refs[2], {}, {}, {}, refs[3], {}}, o);
+      unsetenv("NBHD_FUSED_NO_WGMMA");
+      ASSERT_TRUE(s.ok()) << s.message();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      if (strided == 3)
+        ASSERT_EQ(cudaMemcpy2D(out.storage(), big.row_bytes, big.data, kTokenStride * 2, big.row_bytes, L,
+                               cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+      else
+        d_out.copy_to(out);
+      testing::expect_close("out", p.dtype, out.values(), exact.out, plain.values());
+    }
 }
 
 }  // namespace
