@@ -2,8 +2,8 @@
 // The fused backward against the CPU reference on seeded random problems: ranks 1-3,
 // extents that are not multiples of any tile, dilation with unequal groups, stride,
 // every causal combination, GQA, Dv != D, additional tokens (their gradients too),
-// RPB and its gradient, padded strides, head dims 8..128; both modes, and the
-// deterministic mode bitwise over two runs.
+// RPB and its gradient, padded strides, head dims 8..128, element offsets past 2^31;
+// both modes, and the deterministic mode bitwise over two runs.
 //
 // Tolerance: the flash-attention rule (testing.hpp), err <= 2 * err(plain) + 2 * noise,
 // where the plain implementation is the textbook backward in the same precision,
@@ -427,6 +427,65 @@ TEST(FusedBackwardShapes, ShortDilationGroups) {
   for (const Case& c : cases) {
     check_backward(c, rng);
     if (HasFailure()) return;
+  }
+}
+
+// Element offsets past 2^31 in each tensor the backward indexes: q, k, v, out, d out,
+// dq, dk and dv in turn are held with token rows 2^23 + 8 elements apart (rows of
+// tokens >= 256 start beyond 2^31 elements, 4.3 GB of float16), the rest packed.
+TEST(FusedBackwardLarge, OffsetsPast2Pow31Elements) {
+  NBHD_REQUIRE_GPU();
+  constexpr int64_t L = 260, kTokenStride = (int64_t(1) << 23) + 8;
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  const size_t big_bytes = size_t((L - 1) * kTokenStride + 128) * 2;  // one strided tensor at a time
+  if (free_bytes < big_bytes + (size_t(1) << 30))
+    GTEST_SKIP() << "needs " << (big_bytes >> 20) + 1024 << " MiB of free GPU memory, has " << (free_bytes >> 20);
+  const Problem p = named_case(1, {L, 0, 0}, {33, 0, 0}, 64).p;  // 2 query heads on 1 kv head
+  std::mt19937_64 rng(78);
+  const Inputs in(p, rng);
+  HostTensor out(p.dtype, shape_of(in.q.ref())), lse(DType::kFloat32, {1, L, p.heads}), d_out(p.dtype, shape_of(in.q.ref()));
+  d_out.fill_random(rng);
+  ASSERT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), {}, {}, {}, out.ref(), lse.ref()}, false).ok());
+  // Exact gradients: the float64 reference on the same (rounded) inputs and outputs.
+  Problem p64 = p;
+  p64.dtype = DType::kFloat64;
+  Inputs in64(p64, rng);
+  HostTensor out64(DType::kFloat64, shape_of(out.ref())), lse64(DType::kFloat64, shape_of(lse.ref())),
+      d_out64(DType::kFloat64, shape_of(out.ref())), dq64(DType::kFloat64, shape_of(in.q.ref())),
+      dk64(DType::kFloat64, shape_of(in.k.ref())), dv64(DType::kFloat64, shape_of(in.v.ref()));
+  for (auto [from, to] : {std::pair{&in.q, &in64.q}, {&in.k, &in64.k}, {&in.v, &in64.v}, {&out, &out64},
+                          {&lse, &lse64}, {&d_out, &d_out64}})
+    for (int64_t i = 0; i < from->numel(); ++i) to->set(i, from->get(i));
+  ASSERT_TRUE(cpu::reference_backward(p64, {in64.q.ref(), in64.k.ref(), in64.v.ref(), {}, {}, {}, out64.ref(),
+                                            lse64.ref(), d_out64.ref(), dq64.ref(), dk64.ref(), dv64.ref(), {}, {}, {}})
+                  .ok());
+  const Gradients plain = plain_backward(p, in, out, lse, d_out);
+
+  const char* names[] = {"query", "key", "value", "out", "d out", "d query", "d key", "d value"};
+  for (int strided = 0; strided < 8; ++strided) {
+    SCOPED_TRACE(std::string(names[strided]) + " strided");
+    HostTensor dq(p.dtype, shape_of(in.q.ref())), dk(p.dtype, shape_of(in.k.ref())), dv(p.dtype, shape_of(in.v.ref()));
+    DeviceTensor q(in.q), k(in.k), v(in.v), o(out), l(lse), g_out(d_out), g_q(dq), g_k(dk), g_v(dv);
+    const HostTensor* sources[] = {&in.q, &in.k, &in.v, &out, &d_out, &dq, &dk, &dv};
+    const testing::StridedDeviceTensor big(*sources[strided], kTokenStride);
+    if (HasFailure()) return;
+    TensorRef refs[] = {q.ref(), k.ref(), v.ref(), o.ref(), g_out.ref(), g_q.ref(), g_k.ref(), g_v.ref()};
+    refs[strided] = big.ref();
+    const Status s = backward(p, {refs[0], refs[1], refs[2], {}, {}, {}, refs[3], l.ref(), refs[4], refs[5], refs[6],
+                                  refs[7], {}, {}, {}},
+                              Options{Backend::kFused});
+    ASSERT_TRUE(s.ok()) << s.message();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    HostTensor* grads[] = {&dq, &dk, &dv};
+    const DeviceTensor* packed[] = {&g_q, &g_k, &g_v};
+    for (int i = 0; i < 3; ++i) {
+      if (strided == 5 + i) big.copy_to(*grads[i]);
+      else packed[i]->copy_to(*grads[i]);
+    }
+    testing::expect_close("dq", p.dtype, dq.values(), dq64.values(), plain.dq);
+    testing::expect_close("dk", p.dtype, dk.values(), dk64.values(), plain.dk);
+    testing::expect_close("dv", p.dtype, dv.values(), dv64.values(), plain.dv);
   }
 }
 

@@ -249,7 +249,7 @@ namespace {
 TEST(FusedForwardLarge, OffsetsPast2Pow31Elements) {
   NBHD_REQUIRE_GPU();
   constexpr int64_t L = 260, H = 2, D = 64, kTokenStride = (int64_t(1) << 23) + 8;
-  const size_t big_bytes = size_t((L - 1) * kTokenStride + H * D) * 2;
+  const size_t big_bytes = size_t((L - 1) * kTokenStride + H * D) * 2;  // one strided tensor at a time
   size_t free_bytes = 0, total_bytes = 0;
   ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
   if (free_bytes < big_bytes + (size_t(1) << 30))
@@ -269,51 +269,26 @@ TEST(FusedForwardLarge, OffsetsPast2Pow31Elements) {
   HostTensor plain(p.dtype, {1, L, H, D});
   ASSERT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), {}, {}, {}, plain.ref(), {}}, true).ok());
 
-  // A device copy of `host` ([1, L, heads, D], packed) with token rows kTokenStride apart.
-  struct Strided {
-    void* data = nullptr;
-    TensorRef ref;
-    size_t row_bytes = 0;
-    ~Strided() {
-      if (data) cudaFree(data);
-    }
-  };
-  auto make_strided = [&](const HostTensor& host, Strided& s) {
-    const TensorRef& h = host.ref();
-    s.row_bytes = size_t(h.shape[2] * h.shape[3]) * 2;
-    ASSERT_EQ(cudaMalloc(&s.data, big_bytes), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy2D(s.data, kTokenStride * 2, host.storage(), s.row_bytes, s.row_bytes, L, cudaMemcpyHostToDevice),
-              cudaSuccess);
-    s.ref = TensorRef::contiguous(s.data, p.dtype, Device::kCUDA, {1, L, h.shape[2], D});
-    s.ref.stride[0] = L * kTokenStride;
-    s.ref.stride[1] = kTokenStride;
-  };
-
   const char* names[] = {"query", "key", "value", "out"};
   for (int strided = 0; strided < 4; ++strided)
     for (bool mma_sync_only : {false, true}) {
       SCOPED_TRACE(std::string(names[strided]) + " strided" + (mma_sync_only ? ", NBHD_FUSED_NO_WGMMA=1" : ""));
-      if (mma_sync_only) setenv("NBHD_FUSED_NO_WGMMA", "1", 1);
       HostTensor out(p.dtype, {1, L, H, D});
       DeviceTensor q(in.q), k(in.k), v(in.v), d_out(out);
-      Strided big;
       const HostTensor* sources[] = {&in.q, &in.k, &in.v, &out};
-      make_strided(*sources[strided], big);
-      if (HasFatalFailure()) return;
+      const testing::StridedDeviceTensor big(*sources[strided], kTokenStride);
+      if (HasFailure()) return;
       TensorRef refs[] = {q.ref(), k.ref(), v.ref(), d_out.ref()};
-      refs[strided] = big.ref;
+      refs[strided] = big.ref();
       Options o;
       o.backend = Backend::kFused;
+      if (mma_sync_only) setenv("NBHD_FUSED_NO_WGMMA", "1", 1);
       const Status s = forward(p, {refs[0], refs[1], refs[2], {}, {}, {}, refs[3], {}}, o);
       unsetenv("NBHD_FUSED_NO_WGMMA");
       ASSERT_TRUE(s.ok()) << s.message();
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      if (strided == 3)
-        ASSERT_EQ(cudaMemcpy2D(out.storage(), big.row_bytes, big.data, kTokenStride * 2, big.row_bytes, L,
-                               cudaMemcpyDeviceToHost),
-                  cudaSuccess);
-      else
-        d_out.copy_to(out);
+      if (strided == 3) big.copy_to(out);
+      else d_out.copy_to(out);
       testing::expect_close("out", p.dtype, out.values(), exact.out, plain.values());
     }
 }
