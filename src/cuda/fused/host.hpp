@@ -34,14 +34,21 @@ inline Status check_alignment(const char* what, const TensorRef& t) {
   return Status::Ok();
 }
 
-// Compute capability 8.0 or newer (mma.sync m16n8k16, cp.async). Attributes, not
-// cudaGetDeviceProperties: its struct grows between CUDA releases, and a runtime
-// newer than the headers wrote past it on the stack (crash under torch, H200).
-inline Status check_device() {
-  int device = 0, major = 0, minor = 0;
+// The current device's compute capability. Attributes, not cudaGetDeviceProperties:
+// its struct grows between CUDA releases, and a runtime newer than the headers wrote
+// past it on the stack (crash under torch, H200).
+inline Status current_capability(int* major, int* minor) {
+  int device = 0;
   NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device));
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device));
+  return Status::Ok();
+}
+
+// Compute capability 8.0 or newer (mma.sync m16n8k16, cp.async).
+inline Status check_device() {
+  int major = 0, minor = 0;
+  NBHD_RETURN_IF_ERROR(current_capability(&major, &minor));
   if (major < 8)
     return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
                        std::to_string(major) + "." + std::to_string(minor));
@@ -55,12 +62,8 @@ inline Status check_device() {
 inline bool hopper_device() {
   const char* off = std::getenv("NBHD_FUSED_NO_WGMMA");
   if (off && *off && *off != '0') return false;
-  int device = 0, major = 0, minor = 0;
-  if (!wgmma_kernels_built() || cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0;
+  int major = 0, minor = 0;
+  return wgmma_kernels_built() && current_capability(&major, &minor).ok() && major == 9 && minor == 0;
 }
 
 // What a plan depends on: the grid geometry and the head dims (not batch, heads or
