@@ -113,6 +113,28 @@ TEST(FusedPlan, WgmmaEstimateCountsWholeKeyTiles) {
   EXPECT_TRUE(listed_wgmma);
 }
 
+// On an sm_90 device the planner picks the wgmma configuration measured fastest
+// (H200 sweep of commit 2145f1f, docs/performance.md) on the compute-bound anchors.
+TEST(FusedPlan, WgmmaChoicesMatchTheMeasuredBest) {
+  struct Expect {
+    Problem p;
+    const char* chosen;  // the start of the table entry's reason
+  };
+  const Expect cases[] = {
+      {anchor(1, {32768, 0, 0}, {2048, 0, 0}, 128), "wgmma 1-D 64 queries"},
+      {anchor(2, {128, 128, 0}, {31, 31, 0}, 128), "wgmma 2-D 8x8 / keys 8x8"},
+      {anchor(2, {256, 256, 0}, {80, 80, 0}, 128), "wgmma 2-D 8x8 / keys 8x8"},
+      {anchor(3, {16, 48, 80}, {8, 16, 24}, 128), "wgmma 3-D 2x4x8 / keys 2x4x8"},
+      {anchor(3, {30, 48, 80}, {18, 24, 24}, 128), "wgmma 3-D 2x4x8 / keys 2x4x8"},
+  };
+  for (const Expect& e : cases) {
+    const auto ranked = rank_configs(e.p, /*hopper=*/true);
+    ASSERT_FALSE(ranked.empty());
+    EXPECT_EQ(std::string(ranked.front().config.why).rfind(e.chosen, 0), 0u)
+        << e.p.to_string() << ": chose " << ranked.front().config.why;
+  }
+}
+
 TEST(FusedPlan, DryRunListsEveryCandidateChosenFirst) {
   const auto lines = describe_plan(anchor(2, {56, 56, 0}, {7, 7, 0}, 32));
   ASSERT_EQ(lines.size(), candidate_configs(2, 32).size());

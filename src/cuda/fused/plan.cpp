@@ -178,6 +178,22 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           // Over the key tiles of the CTA's key box that the warp visits (any key of
           // its union): chunks it computes (active) and chunks it predicates off.
           if (!c.wgmma) add_warp_chunks(s, kbox, uni, &e);
+          // The key box's tiles this warp must mask element by element: those not
+          // inside the intersection of its queries' windows (or past the key box).
+          double tiles = 1, unmasked = 1;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            const Range inter{nb.axis[a].window(last, lg[a]).begin, nb.axis[a].window(first, lg[a]).end};
+            int axis_tiles = 0, axis_inside = 0;
+            for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a)) {
+              ++axis_tiles;
+              axis_inside += k >= inter.begin && k + s.k(a) <= inter.end && k + s.k(a) <= kbox[a].end;
+            }
+            tiles *= axis_tiles;
+            unmasked *= axis_inside;
+          }
+          e.warp_tiles += tiles;
+          e.masked_warp_tiles += tiles - unmasked;
         }
         if (c.wgmma) {
           // The warpgroup computes every key tile of the key box whole for all its
@@ -190,10 +206,14 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
       }
   // Cost per needed pair: charged_pairs, and for each key tile a fixed overhead
   // (loads, barriers, tile bookkeeping) of about 24 keys' worth of work.
-  // wgmma computes a pair at about 0.6 of the cost of a charged mma.sync pair: on
-  // the 1-D, 2-D k31, 3-D and FLUX anchors it ran in 0.72-0.75x the mma.sync time
-  // while computing 1.0-1.2x their charged pairs (H200, commit 9e7d9fb).
-  const double charged = c.wgmma ? 0.6 * e.computed_pairs : charged_pairs(e);
+  // wgmma: a computed pair costs 0.54 of a charged mma.sync pair, and a key tile a
+  // warp masks element by element 1.3x an unmasked one. Fitted to the H200 sweep of
+  // commit 2145f1f (docs/performance.md): the mask term orders the 3-D, 2-D and
+  // FLUX candidates as measured (3-D keys 2x4x8 vs 1x4x16: same pairs, 65% vs 92% of
+  // tiles masked, 6.28 vs 6.70 ms); the factor makes wgmma / mma.sync cost ratios
+  // 0.46-0.64 where the times' ratios were 0.66-0.72 (0.93 at 56² k7, head dim 64).
+  const double charged =
+      c.wgmma ? 0.54 * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
   // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp

@@ -48,6 +48,9 @@ struct PlanEstimate {
   double computed_pairs = 0;  // query-key pairs the tensor cores compute (sampled)
   double needed_pairs = 0;    // pairs the neighborhood attends (same sample)
   double visited_pairs = 0;   // pairs of every key tile a warp visits, computed or not
+  double warp_tiles = 0;      // (warp, key tile of its CTA's key box) pairs
+  double masked_warp_tiles = 0;  // of those, the ones that need the element mask
+  double masked_fraction() const { return warp_tiles > 0 ? masked_warp_tiles / warp_tiles : 0; }
   double waste() const { return needed_pairs > 0 ? computed_pairs / needed_pairs : 0; }
   double cost = 0;            // what the heuristic minimises
 };
