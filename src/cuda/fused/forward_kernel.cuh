@@ -16,11 +16,16 @@
 // Two instruction paths share this body (ForwardConfig::kWgmma):
 //   - mma.sync m16n8k16 (sm_80+): fragments via ldmatrix; a warp's chunks that no
 //     query of its box sees are predicated off.
-//   - wgmma (sm_90a): the CTA is one warpgroup; S = Q K^T and O += P V are each a
-//     warpgroup instruction per 16 of K, with Q, K and V read by the tensor cores
-//     from 128-byte-swizzled shared memory and P from registers. A key tile is
-//     computed whole once any warp needs it (the mask zeroes the rest), and skipped
-//     only when no warp does.
+//   - wgmma (sm_90a): S = Q K^T and O += P V are each a warpgroup instruction per 16
+//     of K, with Q, K and V read by the tensor cores from 128-byte-swizzled shared
+//     memory and P from registers. A key tile is computed whole once any warp of the
+//     warpgroup needs it (the mask zeroes the rest), and skipped only when none does.
+//     With 4 warps the CTA is one warpgroup that loads its own tiles (two stages,
+//     cp.async, a CTA barrier per tile). With 8 warps it is warp-specialized, as
+//     FlashAttention-3 is but with cp.async for TMA: two consumer warpgroups of 64
+//     queries each and a producer warpgroup that loads K and V into a ring of
+//     kStages stages, synchronised by mbarriers (pipeline.cuh); the consumers never
+//     wait for each other, so one's softmax runs under the other's wgmmas.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +34,7 @@
 #include <limits>
 
 #include "cuda/common/numeric.cuh"
+#include "cuda/common/pipeline.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
@@ -47,7 +53,20 @@ struct ForwardConfig {
   static constexpr int kBoxes = kWarps * kMTiles;  // 16-query boxes per CTA
   static constexpr int kBlockQ = 16 * kBoxes;
   static constexpr int kBlockKV = kBlockKV_;
-  static constexpr int kThreads = 32 * kWarps;
+  static constexpr bool kWgmma = kWgmma_;
+  // wgmma with 8 warps: two consumer warpgroups and a producer warpgroup.
+  static constexpr bool kSpecialized = kWgmma && kWarps == 8;
+  static constexpr int kConsumerThreads = 32 * kWarps;  // the threads that own queries
+  static constexpr int kLoadThreads = kSpecialized ? 128 : kConsumerThreads;
+  static constexpr int kThreads = kConsumerThreads + (kSpecialized ? 128 : 0);
+  // K/V stages in flight. Two (one tile ahead) when the math warps load; the
+  // producer ring is as deep as shared memory allows at 1 CTA per SM
+  // (hd 128: 32 KB of Q + 4 x 32 KB; hd 64: 16 KB + 6 x 16 KB).
+  static constexpr int kStages = !kSpecialized ? 2 : kHeadDim == 128 ? 4 : 6;
+  // Registers per thread after the producer hands its spare ones to the consumers
+  // (setmaxnreg; 128 x 88 + 256 x 208 fits the 64 K register file). The producer's
+  // load loop spilled at 56 and 72 (ptxas, head dim 128); the consumers do not at 208.
+  static constexpr int kProducerRegisters = 88, kConsumerRegisters = 208;
   static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
   static constexpr int kNBlocks = kBlockKV / 8;  // n8 blocks of a score tile
   static constexpr int kDBlocks = kHeadDim / 8;  // n8 blocks of the output
@@ -57,19 +76,20 @@ struct ForwardConfig {
   static constexpr int kMinBlocksPerSM =
       kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
                                                       : kWarps == 4 ? 2 : 1;
-  static constexpr bool kWgmma = kWgmma_;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
-  static_assert(!kWgmma || (kWarps == 4 && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) && kBlockKV == 64),
-                "wgmma kernels: one warpgroup, head dim 64 or 128, 64 keys per tile");
+  static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
+                             kBlockKV == 64),
+                "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128, 64 keys per tile");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
   struct SharedStorage {
     T q[kBlockQ * kHeadDim];  // reused to stage the output
-    // Two stages: tile it + 1 loads while tile it computes. (One buffer each for K
-    // and V, K loading during P·V and V during Q·K^T as FlashAttention-2 does, was
-    // 10-15% slower on an H200 with 2 CTAs per SM: the loads were not hidden.)
-    T k[2][kBlockKV * kHeadDim];
-    T v[2][kBlockKV * kHeadDim];
+    // kStages stages: tile it + 1 (.. it + kStages - 1) loads while tile it
+    // computes. (One buffer each for K and V, K loading during P·V and V during
+    // Q·K^T as FlashAttention-2 does, was 10-15% slower on an H200 with 2 CTAs per
+    // SM: the loads were not hidden.)
+    T k[kStages][kBlockKV * kHeadDim];
+    T v[kStages][kBlockKV * kHeadDim];
     // Per key-tile row: element offset from the tile origin's row in k and v, and
     // the row's offset in the tile box (axis a in bits 10a..10a+9). Computed once
     // per CTA, so a tile's loads are an add and three compares per row.
@@ -83,6 +103,9 @@ struct ForwardConfig {
     // Per 16-query box and axis: {union begin, union end, intersection begin,
     // intersection end} of its queries' windows.
     int4 box_windows[kBoxes][kMaxRank];
+    // Warp-specialized kernels: per stage, "loaded" and "read by every consumer
+    // warp"; and "Q loaded".
+    uint64_t full[kStages], empty[kStages], q_full;
   };
   // wgmma's swizzled operands must start on 1024-byte boundaries: room to align the
   // dynamic shared memory's base (every array above is a multiple of 1 KB).
@@ -197,8 +220,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   const T* v_base = static_cast<const T*>(p.v);
 
   // ---- loads ------------------------------------------------------------------
+  // The loading threads: all of them, or the producer warpgroup's.
+  const int load_tid = Cfg::kSpecialized ? tid - Cfg::kConsumerThreads : tid;
   auto load_q = [&]() {
-    for (int idx = tid; idx < kBlockQ * kChunks; idx += Cfg::kThreads) {
+    for (int idx = load_tid; idx < kBlockQ * kChunks; idx += Cfg::kLoadThreads) {
       const int r = idx / kChunks, c = idx % kChunks;
       int off[kMaxRank], j[kMaxRank], token[kMaxRank];
       shape.query_offset(r, off);
@@ -215,10 +240,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * 8]), src, valid ? 16 : 0);
     }
   };
-  // Each thread copies one 16-byte column `chunk` of rows load_row, load_row + step, ...
-  constexpr int kRowStep = Cfg::kThreads / kChunks;
-  static_assert(Cfg::kThreads % kChunks == 0 && kBlockKV % kRowStep == 0, "load mapping");
-  const int chunk = tid % kChunks, load_row = tid / kChunks;
+  // Each loading thread copies one 16-byte column `chunk` of rows load_row,
+  // load_row + step, ...
+  constexpr int kRowStep = Cfg::kLoadThreads / kChunks;
+  static_assert(Cfg::kLoadThreads % kChunks == 0 && kBlockKV % kRowStep == 0, "load mapping");
+  const int chunk = load_tid % kChunks, load_row = load_tid / kChunks;
   for (int n = tid; n < kBlockKV; n += Cfg::kThreads) {
     int off[kMaxRank];
     shape.key_offset(n, off);
@@ -231,7 +257,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     smem.v_row_delta[n] = dv;
     smem.key_row_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
   }
-  __syncthreads();
   Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
   Odometer compute_tile = load_tile;
   const bool k_chunk_ok = chunk * 8 < p.dim, v_chunk_ok = chunk * 8 < p.dim_v;
@@ -309,15 +334,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // ---- this warp's queries ------------------------------------------------------
   // Warp w owns 16-query boxes w * kMTiles + m. Of box m, rows g and g + 8 belong to
   // this thread (mma C layout); my_row[m][i] is row 16 * box + g + 8 * i. The rows'
-  // windows go to shared memory (written by one lane of each quad; first read after
-  // the main loop's first barrier).
+  // windows go to shared memory (written by one lane of each quad). Producer warps
+  // own no queries.
   constexpr int kM = Cfg::kMTiles;
+  const bool owns_queries = warp < Cfg::kWarps;
   int my_row[kM][2];
 #pragma unroll
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int i = 0; i < 2; ++i) my_row[m][i] = (warp * kM + m) * 16 + g + 8 * i;
-  if (t4 == 0) {
+  if (t4 == 0 && owns_queries) {
 #pragma unroll
     for (int m = 0; m < kM; ++m)
 #pragma unroll
@@ -334,24 +360,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       }
   }
   // Union and intersection of each box's windows (first and last valid query per
-  // axis: window begins and ends never decrease along an axis).
+  // axis: window begins and ends never decrease along an axis); empty for a box
+  // past the grid.
   bool box_idle[kM];
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
     const int box = warp * kM + m;
     int off[kMaxRank];
     shape.warp_offset(box, off);
-    box_idle[m] = false;
-    for (int a = 0; a < kMaxRank; ++a) {
+    box_idle[m] = !owns_queries;
+    for (int a = 0; a < kMaxRank; ++a) box_idle[m] |= q_origin[a] + off[a] >= lg[a];
+    for (int a = 0; a < kMaxRank && lane == 0 && owns_queries; ++a) {
       const Axis& ax = p.nb.axis[a];
       const int first = q_origin[a] + off[a];
       const int last = imin(first + shape.w(a), lg[a]) - 1;
-      box_idle[m] |= first > last;
       const Range wf = ax.window(first, lg[a]), wl = ax.window(imax(last, first), lg[a]);
-      if (lane == 0) smem.box_windows[box][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+      smem.box_windows[box][a] = box_idle[m] ? make_int4(0, 0, 0, 0) : make_int4(wf.begin, wl.end, wl.begin, wf.end);
     }
   }
-  __syncwarp();  // a warp reads its own boxes' windows before each tile's barrier
+  if constexpr (Cfg::kSpecialized) {
+    if (tid == 0) {
+      for (int stage = 0; stage < Cfg::kStages; ++stage) {
+        pipeline::init(&smem.full[stage], Cfg::kLoadThreads);
+        pipeline::init(&smem.empty[stage], Cfg::kWarps);
+      }
+      pipeline::init(&smem.q_full, Cfg::kLoadThreads);
+    }
+  }
+  __syncthreads();  // key row offsets, windows and mbarriers are in place
 
   // ---- main loop --------------------------------------------------------------------
   float o[kM][kDBlocks][4];
@@ -380,22 +416,45 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   const uint32_t k_lane_base = ptx::smem_address(smem.k[0]) + ((lane >> 4) * 8 + (lane & 7)) * Cfg::kRowBytes;
   const uint32_t v_lane_base = ptx::smem_address(smem.v[0]) + ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
 
-  load_q();
-  {
+  if constexpr (Cfg::kSpecialized) {
+    if (!owns_queries) {
+      // The producer: Q, then every key tile into the ring, each stage once the
+      // consumers are done with its previous tile.
+      pipeline::release_registers<Cfg::kProducerRegisters>();
+      load_q();
+      pipeline::arrive_after_copies(&smem.q_full);
+      for (int it = 0; it < total_tiles; ++it) {
+        const int stage = it % Cfg::kStages;
+        pipeline::wait(&smem.empty[stage], ((it / Cfg::kStages) & 1) ^ 1);
+        load_kv(tile_source(it), stage);
+        pipeline::arrive_after_copies(&smem.full[stage]);
+      }
+      pipeline::wait_all_copies();
+      return;
+    }
+    pipeline::claim_registers<Cfg::kConsumerRegisters>();
+    pipeline::wait(&smem.q_full, 0);
+  } else {
+    load_q();
     load_kv(tile_source(0), 0);
     ptx::cp_async_commit();
   }
+  const int warpgroup = warp / 4;
 
   for (int it = 0; it < total_tiles; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < total_tiles) {
-      load_kv(tile_source(it + 1), stage ^ 1);
+    const int stage = it % Cfg::kStages;
+    if constexpr (Cfg::kSpecialized) {
+      pipeline::wait(&smem.full[stage], (it / Cfg::kStages) & 1);
+    } else if (it + 1 < total_tiles) {
+      load_kv(tile_source(it + 1), (it + 1) % Cfg::kStages);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
       ptx::cp_async_wait<0>();
     }
-    if constexpr (Cfg::kWgmma) wgmma::fence_proxy_async();  // cp.async wrote what wgmma reads
+    // cp.async wrote (generic proxy) what wgmma reads (async proxy): each reader
+    // fences after the barrier that made the copies visible to it.
+    if constexpr (Cfg::kWgmma) wgmma::fence_proxy_async();
 
     const bool additional = it >= neighbor_tiles;
     int origin[kMaxRank] = {0, 0, 0};
@@ -441,9 +500,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 #pragma unroll
     for (int m = 0; m < kM; ++m) any_active |= active[m];
     // The barrier: this tile (and Q) landed. A warpgroup instruction needs every
-    // warp, so the wgmma path computes the tile when any warp needs it.
+    // warp, so the wgmma path computes the tile when any warp of the warpgroup needs
+    // it; the warp-specialized one decides from the boxes' windows (the same test as
+    // the chunks' above, per tile), with no barrier.
     bool compute_tile_now;
-    if constexpr (Cfg::kWgmma) {
+    if constexpr (Cfg::kSpecialized) {
+      compute_tile_now = additional;
+      for (int box = 4 * warpgroup; box < 4 * warpgroup + 4 && !compute_tile_now; ++box) {
+        bool hit = true;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
+          hit &= origin[a] < imin(w.y, kbox.r[a].end) && origin[a] + shape.k(a) > w.x;
+        }
+        compute_tile_now = hit;
+      }
+    } else if constexpr (Cfg::kWgmma) {
       compute_tile_now = __syncthreads_or(any_active != 0);
     } else {
       __syncthreads();
@@ -461,7 +532,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 #pragma unroll
         for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
           const uint32_t in_row = (kk & 3) * 32;  // 16 elements of a 64-column slab
-          const uint64_t a_desc = wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + in_row, 16, 1024);
+          const uint64_t a_desc =
+              wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + warpgroup * 64 * 128 + in_row, 16, 1024);
           const uint64_t b_desc = wgmma::descriptor(k_tile + (kk >> 2) * kBlockKV * 128 + in_row, 16, 1024);
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
@@ -649,7 +721,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       }
     }
     if (!additional) compute_tile.advance(kbox, shape);
-    __syncthreads();  // the next iteration's loads overwrite this stage
+    if constexpr (Cfg::kSpecialized) {
+      __syncwarp();  // every lane's wgmmas on this stage completed
+      if (lane == 0) pipeline::arrive(&smem.empty[stage]);
+    } else {
+      __syncthreads();  // the next iteration's loads overwrite this stage
+    }
   }
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------

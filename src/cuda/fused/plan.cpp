@@ -50,6 +50,15 @@ const std::vector<TileConfig>& table() {
       // Not kept: two warpgroups sharing K/V among 128 queries (half the L2 reads
       // per pair) ran 2-12% slower per computed pair (1-D 2.49 vs 2.43 ms); 128-key
       // tiles at head dim 64 spilled and were never the fastest.
+      // wgmma, warp-specialized: 128 queries (two consumer warpgroups of 64, each a
+      // half of the tile along its outermost axis) and a producer warpgroup.
+      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "wgmma-ws 1-D 128 queries", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 16x8 / keys 8x8", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 8x16 / keys 8x8", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "wgmma-ws 2-D 8x16 / keys 4x16: wide windows", true},
+      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "wgmma-ws 3-D 4x4x8 / keys 2x4x8", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 1, 2, 3), "wgmma-ws 3-D 2x8x8 / keys 2x4x8", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma-ws 3-D 2x8x8 / keys 1x4x16", true},
   };
   return t;
 }
@@ -73,9 +82,11 @@ bool wgmma_kernels_built() {
 
 bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
-  // wgmma: one warpgroup, head dims 64 and 128, 64-key tiles (the table says why).
+  // wgmma: one warpgroup, or two with a producer (8 warps); head dims 64 and 128,
+  // 64-key tiles (the table says why).
   if (wgmma)
-    return wgmma_kernels_built() && warps == 4 && m_tiles == 1 && block_kv == 64 && (head_dim == 64 || head_dim == 128);
+    return wgmma_kernels_built() && (warps == 4 || warps == 8) && m_tiles == 1 && block_kv == 64 &&
+           (head_dim == 64 || head_dim == 128);
   // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
@@ -156,6 +167,9 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
           kbox[a] = {nb.axis[a].window(origin[a], lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
         }
+        Range group_keys[2][kMaxRank];  // wgmma: per warpgroup, the bounding box of its boxes' unions
+        for (auto& g : group_keys)
+          for (Range& r : g) r = {0, 0};
         for (int w = 0; w < boxes; ++w) {
           int off[kMaxRank];
           s.warp_offset(w, off);
@@ -174,6 +188,10 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
             needed *= axis_needed;
           }
           if (idle) continue;
+          for (int a = 0; a < kMaxRank; ++a) {
+            Range& g = group_keys[w / 4][a];
+            g = g.size() > 0 ? Range{std::min(g.begin, uni[a].begin), std::max(g.end, uni[a].end)} : uni[a];
+          }
           e.needed_pairs += needed;
           // Over the key tiles of the CTA's key box that the warp visits (any key of
           // its union): chunks it computes (active) and chunks it predicates off.
@@ -196,12 +214,21 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           e.masked_warp_tiles += tiles - unmasked;
         }
         if (c.wgmma) {
-          // The warpgroup computes every key tile of the key box whole for all its
-          // rows (the union of a box of queries' windows is the key box).
-          double tiles = 1;
-          for (int a = 0; a < kMaxRank; ++a) tiles *= ceil_div(kbox[a].size(), s.k(a));
-          e.computed_pairs += tiles * s.keys() * s.queries();
-          e.visited_pairs += tiles * s.keys() * s.queries();
+          // A warpgroup computes whole, for its 64 rows, every key tile of the key
+          // box that meets its queries' windows (with one warpgroup: every tile; the
+          // union of a box of queries' windows is the key box).
+          for (int g = 0; g < c.warps / 4; ++g) {
+            double tiles = 1;
+            for (int a = 0; a < kMaxRank; ++a) {
+              const Range& r = group_keys[g][a];
+              int axis_tiles = 0;
+              for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a))
+                axis_tiles += k < std::min(r.end, kbox[a].end) && k + s.k(a) > r.begin;
+              tiles *= axis_tiles;
+            }
+            e.computed_pairs += tiles * s.keys() * 64;
+            e.visited_pairs += tiles * s.keys() * 64;
+          }
         }
       }
   // Cost per needed pair: charged_pairs, and for each key tile a fixed overhead
@@ -212,13 +239,15 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   // FLUX candidates as measured (3-D keys 2x4x8 vs 1x4x16: same pairs, 65% vs 92% of
   // tiles masked, 6.28 vs 6.70 ms); the factor makes wgmma / mma.sync cost ratios
   // 0.46-0.64 where the times' ratios were 0.66-0.72 (0.93 at 56² k7, head dim 64).
+  // Warp-specialized (8 warps): PROVISIONAL 0.45, to be fitted to its first sweep.
+  const double wgmma_rate = c.warps == 8 ? 0.45 : 0.54;
   const double charged =
-      c.wgmma ? 0.54 * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
+      c.wgmma ? wgmma_rate * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
   // 128, where register use allows 2 CTAs of 4 warps either way (1-D w2048 3.91 vs
   // 4.20 ms, 3-D 16x48x80 39.1 vs 42.3 ms, H200). At head dims <= 64 the 4-warp
   // kernels run 3-4 CTAs per SM and 8 warps lose (NAT 56x56 k7: 0.93 vs 0.48 ms).
-  const double warps_factor = c.warps == 8 ? (c.head_dim >= 128 ? 0.93 : 1.5) : 1.0;
+  const double warps_factor = c.warps == 8 && !c.wgmma ? (c.head_dim >= 128 ? 0.93 : 1.5) : 1.0;
   // Two boxes per warp measured 1.0-1.6x slower than one (H200).
   const double m_factor = c.m_tiles == 2 ? 1.2 : 1.0;
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv) * warps_factor * m_factor;
@@ -252,7 +281,7 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
     std::snprintf(buf, sizeof buf,
                   "fused %s #%d q %dx%dx%d box %dx%dx%d kv %dx%dx%d (%s, warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
                   i == 0 ? "CHOSEN  " : "rejected", e.candidate, s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
-                  s.k(2), e.config.wgmma ? "wgmma" : "mma.sync", e.config.warps, e.config.m_tiles, e.config.block_kv,
+                  s.k(2), e.config.wgmma ? (e.config.warps == 8 ? "wgmma-ws" : "wgmma") : "mma.sync", e.config.warps, e.config.m_tiles, e.config.block_kv,
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf);
   }

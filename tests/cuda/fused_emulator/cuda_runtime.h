@@ -3,11 +3,13 @@
 // they run without a GPU (tests/cuda/fused_emulator/run.py). Every thread of a block
 // is a fiber (ucontext); a fiber runs until a warp collective (mma.sync, ldmatrix,
 // shuffle, ballot, __syncwarp), which completes once all 32 lanes are there, or a
-// __syncthreads, which completes once every thread is there. Divergent collectives
-// and barriers (a lane missing, a thread exited) abort. cp.async copies land at the
-// issuing thread's cp.async.wait_group (EMU_CP_ASYNC=late, the default) or at issue
-// (=early): the two ends of the window a real copy may land in, so a missing wait or
-// barrier, or a prefetch over data still being read, shows in one of the runs.
+// __syncthreads, which completes once every thread is there, or a warpgroup barrier
+// (wgmma), or an mbarrier wait, which completes with the awaited phase. Divergent
+// collectives and barriers (a lane missing, a thread exited) abort. cp.async copies
+// land at the issuing thread's cp.async.wait_group or mbarrier arrival
+// (EMU_CP_ASYNC=late, the default) or at issue (=early): the two ends of the window
+// a real copy may land in, so a missing wait or barrier, or a prefetch over data
+// still being read, shows in one of the runs.
 // EMU_SCHEDULE=reverse runs fibers in the opposite order between sync points.
 // "Device" memory is host memory filled with 0xff (NaN) when allocated. It checks
 // indexing, fragment layouts and arithmetic, not speed or the compiler.
@@ -24,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <functional>
 #include <string>
 #include <ucontext.h>
@@ -114,6 +117,21 @@ class Block {
       }
       if (exited == n) return;
       if (progress) continue;
+      // Warpgroup barriers (wgmma) whose 128 threads are all there; mbarrier waits
+      // whose phase has completed.
+      for (int g = 0; g < n / 128; ++g) {
+        int at = 0;
+        for (int t = 128 * g; t < 128 * g + 128; ++t) at += fibers_[t].state == kAtGroupBarrier;
+        if (at != 128) continue;
+        for (int t = 128 * g; t < 128 * g + 128; ++t) fibers_[t].state = kReady;
+        progress = true;
+      }
+      for (int t = 0; t < n; ++t)
+        if (fibers_[t].state == kAtMbarrier && mbarrier_done(fibers_[t].wait_address, fibers_[t].wait_parity)) {
+          fibers_[t].state = kReady;
+          progress = true;
+        }
+      if (progress) continue;
       for (int t = 0; t < n; ++t) at_barrier += fibers_[t].state == kAtBarrier;
       if (at_barrier + exited == n) {
         if (exited) die("__syncthreads with exited threads");
@@ -135,6 +153,43 @@ class Block {
   Lane& lane_of(int t) { return lanes_[t]; }
   void warp_op() { wait(kAtWarpOp); }
   void barrier() { wait(kAtBarrier); }
+  // The 128 threads of the running thread's warpgroup.
+  void group_barrier() { wait(kAtGroupBarrier); }
+
+  // mbarriers, by shared-memory address: arrivals still expected in the current
+  // phase, and the number of completed phases.
+  void mbarrier_init(uint32_t address, int arrivals) {
+    if (address % 8 || address + 8 > smem_size()) die("mbarrier outside shared memory or misaligned", current_);
+    mbarriers_[address] = Mbarrier{arrivals, arrivals, 0};
+  }
+  void mbarrier_arrive(uint32_t address) {
+    auto it = mbarriers_.find(address);
+    if (it == mbarriers_.end()) die("arrive on an uninitialised mbarrier", current_);
+    Mbarrier& m = it->second;
+    if (--m.pending == 0) {
+      m.pending = m.arrivals;
+      ++m.phases;
+    }
+  }
+  // cp.async.mbarrier.arrive.noinc: the thread's copies so far land, then it arrives.
+  void mbarrier_arrive_after_copies(uint32_t address) {
+    Fiber& f = fibers_[current_];
+    for (const PendingCopy& c : f.pending) land(c);
+    f.pending.clear();
+    mbarrier_arrive(address);
+  }
+  void mbarrier_wait(uint32_t address, uint32_t parity) {
+    if (!mbarriers_.count(address)) die("wait on an uninitialised mbarrier", current_);
+    if (mbarrier_done(address, parity)) return;
+    fibers_[current_].wait_address = address;
+    fibers_[current_].wait_parity = parity;
+    wait(kAtMbarrier);
+  }
+  void cp_async_wait_all() {
+    Fiber& f = fibers_[current_];
+    for (const PendingCopy& c : f.pending) land(c);
+    f.pending.clear();
+  }
 
   // cp.async of the running thread.
   void cp_async(uint32_t dst, const void* src, int bytes, int valid) {
@@ -159,13 +214,22 @@ class Block {
 
  private:
   static constexpr std::size_t kStack = std::size_t(256) << 10;
-  enum State { kReady, kAtWarpOp, kAtBarrier, kExited };
+  enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtMbarrier, kExited };
   struct Fiber {
     ucontext_t ctx;
     State state;
     int groups = 0;
     std::vector<PendingCopy> pending;
+    uint32_t wait_address = 0, wait_parity = 0;
   };
+  struct Mbarrier {
+    int arrivals, pending;
+    uint32_t phases;
+  };
+  // The phase with this parity has completed once the current phase's parity differs.
+  bool mbarrier_done(uint32_t address, uint32_t parity) const {
+    return (mbarriers_.at(address).phases & 1u) != (parity & 1u);
+  }
 
   static bool early() {
     static const bool e = std::getenv("EMU_CP_ASYNC") && std::string(std::getenv("EMU_CP_ASYNC")) == "early";
@@ -186,6 +250,7 @@ class Block {
   dim3 grid_, dim_;
   std::vector<unsigned char> smem_;
   std::vector<Fiber> fibers_;
+  std::map<uint32_t, Mbarrier> mbarriers_;
   Lane lanes_[1024];
   std::function<void()> body_;
   ucontext_t main_;

@@ -71,10 +71,11 @@ def forward_configs(dim):
     # sm_90a: (warps, keys per tile, boxes per warp, wgmma).
     if dim == 256:
         return [(4, 64, 1, "false")]
+    wgmma = [(4, 64, 1, "true"), (8, 64, 1, "true")]
     if dim == 128:
-        return [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 64, 1, "true")]
+        return [(4, 64, 1, "false"), (8, 64, 1, "false")] + wgmma
     configs = [(4, 64, 1, "false"), (8, 64, 1, "false"), (4, 128, 1, "false")]
-    return configs + ([(4, 64, 1, "true")] if dim == 64 else [])
+    return configs + (wgmma if dim == 64 else [])
 
 
 def main():

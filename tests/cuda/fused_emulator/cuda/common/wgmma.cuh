@@ -56,14 +56,13 @@ inline float mn_major(const Desc& d, int k, int n, bool bf16) {
 }
 
 // The warpgroup's D[64 x kN] (+)= A[64 x 16] B[16 x kN]; every thread publishes
-// its operands, waits for the block (every warpgroup issues the same instructions
-// in the kernels emulated here), computes its own accumulators, waits again.
+// its operands, waits for its warpgroup, computes its own accumulators, waits again.
 // a_of(group, row, k) reads A of warpgroup `group`.
 template <int kN, class AOf, class BOf>
 inline void warpgroup_mma(float* d, bool accumulate, AOf a_of, BOf b_of) {
   emu::Block* blk = emu::block;
   if (blk->dim().x % 128) emu::die("wgmma is emulated for blocks of whole warpgroups");
-  blk->barrier();
+  blk->group_barrier();
   const int t = blk->thread(), group = t / 128, w = (t % 128) / 32, g = (t % 32) / 4, t4 = t % 4;
   const emu::Lane& first = blk->lane_of(128 * group);
   if (blk->lane().desc[0] != first.desc[0] || blk->lane().desc[1] != first.desc[1] ||
@@ -77,7 +76,7 @@ inline void warpgroup_mma(float* d, bool accumulate, AOf a_of, BOf b_of) {
       for (int k = 0; k < 16; ++k) sum += double(a_of(group, row, k)) * double(b_of(k, col));
       out[4 * j + e] = float(sum);
     }
-  blk->barrier();
+  blk->group_barrier();
   for (int i = 0; i < kN / 2; ++i) d[i] = out[i];
 }
 

@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: Apache-2.0
+// Emulated stand-in for src/cuda/common/pipeline.cuh (tests/cuda/fused_emulator):
+// mbarriers as objects of the emulated block, keyed by shared-memory address; a
+// wait blocks the fiber until the awaited phase completes. Register reallocation
+// has nothing to emulate.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common/ptx.cuh"
+
+namespace nbhd::cuda::pipeline {
+
+inline void init(uint64_t* barrier, uint32_t arrivals) { emu::block->mbarrier_init(ptx::smem_address(barrier), int(arrivals)); }
+inline void arrive(uint64_t* barrier) { emu::block->mbarrier_arrive(ptx::smem_address(barrier)); }
+inline void arrive_after_copies(uint64_t* barrier) { emu::block->mbarrier_arrive_after_copies(ptx::smem_address(barrier)); }
+inline void wait(uint64_t* barrier, uint32_t parity) { emu::block->mbarrier_wait(ptx::smem_address(barrier), parity); }
+inline void wait_all_copies() { emu::block->cp_async_wait_all(); }
+template <int kRegisters>
+inline void release_registers() {}
+template <int kRegisters>
+inline void claim_registers() {}
+
+}  // namespace nbhd::cuda::pipeline
