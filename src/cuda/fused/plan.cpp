@@ -51,14 +51,15 @@ const std::vector<TileConfig>& table() {
       // per pair) ran 2-12% slower per computed pair (1-D 2.49 vs 2.43 ms); 128-key
       // tiles at head dim 64 spilled and were never the fastest.
       // wgmma, warp-specialized: 128 queries (two consumer warpgroups of 64, each a
-      // half of the tile along its outermost axis) and a producer warpgroup.
-      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "wgmma-ws 1-D 128 queries", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 16x8 / keys 8x8", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 8x16 / keys 8x8", true},
-      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "wgmma-ws 2-D 8x16 / keys 4x16: wide windows", true},
-      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "wgmma-ws 3-D 4x4x8 / keys 2x4x8", true},
-      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 1, 2, 3), "wgmma-ws 3-D 2x8x8 / keys 2x4x8", true},
-      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma-ws 3-D 2x8x8 / keys 1x4x16", true},
+      // half of the tile along its outermost axis) and a producer warpgroup. Times:
+      // H200, commit caa4075, same heads as above.
+      {1, 0, 8, 64, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 6), "wgmma-ws 1-D 128 queries: 1.93 ms at w2048 (one warpgroup 2.42)", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 4, 3, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 16x8 / keys 8x8: 1.35 ms at k31, 4.81 at k80, best", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 3, 3), "wgmma-ws 2-D 8x16 / keys 8x8: 1.48 ms at k31", true},
+      {2, 0, 8, 64, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 4), "wgmma-ws 2-D 8x16 / keys 4x16: wide windows, 1.44 ms at k31", true},
+      {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "wgmma-ws 3-D 4x4x8 / keys 2x4x8: 4.98 ms at 16x48x80, 12.6 at Hunyuan, best", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 1, 2, 3), "wgmma-ws 3-D 2x8x8 / keys 2x4x8: 5.35 ms at 16x48x80", true},
+      {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "wgmma-ws 3-D 2x8x8 / keys 1x4x16: 5.69 ms at 16x48x80", true},
   };
   return t;
 }
@@ -239,8 +240,11 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   // FLUX candidates as measured (3-D keys 2x4x8 vs 1x4x16: same pairs, 65% vs 92% of
   // tiles masked, 6.28 vs 6.70 ms); the factor makes wgmma / mma.sync cost ratios
   // 0.46-0.64 where the times' ratios were 0.66-0.72 (0.93 at 56² k7, head dim 64).
-  // Warp-specialized (8 warps): PROVISIONAL 0.45, to be fitted to its first sweep.
-  const double wgmma_rate = c.warps == 8 ? 0.45 : 0.54;
+  // Warp-specialized (8 warps): 0.79 of the one-warpgroup kernel's time at equal
+  // pairs on the five head-dim-128 anchors (0.78-0.85, H200, commit caa4075); at head
+  // dim 64 it runs 1 CTA per SM against 3 and lost 1.2-1.5x on small problems
+  // (56² k7, 1-D 4096 w255), so it is charged so as to be chosen only there.
+  const double wgmma_rate = c.warps == 8 ? (c.head_dim >= 128 ? 0.43 : 0.7) : 0.54;
   const double charged =
       c.wgmma ? wgmma_rate * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
   // 8 warps share each K/V tile among 128 queries: 3-7% faster than 4 at head dim
