@@ -4,7 +4,8 @@
 # with an NVIDIA GPU, PyTorch (triton) and matplotlib, nbhd installed with its CUDA backends.
 #   bench/reproduce.sh                  all steps: anchors models paper-1 paper-2 classifiers summary
 #   bench/reproduce.sh anchors          some steps (each well under 10 minutes on an H100)
-# Output: bench/results/<card>-<date>.{json,md}, -*.png, -paper.md; pieces in <card>-<date>/.
+# Output: bench/results/<card>-<date>.{json,md}, -*.png, -paper.md; pieces in <card>-<date>/;
+# classifier images/s in <card>-<date>-classifiers/.
 # NBHD_BENCH_DATE=YYYY-MM-DD keeps the steps of one reproduction together across midnight;
 # NBHD_BENCH_MAX_MINUTES (default 8.5) is when a step starts no new problem.
 set -euo pipefail
@@ -25,9 +26,10 @@ for step in "$@"; do
     paper-1) "${suite[@]}" --set paper --start 0 --limit 150 ;;
     paper-2) "${suite[@]}" --set paper --start 150 --limit 150 ;;
     classifiers)  # the paper's Tables 5 and 8: NAT/DiNAT-Tiny images/s per backend
-      mkdir -p "bench/results/$tag"
+      # Beside the suite's pieces, not among them: the merge reads every JSON there.
+      mkdir -p "bench/results/$tag-classifiers"
       for model in nat-tiny dinat-tiny; do
-        "$py" examples/nat.py --model "$model" --steps 10 --warmup 3 --json "bench/results/$tag/$model.json"
+        "$py" examples/nat.py --model "$model" --steps 10 --warmup 3 --json "bench/results/$tag-classifiers/$model.json"
       done ;;
     summary) "$py" bench/summarize.py "bench/results/$tag" --set paper --out "bench/results/$tag-paper.md" \
                --merge-to "bench/results/$tag" > /dev/null ;;
