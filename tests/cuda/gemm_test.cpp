@@ -14,8 +14,8 @@
 // float16 and bfloat16: forward, backward and every unfused operation; the same with
 // slabs capped small (NBHD_GEMM_SLAB_SLOTS) so rows go through several slabs and the
 // naive softmax; hand-picked problems (head dims up to 256, windows of ~10^3 slots,
-// blocked and full attention); transposed head dims; the qk weights equal the naive
-// backend's; errors.
+// blocked and full attention); transposed head dims; element offsets past 2^31 in
+// each tensor, forward and backward; the qk weights equal the naive backend's; errors.
 //
 // Tolerances.
 // - Forward: float16 / bfloat16 the flash-attention rule (testing.hpp). float32 runs
@@ -1104,6 +1104,106 @@ TEST(GemmVsNaive, SameAttentionWeights) {
       }
       expect_match("qk, gemm vs naive", mine.values(), theirs.values(), 2 * two_ulps(dtype), 1e-5);
     }
+  }
+}
+
+
+// Element offsets past 2^31 in each tensor the gemm kernels index: q, k, v, out (the
+// forward) and also d out, dq, dk, dv (the backward) in turn are held with token rows
+// 2^23 + 8 elements apart, so the rows of tokens >= 256 start beyond 2^31 elements
+// (4.3 GB of float16); the other tensors stay packed. Written without a GPU (gemm has
+// no CPU emulator): it first runs in scripts/gpu-check.
+TEST(GemmLarge, OffsetsPast2Pow31Elements) {
+  NBHD_REQUIRE_GPU();
+  NBHD_REQUIRE_GEMM();
+  constexpr int64_t L = 260, kTokenStride = (int64_t(1) << 23) + 8;
+  // 2 query heads on 1 kv head (GQA), head dim 64.
+  const Problem p =
+      make_problem(1, {L, 0, 0}, {33, 0, 0}, {1, 1, 1}, {1, 1, 1}, {}, 1, 2, 1, 64, 0, 0, false, DType::kFloat16);
+  if (!runs(p)) return;
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  const size_t big_bytes = size_t((L - 1) * kTokenStride + 128) * 2;  // one strided tensor at a time
+  if (free_bytes < big_bytes + (size_t(1) << 30))
+    GTEST_SKIP() << "needs " << (big_bytes >> 20) + 1024 << " MiB of free GPU memory, has " << (free_bytes >> 20);
+  std::mt19937_64 rng(79);
+  const Inputs in(p, rng);
+  const auto q_shape = shape_of(in.q.ref());
+  const Inputs64 in64(in, TensorRef{});
+
+  // Forward: against float64 and the plain float16 computation (flash-attention rule).
+  HostTensor exact(DType::kFloat64, q_shape), plain(p.dtype, q_shape);
+  ASSERT_TRUE(cpu::reference_forward(as_float64(p), {in64.q.ref(), in64.k.ref(), in64.v.ref(), {}, {}, {}, exact.ref(), {}},
+                                     false)
+                  .ok());
+  ASSERT_TRUE(
+      cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), {}, {}, {}, plain.ref(), {}}, true).ok());
+  const char* names[] = {"query", "key", "value", "out", "d out", "d query", "d key", "d value"};
+  for (int strided = 0; strided < 4; ++strided) {
+    SCOPED_TRACE(std::string("forward, ") + names[strided] + " strided");
+    HostTensor out(p.dtype, q_shape);
+    DeviceTensor q(in.q), k(in.k), v(in.v), o(out);
+    const HostTensor* sources[] = {&in.q, &in.k, &in.v, &out};
+    const testing::StridedDeviceTensor big(*sources[strided], kTokenStride);
+    if (HasFailure()) return;
+    TensorRef refs[] = {q.ref(), k.ref(), v.ref(), o.ref()};
+    refs[strided] = big.ref();
+    const Status s = forward(p, {refs[0], refs[1], refs[2], {}, {}, {}, refs[3], {}}, options_for(Backend::kGemm));
+    ASSERT_TRUE(s.ok()) << s.message();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (strided == 3) big.copy_to(out);
+    else o.copy_to(out);
+    testing::expect_close("out", p.dtype, out.values(), exact.values(), plain.values());
+  }
+
+  // Backward: out and lse from the reference, gradients against float64 (as check_backward).
+  HostTensor out(p.dtype, q_shape), lse(DType::kFloat32, without_last(q_shape)), d_out(p.dtype, q_shape);
+  d_out.fill_random(rng);
+  ASSERT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), {}, {}, {}, out.ref(), lse.ref()}, false).ok());
+  const HostTensor d_out64 = convert(d_out.ref(), DType::kFloat64);
+  HostTensor eq(DType::kFloat64, q_shape), ek(DType::kFloat64, shape_of(in.k.ref())),
+      ev(DType::kFloat64, shape_of(in.v.ref()));
+  BackwardTensors r;
+  r.query = in64.q.ref();
+  r.key = in64.k.ref();
+  r.value = in64.v.ref();
+  r.d_out = d_out64.ref();
+  r.d_query = eq.ref();
+  r.d_key = ek.ref();
+  r.d_value = ev.ref();
+  ASSERT_TRUE(cpu::reference_backward(as_float64(p), r).ok());
+  for (int strided = 0; strided < 8; ++strided) {
+    SCOPED_TRACE(std::string("backward, ") + names[strided] + " strided");
+    HostTensor dq(p.dtype, q_shape), dk(p.dtype, shape_of(in.k.ref())), dv(p.dtype, shape_of(in.v.ref()));
+    DeviceTensor q(in.q), k(in.k), v(in.v), o(out), l(lse), g(d_out), gq(dq), gk(dk), gv(dv);
+    const HostTensor* sources[] = {&in.q, &in.k, &in.v, &out, &d_out, &dq, &dk, &dv};
+    const testing::StridedDeviceTensor big(*sources[strided], kTokenStride);
+    if (HasFailure()) return;
+    TensorRef refs[] = {q.ref(), k.ref(), v.ref(), o.ref(), g.ref(), gq.ref(), gk.ref(), gv.ref()};
+    refs[strided] = big.ref();
+    BackwardTensors t;
+    t.query = refs[0];
+    t.key = refs[1];
+    t.value = refs[2];
+    t.out = refs[3];
+    t.lse = l.ref();
+    t.d_out = refs[4];
+    t.d_query = refs[5];
+    t.d_key = refs[6];
+    t.d_value = refs[7];
+    const Status s = backward(p, t, options_for(Backend::kGemm));
+    ASSERT_TRUE(s.ok()) << s.message();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    HostTensor* grads[] = {&dq, &dk, &dv};
+    const DeviceTensor* packed[] = {&gq, &gk, &gv};
+    for (int i = 0; i < 3; ++i) {
+      if (strided == 5 + i) big.copy_to(*grads[i]);
+      else packed[i]->copy_to(*grads[i]);
+    }
+    const double rtol = two_ulps(p.dtype), atol = gradient_atol(p.dtype);
+    expect_match("d query", dq.values(), eq.values(), rtol, atol);
+    expect_match("d key", dk.values(), ek.values(), rtol, atol);
+    expect_match("d value", dv.values(), ev.values(), rtol, atol);
   }
 }
 
