@@ -56,7 +56,7 @@ Status supports(const Problem& p, detail::Pass pass) {
   if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16 and bfloat16 run on tensor cores; "
-                       "float32 runs on the naive backend)");
+                       "float32 runs on the gemm (3xTF32) and naive backends)");
   if (p.dim % 8 || p.value_dim() % 8)
     return unsupported("dim = " + std::to_string(p.dim) + " and dim_v = " + std::to_string(p.value_dim()) +
                        " must be multiples of 8 (rows are loaded 16 bytes at a time); pad the head dim");
