@@ -168,9 +168,7 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
           kbox[a] = {nb.axis[a].window(origin[a], lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
         }
-        Range group_keys[2][kMaxRank];  // wgmma: per warpgroup, the bounding box of its boxes' unions
-        for (auto& g : group_keys)
-          for (Range& r : g) r = {0, 0};
+        Range group_keys[2][kMaxRank] = {};  // wgmma: per warpgroup, the bounding box of its boxes' unions
         for (int w = 0; w < boxes; ++w) {
           int off[kMaxRank];
           s.warp_offset(w, off);
