@@ -11,7 +11,7 @@
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/gemm/geometry.hpp"
-#include "cuda/gemm/mma.cuh"
+#include "cuda/common/mma.cuh"
 #include "cuda/gemm/params.hpp"
 
 namespace nbhd::cuda::gemm {

@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, 4) in_kernel(const __grid_constant__
       const bool ok = in(off[0], keys[0]) && in(off[1], keys[1]) && in(off[2], keys[2]);
       const int slot = origin_code + off[0] * ss0 + off[1] * ss1 + off[2] - base;
       if constexpr (sizeof(A) == 4) {
-        cp_async_4(ptx::smem_address(d_dst + n), ok ? static_cast<const void*>(w_row + slot * inner) : weights,
+        ptx::cp_async_4(ptx::smem_address(d_dst + n), ok ? static_cast<const void*>(w_row + slot * inner) : weights,
                    ok ? 4 : 0);
       } else {
         float v = 0.f;

@@ -142,7 +142,7 @@ NBHD_HOST_DEVICE constexpr int vec_elems(int size) { return 16 / size; }
 // in 16 bits, transposed) are padded by 16 bytes: with a multiple of 16 elements per
 // row, a row is an odd number of 16-byte units, so the 8 rows of one ldmatrix sit in 8
 // different bank groups. float32 V and X tiles are read one float per lane down a
-// column (mma.cuh, load_b_kn): 8 floats of padding put rows k and k + 1 8 banks apart.
+// column (common/mma.cuh, load_b_kn): 8 floats of padding put rows k and k + 1 8 banks apart.
 NBHD_HOST_DEVICE constexpr int rowmajor_stride(int cols, int elem) { return cols + 16 / elem; }
 NBHD_HOST_DEVICE constexpr int colread_stride(int cols, int) { return cols + 8; }
 

@@ -1,17 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// Warp-level matrix products of the gemm kernels, one interface per element type:
-//   float16 / bfloat16: mma.sync m16n8k16, fp32 accumulation (common/ptx.cuh);
+// Warp-level matrix products of the mma.sync kernels (gemm, and fused in float32),
+// one interface per element type:
+//   float16 / bfloat16: mma.sync m16n8k16, fp32 accumulation (ptx.cuh);
 //   float32: three tf32 mma.sync m16n8k8 per product (a_hi b_hi + a_hi b_lo + a_lo b_hi,
 //            x = hi + lo with hi = tf32(x), lo = tf32(x - hi)), which keeps float32
 //            accuracy (~2^-21 relative per product) at a third of the tf32 rate.
-// Fragment layouts (PTX ISA), g = lane / 4, t = lane % 4:
-//   16-bit A 16x16: a0 (g, 2t..2t+1) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..)
-//   tf32   A 16x8:  a0 (g, t) a1 (g+8, t) a2 (g, t+4) a3 (g+8, t+4)
-//   16-bit B 16x8:  b0 (k 2t..2t+1, n g) b1 (k 2t+8.., n g);  tf32 B 8x8: b0 (k t, n g) b1 (k t+4, n g)
-//   C 16x8 (both):  c0 c1 (g, 2t..2t+1) c2 c3 (g+8, 2t..2t+1)
-// ldmatrix moves 16-byte rows whatever the element type, so the same lane addresses
-// load 16-bit and tf32 A fragments from row-major [m][k] tiles and B fragments from
-// [n][k] tiles (a 16-byte row is 8 halves or 4 floats: exactly a fragment's k-run).
+// Fragment layouts: ptx.cuh. ldmatrix moves 16-byte rows whatever the element type,
+// so the same lane addresses load 16-bit and tf32 A fragments from row-major [m][k]
+// tiles and B fragments from [n][k] tiles (a 16-byte row is 8 halves or 4 floats:
+// exactly a fragment's k-run).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,12 +19,7 @@
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/ptx.cuh"
 
-namespace nbhd::cuda::gemm {
-
-// 4-byte global -> shared copy; zero-filled when valid_bytes is 0.
-__device__ __forceinline__ void cp_async_4(uint32_t smem, const void* gmem, int valid_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid_bytes));
-}
+namespace nbhd::cuda {
 
 // Element offsets of this lane's ldmatrix row address inside a tile of row stride
 // `stride` (elements), for `vec` elements per 16 bytes.
@@ -88,6 +80,8 @@ struct Mma16 {
   }
   __device__ static void mma(float* c, const A& a, const B& b) { ptx::mma_16816<T>(c, a.r, b.r); }
   __device__ static void mma_if(bool on, float* c, const A& a, const B& b) { ptx::mma_16816_if<T>(on, c, a.r, b.r); }
+  // One instruction per product: nothing to promote (see MmaTf32x3).
+  __device__ static void mma_promoted_if(bool on, float* c, const A& a, const B& b) { mma_if(on, c, a, b); }
 };
 
 struct MmaTf32x3 {
@@ -99,14 +93,9 @@ struct MmaTf32x3 {
     uint32_t hi[2], lo[2];
   };
 
-  __device__ static uint32_t to_tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-  }
   __device__ static void split(float x, uint32_t& hi, uint32_t& lo) {
-    hi = to_tf32(x);
-    lo = to_tf32(x - __uint_as_float(hi));
+    hi = ptx::to_tf32(x);
+    lo = ptx::to_tf32(x - __uint_as_float(hi));
   }
   __device__ static void split(uint32_t bits, uint32_t& hi, uint32_t& lo) { split(__uint_as_float(bits), hi, lo); }
 
@@ -144,31 +133,30 @@ struct MmaTf32x3 {
     return a;
   }
 
-  __device__ static void mma1(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  __device__ static void mma1_if(bool on, float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-        "@p mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(int(on)));
-  }
   // Small terms first: they are added to the running sum before the large one.
   __device__ static void mma(float* c, const A& a, const B& b) {
-    mma1(c, a.lo, b.hi);
-    mma1(c, a.hi, b.lo);
-    mma1(c, a.hi, b.hi);
+    ptx::mma_1688_tf32(c, a.lo, b.hi);
+    ptx::mma_1688_tf32(c, a.hi, b.lo);
+    ptx::mma_1688_tf32(c, a.hi, b.hi);
   }
   __device__ static void mma_if(bool on, float* c, const A& a, const B& b) {
-    mma1_if(on, c, a.lo, b.hi);
-    mma1_if(on, c, a.hi, b.lo);
-    mma1_if(on, c, a.hi, b.hi);
+    ptx::mma_1688_tf32_if(on, c, a.lo, b.hi);
+    ptx::mma_1688_tf32_if(on, c, a.hi, b.lo);
+    ptx::mma_1688_tf32_if(on, c, a.hi, b.hi);
+  }
+  // The three products into a zeroed fragment, then added to c by FADD. The tensor
+  // cores are reported to add into their float32 accumulator with truncation, not
+  // round-to-nearest (Fasi et al., "Numerical behavior of NVIDIA tensor cores",
+  // 2021): a biased error per instruction that grows with the instructions summed
+  // into one accumulator (docs/gemm.md, "Precision": gemm's float32 out measured
+  // 1.3e-5 relative where the split gives ~2^-21). Promoting per k-step leaves one
+  // truncation per k-step, relative to that step's partial sum, and round-to-nearest
+  // additions. Costs 4 FADDs per 3 mma.
+  __device__ static void mma_promoted_if(bool on, float* c, const A& a, const B& b) {
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_if(on, t, a, b);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[e] += t[e];
   }
 };
 
@@ -199,4 +187,4 @@ __device__ __forceinline__ int lane_offset_kn(int lane, int stride) {
     return lane_offset_b_kn(lane, stride);
 }
 
-}  // namespace nbhd::cuda::gemm
+}  // namespace nbhd::cuda
