@@ -4,6 +4,8 @@
 #include "cpu/reference.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -85,9 +87,27 @@ struct Views {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// cvt.rna.tf32.f32: float32 rounded to 10 mantissa bits, nearest, ties away from zero.
+float round_to_tf32(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits = (bits + 0x1000u) & ~0x1fffu;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// hi*hi + hi*lo + lo*hi of float32 x and y, each product exact (PlainProducts::kTf32x3).
+double tf32x3_product(double x, double y) {
+  const float xf = float(x), yf = float(y);
+  const double xh = round_to_tf32(xf), yh = round_to_tf32(yf);
+  const double xl = round_to_tf32(float(xf - xh)), yl = round_to_tf32(float(yf - yh));
+  return xh * yl + xl * yh + xh * yh;
+}
+
 }  // namespace
 
-Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_low_precision) {
+Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_low_precision, PlainProducts products) {
   Views s(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
   const TokenLayout o = detail::token_layout(t.out, p.rank);
   const TokenLayout lse = detail::token_layout(t.lse, p.rank, /*has_inner=*/false);
@@ -97,9 +117,11 @@ Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_l
   const bool f32_accumulate = plain_low_precision && p.dtype != DType::kFloat64;
   auto acc = [&](double x) { return f32_accumulate ? double(float(x)) : x; };
   auto stored = [&](double x) { return plain_low_precision ? round_to(p.dtype, x) : x; };
+  const bool tf32x3 = plain_low_precision && products == PlainProducts::kTf32x3;
+  auto product = [&](double x, double y) { return tf32x3 ? tf32x3_product(x, y) : x * y; };
   auto dot_acc = [&](const TensorRef& a, int64_t oa, int64_t sa, const TensorRef& b, int64_t ob, int64_t sb) {
     double sum = 0;
-    for (int64_t i = 0; i < D; ++i) sum = acc(sum + acc(load(a, oa + i * sa) * load(b, ob + i * sb)));
+    for (int64_t i = 0; i < D; ++i) sum = acc(sum + acc(product(load(a, oa + i * sa), load(b, ob + i * sb))));
     return sum;
   };
 
@@ -135,7 +157,7 @@ Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_l
       for (const Term& term : terms) {
         const double prob = stored(acc(std::exp(term.score - log_sum)));
         for (int64_t d = 0; d < Dv; ++d)
-          out[d] = acc(out[d] + acc(prob * load(*term.value, term.value_offset + d * term.value_stride)));
+          out[d] = acc(out[d] + acc(product(prob, load(*term.value, term.value_offset + d * term.value_stride))));
       }
       const int64_t oo = o.offset(b, x, h);
       for (int64_t d = 0; d < Dv; ++d) store(t.out, oo + d * o.inner, out[d]);

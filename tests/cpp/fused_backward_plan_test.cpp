@@ -17,7 +17,7 @@ namespace {
 TEST(FusedBackwardPlan, CandidatesAreCompiledShapes) {
   for (int rank = 1; rank <= 3; ++rank) {
     for (int head_dim : {32, 64, 128}) {
-      const auto c = backward_candidates(rank, head_dim);
+      const auto c = backward_candidates(DType::kFloat16, rank, head_dim);
       ASSERT_FALSE(c.empty()) << "rank " << rank << " head dim " << head_dim;
       for (const TileConfig& t : c) {
         EXPECT_EQ(t.warps, kBackwardWarps);
@@ -27,13 +27,13 @@ TEST(FusedBackwardPlan, CandidatesAreCompiledShapes) {
         EXPECT_EQ(t.shape.keys(), kBackwardCols);
       }
     }
-    EXPECT_TRUE(backward_candidates(rank, 256).empty()) << "head dim 256 has no backward kernel";
+    EXPECT_TRUE(backward_candidates(DType::kFloat16, rank, 256).empty()) << "head dim 256 has no backward kernel";
   }
 }
 
 TEST(FusedBackwardPlan, RowNumberingIsABijection) {
   for (int rank = 1; rank <= 3; ++rank)
-    for (const TileConfig& c : backward_candidates(rank, 64)) {
+    for (const TileConfig& c : backward_candidates(DType::kFloat16, rank, 64)) {
       const GridTile g = GridTile::from(c.shape);
       SCOPED_TRACE(c.why);
       std::set<int> seen;
@@ -195,7 +195,7 @@ TEST(FusedBackwardPlan, KeyPassCountsTheSamePairs) {
   Problem p = anchor(2, {24, 40, 0}, {5, 9, 0}, 64);
   p.stride = {2, 3, 1};
   p.causal = {false, true, false};
-  for (const TileConfig& c : backward_candidates(2, 64)) {
+  for (const TileConfig& c : backward_candidates(DType::kFloat16, 2, 64)) {
     // Whole-grid counts: the estimate samples up to 8 tiles per axis, so use a grid
     // of at most 8 key tiles per axis.
     const PlanEstimate k = estimate_key_pass(p, c), f = estimate(p, c);

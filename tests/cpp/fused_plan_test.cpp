@@ -13,14 +13,18 @@ namespace {
 
 TEST(FusedPlan, TableEntriesAreValidTilings) {
   ASSERT_TRUE(wgmma_kernels_built()) << "this test is built with the sm_90a kernels in the table";
+  for (DType dtype : {DType::kFloat16, DType::kFloat32})
   for (bool hopper : {false, true}) {
     for (int rank = 1; rank <= 3; ++rank)
       for (int head_dim : {32, 64, 128, 256}) {
-        const auto configs = candidate_configs(rank, head_dim, hopper);
-        ASSERT_FALSE(configs.empty()) << "rank " << rank << " head dim " << head_dim;
+        SCOPED_TRACE(std::string(name(dtype)) + " rank " + std::to_string(rank) + " head dim " + std::to_string(head_dim));
+        const auto configs = candidate_configs(dtype, rank, head_dim, hopper);
+        const bool float32 = dtype == DType::kFloat32;
+        // float32 kernels stop at head dim 128 (shared memory; plan.cpp).
+        ASSERT_EQ(configs.empty(), float32 && head_dim == 256);
         int wgmma = 0;
         for (const TileConfig& c : configs) wgmma += c.wgmma;
-        EXPECT_EQ(wgmma > 0, hopper && (head_dim == 64 || head_dim == 128)) << "rank " << rank << " head dim " << head_dim;
+        EXPECT_EQ(wgmma > 0, !float32 && hopper && (head_dim == 64 || head_dim == 128));
         for (const TileConfig& c : configs) {
           const TileShape& s = c.shape;
           SCOPED_TRACE(c.why);
@@ -107,7 +111,7 @@ TEST(FusedPlan, WgmmaEstimateCountsWholeKeyTiles) {
     EXPECT_GE(e.waste(), 1.0);
   }
   const auto lines = describe_plan(p, /*hopper=*/true);
-  ASSERT_EQ(lines.size(), candidate_configs(2, 128, true).size());
+  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 128, true).size());
   bool listed_wgmma = false;
   for (const std::string& line : lines) listed_wgmma |= line.find("(wgmma,") != std::string::npos;
   EXPECT_TRUE(listed_wgmma);
@@ -138,9 +142,46 @@ TEST(FusedPlan, WgmmaChoicesMatchTheMeasuredBest) {
   }
 }
 
+// float32 has one kernel per head dim (plan.cpp): 64-key tiles up to head dim 64,
+// 32-key tiles at 128, none above; its chosen tilings still hug the windows.
+TEST(FusedPlan, Float32RunsItsOwnKernels) {
+  struct Expect {
+    Problem p;
+    int block_kv;
+    double max_waste;
+  };
+  auto float32 = [](Problem p) {
+    p.dtype = DType::kFloat32;
+    return p;
+  };
+  const Expect cases[] = {
+      // NAT: a 4x4 warp box's 7x7 windows span 10 x 16 keys in 8-key chunks (3.01x,
+      // as the 16-bit plan).
+      {float32(anchor(2, {56, 56, 0}, {7, 7, 0}, 32)), 64, 3.05},
+      {float32(anchor(1, {4096, 0, 0}, {255, 0, 0}, 64)), 64, 1.3},
+      {float32(anchor(1, {32768, 0, 0}, {2048, 0, 0}, 128)), 32, 1.05},
+      {float32(anchor(2, {128, 128, 0}, {31, 31, 0}, 128)), 32, 1.40},
+      {float32(anchor(3, {16, 48, 80}, {8, 16, 24}, 128)), 32, 1.50},
+  };
+  for (const Expect& e : cases) {
+    SCOPED_TRACE(e.p.to_string());
+    const auto ranked = rank_configs(e.p, /*hopper=*/true);
+    ASSERT_FALSE(ranked.empty());
+    for (const PlanEstimate& r : ranked) {
+      EXPECT_FALSE(r.config.wgmma);
+      EXPECT_EQ(r.config.warps, 4);
+      EXPECT_EQ(r.config.block_kv, e.block_kv);
+    }
+    EXPECT_LE(ranked.front().waste(), e.max_waste) << ranked.front().config.why;
+  }
+  const auto lines = describe_plan(float32(anchor(1, {4096, 0, 0}, {255, 0, 0}, 256)));
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines.front().find("no float32 kernel for head dim 256"), std::string::npos) << lines.front();
+}
+
 TEST(FusedPlan, DryRunListsEveryCandidateChosenFirst) {
   const auto lines = describe_plan(anchor(2, {56, 56, 0}, {7, 7, 0}, 32));
-  ASSERT_EQ(lines.size(), candidate_configs(2, 32).size());
+  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 32).size());
   EXPECT_NE(lines.front().find("CHOSEN"), std::string::npos);
   for (size_t i = 1; i < lines.size(); ++i) EXPECT_NE(lines[i].find("rejected"), std::string::npos);
   EXPECT_NE(describe_plan(anchor(1, {64, 0, 0}, {3, 0, 0}, 512)).front().find("no head-dim bucket"), std::string::npos);

@@ -335,7 +335,7 @@ TEST(FusedBackwardConfigs, EveryTableEntry) {
   NBHD_REQUIRE_GPU();
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 64, 128}) {
-      const auto configs = cuda::fused::backward_candidates(rank, int(dim));
+      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, int(dim));
       for (size_t i = 0; i < configs.size(); ++i) {
         SCOPED_TRACE("rank " + std::to_string(rank) + " dim " + std::to_string(dim) + " config " + std::to_string(i) +
                      ": " + configs[i].why);

@@ -2,9 +2,12 @@
 // The fused forward against the CPU reference on seeded random problems: ranks 1-3,
 // extents that are not multiples of any tile, dilation with unequal groups, stride,
 // every causal combination, GQA, Dv != D, additional tokens, RPB, head dims at the
-// bucket edges, element offsets past 2^31. Tolerance: the flash-attention rule
-// (testing.hpp) against the reference run as a plain implementation in the same
-// 16-bit dtype.
+// bucket edges, element offsets past 2^31; float16, bfloat16 and float32.
+// Tolerance: the flash-attention rule (testing.hpp) against the reference run as a
+// plain implementation in the same dtype; for float32, one whose products are the
+// kernel's three tf32 products (cpu::PlainProducts::kTf32x3): the same math done
+// plainly, so a kernel that loses a product term or rounds P or a partial sum to
+// tf32 fails (each costs ~2^-11 relative against the plain 2^-21).
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -34,13 +37,16 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   o.dtype = dtype;
   o.max_extent = rank == 1 ? 300 : rank == 2 ? 28 : 10;
   Case c{testing::random_problem(rng, o), 0};
-  // Head dims: multiples of 8, often at a bucket's edge (32, 64, 128) or just past it.
-  const int64_t dims[] = {8, 24, 32, 40, 64, 72, 128};
+  // Head dims: multiples of 16 bytes (8 halves, 4 floats), often at a bucket's edge
+  // (32, 64, 128) or just past it; float32 stops at 128.
+  const int64_t dims16[] = {8, 24, 32, 40, 64, 72, 128};
+  const int64_t dims32[] = {4, 12, 32, 36, 64, 68, 124};
+  const int64_t* dims = dtype == DType::kFloat32 ? dims32 : dims16;
   c.p.dim = dims[uniform(0, 6)];
   c.p.dim_v = uniform(0, 2) == 0 ? dims[uniform(0, 6)] : 0;
   c.p.heads = c.p.kv_heads * uniform(1, 3);
-  // Padded strides (rows stay 16-byte aligned: the gap is 8 elements).
-  c.gap = uniform(0, 3) == 0 ? 8 : 0;
+  // Padded strides (rows stay 16-byte aligned: the gap is 16 bytes).
+  c.gap = uniform(0, 3) == 0 ? 16 / size_of(dtype) : 0;
   return c;
 }
 
@@ -67,7 +73,8 @@ void check_forward(const Case& c, std::mt19937_64& rng) {
   ASSERT_TRUE(cpu::reference_forward(p, ref, false).ok());
   ref.out = plain_out.ref();
   ref.lse = TensorRef{};
-  ASSERT_TRUE(cpu::reference_forward(p, ref, /*plain_low_precision=*/true).ok());
+  const auto products = p.dtype == DType::kFloat32 ? cpu::PlainProducts::kTf32x3 : cpu::PlainProducts::kExact;
+  ASSERT_TRUE(cpu::reference_forward(p, ref, /*plain_low_precision=*/true, products).ok());
   // The exact answer: the reference on the same inputs in float64 is what
   // reference_forward computes before rounding; recover it by running on doubles.
   Problem p64 = p;
@@ -99,7 +106,10 @@ void check_forward(const Case& c, std::mt19937_64& rng) {
   d_out.copy_to(out);
   d_lse.copy_to(lse);
   testing::expect_close("out", p.dtype, out.values(), exact.values(), plain_out.values());
-  testing::expect_near("lse", lse.values(), ref_lse.values(), 2e-2, 1e-3);
+  // lse: float32 in every dtype; its error is the scores' (16-bit inputs: 2^-8 of a
+  // score; float32: ~2^-21).
+  if (p.dtype == DType::kFloat32) testing::expect_near("lse", lse.values(), ref_lse.values(), 1e-4, 1e-5);
+  else testing::expect_near("lse", lse.values(), ref_lse.values(), 2e-2, 1e-3);
 }
 
 class FusedForward : public ::testing::TestWithParam<std::tuple<int, DType>> {};
@@ -116,7 +126,7 @@ TEST_P(FusedForward, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(All, FusedForward,
                          ::testing::Combine(::testing::Values(1, 2, 3),
-                                            ::testing::Values(DType::kFloat16, DType::kBFloat16)),
+                                            ::testing::Values(DType::kFloat16, DType::kBFloat16, DType::kFloat32)),
                          [](const auto& info) {
                            return "rank" + std::to_string(std::get<0>(info.param)) + "_" + name(std::get<1>(info.param));
                          });
@@ -137,22 +147,37 @@ TEST(FusedForwardSmoke, SmallProblems) {
       c.p.dim_v = seed == 2 ? 16 : 0;
       check_forward(c, rng);
     }
+  // float32: the 64-key kernel (head dim 32) and the 32-key one (head dim 128).
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int64_t dim : {32, 128}) {
+      std::mt19937_64 rng(30100 + 10 * rank + dim);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = DType::kFloat32;
+      o.max_extent = rank == 1 ? 90 : rank == 2 ? 12 : 6;
+      Case c{testing::random_problem(rng, o), dim == 32 ? 4 : 0};
+      c.p.dim = dim;
+      c.p.dim_v = 0;
+      check_forward(c, rng);
+    }
 }
 
 // Every entry of the tile table, forced through NBHD_FUSED_TILE, on random problems
 // of its rank and head-dim bucket (the planner alone would leave some untested).
 TEST(FusedForwardConfigs, EveryTableEntry) {
   NBHD_REQUIRE_GPU();
+  for (bool float32 : {false, true})
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 64, 128}) {
-      const auto configs = cuda::fused::candidate_configs(rank, int(dim), cuda::fused::hopper_device());
+      const DType kinds[] = {float32 ? DType::kFloat32 : DType::kFloat16, float32 ? DType::kFloat32 : DType::kBFloat16};
+      const auto configs = cuda::fused::candidate_configs(kinds[0], rank, int(dim), cuda::fused::hopper_device());
       for (size_t i = 0; i < configs.size(); ++i) {
-        SCOPED_TRACE("rank " + std::to_string(rank) + " dim " + std::to_string(dim) + " config " + std::to_string(i) +
-                     ": " + configs[i].why);
+        SCOPED_TRACE(std::string(name(kinds[0])) + " rank " + std::to_string(rank) + " dim " + std::to_string(dim) +
+                     " config " + std::to_string(i) + ": " + configs[i].why);
         setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
         for (int seed = 0; seed < 3; ++seed) {
-          std::mt19937_64 rng(20000 + 1000 * rank + 10 * i + seed);
-          Case c = random_case(rng, rank, seed % 2 ? DType::kBFloat16 : DType::kFloat16);
+          std::mt19937_64 rng(20000 + 1000 * rank + 10 * i + seed + (float32 ? 500 : 0));
+          Case c = random_case(rng, rank, kinds[seed % 2]);
           c.p.dim = dim - 8 * (seed == 2);  // the bucket's edge and just inside it
           c.p.dim_v = 0;
           check_forward(c, rng);
@@ -172,6 +197,7 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
     std::array<int64_t, 3> extent, kernel, dilation;
     bool causal;
     int64_t dim;
+    DType dtype = DType::kFloat16;
   };
   const Shape shapes[] = {
       {2, {56, 56, 0}, {7, 7, 0}, {1, 1, 1}, false, 32},     // NAT
@@ -179,6 +205,8 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
       {2, {64, 64, 0}, {31, 31, 0}, {1, 1, 1}, false, 128},  // large window
       {1, {2048, 0, 0}, {512, 0, 0}, {1, 1, 1}, true, 64},   // 1-D causal
       {3, {8, 24, 40}, {4, 8, 12}, {1, 1, 1}, false, 128},   // video-like
+      {2, {56, 56, 0}, {7, 7, 0}, {4, 4, 1}, false, 32, DType::kFloat32},  // DiNAT, float32 (StyleNAT runs float32)
+      {2, {32, 32, 0}, {13, 13, 0}, {1, 1, 1}, false, 128, DType::kFloat32},  // 32-key tiles, whole interior ones
   };
   for (const Shape& s : shapes) {
     Case c;
@@ -191,7 +219,7 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
     c.p.heads = 2;
     c.p.kv_heads = 1;
     c.p.dim = s.dim;
-    c.p.dtype = DType::kFloat16;
+    c.p.dtype = s.dtype;
     check_forward(c, rng);
   }
 }
@@ -263,6 +291,10 @@ TEST(FusedForwardLarge, OffsetsPast2Pow31Elements) {
   p.kv_heads = 1;
   p.dim = D;
   p.dtype = DType::kFloat16;
+  if (const Status s = can_run(Backend::kFused, p, Device::kCUDA); !s.ok()) {
+    ASSERT_NE(s.message().find("in this build"), std::string::npos) << s.message();
+    GTEST_SKIP() << s.message();
+  }
   std::mt19937_64 rng(77);
   const Inputs in(p, rng);
   const testing::DenseResult exact = testing::dense_attention(p, in);

@@ -34,7 +34,9 @@ using Launch = cudaError_t (*)(const ForwardParams&, int64_t, cudaStream_t);
 using KernelKey = std::tuple<DType, int, int, int, int, bool>;  // dtype, head dim, warps, key tile, boxes per warp, wgmma
 
 template <class T>
-constexpr DType kDTypeOf = std::is_same_v<T, __half> ? DType::kFloat16 : DType::kBFloat16;
+constexpr DType kDTypeOf = std::is_same_v<T, __half>          ? DType::kFloat16
+                           : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16
+                                                              : DType::kFloat32;
 
 const std::map<KernelKey, Launch>& kernels() {
   static const std::map<KernelKey, Launch> table = {
@@ -54,15 +56,19 @@ bool built(DType dtype, int head_dim) {
 
 Status supports(const Problem& p, detail::Pass pass) {
   if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16 and bfloat16 run on tensor cores; "
-                       "float32 runs on the gemm (3xTF32) and naive backends)");
-  if (p.dim % 8 || p.value_dim() % 8)
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
+    return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16, bfloat16 and float32 are)");
+  const int64_t vec = 16 / size_of(p.dtype);
+  if (p.dim % vec || p.value_dim() % vec)
     return unsupported("dim = " + std::to_string(p.dim) + " and dim_v = " + std::to_string(p.value_dim()) +
-                       " must be multiples of 8 (rows are loaded 16 bytes at a time); pad the head dim");
+                       " must be multiples of " + std::to_string(vec) + " for " + name(p.dtype) +
+                       " (rows are loaded 16 bytes at a time); pad the head dim");
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   if (!bucket)
     return unsupported("max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())) + " exceeds 256");
+  if (p.dtype == DType::kFloat32 && bucket > 128)
+    return unsupported("float32 runs max(dim, dim_v) <= 128 on fused (its tiles need twice the shared memory); got " +
+                       std::to_string(std::max(p.dim, p.value_dim())) + ", which the gemm (3xTF32) and naive backends run");
   if (!built(p.dtype, bucket))
     return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
                        " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
@@ -77,14 +83,14 @@ Status supports(const Problem& p, detail::Pass pass) {
 TileConfig plan(const Problem& p) {
   const bool hopper = hopper_device();
   if (const int forced = forced_index("NBHD_FUSED_TILE"); forced >= 0) {
-    const auto candidates = candidate_configs(p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper);
+    const auto candidates = candidate_configs(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper);
     const size_t i = size_t(forced);
     if (i < candidates.size()) return candidates[i];
   }
-  // The plan depends on the grid geometry and the head dims only.
-  const std::pair<GeometryKey, bool> key{geometry_key(p), hopper};
+  // The plan depends on the grid geometry, the head dims and the kernels the dtype has.
+  const std::tuple<GeometryKey, bool, bool> key{geometry_key(p), hopper, p.dtype == DType::kFloat32};
   static std::mutex mutex;
-  static std::map<std::pair<GeometryKey, bool>, TileConfig> cache;
+  static std::map<std::tuple<GeometryKey, bool, bool>, TileConfig> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;

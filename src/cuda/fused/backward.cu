@@ -44,7 +44,7 @@ const std::map<KernelKey, Launch>& kernels() {
 // forces candidate i of backward_candidates for both passes (for measuring).
 BackwardPlan plan(const Problem& p) {
   if (const int forced = forced_index("NBHD_FUSED_BACKWARD_TILE"); forced >= 0) {
-    const auto candidates = backward_candidates(p.rank, head_dim_bucket(p.dim, p.value_dim()));
+    const auto candidates = backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()));
     const size_t i = size_t(forced);
     if (i < candidates.size()) return {candidates[i], candidates[i], prefer_dq_pass(p)};
   }
@@ -67,7 +67,10 @@ size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 Status backward_supports(const Problem& p) {
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
-  if (backward_candidates(p.rank, bucket).empty())
+  if (p.dtype == DType::kFloat32)
+    return unsupported("the fused backward runs float16 and bfloat16; float32 gradients run on the gemm (3xTF32) "
+                       "and naive backends");
+  if (backward_candidates(p.dtype, p.rank, bucket).empty())
     return unsupported("the fused backward runs max(dim, dim_v) <= 128 (a warp keeps dK and dV of 16 keys in "
                        "registers); got " + std::to_string(std::max(p.dim, p.value_dim())) + ", which naive runs");
   if (!kernels().count({p.dtype, bucket}))

@@ -8,10 +8,10 @@
 
 namespace nbhd::cuda::fused {
 
-std::vector<TileConfig> backward_candidates(int rank, int head_dim) {
+std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim) {
   std::vector<TileConfig> out;
-  if (head_dim > 128) return out;
-  for (const TileConfig& c : candidate_configs(rank, head_dim))
+  if (head_dim > 128 || dtype == DType::kFloat32) return out;
+  for (const TileConfig& c : candidate_configs(dtype, rank, head_dim))
     if (c.warps == kBackwardWarps && c.block_kv == kBackwardCols && c.m_tiles == 1) out.push_back(c);
   return out;
 }
@@ -70,7 +70,7 @@ namespace {
 template <class Estimate>
 std::vector<PlanEstimate> ranked(const Problem& p, Estimate&& estimate_one) {
   std::vector<PlanEstimate> out;
-  for (const TileConfig& c : backward_candidates(p.rank, head_dim_bucket(p.dim, p.value_dim())))
+  for (const TileConfig& c : backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim())))
     out.push_back(estimate_one(p, c));
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
@@ -93,8 +93,10 @@ BackwardPlan plan_backward(const Problem& p) {
 std::vector<std::string> describe_backward_plan(const Problem& p) {
   std::vector<std::string> lines;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
-  if (backward_candidates(p.rank, bucket).empty()) {
-    lines.push_back("fused backward: runs max(dim, dim_v) <= 128, got " + std::to_string(std::max(p.dim, p.value_dim())));
+  if (backward_candidates(p.dtype, p.rank, bucket).empty()) {
+    lines.push_back(p.dtype == DType::kFloat32 ? std::string("fused backward: runs float16 and bfloat16")
+                                               : "fused backward: runs max(dim, dim_v) <= 128, got " +
+                                                     std::to_string(std::max(p.dim, p.value_dim())));
     return lines;
   }
   for (int pass = 0; pass < 2; ++pass) {

@@ -18,8 +18,9 @@ namespace nbhd::cuda::fused {
 inline constexpr int kBackwardWarps = 4;
 inline constexpr int kBackwardCols = 64;
 
-// Table entries the backward kernels run for a rank and head-dim bucket (<= 128).
-std::vector<TileConfig> backward_candidates(int rank, int head_dim);
+// Table entries the backward kernels run for a dtype, rank and head-dim bucket
+// (<= 128).
+std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim);
 
 // The key pass's counterpart of estimate(): rows are keys (the entry's query tile
 // and warp boxes), columns are query tiles (its key tile) walked over the inverse-

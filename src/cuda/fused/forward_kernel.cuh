@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fused neighborhood attention forward on tensor cores (mma.sync m16n8k16, sm_80+).
+// Fused neighborhood attention forward on tensor cores (mma.sync, sm_80+; wgmma, sm_90a).
 //
 // One CTA computes one query tile (a box of one dilation group) for one head. Its
 // keys are the union of its queries' windows (a box, by monotonicity of windows),
@@ -14,8 +14,10 @@
 // tokens follow as plain key tiles. Out and lse are written once.
 //
 // Two instruction paths share this body (ForwardConfig::kWgmma):
-//   - mma.sync m16n8k16 (sm_80+): fragments via ldmatrix; a warp's chunks that no
-//     query of its box sees are predicated off.
+//   - mma.sync (sm_80+): m16n8k16 for float16 / bfloat16; for float32 three tf32
+//     m16n8k8 products per product (common/mma.cuh), each k-step summed apart and
+//     added by FADD. Fragments via ldmatrix (32-bit V by plain loads, see P·V); a
+//     warp's chunks that no query of its box sees are predicated off.
 //   - wgmma (sm_90a): S = Q K^T and O += P V are each a warpgroup instruction per 16
 //     of K, with Q, K and V read by the tensor cores from 128-byte-swizzled shared
 //     memory and P from registers. A key tile is computed whole once any warp of the
@@ -33,6 +35,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/pipeline.cuh"
 #include "cuda/common/ptx.cuh"
@@ -67,19 +70,29 @@ struct ForwardConfig {
   // (setmaxnreg; 128 x 88 + 256 x 208 fits the 64 K register file). The producer's
   // load loop spilled at 56 and 72 (ptxas, head dim 128); the consumers do not at 208.
   static constexpr int kProducerRegisters = 88, kConsumerRegisters = 208;
-  static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
+  // float32 runs three tf32 products per product (mma.sync m16n8k8; common/mma.cuh).
+  static constexpr bool kTf32 = sizeof(T) == 4;
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kChunks = kHeadDim / kVec;   // 16-byte chunks per row
+  // k extent of one mma.sync: a k-step of S = Q K^T spans two chunks of the head dim
+  // for every dtype; a k-step of O += P V spans kStepK / 8 n8 blocks of P.
+  static constexpr int kStepK = kTf32 ? 8 : 16;
   static constexpr int kNBlocks = kBlockKV / 8;  // n8 blocks of a score tile
   static constexpr int kDBlocks = kHeadDim / 8;  // n8 blocks of the output
   // CTAs per SM the register budget must allow (255 / 168 / 128 registers at 4 warps):
   // small head dims leave room for more warps to hide load latency, which is what
   // memory-bound shapes (NAT: head dim 32, 7x7 windows) need.
+  // float32 tiles take twice the shared memory: 2-3 CTAs per SM at most (H100).
   static constexpr int kMinBlocksPerSM =
-      kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
-                                                      : kWarps == 4 ? 2 : 1;
+      kTf32 ? (kHeadDim <= 32 ? 3 : 2)
+      : kWarps == 4 && kBlockKV == 64 && kMTiles == 1 ? (kHeadDim <= 32 ? 4 : kHeadDim <= 64 ? 3 : 2)
+      : kWarps == 4                                   ? 2
+                                                      : 1;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
   static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
                              kBlockKV == 64),
                 "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128, 64 keys per tile");
+  static_assert(!kWgmma || !kTf32, "wgmma kernels are 16-bit");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
   struct SharedStorage {
@@ -150,6 +163,7 @@ struct Box {
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_forward_kernel(const __grid_constant__ ForwardParams p) {
   using T = typename Cfg::Element;
+  using Mma = nbhd::cuda::Mma<T>;  // the mma.sync path's products
   using detail_fwd::Box;
   using detail_fwd::kNegInf;
   constexpr int kBlockQ = Cfg::kBlockQ, kBlockKV = Cfg::kBlockKV, kChunks = Cfg::kChunks;
@@ -227,7 +241,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       const int r = idx / kChunks, c = idx % kChunks;
       int off[kMaxRank], j[kMaxRank], token[kMaxRank];
       shape.query_offset(r, off);
-      bool valid = c * 8 < p.dim;
+      bool valid = c * Cfg::kVec < p.dim;
       for (int a = 0; a < kMaxRank; ++a) {
         j[a] = q_origin[a] + off[a];
         valid &= j[a] < lg[a];
@@ -235,9 +249,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       const T* src = q_base;
       if (valid) {
         token_of(j, token);
-        src = q_base + p.q_layout.offset(b, token, h) + c * 8;
+        src = q_base + p.q_layout.offset(b, token, h) + c * Cfg::kVec;
       }
-      ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * 8]), src, valid ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * Cfg::kVec]), src,
+                       valid ? 16 : 0);
     }
   };
   // Each loading thread copies one 16-byte column `chunk` of rows load_row,
@@ -259,7 +274,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   }
   Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
   Odometer compute_tile = load_tile;
-  const bool k_chunk_ok = chunk * 8 < p.dim, v_chunk_ok = chunk * 8 < p.dim_v;
+  const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
+  const bool k_chunk_ok = chunk_col < p.dim, v_chunk_ok = chunk_col < p.dim_v;
 
   // Where tile `it`'s rows come from: the tile origin's row in k and v, and the
   // extent of the tile inside the key box (rows past it are zero-filled). Computed
@@ -309,11 +325,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
                   (packed >> 20) < src.limit[2];
         }
-        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * 8;
+        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
         const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
-        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? smem.k_row_delta[n] + chunk * 8 : 0),
+        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? smem.k_row_delta[n] + chunk_col : 0),
                          k_ok ? 16 : 0);
-        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? smem.v_row_delta[n] + chunk * 8 : 0),
+        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? smem.v_row_delta[n] + chunk_col : 0),
                          v_ok ? 16 : 0);
       }
     } else {
@@ -321,11 +337,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       for (int i = 0; i < kBlockKV / kRowStep; ++i) {
         const int n = load_row + i * kRowStep;
         const bool valid = src.first_additional + n < p.additional_tokens;
-        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * 8;
+        const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
         const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
-        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? n * p.ak_layout.axis[2] + chunk * 8 : 0),
+        ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), src.k + (k_ok ? n * p.ak_layout.axis[2] + chunk_col : 0),
                          k_ok ? 16 : 0);
-        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? n * p.av_layout.axis[2] + chunk * 8 : 0),
+        ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), src.v + (v_ok ? n * p.av_layout.axis[2] + chunk_col : 0),
                          v_ok ? 16 : 0);
       }
     }
@@ -542,7 +558,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
       } else {
         // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
-        // no query of a box can see is predicated off.
+        // no query of a box can see is predicated off. A k-step is two 16-byte
+        // chunks of the head dim (16 halves or 8 floats).
 #pragma unroll
         for (int m = 0; m < kM; ++m)
 #pragma unroll
@@ -550,21 +567,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[m][j][e] = 0.f;
         const uint32_t k_stage = k_lane_base + stage * uint32_t(sizeof(smem.k[0]));
-#pragma unroll
-        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-          uint32_t a[kM][4];
+        // float32 k-steps one at a time: unrolled, ptxas hoisted the split fragments
+        // of every k-step and spilled (255 registers, 96-140 bytes at head dim 64).
+#pragma unroll(Cfg::kTf32 ? 1 : kChunks / 2)
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          typename Mma::A a[kM];
 #pragma unroll
           for (int m = 0; m < kM; ++m)
-            ptx::ldmatrix_x4(a[m], q_lane_base + m * 16 * Cfg::kRowBytes + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+            a[m] = Mma::load_a(q_lane_base + m * 16 * Cfg::kRowBytes + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
           const uint32_t k_col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
           for (int pair = 0; pair < kNBlocks / 2; ++pair) {
-            uint32_t bk[4];
-            ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + k_col);
+            typename Mma::B b0, b1;
+            Mma::load_b_nk(k_stage + pair * 16 * Cfg::kRowBytes + k_col, b0, b1);
 #pragma unroll
             for (int m = 0; m < kM; ++m) {
-              ptx::mma_16816_if<T>((active[m] >> (2 * pair)) & 1u, s[m][2 * pair], a[m], bk);
-              ptx::mma_16816_if<T>((active[m] >> (2 * pair + 1)) & 1u, s[m][2 * pair + 1], a[m], bk + 2);
+              Mma::mma_promoted_if((active[m] >> (2 * pair)) & 1u, s[m][2 * pair], a[m], b0);
+              Mma::mma_promoted_if((active[m] >> (2 * pair + 1)) & 1u, s[m][2 * pair + 1], a[m], b1);
             }
           }
         }
@@ -692,6 +711,36 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         wgmma::commit_group();
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      } else if constexpr (Cfg::kTf32) {
+        // One k-step per n8 block of P. Its accumulator layout is a tf32 A fragment
+        // once the block's keys are reordered (A column t is key 2t, column t + 4 key
+        // 2t + 1), so V's B fragments are read in that order: one float per lane
+        // (ldmatrix cannot transpose 32-bit elements). Rows 2t, 2t + 1 and columns
+        // g of 8 dims hit 32 banks through the swizzle (kChunks >= 8).
+        const T* v_tile = smem.v[stage];
+#pragma unroll
+        for (int kb = 0; kb < kNBlocks; ++kb) {
+          if (((any_active >> kb) & 1u) == 0) continue;
+          bool on[kM];
+          typename Mma::A a[kM];
+#pragma unroll
+          for (int m = 0; m < kM; ++m) {
+            on[m] = (active[m] >> kb) & 1u;
+            a[m] = Mma::make_a(lane, [&](int half, int col) { return s[m][kb][2 * half + (col >> 2)]; });
+          }
+#pragma unroll
+          for (int d = 0; d < kDBlocks; ++d) {
+            typename Mma::B bv;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int row = 8 * kb + 2 * t4 + i, col = 8 * d + g;
+              Mma::split(v_tile[Cfg::template chunk_index<kBlockKV>(row, col / Cfg::kVec) * Cfg::kVec + col % Cfg::kVec],
+                         bv.hi[i], bv.lo[i]);
+            }
+#pragma unroll
+            for (int m = 0; m < kM; ++m) Mma::mma_promoted_if(on[m], o[m][d], a[m], bv);
+          }
+        }
       } else {
         const uint32_t v_stage = v_lane_base + stage * uint32_t(sizeof(smem.v[0]));
 #pragma unroll
@@ -742,7 +791,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     for (int d = 0; d < kDBlocks; ++d)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        T* dst = &smem.q[Cfg::template chunk_index<kBlockQ>(my_row[m][i], d) * 8 + 2 * t4];
+        const int col = 8 * d + 2 * t4;
+        T* dst = &smem.q[Cfg::template chunk_index<kBlockQ>(my_row[m][i], col / Cfg::kVec) * Cfg::kVec + col % Cfg::kVec];
         dst[0] = from_float<T>(o[m][d][2 * i] * inv[i]);
         dst[1] = from_float<T>(o[m][d][2 * i + 1] * inv[i]);
       }
@@ -753,15 +803,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     const int rr = idx / kChunks, c = idx % kChunks, r = warp * kM * 16 + rr;
     int off[kMaxRank], j[kMaxRank], token[kMaxRank];
     shape.query_offset(r, off);
-    bool valid = c * 8 < p.dim_v;
+    bool valid = c * Cfg::kVec < p.dim_v;
     for (int a = 0; a < kMaxRank; ++a) {
       j[a] = q_origin[a] + off[a];
       valid &= j[a] < lg[a];
     }
     if (!valid) continue;
     token_of(j, token);
-    *reinterpret_cast<uint4*>(out + p.out_layout.offset(b, token, h) + c * 8) =
-        *reinterpret_cast<const uint4*>(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * 8]);
+    *reinterpret_cast<uint4*>(out + p.out_layout.offset(b, token, h) + c * Cfg::kVec) =
+        *reinterpret_cast<const uint4*>(&smem.q[Cfg::template chunk_index<kBlockQ>(r, c) * Cfg::kVec]);
   }
   if (p.lse && t4 == 0) {
     constexpr float kLn2 = 0.6931471805599453f;

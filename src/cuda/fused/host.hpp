@@ -18,7 +18,8 @@
 namespace nbhd::cuda::fused {
 
 // 16-byte loads and stores need aligned rows: base pointers on 16 bytes, every
-// stride but the innermost a multiple of 8 elements, the innermost 1.
+// stride but the innermost a multiple of 16 bytes (8 halves, 4 floats), the
+// innermost 1.
 inline Status check_alignment(const char* what, const TensorRef& t) {
   if (!t.defined()) return Status::Ok();
   if (reinterpret_cast<uintptr_t>(t.data) % 16)
@@ -26,10 +27,11 @@ inline Status check_alignment(const char* what, const TensorRef& t) {
   if (t.stride[t.ndim - 1] != 1)
     return unsupported(std::string("backend fused needs the last dimension of ") + what +
                        " to be contiguous (stride 1); call .contiguous() first");
+  const int64_t vec = 16 / size_of(t.dtype);
   for (int i = 0; i < t.ndim - 1; ++i)
-    if (t.stride[i] % 8)
-      return unsupported(std::string("backend fused needs every stride of ") + what +
-                         " but the last to be a multiple of 8 elements; got " + std::to_string(t.stride[i]) +
+    if (t.stride[i] % vec)
+      return unsupported(std::string("backend fused needs every stride of ") + what + " but the last to be a multiple of " +
+                         std::to_string(vec) + " elements (16 bytes); got " + std::to_string(t.stride[i]) +
                          " in dimension " + std::to_string(i));
   return Status::Ok();
 }

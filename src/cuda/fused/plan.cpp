@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <initializer_list>
 #include <mutex>
 
 namespace nbhd::cuda::fused {
@@ -38,6 +39,14 @@ const std::vector<TileConfig>& table() {
       {3, 0, 4, 128, 1, log2_shape(2, 2, 2, 1, 1, 2, 2, 2, 3), "3-D 4x4x4 / warp 2x2x4 / keys 4x4x8"},
       {3, 0, 8, 64, 1, log2_shape(1, 3, 3, 0, 2, 2, 0, 2, 4), "3-D 2x8x8 / warp 1x4x4 / keys 1x4x16"},
       {3, 0, 8, 64, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 3), "3-D 4x4x8 / warp 2x2x4 / keys 2x4x8: 37 ms at 16x48x80, best, H200"},
+      // 32-key tiles: float32 at head dim 128 only, where 64-key tiles would need
+      // 168 KB of shared memory (Q 32 KB, two stages of K and V 128 KB), over sm_80's
+      // 163 KB. Not yet measured: the shapes follow the 64-key entries.
+      {1, 0, 4, 32, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 5), "1-D 64 queries, 32-key tiles (float32, head dim 128)"},
+      {2, 0, 4, 32, 1, log2_shape(0, 3, 3, 0, 2, 2, 0, 2, 3), "2-D 8x8 / warp 4x4 / keys 4x8 (float32, head dim 128)"},
+      {2, 0, 4, 32, 1, log2_shape(0, 2, 4, 0, 1, 3, 0, 1, 4), "2-D 4x16 / warp 2x8 / keys 2x16: wide windows (float32, head dim 128)"},
+      {3, 0, 4, 32, 1, log2_shape(1, 2, 3, 0, 2, 2, 0, 2, 3), "3-D 2x4x8 / warp 1x4x4 / keys 1x4x8 (float32, head dim 128)"},
+      {3, 0, 4, 32, 1, log2_shape(2, 2, 2, 1, 1, 2, 1, 1, 3), "3-D 4x4x4 / warp 2x2x4 / keys 2x2x8 (float32, head dim 128)"},
       // wgmma (sm_90a): 64 queries per warpgroup; a visited key tile is computed
       // whole, so key tiles hug the window's shape. Times: H200, commit 2145f1f.
       {1, 0, 4, 64, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 6), "wgmma 1-D 64 queries: 2.43 ms at w2048 (mma.sync 3.49)", true},
@@ -81,8 +90,20 @@ bool wgmma_kernels_built() {
 #endif
 }
 
-bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
+bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
   // Keep in sync with the kernel list in src/cuda/fused/CMakeLists.txt.
+  struct Shape { int warps, block_kv, m_tiles; };
+  auto has = [&](std::initializer_list<Shape> list) {
+    for (const Shape& s : list)
+      if (s.warps == warps && s.block_kv == block_kv && s.m_tiles == m_tiles) return true;
+    return false;
+  };
+  // float32 (three tf32 products per product, about a third of the 16-bit rate and
+  // twice the bytes): one kernel per head dim, 4 warps. 64-key tiles at head dims 32
+  // and 64 (80 KB of shared memory at 64), 32-key tiles at 128; none at 256 (Q alone
+  // is 64 KB; gemm and naive run it).
+  if (dtype == DType::kFloat32)
+    return !wgmma && (head_dim <= 64 ? has({{4, 64, 1}}) : head_dim == 128 && has({{4, 32, 1}}));
   // wgmma: one warpgroup, or two with a producer (8 warps); head dims 64 and 128,
   // 64-key tiles (the table says why).
   if (wgmma)
@@ -93,22 +114,16 @@ bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wg
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
   // to stay off local memory) measured no faster and up to 1.6x slower (H200,
   // docs/performance.md), so none is compiled.
-  struct Shape { int warps, block_kv, m_tiles; };
-  static const Shape small[] = {{4, 64, 1}, {8, 64, 1}, {4, 128, 1}};
-  static const Shape d128[] = {{4, 64, 1}, {8, 64, 1}};
-  static const Shape d256[] = {{4, 64, 1}};
-  auto has = [&](const auto& list) {
-    for (const Shape& s : list)
-      if (s.warps == warps && s.block_kv == block_kv && s.m_tiles == m_tiles) return true;
-    return false;
-  };
-  return head_dim == 256 ? has(d256) : head_dim == 128 ? has(d128) : has(small);
+  if (head_dim == 256) return has({{4, 64, 1}});
+  if (head_dim == 128) return has({{4, 64, 1}, {8, 64, 1}});
+  return has({{4, 64, 1}, {8, 64, 1}, {4, 128, 1}});
 }
 
-std::vector<TileConfig> candidate_configs(int rank, int head_dim, bool hopper) {
+std::vector<TileConfig> candidate_configs(DType dtype, int rank, int head_dim, bool hopper) {
   std::vector<TileConfig> out;
   for (TileConfig c : table()) {
-    if (c.rank != rank || (c.wgmma && !hopper) || !kernel_compiled(head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma))
+    if (c.rank != rank || (c.wgmma && !hopper) ||
+        !kernel_compiled(dtype, head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma))
       continue;
     c.head_dim = head_dim;
     out.push_back(c);
@@ -261,7 +276,7 @@ std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   std::vector<PlanEstimate> out;
   if (!bucket) return out;
-  for (const TileConfig& c : candidate_configs(rank, bucket, hopper)) {
+  for (const TileConfig& c : candidate_configs(p.dtype, rank, bucket, hopper)) {
     out.push_back(estimate(p, c));
     out.back().candidate = int(out.size()) - 1;
   }
@@ -273,7 +288,11 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
   std::vector<std::string> lines;
   const auto ranked = rank_configs(p, hopper);
   if (ranked.empty()) {
-    lines.push_back("fused: no head-dim bucket holds max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())));
+    const int bucket = head_dim_bucket(p.dim, p.value_dim());
+    lines.push_back(bucket ? std::string("fused: no ") + name(p.dtype) + " kernel for head dim " + std::to_string(bucket) +
+                                 " in this build"
+                           : "fused: no head-dim bucket holds max(dim, dim_v) = " +
+                                 std::to_string(std::max(p.dim, p.value_dim())));
     return lines;
   }
   for (size_t i = 0; i < ranked.size(); ++i) {

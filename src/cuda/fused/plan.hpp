@@ -27,19 +27,19 @@ struct TileConfig {
   bool wgmma = false;  // Hopper warpgroup instructions (sm_90a) instead of mma.sync
 };
 
-// Whether the kernel for (head-dim bucket, warps, key tile, boxes per warp,
+// Whether the kernel for (dtype, head-dim bucket, warps, key tile, boxes per warp,
 // instruction path) is in the build's kernel list (NBHD_DTYPES / NBHD_HEAD_DIMS /
 // NBHD_CUDA_ARCHS filter further).
-bool kernel_compiled(int head_dim, int warps, int block_kv, int m_tiles, bool wgmma);
+bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma);
 
 // Whether this build has the sm_90a (wgmma) forward kernels.
 bool wgmma_kernels_built();
 
-// Configurations available for a problem's rank and head-dim bucket; the wgmma ones
-// only when `hopper` (an sm_90 device, and a build with sm_90a).
-std::vector<TileConfig> candidate_configs(int rank, int head_dim, bool hopper = false);
+// Configurations available for a problem's dtype, rank and head-dim bucket; the
+// wgmma ones only when `hopper` (an sm_90 device, and a build with sm_90a).
+std::vector<TileConfig> candidate_configs(DType dtype, int rank, int head_dim, bool hopper = false);
 
-// Smallest compiled head-dim bucket >= max(dim, dim_v), or 0 when none.
+// Smallest head-dim bucket >= max(dim, dim_v), or 0 when none.
 int head_dim_bucket(int64_t dim, int64_t dim_v);
 
 struct PlanEstimate {

@@ -11,6 +11,7 @@
 // a real copy may land in, so a missing wait or barrier, or a prefetch over data
 // still being read, shows in one of the runs.
 // EMU_SCHEDULE=reverse runs fibers in the opposite order between sync points.
+// EMU_MMA_ROUND=zero rounds every mma result toward zero (see accumulator_round).
 // "Device" memory is host memory filled with 0xff (NaN) when allocated. It checks
 // indexing, fragment layouts and arithmetic, not speed or the compiler.
 #pragma once
@@ -268,6 +269,8 @@ inline void Block::entry() {
 
 // 16-bit element `i` (0 or 1) of a packed register, as float.
 float half_of(uint32_t r, int i, bool bf16);
+float tf32_of(uint32_t r);
+float accumulator_round(double s);
 uint16_t smem16(int w, uint32_t addr);
 
 inline void Block::execute(int w) {
@@ -282,10 +285,22 @@ inline void Block::execute(int w) {
       for (int l = 0; l < 32; ++l)
         for (int e = 0; e < 4; ++e) L[l].fout[e] = L[l].c[e];
       if (!L[0].pred) break;
-      const bool bf16 = L[0].variant == 1;
+      // variant 0 / 1: m16n8k16 fp16 / bf16; 2: m16n8k8 tf32 (the low 13 bits of each
+      // operand ignored, as the tensor cores read 19 of the 32).
+      const int kk = L[0].variant == 2 ? 8 : 16;
       double A[16][16], B[16][8];
       for (int l = 0; l < 32; ++l) {
         const int g = l / 4, t = l % 4;
+        if (kk == 8) {
+          A[g][t] = tf32_of(L[l].a[0]);
+          A[g + 8][t] = tf32_of(L[l].a[1]);
+          A[g][t + 4] = tf32_of(L[l].a[2]);
+          A[g + 8][t + 4] = tf32_of(L[l].a[3]);
+          B[t][g] = tf32_of(L[l].b[0]);
+          B[t + 4][g] = tf32_of(L[l].b[1]);
+          continue;
+        }
+        const bool bf16 = L[0].variant == 1;
         for (int i = 0; i < 2; ++i) {
           A[g][2 * t + i] = half_of(L[l].a[0], i, bf16);
           A[g + 8][2 * t + i] = half_of(L[l].a[1], i, bf16);
@@ -300,8 +315,8 @@ inline void Block::execute(int w) {
         for (int e = 0; e < 4; ++e) {
           const int m = g + 8 * (e >> 1), n = 2 * t + (e & 1);
           double s = L[l].c[e];
-          for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
-          L[l].fout[e] = float(s);
+          for (int k = 0; k < kk; ++k) s += A[m][k] * B[k][n];
+          L[l].fout[e] = accumulator_round(s);
         }
       }
       break;
@@ -362,6 +377,26 @@ inline float half_of(uint32_t r, int i, bool bf16) {
   __half h;
   std::memcpy(&h, &bits, 2);
   return __half2float(h);
+}
+
+inline float tf32_of(uint32_t r) {
+  const uint32_t bits = r & ~0x1fffu;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// An mma's float32 result: the exact sum rounded to nearest, or toward zero with
+// EMU_MMA_ROUND=zero (a model of the tensor cores' truncating accumulation, under
+// which a kernel's precision must still hold where it claims to promote its sums).
+inline float accumulator_round(double s) {
+  static const bool toward_zero = [] {
+    const char* v = std::getenv("EMU_MMA_ROUND");
+    return v && std::string(v) == "zero";
+  }();
+  float f = float(s);
+  if (toward_zero && std::abs(double(f)) > std::abs(s)) f = std::nextafter(f, 0.f);
+  return f;
 }
 
 inline uint3 thread_index() { return make_uint3(unsigned(block->thread()), 0, 0); }
@@ -442,6 +477,11 @@ inline float atomicAdd(float* p, float v) {
 template <class T>
 inline T __ldg(const T* p) {
   return *p;
+}
+inline float __uint_as_float(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
 }
 
 inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError"; }

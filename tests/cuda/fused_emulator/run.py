@@ -29,7 +29,7 @@ LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfol
 KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh"]
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];")
-CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 
 
 def split_top(text):
@@ -66,9 +66,11 @@ def write_if_changed(path, text):
             f.write(text)
 
 
-def forward_configs(dim):
+def forward_configs(dim, dtype):
     # Mirrors src/cuda/fused/CMakeLists.txt (kernel_compiled() in plan.cpp), with
     # sm_90a: (warps, keys per tile, boxes per warp, wgmma).
+    if dtype == "float32":
+        return [] if dim == 256 else [(4, 32 if dim == 128 else 64, 1, "false")]
     if dim == 256:
         return [(4, 64, 1, "false")]
     wgmma = [(4, 64, 1, "true"), (8, 64, 1, "true")]
@@ -85,7 +87,7 @@ def main():
     ap.add_argument("--cxx", default=os.environ.get("CXX", "g++"))
     ap.add_argument("--cuda-include", default=os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include"))
     ap.add_argument("--dims", default="32,64,128")
-    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--tests", default="fused_backward_test,fused_forward_test")
     ap.add_argument("-j", type=int, default=os.cpu_count() or 2)
     ap.add_argument("gtest_args", nargs="*")
@@ -108,13 +110,13 @@ def main():
         ctype = CTYPE[dtype]
         for dim in dims:
             body = '#include "cuda/fused/forward_kernel.cuh"\nnamespace nbhd::cuda::fused {\n'
-            for w, kv, m, g in forward_configs(dim):
+            for w, kv, m, g in forward_configs(dim, dtype):
                 body += (f"template cudaError_t launch_fused_forward<ForwardConfig<{ctype}, {dim}, {w}, {kv}, {m}, {g}>>"
                          "(const ForwardParams&, int64_t, cudaStream_t);\n")
                 fwd_inc += f"NBHD_FUSED_FORWARD({ctype}, {dim}, {w}, {kv}, {m}, {g})\n"
             write_if_changed(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"), body + "}\n")
             sources.append(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"))
-            if dim <= 128:
+            if dim <= 128 and dtype != "float32":
                 write_if_changed(os.path.join(gen, f"backward_{dtype}_d{dim}.cpp"),
                                  '#include "cuda/fused/backward_kernel.cuh"\nnamespace nbhd::cuda::fused {\n'
                                  f"template cudaError_t launch_fused_backward<{ctype}, {dim}>(const BackwardParams&, "

@@ -18,11 +18,12 @@ template <class T> struct MmaName;
 template <> struct MmaName<__half> { static constexpr bool kBf16 = false; };
 template <> struct MmaName<__nv_bfloat16> { static constexpr bool kBf16 = true; };
 
-template <class T>
-inline void mma_16816_if(bool on, float* d, const uint32_t* a, const uint32_t* b) {
+// One mma.sync as a warp collective: variant 0 / 1 m16n8k16 fp16 / bf16, 2 m16n8k8
+// tf32 (cuda_runtime.h, Block::execute).
+inline void mma(int variant, bool on, float* d, const uint32_t* a, const uint32_t* b) {
   emu::Lane& l = emu::block->lane();
   l.op = emu::Op::kMma;
-  l.variant = MmaName<T>::kBf16 ? 1 : 0;
+  l.variant = variant;
   l.pred = on;
   for (int i = 0; i < 4; ++i) l.a[i] = a[i], l.c[i] = d[i];
   l.b[0] = b[0];
@@ -32,8 +33,22 @@ inline void mma_16816_if(bool on, float* d, const uint32_t* a, const uint32_t* b
 }
 
 template <class T>
+inline void mma_16816_if(bool on, float* d, const uint32_t* a, const uint32_t* b) {
+  mma(MmaName<T>::kBf16 ? 1 : 0, on, d, a, b);
+}
+template <class T>
 inline void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
   mma_16816_if<T>(true, d, a, b);
+}
+inline void mma_1688_tf32_if(bool on, float* d, const uint32_t* a, const uint32_t* b) { mma(2, on, d, a, b); }
+inline void mma_1688_tf32(float* d, const uint32_t* a, const uint32_t* b) { mma(2, true, d, a, b); }
+
+// cvt.rna.tf32.f32: nearest, ties away from zero, to 10 mantissa bits (finite x).
+inline uint32_t to_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
+  return (bits + 0x1000u) & ~0x1fffu;
 }
 
 // Shared-memory "addresses" are offsets into the running block's buffer.
@@ -55,6 +70,7 @@ inline void ldmatrix_x4(uint32_t* r, uint32_t address) { ldmatrix(r, address, fa
 inline void ldmatrix_x4_trans(uint32_t* r, uint32_t address) { ldmatrix(r, address, true); }
 
 inline void cp_async_16(uint32_t smem, const void* gmem, int valid_bytes) { emu::block->cp_async(smem, gmem, 16, valid_bytes); }
+inline void cp_async_4(uint32_t smem, const void* gmem, int valid_bytes) { emu::block->cp_async(smem, gmem, 4, valid_bytes); }
 inline void cp_async_commit() { emu::block->cp_async_commit(); }
 template <int kPending>
 inline void cp_async_wait() {
