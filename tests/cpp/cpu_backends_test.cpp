@@ -136,6 +136,30 @@ TEST_P(CpuBackends, ForwardFloat32FollowsToleranceRule) {
   }
 }
 
+// The baseline of the tensor-core float32 kernels' tolerance rule (fused, gemm):
+// products from three tf32 ones lose ~2^-21 relative each, so the plain result stays
+// within float32 class of the exact one, yet differs from plain float32 products (a
+// no-op model would make the rule no stricter than before, a broken split looser).
+TEST_P(CpuBackends, PlainTf32x3ProductsAreFloat32Class) {
+  const int rank = GetParam();
+  int differing = 0;
+  for (int seed = 0; seed < 10; ++seed) {
+    std::mt19937_64 rng(2500 * rank + seed);
+    const Problem p = testing::random_problem(rng, {rank, DType::kFloat32});
+    SCOPED_TRACE("seed " + std::to_string(seed) + ": " + p.to_string());
+    const Inputs in(p, rng);
+    const DenseResult dense = testing::dense_attention(p, in);
+    Outputs plain(p, in), split(p, in);
+    ASSERT_TRUE(cpu::reference_forward(p, forward_tensors(in, plain), true).ok());
+    ASSERT_TRUE(cpu::reference_forward(p, forward_tensors(in, split), true, cpu::PlainProducts::kTf32x3).ok());
+    double max_ref = 1;
+    for (double x : dense.out) max_ref = std::max(max_ref, std::abs(x));
+    testing::expect_near("out", split.out.values(), dense.out, 1e-5 * max_ref);
+    differing += split.out.values() != plain.out.values();
+  }
+  EXPECT_GE(differing, 5) << "three-tf32 products should change most problems' plain results";
+}
+
 TEST_P(CpuBackends, HalfPrecisionInputsAccumulateInFloat32) {
   const int rank = GetParam();
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {

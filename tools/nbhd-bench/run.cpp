@@ -40,7 +40,7 @@ Status run_benchmark(const Args& args, const Choice& choice, Outcome* out) {
     Workload host;
     NBHD_RETURN_IF_ERROR(w.to_host(&host));
     Verification v;
-    NBHD_RETURN_IF_ERROR(verify(p, args.pass, host, args.seed, &v));
+    NBHD_RETURN_IF_ERROR(verify(p, args.pass, host, args.seed, tf32x3_products(p, choice.backend), &v));
     out->verification = std::move(v);
   }
   return Status::Ok();

@@ -142,7 +142,7 @@ struct SliceViews {
   }
 };
 
-Status check_forward(const SliceViews& s, std::map<std::string, Tally>* tallies) {
+Status check_forward(const SliceViews& s, cpu::PlainProducts products, std::map<std::string, Tally>* tallies) {
   const Problem& p = s.problem;
   const ForwardTensors& got = s.fwd;
 
@@ -162,7 +162,7 @@ Status check_forward(const SliceViews& s, std::map<std::string, Tally>* tallies)
   ForwardTensors plain = got;
   plain.out = plain_out.ref;
   plain.lse = plain_lse.ref;
-  NBHD_RETURN_IF_ERROR(cpu::reference_forward(p, plain, /*plain_low_precision=*/true));
+  NBHD_RETURN_IF_ERROR(cpu::reference_forward(p, plain, /*plain_low_precision=*/true, products));
 
   (*tallies)["out"].add(got.out, out.ref, &plain_out.ref, p.dtype);
   (*tallies)["lse"].add(got.lse, lse.ref, &plain_lse.ref, DType::kFloat32);
@@ -263,14 +263,19 @@ Status plan_verification(const Problem& p, Pass pass, int64_t* slices) {
   return Status::Ok();
 }
 
-Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, Verification* out) {
+bool tf32x3_products(const Problem& p, Backend backend) {
+  return p.dtype == DType::kFloat32 && (backend == Backend::kFused || backend == Backend::kGemm);
+}
+
+Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, bool tf32x3, Verification* out) {
+  const cpu::PlainProducts products = tf32x3 ? cpu::PlainProducts::kTf32x3 : cpu::PlainProducts::kExact;
   int64_t count = 0;
   NBHD_RETURN_IF_ERROR(plan_verification(p, pass, &count));
   const int64_t total = p.batch * p.kv_heads;
   std::map<std::string, Tally> tallies;
   for (int64_t index : choose_slices(total, count, seed)) {
     const SliceViews s(p, host, index / p.kv_heads, index % p.kv_heads);
-    NBHD_RETURN_IF_ERROR(check_forward(s, &tallies));
+    NBHD_RETURN_IF_ERROR(check_forward(s, products, &tallies));
     if (pass != Pass::kForward) NBHD_RETURN_IF_ERROR(check_backward(s, &tallies));
   }
 
@@ -288,7 +293,8 @@ Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, 
     const bool forward_tensor = c.tensor == "out" || c.tensor == "lse";
     if (forward_tensor && (p.dtype != DType::kFloat64 || c.tensor == "lse")) {
       c.bound = 2 * t.plain_err + 2 * t.noise;
-      c.rule = "2*err(plain " + std::string(name(p.dtype)) + ") + 2*" +
+      c.rule = "2*err(plain " + std::string(name(p.dtype)) +
+               (products == cpu::PlainProducts::kTf32x3 ? ", 3xTF32 products" : "") + ") + 2*" +
                (c.tensor == "lse" ? "float32" : name(p.dtype)) + " rounding noise";
     } else if (forward_tensor) {
       c.bound = kFloat64Bound * std::max(1.0, t.max_ref);

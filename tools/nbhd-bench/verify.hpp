@@ -11,7 +11,9 @@
 //   max|got - exact| <= 2 * max|plain - exact| + 2 * noise,
 // exact = the reference in float64 on the inputs as stored, plain = the reference
 // run as a plain implementation in the problem's dtype (cpu::reference_forward with
-// plain_low_precision), noise = max|round_dtype(exact + 0.3) - (exact + 0.3)|.
+// plain_low_precision; for float32 on the tensor-core backends, fused and gemm, with
+// their three tf32 products per product: cpu::PlainProducts::kTf32x3), noise =
+// max|round_dtype(exact + 0.3) - (exact + 0.3)|.
 // Backward (dq, dk, dv, and the additional tokens' gradients): no plain backward
 // exists in the reference, so a stated relative bound per dtype (see verify.cpp).
 #pragma once
@@ -46,7 +48,11 @@ struct Verification {
 // How many slices --verify will check; an error when even one is over budget.
 Status plan_verification(const Problem& p, Pass pass, int64_t* slices);
 
+// Whether `backend` (what ran the forward) forms float32 products from three tf32
+// ones, and the plain baseline must do the same.
+bool tf32x3_products(const Problem& p, Backend backend);
+
 // `host` holds host copies of the tensors after the timed run.
-Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, Verification* out);
+Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, bool tf32x3, Verification* out);
 
 }  // namespace nbhd::bench
