@@ -224,6 +224,33 @@ TEST(FusedForwardShapes, AnchorLikeShapes) {
   }
 }
 
+// A kernel needing more shared memory per block than the device allows is refused by
+// supports(), with the sizes, so that auto dispatch falls back to naive: head dim 256
+// (16-bit) needs 164.5 KB, over sm_80's 163 KB. Runs where the device is that small
+// (an A100; the CPU emulator with EMU_DEVICE=a100).
+TEST(FusedForwardDevice, KernelsOverTheSharedMemoryLimitAreRefused) {
+  NBHD_REQUIRE_GPU();
+  int device = 0, limit = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
+  Problem p;
+  p.rank = 1;
+  p.extent = {300, 0, 0};
+  p.kernel = {33, 0, 0};
+  p.dim = 256;
+  p.dtype = DType::kFloat16;
+  const Status s = can_run(Backend::kFused, p, Device::kCUDA);
+  if (s.message().find("in this build") != std::string::npos) GTEST_SKIP() << s.message();
+  if (limit >= 168 * 1024) {
+    EXPECT_TRUE(s.ok()) << s.message();
+    GTEST_SKIP() << "this GPU allows " << limit << " bytes per block: every fused kernel fits";
+  }
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("bytes of shared memory per block; this GPU allows " + std::to_string(limit)),
+            std::string::npos)
+      << s.message();
+}
+
 // Dilation groups shorter than a warp's 16 queries (and under 32 tokens in all): the
 // dispatcher runs them unfolded into a J x G grid (core/unfold.hpp), in two parts
 // where the groups are unequal. DiNAT's 7x7 groups run as they are.

@@ -32,16 +32,21 @@ namespace {
 
 using Launch = cudaError_t (*)(const ForwardParams&, int64_t, cudaStream_t);
 using KernelKey = std::tuple<DType, int, int, int, int, bool>;  // dtype, head dim, warps, key tile, boxes per warp, wgmma
+struct Kernel {
+  Launch launch;
+  int shared_bytes;  // dynamic shared memory per CTA
+};
 
 template <class T>
 constexpr DType kDTypeOf = std::is_same_v<T, __half>          ? DType::kFloat16
                            : std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16
                                                               : DType::kFloat32;
 
-const std::map<KernelKey, Launch>& kernels() {
-  static const std::map<KernelKey, Launch> table = {
-#define NBHD_FUSED_FORWARD(T, D, W, KV, M, G) \
-  {KernelKey{kDTypeOf<T>, D, W, KV, M, G}, &launch_fused_forward<ForwardConfig<T, D, W, KV, M, G>>},
+const std::map<KernelKey, Kernel>& kernels() {
+  static const std::map<KernelKey, Kernel> table = {
+#define NBHD_FUSED_FORWARD(T, D, W, KV, M, G)                                                    \
+  {KernelKey{kDTypeOf<T>, D, W, KV, M, G},                                                       \
+   Kernel{&launch_fused_forward<ForwardConfig<T, D, W, KV, M, G>>, ForwardConfig<T, D, W, KV, M, G>::kSharedBytes}},
 #include "fused_forward_kernels.inc"
 #undef NBHD_FUSED_FORWARD
   };
@@ -49,32 +54,9 @@ const std::map<KernelKey, Launch>& kernels() {
 }
 
 bool built(DType dtype, int head_dim) {
-  for (const auto& [key, launch] : kernels())
+  for (const auto& [key, kernel] : kernels())
     if (std::get<0>(key) == dtype && std::get<1>(key) == head_dim) return true;
   return false;
-}
-
-Status supports(const Problem& p, detail::Pass pass) {
-  if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
-    return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16, bfloat16 and float32 are)");
-  const int64_t vec = 16 / size_of(p.dtype);
-  if (p.dim % vec || p.value_dim() % vec)
-    return unsupported("dim = " + std::to_string(p.dim) + " and dim_v = " + std::to_string(p.value_dim()) +
-                       " must be multiples of " + std::to_string(vec) + " for " + name(p.dtype) +
-                       " (rows are loaded 16 bytes at a time); pad the head dim");
-  const int bucket = head_dim_bucket(p.dim, p.value_dim());
-  if (!bucket)
-    return unsupported("max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())) + " exceeds 256");
-  if (p.dtype == DType::kFloat32 && bucket > 128)
-    return unsupported("float32 runs max(dim, dim_v) <= 128 on fused (its tiles need twice the shared memory); got " +
-                       std::to_string(std::max(p.dim, p.value_dim())) + ", which the gemm (3xTF32) and naive backends run");
-  if (!built(p.dtype, bucket))
-    return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
-                       " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
-  if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
-  if (pass == detail::Pass::kBackward) return backward_supports(p);
-  return Status::Ok();
 }
 
 // The chosen configuration for a problem; planning samples tiles, so cache it.
@@ -99,6 +81,53 @@ TileConfig plan(const Problem& p) {
   return chosen;
 }
 
+const Kernel* kernel_for(DType dtype, const TileConfig& c) {
+  const auto it = kernels().find(KernelKey{dtype, c.head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma});
+  return it == kernels().end() ? nullptr : &it->second;
+}
+
+// The planned kernel's shared memory against the current device's per-CTA limit:
+// head dim 256 (16-bit) takes 164.5 KB, over sm_80's 163 KB (the H100 allows 227).
+// Without a readable device the launch reports what is wrong instead.
+Status fits_device(const Problem& p) {
+  int device = 0, limit = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error of a machine without a GPU
+    return Status::Ok();
+  }
+  const Kernel* k = kernel_for(p.dtype, plan(p));
+  if (k && k->shared_bytes > limit)
+    return unsupported("the fused kernel for " + std::string(name(p.dtype)) + " head dim " +
+                       std::to_string(head_dim_bucket(p.dim, p.value_dim())) + " needs " +
+                       std::to_string(k->shared_bytes) + " bytes of shared memory per block; this GPU allows " +
+                       std::to_string(limit) + " (naive runs it)");
+  return Status::Ok();
+}
+
+Status supports(const Problem& p, detail::Pass pass) {
+  if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
+    return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16, bfloat16 and float32 are)");
+  const int64_t vec = 16 / size_of(p.dtype);
+  if (p.dim % vec || p.value_dim() % vec)
+    return unsupported("dim = " + std::to_string(p.dim) + " and dim_v = " + std::to_string(p.value_dim()) +
+                       " must be multiples of " + std::to_string(vec) + " for " + name(p.dtype) +
+                       " (rows are loaded 16 bytes at a time); pad the head dim");
+  const int bucket = head_dim_bucket(p.dim, p.value_dim());
+  if (!bucket)
+    return unsupported("max(dim, dim_v) = " + std::to_string(std::max(p.dim, p.value_dim())) + " exceeds 256");
+  if (p.dtype == DType::kFloat32 && bucket > 128)
+    return unsupported("float32 runs max(dim, dim_v) <= 128 on fused (its tiles need twice the shared memory); got " +
+                       std::to_string(std::max(p.dim, p.value_dim())) + ", which the gemm (3xTF32) and naive backends run");
+  if (!built(p.dtype, bucket))
+    return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
+                       " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
+  if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
+  if (pass == detail::Pass::kBackward) return backward_supports(p);
+  return fits_device(p);
+}
+
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
@@ -106,9 +135,8 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   NBHD_RETURN_IF_ERROR(check_device());
 
   const TileConfig config = plan(p);
-  const auto launch =
-      kernels().find(KernelKey{p.dtype, config.head_dim, config.warps, config.block_kv, config.m_tiles, config.wgmma});
-  if (launch == kernels().end()) return Status(StatusCode::kInternal, "planned a fused kernel that is not built");
+  const Kernel* kernel = kernel_for(p.dtype, config);
+  if (!kernel) return Status(StatusCode::kInternal, "planned a fused kernel that is not built");
 
   ForwardParams fp{};
   fp.q = t.query.data;
@@ -142,7 +170,7 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.dim_v = int(p.value_dim());
   fp.additional_tokens = int(p.additional_tokens);
   fp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
-  return cuda_status(launch->second(fp, p.batch, static_cast<cudaStream_t>(o.stream)), "fused forward kernel");
+  return cuda_status(kernel->launch(fp, p.batch, static_cast<cudaStream_t>(o.stream)), "fused forward kernel");
 }
 
 }  // namespace

@@ -109,7 +109,8 @@ bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_t
   if (wgmma)
     return wgmma_kernels_built() && (warps == 4 || warps == 8) && m_tiles == 1 && block_kv == 64 &&
            (head_dim == 64 || head_dim == 128);
-  // Head dim 256: only 4 warps x 64 keys fit shared memory at 2 CTAs per SM.
+  // Head dim 256: only 4 warps x 64 keys fit shared memory: 164.5 KB, one CTA per SM
+  // on an H100, over an A100's 163 KB (supports() refuses it there; naive runs it).
   // Head dim 128: 128-key double-buffered tiles need 128 KB (one CTA per SM, 10-20%
   // slower on an H200). Two boxes per warp (m_tiles 2; 32-key tiles at head dim 128
   // to stay off local memory) measured no faster and up to 1.6x slower (H200,

@@ -425,6 +425,19 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, int, A
 // One counted "device" for cudaMemGetInfo.
 inline std::size_t device_bytes = std::size_t(8) << 30;
 
+// The emulated device: an H100 (sm_90, 227 KB of shared memory per block), or with
+// EMU_DEVICE=a100 an A100 (sm_80, 163 KB), for the paths an sm_80 device takes.
+struct DeviceModel {
+  int major, minor, shared_optin;
+};
+inline const DeviceModel& device_model() {
+  static const DeviceModel model = [] {
+    const char* v = std::getenv("EMU_DEVICE");
+    return v && std::string(v) == "a100" ? DeviceModel{8, 0, 163 << 10} : DeviceModel{9, 0, 227 << 10};
+  }();
+  return model;
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_index())
@@ -525,14 +538,18 @@ inline cudaError_t cudaGetDevice(int* d) {
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int) {
   std::memset(prop, 0, sizeof *prop);
-  prop->major = 9;
-  prop->minor = 0;
+  prop->major = emu::device_model().major;
+  prop->minor = emu::device_model().minor;
   prop->multiProcessorCount = 132;
-  prop->sharedMemPerBlockOptin = 227 << 10;
+  prop->sharedMemPerBlockOptin = emu::device_model().shared_optin;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? 9 : attr == cudaDevAttrComputeCapabilityMinor ? 0 : 0;
+  const emu::DeviceModel& d = emu::device_model();
+  *value = attr == cudaDevAttrComputeCapabilityMajor         ? d.major
+           : attr == cudaDevAttrComputeCapabilityMinor       ? d.minor
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? d.shared_optin
+                                                             : 0;
   return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_bytes) {
@@ -541,5 +558,5 @@ inline cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_by
 }
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
-  return value <= (227 << 10) ? cudaSuccess : cudaErrorInvalidValue;
+  return value <= emu::device_model().shared_optin ? cudaSuccess : cudaErrorInvalidValue;
 }

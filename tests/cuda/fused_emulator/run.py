@@ -3,7 +3,7 @@
 """Runs the fused backend's GPU tests on the CPU, through the emulated CUDA runtime
 beside this file (cuda_runtime.h; cuda/common/ptx.cuh, cuda/common/wgmma.cuh and
 cuda/fused/backward_ptx.cuh replace the PTX wrappers; the device reports compute
-capability 9.0, so the sm_90a wgmma kernels run too). The kernel headers are copied with their launches
+capability 9.0 unless EMU_DEVICE says otherwise, so the sm_90a wgmma kernels run too). The kernel headers are copied with their launches
 rewritten as calls; everything is compiled by the host compiler. The forward test
 runs too: the forward passed on an H200, so it checks the emulator itself.
 
@@ -11,6 +11,8 @@ runs too: the forward passed on an H200, so it checks the emulator itself.
                                    [--tests fused_backward_test] [-- gtest args]
 
 Environment: EMU_CP_ASYNC=early|late (when cp.async copies land), EMU_SCHEDULE=reverse,
+EMU_MMA_ROUND=zero (mma results rounded toward zero), EMU_DEVICE=a100 (compute
+capability 8.0 and 163 KB of shared memory per block: the sm_80 paths),
 NBHD_TEST_SMALL=1 (smaller random problems; set by default here).
 """
 import argparse
