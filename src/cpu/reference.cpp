@@ -97,15 +97,14 @@ float round_to_tf32(float x) {
   return x;
 }
 
-// hi*hi + hi*lo + lo*hi of float32 x and y, each product exact (PlainProducts::kTf32x3).
+}  // namespace
+
 double tf32x3_product(double x, double y) {
   const float xf = float(x), yf = float(y);
   const double xh = round_to_tf32(xf), yh = round_to_tf32(yf);
   const double xl = round_to_tf32(float(xf - xh)), yl = round_to_tf32(float(yf - yh));
   return xh * yl + xl * yh + xh * yh;
 }
-
-}  // namespace
 
 Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_low_precision, PlainProducts products) {
   Views s(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);

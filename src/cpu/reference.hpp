@@ -12,6 +12,8 @@ namespace nbhd::cpu {
 // products hi*hi + hi*lo + lo*hi with x = hi + lo, hi = tf32(x), lo = tf32(x - hi)
 // (common/mma.cuh): the "same math done plainly" for such a kernel.
 enum class PlainProducts { kExact, kTf32x3 };
+// x * y as PlainProducts::kTf32x3 forms it (x and y float32 values), each product exact.
+double tf32x3_product(double x, double y);
 
 // With `plain_low_precision`, scores and probabilities are rounded to the problem's
 // dtype as a plain implementation in that dtype would round them (scores and

@@ -15,20 +15,25 @@ namespace nbhd::cuda::fused {
 namespace {
 
 TEST(FusedBackwardPlan, CandidatesAreCompiledShapes) {
-  for (int rank = 1; rank <= 3; ++rank) {
-    for (int head_dim : {32, 64, 128}) {
-      const auto c = backward_candidates(DType::kFloat16, rank, head_dim);
-      ASSERT_FALSE(c.empty()) << "rank " << rank << " head dim " << head_dim;
-      for (const TileConfig& t : c) {
-        EXPECT_EQ(t.warps, kBackwardWarps);
-        EXPECT_EQ(t.block_kv, kBackwardCols);
-        EXPECT_EQ(t.m_tiles, 1);
-        EXPECT_EQ(t.shape.queries(), 16 * kBackwardWarps);
-        EXPECT_EQ(t.shape.keys(), kBackwardCols);
+  for (DType dtype : {DType::kFloat16, DType::kFloat32})
+    for (int rank = 1; rank <= 3; ++rank) {
+      for (int head_dim : {32, 64, 128}) {
+        const auto c = backward_candidates(dtype, rank, head_dim);
+        ASSERT_FALSE(c.empty()) << name(dtype) << " rank " << rank << " head dim " << head_dim;
+        // float32 at head dim 128: 32-column tiles (shared memory; backward_plan.hpp).
+        const int cols = dtype == DType::kFloat32 && head_dim == 128 ? 32 : 64;
+        EXPECT_EQ(backward_cols(dtype, head_dim), cols);
+        for (const TileConfig& t : c) {
+          EXPECT_EQ(t.warps, kBackwardWarps);
+          EXPECT_EQ(t.block_kv, cols);
+          EXPECT_EQ(t.m_tiles, 1);
+          EXPECT_FALSE(t.wgmma);
+          EXPECT_EQ(t.shape.queries(), 16 * kBackwardWarps);
+          EXPECT_EQ(t.shape.keys(), cols);
+        }
       }
+      EXPECT_TRUE(backward_candidates(dtype, rank, 256).empty()) << "head dim 256 has no backward kernel";
     }
-    EXPECT_TRUE(backward_candidates(DType::kFloat16, rank, 256).empty()) << "head dim 256 has no backward kernel";
-  }
 }
 
 TEST(FusedBackwardPlan, RowNumberingIsABijection) {
@@ -49,7 +54,7 @@ TEST(FusedBackwardPlan, RowNumberingIsABijection) {
         seen.insert((off[0] * g.row(1) + off[1]) * g.row(2) + off[2]);
       }
       EXPECT_EQ(int(seen.size()), g.rows());
-      EXPECT_EQ(g.cols(), kBackwardCols);
+      EXPECT_EQ(g.cols(), backward_cols(DType::kFloat16, 64));
       EXPECT_GE(g.col_log2[2], 3) << "8-query chunks must be runs along the innermost axis";
     }
 }

@@ -188,15 +188,16 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
 }  // namespace
 
 void expect_close(const std::string& what, DType dtype, const std::vector<double>& got, const std::vector<double>& ref,
-                  const std::vector<double>& plain) {
+                  const std::vector<double>& plain, double extra_noise) {
   ASSERT_EQ(got.size(), ref.size()) << what;
   ASSERT_EQ(plain.size(), ref.size()) << what;
   for (size_t i = 0; i < got.size(); ++i) ASSERT_TRUE(std::isfinite(got[i])) << what << " element " << i << " is not finite";
   double noise = 0;
   for (double r : ref) noise = std::max(noise, std::abs(round_to(dtype, r + 0.3) - (r + 0.3)));
   const double err = max_abs_diff(got, ref), plain_err = max_abs_diff(plain, ref);
-  EXPECT_LE(err, 2 * plain_err + 2 * noise) << what << ": max error " << err << ", plain " << name(dtype)
-                                            << " implementation's " << plain_err << ", noise " << noise;
+  EXPECT_LE(err, 2 * plain_err + 2 * noise + 2 * extra_noise)
+      << what << ": max error " << err << ", plain " << name(dtype) << " implementation's " << plain_err << ", noise "
+      << noise << ", other noise " << extra_noise;
 }
 
 void expect_near(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref, double atol,

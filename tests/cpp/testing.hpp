@@ -92,9 +92,10 @@ DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor
 
 // The flash-attention tolerance rule: the error of `got` against the exact `ref`
 // must be at most twice the error of a plain implementation in the same precision
-// (`plain`) plus twice the dtype's rounding noise at the output's scale.
+// (`plain`) plus twice the dtype's rounding noise at the output's scale, plus twice
+// `extra_noise` (a caller's other rounding noise, e.g. of float32 sums' order).
 void expect_close(const std::string& what, DType dtype, const std::vector<double>& got,
-                  const std::vector<double>& ref, const std::vector<double>& plain);
+                  const std::vector<double>& ref, const std::vector<double>& plain, double extra_noise = 0);
 // Fixed absolute + relative bound, for float64 and for cases with no plain baseline.
 void expect_near(const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
                  double atol, double rtol = 0);

@@ -132,6 +132,37 @@ struct MmaTf32x3 {
     for (int i = 0; i < 4; ++i) split(float(f(i & 1, t + 4 * (i >> 1))), a.hi[i], a.lo[i]);
     return a;
   }
+  // The A fragment of one k-step from an m16n8 accumulator block c (this lane's rows
+  // g, g + 8 at columns 2t, 2t + 1), its k columns reordered: A column t is the
+  // block's column 2t, A column t + 4 its column 2t + 1. The B operand must take its
+  // k rows in that order (make_b_paired). (16-bit fragments need no reordering: two
+  // accumulator blocks are a k16 A fragment as they are.)
+  __device__ static A a_from_accumulators(const float* c) {
+    A a;
+    split(c[0], a.hi[0], a.lo[0]);
+    split(c[2], a.hi[1], a.lo[1]);
+    split(c[1], a.hi[2], a.lo[2]);
+    split(c[3], a.hi[3], a.lo[3]);
+    return a;
+  }
+  // A B fragment from values at(k, n) of a k8 x n8 block: b0 = (t, g), b1 = (t + 4, g);
+  // make_b_paired takes rows 2t and 2t + 1 instead (a_from_accumulators' order).
+  template <class At>
+  __device__ static B make_b(int lane, At&& at) {
+    const int t = lane & 3, g = lane >> 2;
+    B b;
+    split(float(at(t, g)), b.hi[0], b.lo[0]);
+    split(float(at(t + 4, g)), b.hi[1], b.lo[1]);
+    return b;
+  }
+  template <class At>
+  __device__ static B make_b_paired(int lane, At&& at) {
+    const int t = lane & 3, g = lane >> 2;
+    B b;
+    split(float(at(2 * t, g)), b.hi[0], b.lo[0]);
+    split(float(at(2 * t + 1, g)), b.hi[1], b.lo[1]);
+    return b;
+  }
 
   // Small terms first: they are added to the running sum before the large one.
   __device__ static void mma(float* c, const A& a, const B& b) {
@@ -159,6 +190,13 @@ struct MmaTf32x3 {
     for (int e = 0; e < 4; ++e) c[e] += t[e];
   }
 };
+
+// Two accumulator values (adjacent columns) to memory in the element type.
+template <class T>
+__device__ __forceinline__ void store2(T* dst, float x, float y) {
+  if constexpr (sizeof(T) == 4) *reinterpret_cast<float2*>(dst) = make_float2(x, y);
+  else *reinterpret_cast<uint32_t*>(dst) = ptx::pack2<T>(x, y);
+}
 
 template <class T>
 struct MmaFor;

@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fused neighborhood attention backward on tensor cores (mma.sync m16n8k16, sm_80+).
+// Fused neighborhood attention backward on tensor cores (mma.sync, sm_80+: m16n8k16
+// for float16 / bfloat16; for float32 three tf32 m16n8k8 products per product,
+// common/mma.cuh, as the forward's).
 //
 // Passes, launched in order by launch_fused_backward (bottom of this file):
 //  1. preprocess: lse_delta[b, h, token] = {lse * log2(e), rowsum(dO * out)}.
@@ -32,6 +34,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/fused/backward.hpp"
@@ -97,16 +100,20 @@ struct KeyPassConfig {
   // (2 * kSubCols / 2 floats per thread) on top of dK and dV (kHeadDim floats); at
   // head dim 128 a full 64-query pass would need ~290 registers.
   static constexpr int kSubCols = kSubCols_;
-  static constexpr int kChunks = kHeadDim / 8;      // 16-byte chunks per row
+  static constexpr bool kTf32 = sizeof(T) == 4;     // float32: three tf32 products per product
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kChunks = kHeadDim / kVec;   // 16-byte chunks per row
   static constexpr int kColBlocks = kBlockCols / 8;  // n8 blocks (8-query chunks) of a tile
+  static constexpr int kDsChunks = kBlockCols / kVec;  // 16-byte chunks of a dS^T row
   static constexpr int kSubBlocks = kSubCols / 8;
   static constexpr int kDBlocks = kHeadDim / 8;
   static constexpr int kQBlocks = kBlockCols / 16;  // 16-query blocks of the dQ = dS K product
   // CTAs per SM the register budget must allow (255 / 168 registers at 4 warps):
   // ptxas -v with 32-query passes, sm_90a: 254 registers at head dim 128, 168 at 64,
   // 162 at 32, no spills (4 CTAs at 32 would spill 60 bytes). Shared memory allows
-  // 2 CTAs per SM at head dim 128 (~106 KB each).
-  static constexpr int kMinBlocksPerSM = kHeadDim <= 64 ? 3 : 2;
+  // 2 CTAs per SM at head dim 128 (~106 KB each). float32 tiles take twice the
+  // shared memory: 2 CTAs per SM at most on an H100.
+  static constexpr int kMinBlocksPerSM = kTf32 ? 2 : kHeadDim <= 64 ? 3 : 2;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "key pass head dim bucket must be 32, 64 or 128");
   static_assert(kBlockCols % kSubCols == 0 && kSubCols % 16 == 0, "register passes of whole k16 steps");
   static_assert(kWarps % kQBlocks == 0, "the dQ product splits 16-query blocks x head-dim parts over warps");
@@ -144,15 +151,19 @@ struct KeyPassConfig {
   static constexpr int kSharedBytes = int(sizeof(SharedStorage));
 
   __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ detail_bwd::swizzle(kChunks, r)); }
-  __device__ static constexpr int ds_index(int r, int c) { return r * kColBlocks + (c ^ detail_bwd::swizzle(kColBlocks, r)); }
+  __device__ static constexpr int ds_index(int r, int c) { return r * kDsChunks + (c ^ detail_bwd::swizzle(kDsChunks, r)); }
+  // Element (r, col) of a head-dim tile (K, V, Q, dO) and of dS^T.
+  __device__ static constexpr int element_index(int r, int col) { return chunk_index(r, col / kVec) * kVec + col % kVec; }
+  __device__ static constexpr int ds_element_index(int r, int col) { return ds_index(r, col / kVec) * kVec + col % kVec; }
   static constexpr int kRowBytes = kChunks * 16;
-  static constexpr int kDsRowBytes = kColBlocks * 16;
+  static constexpr int kDsRowBytes = kDsChunks * 16;
 };
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     fused_backward_key_kernel(const __grid_constant__ BackwardParams p) {
   using T = typename Cfg::Element;
+  using Mma = nbhd::cuda::Mma<T>;
   using detail_bwd::Box;
   using detail_bwd::kNegInf;
   constexpr int kRows = Cfg::kBlockRows, kCols = Cfg::kBlockCols, kChunks = Cfg::kChunks;
@@ -269,11 +280,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       const int r = idx / kChunks, c = idx % kChunks;
       int token[kMaxRank];
       const bool valid = key_row(r, token);
-      const bool k_ok = valid && c * 8 < p.dim, v_ok = valid && c * 8 < p.dim_v;
-      ptx::cp_async_16(ptx::smem_address(&smem.k[Cfg::chunk_index(r, c) * 8]),
-                       k_ok ? k_src + kl.offset(b, token, hk) + c * 8 : k_src, k_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&smem.v[Cfg::chunk_index(r, c) * 8]),
-                       v_ok ? v_src + vl.offset(b, token, hk) + c * 8 : v_src, v_ok ? 16 : 0);
+      const int col = c * Cfg::kVec;
+      const bool k_ok = valid && col < p.dim, v_ok = valid && col < p.dim_v;
+      ptx::cp_async_16(ptx::smem_address(&smem.k[Cfg::chunk_index(r, c) * Cfg::kVec]),
+                       k_ok ? k_src + kl.offset(b, token, hk) + col : k_src, k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.v[Cfg::chunk_index(r, c) * Cfg::kVec]),
+                       v_ok ? v_src + vl.offset(b, token, hk) + col : v_src, v_ok ? 16 : 0);
     }
   }
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
@@ -342,7 +354,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   constexpr int kRowStep = Cfg::kThreads / kChunks;
   static_assert(Cfg::kThreads % kChunks == 0 && kCols % kRowStep == 0, "load mapping");
   const int chunk = tid % kChunks, load_row = tid / kChunks;
-  const bool q_chunk_ok = chunk * 8 < p.dim, dout_chunk_ok = chunk * 8 < p.dim_v;
+  const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
+  const bool q_chunk_ok = chunk_col < p.dim, dout_chunk_ok = chunk_col < p.dim_v;
   // Columns past the walk's end read nothing (zeros: their lse and delta too, so a
   // masked probability is exp2(-inf - 0) = 0); the address stays at the tile origin.
   auto load_cols = [&](const ColSource& src, int stage) {
@@ -351,10 +364,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       const int n = load_row + i * kRowStep;
       const bool valid = col_valid(smem.col_offset[n], src.limit);
       const bool q_ok = valid && q_chunk_ok, d_ok = valid && dout_chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&smem.q[stage][Cfg::chunk_index(n, chunk) * 8]),
-                       src.q + (q_ok ? smem.q_col_delta[n] + chunk * 8 : 0), q_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][Cfg::chunk_index(n, chunk) * 8]),
-                       src.dout + (d_ok ? smem.dout_col_delta[n] + chunk * 8 : 0), d_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.q[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
+                       src.q + (q_ok ? smem.q_col_delta[n] + chunk_col : 0), q_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
+                       src.dout + (d_ok ? smem.dout_col_delta[n] + chunk_col : 0), d_ok ? 16 : 0);
     }
     for (int n = tid; n < kCols; n += Cfg::kThreads) {
       const bool valid = col_valid(smem.col_offset[n], src.limit);
@@ -383,6 +396,54 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   const uint32_t col_bt = ((lane & 7) + ((lane >> 3) & 1) * 8) * Cfg::kRowBytes;
   const uint32_t q0 = ptx::smem_address(smem.q[0]), dout0 = ptx::smem_address(smem.dout[0]);
   constexpr uint32_t kStageBytes = uint32_t(sizeof(smem.q[0]));
+
+  // acc += X Y over this register pass's queries: X (this warp's 16 keys x the pass's
+  // queries, P^T or dS^T) from registers as A, Y the stage's rows of those queries
+  // (dO or Q) as B, [query][dim]: dV += P^T dO and dK += dS^T Q.
+  auto accumulate_ct = [&](float(&acc)[kDBlocks][4], const float(&x)[kSubBlocks][4], int jb0, uint32_t sub_active,
+                           const T* tile, uint32_t tile_address) {
+    if constexpr (Cfg::kTf32) {
+      // One k-step per n8 block of X, its queries reordered (Mma::a_from_accumulators);
+      // Y one float per lane in that order. The pass's k-steps are summed apart and
+      // added by FADD (Mma::mma_promoted_if says why), per pass rather than per k-step:
+      // per k-step, at head dim 128, ptxas spilled 552 bytes (the temporaries of every
+      // column block in flight).
+      typename Mma::A a[kSubBlocks];
+#pragma unroll
+      for (int kb = 0; kb < kSubBlocks; ++kb) a[kb] = Mma::a_from_accumulators(x[kb]);
+#pragma unroll
+      for (int d = 0; d < kDBlocks; ++d) {
+        float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kb = 0; kb < kSubBlocks; ++kb) {
+          const typename Mma::B b = Mma::make_b_paired(
+              lane, [&](int k, int n) { return tile[Cfg::element_index(8 * (jb0 + kb) + k, 8 * d + n)]; });
+          Mma::mma_if((sub_active >> kb) & 1u, t, a[kb], b);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[d][e] += t[e];
+      }
+    } else {
+      // The C layout of two n8 blocks is the A layout of k16; Y through ldmatrix.trans.
+#pragma unroll
+      for (int kb = 0; kb < kSubBlocks / 2; ++kb) {
+        const bool on = (sub_active >> (2 * kb)) & 3u;
+        uint32_t a[4];
+        a[0] = ptx::pack2<T>(x[2 * kb][0], x[2 * kb][1]);
+        a[1] = ptx::pack2<T>(x[2 * kb][2], x[2 * kb][3]);
+        a[2] = ptx::pack2<T>(x[2 * kb + 1][0], x[2 * kb + 1][1]);
+        a[3] = ptx::pack2<T>(x[2 * kb + 1][2], x[2 * kb + 1][3]);
+        const uint32_t rows = tile_address + (jb0 / 2 + kb) * 16 * Cfg::kRowBytes + col_bt;
+#pragma unroll
+        for (int dp = 0; dp < kDBlocks / 2; ++dp) {
+          uint32_t b[4];
+          ptx::ldmatrix_x4_trans(b, rows + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
+          ptx::mma_16816_if<T>(on, acc[2 * dp], a, b);
+          ptx::mma_16816_if<T>(on, acc[2 * dp + 1], a, b + 2);
+        }
+      }
+    }
+  };
 
   __syncthreads();  // the per-CTA tables
   load_cols(col_source(query_tile(nb, shape, smem.walk, 0)), 0);  // with K and V: group 0
@@ -446,18 +507,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
       if (sub_active) {
         // S^T = K Q^T. Fragments load for every chunk; a chunk no key of this warp
-        // reaches has its mma predicated off.
-#pragma unroll
-        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-          uint32_t a[4];
-          ptx::ldmatrix_x4(a, k_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+        // reaches has its mma predicated off. A k-step is two 16-byte chunks.
+#pragma unroll(Cfg::kTf32 ? 1 : kChunks / 2)
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          const typename Mma::A a = Mma::load_a(k_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
           const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
           for (int pair = 0; pair < kSubBlocks / 2; ++pair) {
-            uint32_t bq[4];
-            ptx::ldmatrix_x4(bq, q_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col);
-            ptx::mma_16816_if<T>((sub_active >> (2 * pair)) & 1u, s[2 * pair], a, bq);
-            ptx::mma_16816_if<T>((sub_active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bq + 2);
+            typename Mma::B b0, b1;
+            Mma::load_b_nk(q_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col, b0, b1);
+            Mma::mma_promoted_if((sub_active >> (2 * pair)) & 1u, s[2 * pair], a, b0);
+            Mma::mma_promoted_if((sub_active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, b1);
           }
         }
 
@@ -531,40 +591,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
           s[j][3] = ptx::exp2_approx(s[j][3] - ld.z);
         }
 
-        // dV += P^T dO, P^T from registers (C layout of two n8 blocks = A layout of k16).
-#pragma unroll
-        for (int kb = 0; kb < kSubBlocks / 2; ++kb) {
-          const bool on = (sub_active >> (2 * kb)) & 3u;
-          uint32_t a[4];
-          a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
-          a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
-          a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-          a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
-          const uint32_t rows = dout_stage + (jb0 / 2 + kb) * 16 * Cfg::kRowBytes + col_bt;
-#pragma unroll
-          for (int dp = 0; dp < kDBlocks / 2; ++dp) {
-            uint32_t bv[4];
-            ptx::ldmatrix_x4_trans(bv, rows + (((2 * dp + (lane >> 4)) ^ lane_swizzle) << 4));
-            ptx::mma_16816_if<T>(on, dv[2 * dp], a, bv);
-            ptx::mma_16816_if<T>(on, dv[2 * dp + 1], a, bv + 2);
-          }
-        }
+        // dV += P^T dO.
+        accumulate_ct(dv, s, jb0, sub_active, smem.dout[stage], dout_stage);
 
         // dP^T = V dO^T.
         float dp[kSubBlocks][4];
         for (int j = 0; j < kSubBlocks; ++j)
           for (int e = 0; e < 4; ++e) dp[j][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-          uint32_t a[4];
-          ptx::ldmatrix_x4(a, v_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+#pragma unroll(Cfg::kTf32 ? 1 : kChunks / 2)
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          const typename Mma::A a = Mma::load_a(v_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
           const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
           for (int pair = 0; pair < kSubBlocks / 2; ++pair) {
-            uint32_t bo[4];
-            ptx::ldmatrix_x4(bo, dout_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col);
-            ptx::mma_16816_if<T>((sub_active >> (2 * pair)) & 1u, dp[2 * pair], a, bo);
-            ptx::mma_16816_if<T>((sub_active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, bo + 2);
+            typename Mma::B b0, b1;
+            Mma::load_b_nk(dout_stage + (jb0 / 2 + pair) * 16 * Cfg::kRowBytes + col_b + col, b0, b1);
+            Mma::mma_promoted_if((sub_active >> (2 * pair)) & 1u, dp[2 * pair], a, b0);
+            Mma::mma_promoted_if((sub_active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, b1);
           }
         }
         // dS^T = P^T (dP^T - delta); masked entries stay 0.
@@ -578,23 +621,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         }
 
         // dK += dS^T Q.
-#pragma unroll
-        for (int kb = 0; kb < kSubBlocks / 2; ++kb) {
-          const bool on = (sub_active >> (2 * kb)) & 3u;
-          uint32_t a[4];
-          a[0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
-          a[1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
-          a[2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-          a[3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
-          const uint32_t rows = q_stage + (jb0 / 2 + kb) * 16 * Cfg::kRowBytes + col_bt;
-#pragma unroll
-          for (int dp2 = 0; dp2 < kDBlocks / 2; ++dp2) {
-            uint32_t bq[4];
-            ptx::ldmatrix_x4_trans(bq, rows + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
-            ptx::mma_16816_if<T>(on, dk[2 * dp2], a, bq);
-            ptx::mma_16816_if<T>(on, dk[2 * dp2 + 1], a, bq + 2);
-          }
-        }
+        accumulate_ct(dk, s, jb0, sub_active, smem.q[stage], q_stage);
       }
 
       // dS^T to shared memory, zeros for inactive chunks (the dQ product reads all).
@@ -603,8 +630,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int r = my_row[i];
-          *reinterpret_cast<uint32_t*>(&smem.ds[Cfg::ds_index(r, jb0 + j) * 8 + 2 * t4]) =
-              ptx::pack2<T>(s[j][2 * i], s[j][2 * i + 1]);
+          store2<T>(&smem.ds[Cfg::ds_element_index(r, 8 * (jb0 + j) + 2 * t4)], s[j][2 * i], s[j][2 * i + 1]);
           if (rpb_grad)
             *reinterpret_cast<float2*>(&ds32[r * Cfg::kDs32Stride + 8 * (jb0 + j) + 2 * t4]) =
                 make_float2(s[j][2 * i], s[j][2 * i + 1]);
@@ -626,11 +652,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       const uint32_t kb_on =
           __ballot_sync(0xffffffffu, lane < Cfg::kWarps && ((smem.warp_active[lane] >> (2 * qb)) & 3u));
       if (kb_on) {
-        uint32_t a[kRows / 16][4];
-        const uint32_t ds_lane = ptx::smem_address(smem.ds) + ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kDsRowBytes +
-                                 (((2 * qb + ((lane >> 3) & 1)) ^ detail_bwd::swizzle(kColBlocks, lane & 7)) << 4);
-#pragma unroll
-        for (int kb = 0; kb < kRows / 16; ++kb) ptx::ldmatrix_x4_trans(a[kb], ds_lane + kb * 16 * Cfg::kDsRowBytes);
         // This thread's two queries (rows g, g + 8 of the block) in the workspace.
         float* dst[2];
         for (int i = 0; i < 2; ++i) {
@@ -642,26 +663,63 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
                                           p.heads + h) * p.dim
                       : nullptr;
         }
-        const uint32_t k_rows = ptx::smem_address(smem.k) + col_bt;
+        if constexpr (Cfg::kTf32) {
+          // A (queries x keys) from dS^T and B from K ([key][dim]), one float per lane
+          // (neither is an ldmatrix layout for 32-bit elements); dim is a multiple of 4,
+          // so a lane's pair of columns is inside or outside it together.
+#pragma unroll 1
+          for (int i = 0; i < kPairsPerPart; ++i) {
+            const int dp2 = part * kPairsPerPart + i;
+            if (16 * dp2 >= p.dim) break;
+            float acc[2][4] = {};
 #pragma unroll
-        for (int i = 0; i < kPairsPerPart; ++i) {
-          const int dp2 = part * kPairsPerPart + i;
-          if (16 * dp2 >= p.dim) break;
-          float acc[2][4] = {};
+            for (int kb = 0; kb < kRows / 8; ++kb) {
+              const bool on = (kb_on >> (kb / 2)) & 1u;
+              const typename Mma::A a = Mma::make_a(lane, [&](int half, int key) {
+                return smem.ds[Cfg::ds_element_index(8 * kb + key, 16 * qb + g + 8 * half)];
+              });
 #pragma unroll
-          for (int kb = 0; kb < kRows / 16; ++kb) {
-            const bool on = (kb_on >> kb) & 1u;
-            uint32_t bk[4];
-            ptx::ldmatrix_x4_trans(bk, k_rows + kb * 16 * Cfg::kRowBytes + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
-            ptx::mma_16816_if<T>(on, acc[0], a[kb], bk);
-            ptx::mma_16816_if<T>(on, acc[1], a[kb], bk + 2);
+              for (int half = 0; half < 2; ++half) {
+                const typename Mma::B bk = Mma::make_b(
+                    lane, [&](int key, int n) { return smem.k[Cfg::element_index(8 * kb + key, 16 * dp2 + 8 * half + n)]; });
+                Mma::mma_promoted_if(on, acc[half], a, bk);
+              }
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int d = 16 * dp2 + 8 * half + 2 * t4;
+              if (d >= p.dim) continue;
+              if (dst[0]) ptx::red_add2(dst[0] + d, acc[half][0], acc[half][1]);
+              if (dst[1]) ptx::red_add2(dst[1] + d, acc[half][2], acc[half][3]);
+            }
           }
+        } else {
+          uint32_t a[kRows / 16][4];
+          const uint32_t ds_lane = ptx::smem_address(smem.ds) + ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kDsRowBytes +
+                                   (((2 * qb + ((lane >> 3) & 1)) ^ detail_bwd::swizzle(kColBlocks, lane & 7)) << 4);
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int d = 16 * dp2 + 8 * half + 2 * t4;
-            if (16 * dp2 + 8 * half >= p.dim) continue;
-            if (dst[0]) ptx::red_add2(dst[0] + d, acc[half][0], acc[half][1]);
-            if (dst[1]) ptx::red_add2(dst[1] + d, acc[half][2], acc[half][3]);
+          for (int kb = 0; kb < kRows / 16; ++kb) ptx::ldmatrix_x4_trans(a[kb], ds_lane + kb * 16 * Cfg::kDsRowBytes);
+          const uint32_t k_rows = ptx::smem_address(smem.k) + col_bt;
+#pragma unroll
+          for (int i = 0; i < kPairsPerPart; ++i) {
+            const int dp2 = part * kPairsPerPart + i;
+            if (16 * dp2 >= p.dim) break;
+            float acc[2][4] = {};
+#pragma unroll
+            for (int kb = 0; kb < kRows / 16; ++kb) {
+              const bool on = (kb_on >> kb) & 1u;
+              uint32_t bk[4];
+              ptx::ldmatrix_x4_trans(bk, k_rows + kb * 16 * Cfg::kRowBytes + (((2 * dp2 + (lane >> 4)) ^ lane_swizzle) << 4));
+              ptx::mma_16816_if<T>(on, acc[0], a[kb], bk);
+              ptx::mma_16816_if<T>(on, acc[1], a[kb], bk + 2);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int d = 16 * dp2 + 8 * half + 2 * t4;
+              if (16 * dp2 + 8 * half >= p.dim) continue;
+              if (dst[0]) ptx::red_add2(dst[0] + d, acc[half][0], acc[half][1]);
+              if (dst[1]) ptx::red_add2(dst[1] + d, acc[half][2], acc[half][3]);
+            }
           }
         }
       }
@@ -712,10 +770,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   for (int d = 0; d < kDBlocks; ++d)
     for (int i = 0; i < 2; ++i) {
       const int r = my_row[i];
-      *reinterpret_cast<uint32_t*>(&smem.k[Cfg::chunk_index(r, d) * 8 + 2 * t4]) =
-          ptx::pack2<T>(dk[d][2 * i] * p.scale, dk[d][2 * i + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(&smem.v[Cfg::chunk_index(r, d) * 8 + 2 * t4]) =
-          ptx::pack2<T>(dv[d][2 * i], dv[d][2 * i + 1]);
+      store2<T>(&smem.k[Cfg::element_index(r, 8 * d + 2 * t4)], dk[d][2 * i] * p.scale, dk[d][2 * i + 1] * p.scale);
+      store2<T>(&smem.v[Cfg::element_index(r, 8 * d + 2 * t4)], dv[d][2 * i], dv[d][2 * i + 1]);
     }
   __syncwarp();
   T* dk_out = static_cast<T*>(additional ? p.d_additional_k : p.d_k);
@@ -726,12 +782,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const int r = warp * 16 + idx / kChunks, c = idx % kChunks;
     int token[kMaxRank];
     if (!key_row(r, token)) continue;
-    if (dk_out && c * 8 < p.dim)
-      *reinterpret_cast<uint4*>(dk_out + dkl.offset(b, token, hk) + c * 8) =
-          *reinterpret_cast<const uint4*>(&smem.k[Cfg::chunk_index(r, c) * 8]);
-    if (dv_out && c * 8 < p.dim_v)
-      *reinterpret_cast<uint4*>(dv_out + dvl.offset(b, token, hk) + c * 8) =
-          *reinterpret_cast<const uint4*>(&smem.v[Cfg::chunk_index(r, c) * 8]);
+    const int col = c * Cfg::kVec;
+    if (dk_out && col < p.dim)
+      *reinterpret_cast<uint4*>(dk_out + dkl.offset(b, token, hk) + col) =
+          *reinterpret_cast<const uint4*>(&smem.k[Cfg::chunk_index(r, c) * Cfg::kVec]);
+    if (dv_out && col < p.dim_v)
+      *reinterpret_cast<uint4*>(dv_out + dvl.offset(b, token, hk) + col) =
+          *reinterpret_cast<const uint4*>(&smem.v[Cfg::chunk_index(r, c) * Cfg::kVec]);
   }
 }
 
@@ -745,13 +802,15 @@ struct DqPassConfig {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockRows = 16 * kWarps;  // queries per CTA
   static constexpr int kBlockCols = kBlockCols_;  // keys per tile
-  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr bool kTf32 = sizeof(T) == 4;     // float32: three tf32 products per product
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kChunks = kHeadDim / kVec;
   static constexpr int kColBlocks = kBlockCols / 8;
   static constexpr int kDBlocks = kHeadDim / 8;
   // dQ (kHeadDim / 2 floats per thread) plus S and dP (kBlockCols / 4 each); ptxas
   // -v, sm_90a: 254 registers at head dim 128, 164 at 64, 163 at 32, no spills (4
   // CTAs per SM at 32 would spill 12 bytes).
-  static constexpr int kMinBlocksPerSM = kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kMinBlocksPerSM = kTf32 ? 2 : kHeadDim <= 64 ? 3 : 2;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "dq pass head dim bucket must be 32, 64 or 128");
   static_assert(kBlockCols % 16 == 0 && kBlockCols <= 128, "key tile must be a multiple of 16 keys");
 
@@ -768,6 +827,7 @@ struct DqPassConfig {
   };
   static constexpr int kSharedBytes = int(sizeof(SharedStorage));
   __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ detail_bwd::swizzle(kChunks, r)); }
+  __device__ static constexpr int element_index(int r, int col) { return chunk_index(r, col / kVec) * kVec + col % kVec; }
   static constexpr int kRowBytes = kChunks * 16;
 };
 
@@ -775,6 +835,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     fused_backward_dq_kernel(const __grid_constant__ BackwardParams p) {
   using T = typename Cfg::Element;
+  using Mma = nbhd::cuda::Mma<T>;
   using detail_bwd::Box;
   using detail_bwd::kNegInf;
   constexpr int kRows = Cfg::kBlockRows, kCols = Cfg::kBlockCols, kChunks = Cfg::kChunks;
@@ -834,13 +895,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const int r = idx / kChunks, c = idx % kChunks;
     int j[kMaxRank], token[kMaxRank];
     const bool valid = query_row(r, j, token);
-    const bool q_ok = valid && c * 8 < p.dim, d_ok = valid && c * 8 < p.dim_v;
+    const int col = c * Cfg::kVec;
+    const bool q_ok = valid && col < p.dim, d_ok = valid && col < p.dim_v;
     const T* q_src = static_cast<const T*>(p.q);
     const T* d_src = static_cast<const T*>(p.d_out);
-    ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * 8]),
-                     q_ok ? q_src + p.q_layout.offset(b, token, h) + c * 8 : q_src, q_ok ? 16 : 0);
-    ptx::cp_async_16(ptx::smem_address(&smem.dout[Cfg::chunk_index(r, c) * 8]),
-                     d_ok ? d_src + p.dout_layout.offset(b, token, h) + c * 8 : d_src, d_ok ? 16 : 0);
+    ptx::cp_async_16(ptx::smem_address(&smem.q[Cfg::chunk_index(r, c) * Cfg::kVec]),
+                     q_ok ? q_src + p.q_layout.offset(b, token, h) + col : q_src, q_ok ? 16 : 0);
+    ptx::cp_async_16(ptx::smem_address(&smem.dout[Cfg::chunk_index(r, c) * Cfg::kVec]),
+                     d_ok ? d_src + p.dout_layout.offset(b, token, h) + col : d_src, d_ok ? 16 : 0);
   }
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
   // lse and delta of this thread's rows (rows past the grid: zeros, harmless).
@@ -892,7 +954,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   __syncthreads();  // the tables
   Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
   Odometer compute_tile = load_tile;
-  const bool k_chunk_ok = chunk * 8 < p.dim, v_chunk_ok = chunk * 8 < p.dim_v;
+  const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
+  const bool k_chunk_ok = chunk_col < p.dim, v_chunk_ok = chunk_col < p.dim_v;
   struct TileSource {
     const T* k;
     const T* v;
@@ -936,10 +999,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         dv = n * p.av_layout.axis[2];
       }
       const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&smem.k[stage][Cfg::chunk_index(n, chunk) * 8]),
-                       src.k + (k_ok ? dk + chunk * 8 : 0), k_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&smem.v[stage][Cfg::chunk_index(n, chunk) * 8]),
-                       src.v + (v_ok ? dv + chunk * 8 : 0), v_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.k[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
+                       src.k + (k_ok ? dk + chunk_col : 0), k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.v[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
+                       src.v + (v_ok ? dv + chunk_col : 0), v_ok ? 16 : 0);
     }
   };
 
@@ -1013,17 +1076,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       float s[kColBlocks][4];
       for (int j = 0; j < kColBlocks; ++j)
         for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-        uint32_t a[4];
-        ptx::ldmatrix_x4(a, q_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+#pragma unroll(Cfg::kTf32 ? 1 : kChunks / 2)
+      for (int kk = 0; kk < kChunks / 2; ++kk) {
+        const typename Mma::A a = Mma::load_a(q_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
         const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
         for (int pair = 0; pair < kColBlocks / 2; ++pair) {
-          uint32_t bk[4];
-          ptx::ldmatrix_x4(bk, k_stage + pair * 16 * Cfg::kRowBytes + col_b + col);
-          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, s[2 * pair], a, bk);
-          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, bk + 2);
+          typename Mma::B b0, b1;
+          Mma::load_b_nk(k_stage + pair * 16 * Cfg::kRowBytes + col_b + col, b0, b1);
+          Mma::mma_promoted_if((active >> (2 * pair)) & 1u, s[2 * pair], a, b0);
+          Mma::mma_promoted_if((active >> (2 * pair + 1)) & 1u, s[2 * pair + 1], a, b1);
         }
       }
       if (!needs_mask) {
@@ -1087,17 +1149,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       float dp[kColBlocks][4];
       for (int j = 0; j < kColBlocks; ++j)
         for (int e = 0; e < 4; ++e) dp[j][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
-        uint32_t a[4];
-        ptx::ldmatrix_x4(a, dout_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
+#pragma unroll(Cfg::kTf32 ? 1 : kChunks / 2)
+      for (int kk = 0; kk < kChunks / 2; ++kk) {
+        const typename Mma::A a = Mma::load_a(dout_lane + (((2 * kk + (lane >> 4)) ^ lane_swizzle) << 4));
         const uint32_t col = ((2 * kk + ((lane >> 3) & 1)) ^ lane_swizzle) << 4;
 #pragma unroll
         for (int pair = 0; pair < kColBlocks / 2; ++pair) {
-          uint32_t bv[4];
-          ptx::ldmatrix_x4(bv, v_stage + pair * 16 * Cfg::kRowBytes + col_b + col);
-          ptx::mma_16816_if<T>((active >> (2 * pair)) & 1u, dp[2 * pair], a, bv);
-          ptx::mma_16816_if<T>((active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, bv + 2);
+          typename Mma::B b0, b1;
+          Mma::load_b_nk(v_stage + pair * 16 * Cfg::kRowBytes + col_b + col, b0, b1);
+          Mma::mma_promoted_if((active >> (2 * pair)) & 1u, dp[2 * pair], a, b0);
+          Mma::mma_promoted_if((active >> (2 * pair + 1)) & 1u, dp[2 * pair + 1], a, b1);
         }
       }
       // dS = P (dP - delta).
@@ -1107,6 +1168,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - row_delta[e >> 1];
 
       // dQ += dS K, dS from registers.
+      if constexpr (Cfg::kTf32) {
+        // One k-step per n8 block of dS, its keys reordered (Mma::a_from_accumulators);
+        // K one float per lane in that order.
+        const T* k_tile = smem.k[stage];
+#pragma unroll
+        for (int kb = 0; kb < kColBlocks; ++kb) {
+          const bool on = (active >> kb) & 1u;
+          const typename Mma::A a = Mma::a_from_accumulators(s[kb]);
+#pragma unroll
+          for (int d = 0; d < kDBlocks; ++d) {
+            const typename Mma::B bk =
+                Mma::make_b_paired(lane, [&](int k, int n) { return k_tile[Cfg::element_index(8 * kb + k, 8 * d + n)]; });
+            Mma::mma_promoted_if(on, dq[d], a, bk);
+          }
+        }
+      } else {
 #pragma unroll
       for (int kb = 0; kb < kCols / 16; ++kb) {
         const bool on = (active >> (2 * kb)) & 3u;
@@ -1124,6 +1201,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
           ptx::mma_16816_if<T>(on, dq[2 * dp2 + 1], a, bk + 2);
         }
       }
+      }
     }
     if (!additional) compute_tile.advance(kbox, shape);
     __syncthreads();  // the next iteration's loads overwrite this stage
@@ -1132,16 +1210,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   // ---- epilogue: dQ = scale * sum dS K, staged through this warp's rows of smem.q ----
   for (int d = 0; d < kDBlocks; ++d)
     for (int i = 0; i < 2; ++i)
-      *reinterpret_cast<uint32_t*>(&smem.q[Cfg::chunk_index(my_row[i], d) * 8 + 2 * t4]) =
-          ptx::pack2<T>(dq[d][2 * i] * p.scale, dq[d][2 * i + 1] * p.scale);
+      store2<T>(&smem.q[Cfg::element_index(my_row[i], 8 * d + 2 * t4)], dq[d][2 * i] * p.scale,
+                dq[d][2 * i + 1] * p.scale);
   __syncwarp();
   T* out = static_cast<T*>(p.d_q);
   for (int idx = lane; idx < 16 * kChunks; idx += 32) {
     const int r = warp * 16 + idx / kChunks, c = idx % kChunks;
     int j[kMaxRank], token[kMaxRank];
-    if (!query_row(r, j, token) || c * 8 >= p.dim) continue;
-    *reinterpret_cast<uint4*>(out + p.dq_layout.offset(b, token, h) + c * 8) =
-        *reinterpret_cast<const uint4*>(&smem.q[Cfg::chunk_index(r, c) * 8]);
+    if (!query_row(r, j, token) || c * Cfg::kVec >= p.dim) continue;
+    *reinterpret_cast<uint4*>(out + p.dq_layout.offset(b, token, h) + c * Cfg::kVec) =
+        *reinterpret_cast<const uint4*>(&smem.q[Cfg::chunk_index(r, c) * Cfg::kVec]);
   }
 }
 
@@ -1149,7 +1227,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
 // Small passes.
 
 // lse_delta = {lse * log2(e), rowsum(dO * out)}: 4 threads per (batch, token, head)
-// row, each summing 16-byte chunks c, c + 4, ... (dim_v is a multiple of 8).
+// row, each summing 16-byte chunks c, c + 4, ... (dim_v is a multiple of 16 bytes).
 template <class T>
 __global__ void fused_backward_preprocess_kernel(const __grid_constant__ BackwardParams p) {
   const int64_t rows = int64_t(p.batch) * p.tokens * p.heads;
@@ -1166,12 +1244,13 @@ __global__ void fused_backward_preprocess_kernel(const __grid_constant__ Backwar
   if (valid) {
     const T* o = static_cast<const T*>(p.out) + p.out_layout.offset(b, token, h);
     const T* d = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, h);
-    for (int c = part; c * 8 < p.dim_v; c += 4) {
-      const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8), dv = *reinterpret_cast<const uint4*>(d + c * 8);
+    constexpr int kVec = 16 / int(sizeof(T));
+    for (int c = part; c * kVec < p.dim_v; c += 4) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c * kVec), dv = *reinterpret_cast<const uint4*>(d + c * kVec);
       const T* oe = reinterpret_cast<const T*>(&ov);
       const T* de = reinterpret_cast<const T*>(&dv);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) sum += to_float(oe[e]) * to_float(de[e]);
+      for (int e = 0; e < kVec; ++e) sum += to_float(oe[e]) * to_float(de[e]);
     }
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -1181,10 +1260,11 @@ __global__ void fused_backward_preprocess_kernel(const __grid_constant__ Backwar
         make_float2(p.lse[p.lse_layout.offset(b, token, h)] * kLog2e, sum);
 }
 
-// d_query = scale * dq_accum, 8 elements per thread.
+// d_query = scale * dq_accum, one 16-byte chunk of d_query (8 or 4 elements) per thread.
 template <class T>
 __global__ void fused_backward_convert_dq_kernel(const __grid_constant__ BackwardParams p) {
-  const int chunks = p.dim / 8;
+  constexpr int kVec = 16 / int(sizeof(T));
+  const int chunks = p.dim / kVec;
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(p.batch) * p.tokens * p.heads * chunks) return;
   const int c = int(idx % chunks);
@@ -1195,14 +1275,20 @@ __global__ void fused_backward_convert_dq_kernel(const __grid_constant__ Backwar
   token[2] = int(flat % p.nb.axis[2].length);
   token[1] = int(flat / p.nb.axis[2].length % p.nb.axis[1].length);
   token[0] = int(flat / p.nb.axis[2].length / p.nb.axis[1].length);
-  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * p.dim + c * 8);
-  const float4 x = src[0], y = src[1];
-  uint4 v;
-  v.x = ptx::pack2<T>(x.x * p.scale, x.y * p.scale);
-  v.y = ptx::pack2<T>(x.z * p.scale, x.w * p.scale);
-  v.z = ptx::pack2<T>(y.x * p.scale, y.y * p.scale);
-  v.w = ptx::pack2<T>(y.z * p.scale, y.w * p.scale);
-  *reinterpret_cast<uint4*>(static_cast<T*>(p.d_q) + p.dq_layout.offset(b, token, h) + c * 8) = v;
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * p.dim + c * kVec);
+  T* dst = static_cast<T*>(p.d_q) + p.dq_layout.offset(b, token, h) + c * kVec;
+  if constexpr (kVec == 4) {
+    const float4 x = src[0];
+    *reinterpret_cast<float4*>(dst) = make_float4(x.x * p.scale, x.y * p.scale, x.z * p.scale, x.w * p.scale);
+  } else {
+    const float4 x = src[0], y = src[1];
+    uint4 v;
+    v.x = ptx::pack2<T>(x.x * p.scale, x.y * p.scale);
+    v.y = ptx::pack2<T>(x.z * p.scale, x.w * p.scale);
+    v.z = ptx::pack2<T>(y.x * p.scale, y.y * p.scale);
+    v.w = ptx::pack2<T>(y.z * p.scale, y.w * p.scale);
+    *reinterpret_cast<uint4*>(dst) = v;
+  }
 }
 
 // Bias index i (row-major over [H, 2k-1, ...]) as head and per-axis indices.
@@ -1276,10 +1362,14 @@ __global__ void fused_backward_reduce_rpb_kernel(const __grid_constant__ Backwar
 // The compiled configurations per (dtype, head dim), and the launch sequence.
 template <class T, int kHeadDim>
 struct BackwardKernels {
-  // Key pass: 64 keys (4 warps) x 64-query tiles in 32-query register passes (a
-  // 64-query pass needs 248 registers at head dim 64 and spills at 128).
-  using KeyPass = KeyPassConfig<T, kHeadDim, 4, 64, 32>;
-  using DqPass = DqPassConfig<T, kHeadDim, 4, 64>;
+  // Column tiles: backward_cols() (backward_plan.hpp) says why.
+  static constexpr int kCols = sizeof(T) == 4 && kHeadDim == 128 ? 32 : 64;
+  // Key pass: 64 keys (4 warps) x column tiles in 32-query register passes (a
+  // 64-query pass needs 248 registers at head dim 64 and spills at 128); float32 at
+  // head dim 128 in 16-query passes (32 spilled 884 bytes: the split fragments).
+  static constexpr int kSubCols = sizeof(T) == 4 && kHeadDim == 128 ? 16 : 32;
+  using KeyPass = KeyPassConfig<T, kHeadDim, 4, kCols, kSubCols>;
+  using DqPass = DqPassConfig<T, kHeadDim, 4, kCols>;
 };
 
 // Launches the passes for a problem whose params (and workspace) are filled in.
@@ -1320,7 +1410,7 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
   }
 
   if (p.dq_accum) {
-    const int64_t blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / 8), kThreads);
+    const int64_t blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / (16 / int(sizeof(T)))), kThreads);
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     fused_backward_convert_dq_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p);
   } else {

@@ -10,9 +10,9 @@ namespace nbhd::cuda::fused {
 
 std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim) {
   std::vector<TileConfig> out;
-  if (head_dim > 128 || dtype == DType::kFloat32) return out;
+  if (head_dim > 128) return out;
   for (const TileConfig& c : candidate_configs(dtype, rank, head_dim))
-    if (c.warps == kBackwardWarps && c.block_kv == kBackwardCols && c.m_tiles == 1) out.push_back(c);
+    if (c.warps == kBackwardWarps && c.block_kv == backward_cols(dtype, head_dim) && c.m_tiles == 1) out.push_back(c);
   return out;
 }
 
@@ -59,7 +59,7 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
         }
       }
   // The forward's cost model (plan.cpp): charged_pairs, a per-tile overhead of 24
-  // keys' worth. Every candidate has 4 warps and 64 columns.
+  // keys' worth. Every candidate has 4 warps and the same columns (backward_cols).
   const double charged = charged_pairs(e);
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv);
   return e;
@@ -94,9 +94,7 @@ std::vector<std::string> describe_backward_plan(const Problem& p) {
   std::vector<std::string> lines;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   if (backward_candidates(p.dtype, p.rank, bucket).empty()) {
-    lines.push_back(p.dtype == DType::kFloat32 ? std::string("fused backward: runs float16 and bfloat16")
-                                               : "fused backward: runs max(dim, dim_v) <= 128, got " +
-                                                     std::to_string(std::max(p.dim, p.value_dim())));
+    lines.push_back("fused backward: runs max(dim, dim_v) <= 128, got " + std::to_string(std::max(p.dim, p.value_dim())));
     return lines;
   }
   for (int pass = 0; pass < 2; ++pass) {

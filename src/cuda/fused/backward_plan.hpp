@@ -15,8 +15,12 @@ namespace nbhd::cuda::fused {
 // tiles: the key pass keeps dK and dV of its 16 keys per warp in registers (128
 // floats per thread at head dim 128), which leaves no room for the 128-column tiles
 // or the 8-warp CTAs (2 x 16 KB more K and V, one CTA per SM) the forward also uses.
+// float32 at head dim 128 takes 32-column tiles: with 64 its key pass would need
+// 208 KB of shared memory and its dq pass 192 KB (sm_80 allows 163).
 inline constexpr int kBackwardWarps = 4;
-inline constexpr int kBackwardCols = 64;
+inline constexpr int backward_cols(DType dtype, int head_dim) {
+  return dtype == DType::kFloat32 && head_dim == 128 ? 32 : 64;
+}
 
 // Table entries the backward kernels run for a dtype, rank and head-dim bucket
 // (<= 128).

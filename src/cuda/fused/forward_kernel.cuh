@@ -137,6 +137,11 @@ struct ForwardConfig {
     else return r * kChunks + (c ^ swizzle(r));
   }
   static constexpr int kRowBytes = kChunks * 16;
+  // Element (r, col) of a tile of kRows rows.
+  template <int kRows>
+  __device__ static constexpr int element_index(int r, int col) {
+    return chunk_index<kRows>(r, col / kVec) * kVec + col % kVec;
+  }
 };
 
 namespace detail_fwd {
@@ -712,11 +717,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else if constexpr (Cfg::kTf32) {
-        // One k-step per n8 block of P. Its accumulator layout is a tf32 A fragment
-        // once the block's keys are reordered (A column t is key 2t, column t + 4 key
-        // 2t + 1), so V's B fragments are read in that order: one float per lane
-        // (ldmatrix cannot transpose 32-bit elements). Rows 2t, 2t + 1 and columns
-        // g of 8 dims hit 32 banks through the swizzle (kChunks >= 8).
+        // One k-step per n8 block of P, its keys reordered (Mma::a_from_accumulators),
+        // so V's B fragments are read in that order, one float per lane (ldmatrix
+        // cannot transpose 32-bit elements). Rows 2t, 2t + 1 and columns g of 8 dims
+        // hit 32 banks through the swizzle (kChunks >= 8).
         const T* v_tile = smem.v[stage];
 #pragma unroll
         for (int kb = 0; kb < kNBlocks; ++kb) {
@@ -726,17 +730,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 #pragma unroll
           for (int m = 0; m < kM; ++m) {
             on[m] = (active[m] >> kb) & 1u;
-            a[m] = Mma::make_a(lane, [&](int half, int col) { return s[m][kb][2 * half + (col >> 2)]; });
+            a[m] = Mma::a_from_accumulators(s[m][kb]);
           }
 #pragma unroll
           for (int d = 0; d < kDBlocks; ++d) {
-            typename Mma::B bv;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int row = 8 * kb + 2 * t4 + i, col = 8 * d + g;
-              Mma::split(v_tile[Cfg::template chunk_index<kBlockKV>(row, col / Cfg::kVec) * Cfg::kVec + col % Cfg::kVec],
-                         bv.hi[i], bv.lo[i]);
-            }
+            const typename Mma::B bv = Mma::make_b_paired(lane, [&](int k, int n) {
+              return v_tile[Cfg::template element_index<kBlockKV>(8 * kb + k, 8 * d + n)];
+            });
 #pragma unroll
             for (int m = 0; m < kM; ++m) Mma::mma_promoted_if(on[m], o[m][d], a[m], bv);
           }
@@ -791,8 +791,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     for (int d = 0; d < kDBlocks; ++d)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int col = 8 * d + 2 * t4;
-        T* dst = &smem.q[Cfg::template chunk_index<kBlockQ>(my_row[m][i], col / Cfg::kVec) * Cfg::kVec + col % Cfg::kVec];
+        T* dst = &smem.q[Cfg::template element_index<kBlockQ>(my_row[m][i], 8 * d + 2 * t4)];
         dst[0] = from_float<T>(o[m][d][2 * i] * inv[i]);
         dst[1] = from_float<T>(o[m][d][2 * i + 1] * inv[i]);
       }

@@ -118,7 +118,7 @@ def main():
                 fwd_inc += f"NBHD_FUSED_FORWARD({ctype}, {dim}, {w}, {kv}, {m}, {g})\n"
             write_if_changed(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"), body + "}\n")
             sources.append(os.path.join(gen, f"forward_{dtype}_d{dim}.cpp"))
-            if dim <= 128 and dtype != "float32":
+            if dim <= 128:
                 write_if_changed(os.path.join(gen, f"backward_{dtype}_d{dim}.cpp"),
                                  '#include "cuda/fused/backward_kernel.cuh"\nnamespace nbhd::cuda::fused {\n'
                                  f"template cudaError_t launch_fused_backward<{ctype}, {dim}>(const BackwardParams&, "
