@@ -69,10 +69,10 @@ TileConfig plan(const Problem& p) {
     const size_t i = size_t(forced);
     if (i < candidates.size()) return candidates[i];
   }
-  // The plan depends on the grid geometry, the head dims and the kernels the dtype has.
-  const std::tuple<GeometryKey, bool, bool> key{geometry_key(p), hopper, p.dtype == DType::kFloat32};
+  // The plan depends on the grid geometry, the head dims, the dtype and the device.
+  const std::pair<GeometryKey, bool> key{geometry_key(p), hopper};
   static std::mutex mutex;
-  static std::map<std::tuple<GeometryKey, bool, bool>, TileConfig> cache;
+  static std::map<std::pair<GeometryKey, bool>, TileConfig> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;

@@ -91,6 +91,14 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");
   BackwardPlan chosen = plan(p);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
+  // The kernels are compiled for backward_cols columns; a plan with others would
+  // visit some key-query pairs twice (a plan cached without the dtype once did).
+  const int cols = backward_cols(p.dtype, bucket);
+  if (chosen.key_pass.block_kv != cols || chosen.dq_pass.block_kv != cols)
+    return Status(StatusCode::kInternal, "fused backward: the plan's tiles have " +
+                                             std::to_string(chosen.key_pass.block_kv) + " and " +
+                                             std::to_string(chosen.dq_pass.block_kv) + " columns, the " + name(p.dtype) +
+                                             " kernels " + std::to_string(cols));
 
   BackwardParams bp{};
   bp.q = t.query.data;

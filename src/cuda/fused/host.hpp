@@ -68,17 +68,18 @@ inline bool hopper_device() {
   return wgmma_kernels_built() && current_capability(&major, &minor).ok() && major == 9 && minor == 0;
 }
 
-// What a plan depends on: the grid geometry and the head dims (not batch, heads or
-// dtype), as a map key.
-using GeometryKey = std::array<int64_t, 18>;
+// What a plan depends on: the grid geometry, the head dims and the dtype (which
+// kernels and tile columns exist: float32 at head dim 128 has 32 columns, 16-bit
+// 64), not batch or heads; as a map key.
+using GeometryKey = std::array<int64_t, 19>;
 inline GeometryKey geometry_key(const Problem& p) {
-  GeometryKey key{p.rank, p.dim, p.value_dim()};
+  GeometryKey key{p.rank, p.dim, p.value_dim(), int64_t(p.dtype)};
   for (int a = 0; a < p.rank; ++a) {
-    key[3 + 5 * a] = p.extent[a];
-    key[4 + 5 * a] = p.kernel[a];
-    key[5 + 5 * a] = p.dilation[a];
-    key[6 + 5 * a] = p.stride[a];
-    key[7 + 5 * a] = p.causal[a];
+    key[4 + 5 * a] = p.extent[a];
+    key[5 + 5 * a] = p.kernel[a];
+    key[6 + 5 * a] = p.dilation[a];
+    key[7 + 5 * a] = p.stride[a];
+    key[8 + 5 * a] = p.causal[a];
   }
   return key;
 }
