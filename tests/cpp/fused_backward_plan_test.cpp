@@ -36,6 +36,54 @@ TEST(FusedBackwardPlan, CandidatesAreCompiledShapes) {
     }
 }
 
+// On Hopper the wgmma key pass's entries follow the mma.sync ones: 16-bit, head dims
+// 64 and 128, two warpgroups of 64 keys (128 rows, 8 warps) x 64-query tiles.
+TEST(FusedBackwardPlan, WgmmaCandidatesOnHopper) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32})
+    for (int rank = 1; rank <= 3; ++rank)
+      for (int head_dim : {32, 64, 128}) {
+        SCOPED_TRACE(std::string(name(dtype)) + " rank " + std::to_string(rank) + " head dim " + std::to_string(head_dim));
+        const auto plain = backward_candidates(dtype, rank, head_dim);
+        const auto hopper = backward_candidates(dtype, rank, head_dim, /*hopper=*/true);
+        ASSERT_GE(hopper.size(), plain.size());
+        for (size_t i = 0; i < plain.size(); ++i) EXPECT_STREQ(hopper[i].why, plain[i].why) << "indices keep their meaning";
+        const bool expected = dtype != DType::kFloat32 && head_dim != 32;
+        EXPECT_EQ(hopper.size() > plain.size(), expected);
+        for (size_t i = plain.size(); i < hopper.size(); ++i) {
+          const TileConfig& c = hopper[i];
+          EXPECT_TRUE(c.wgmma);
+          EXPECT_EQ(c.warps, 8);
+          EXPECT_EQ(c.shape.queries(), 128);  // keys per CTA
+          EXPECT_EQ(c.shape.keys(), 64);      // queries per tile
+          EXPECT_GE(c.shape.k_log2[2], 3) << "8-query chunks must be runs along the innermost axis";
+        }
+      }
+}
+
+// The planner takes the wgmma key pass only where it runs the problem (no rpb yet),
+// and never for the dq pass; --dry-run says why not.
+TEST(FusedBackwardPlan, WgmmaKeyPassWhereItRuns) {
+  Problem p;
+  p.rank = 1;
+  p.extent = {4096, 1, 1};
+  p.kernel = {255, 1, 1};
+  p.heads = 2;
+  p.dim = 128;
+  p.dtype = DType::kFloat16;
+  BackwardPlan plan = plan_backward(p, /*hopper=*/true);
+  EXPECT_TRUE(plan.key_pass.wgmma);
+  EXPECT_FALSE(plan.dq_pass.wgmma);
+  EXPECT_FALSE(plan_backward(p).key_pass.wgmma);
+  p.has_rpb = true;
+  EXPECT_FALSE(wgmma_key_pass_refusal(p).empty());
+  plan = plan_backward(p, /*hopper=*/true);
+  EXPECT_FALSE(plan.key_pass.wgmma);
+  bool said = false;
+  for (const std::string& line : describe_backward_plan(p, /*hopper=*/true))
+    said |= line.find("no wgmma key pass") != std::string::npos;
+  EXPECT_TRUE(said);
+}
+
 TEST(FusedBackwardPlan, RowNumberingIsABijection) {
   for (int rank = 1; rank <= 3; ++rank)
     for (const TileConfig& c : backward_candidates(DType::kFloat16, rank, 64)) {
@@ -200,7 +248,7 @@ TEST(FusedBackwardPlan, KeyPassCountsTheSamePairs) {
   Problem p = anchor(2, {24, 40, 0}, {5, 9, 0}, 64);
   p.stride = {2, 3, 1};
   p.causal = {false, true, false};
-  for (const TileConfig& c : backward_candidates(DType::kFloat16, 2, 64)) {
+  for (const TileConfig& c : backward_candidates(DType::kFloat16, 2, 64, /*hopper=*/true)) {
     // Whole-grid counts: the estimate samples up to 8 tiles per axis, so use a grid
     // of at most 8 key tiles per axis.
     const PlanEstimate k = estimate_key_pass(p, c), f = estimate(p, c);

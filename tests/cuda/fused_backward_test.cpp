@@ -25,6 +25,7 @@
 
 #include "cpu/reference.hpp"
 #include "cuda/fused/backward_plan.hpp"
+#include "cuda/fused/host.hpp"
 #include "cuda_testing.hpp"
 
 namespace nbhd {
@@ -394,6 +395,31 @@ TEST(FusedBackwardSmoke, SmallProblems) {
     }
 }
 
+// The wgmma key pass on small problems (the planner picks it on an sm_90 device for
+// 16-bit head dims 64 and 128 without rpb): every rank, GQA, additional tokens, Dv != D.
+TEST(FusedBackwardSmoke, WgmmaKeyPass) {
+  NBHD_REQUIRE_GPU();
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 2; ++seed) {
+      std::mt19937_64 rng(32000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 200 : rank == 2 ? 14 : 6;
+      o.allow_rpb = false;
+      Case c{testing::random_problem(rng, o), 0};
+      c.p.dim = seed ? 128 : 64;
+      c.p.dim_v = seed ? 72 : 0;
+      c.p.additional_tokens = seed ? 5 : 0;
+      c.p.heads = c.p.kv_heads * 2;
+      ran += check_backward(c, rng);
+      if (HasFailure()) return;
+    }
+  if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
+}
+
 // Every backward tile entry, forced through NBHD_FUSED_BACKWARD_TILE (both passes), on
 // random problems of its rank and head-dim bucket (the planner alone leaves some out).
 TEST(FusedBackwardConfigs, EveryTableEntry) {
@@ -402,7 +428,7 @@ TEST(FusedBackwardConfigs, EveryTableEntry) {
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 64, 128}) {
       const DType kinds[] = {float32 ? DType::kFloat32 : DType::kFloat16, float32 ? DType::kFloat32 : DType::kBFloat16};
-      const auto configs = cuda::fused::backward_candidates(kinds[0], rank, int(dim));
+      const auto configs = cuda::fused::backward_candidates(kinds[0], rank, int(dim), cuda::fused::hopper_device());
       for (size_t i = 0; i < configs.size(); ++i) {
         SCOPED_TRACE(std::string(name(kinds[0])) + " rank " + std::to_string(rank) + " dim " + std::to_string(dim) +
                      " config " + std::to_string(i) + ": " + configs[i].why);
@@ -418,6 +444,38 @@ TEST(FusedBackwardConfigs, EveryTableEntry) {
         if (HasFailure()) return;
       }
     }
+}
+
+// The wgmma key pass (sm_90a), forced through NBHD_FUSED_BACKWARD_TILE on each of its
+// entries: random problems without rpb (d rpb stays on the mma.sync key pass) of every
+// rank, float16 and bfloat16, head dims at its buckets' edges, Dv != D, GQA,
+// additional tokens (their CTAs run the mma.sync key pass beside it), dilation,
+// stride, causal; both dQ strategies and the deterministic mode (check_backward).
+TEST(FusedBackwardWgmma, EveryEntryMatchesReference) {
+  NBHD_REQUIRE_GPU();
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
+        for (int seed = 0; seed < 2; ++seed) {
+          std::mt19937_64 rng(52000 + 1000 * rank + 10 * int(i) + seed + bucket);
+          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+          c.p.has_rpb = false;
+          c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
+          c.p.dim_v = seed ? bucket / 2 + 8 : 0;
+          ran += check_backward(c, rng);
+        }
+        unsetenv("NBHD_FUSED_BACKWARD_TILE");
+        if (HasFailure()) return;
+      }
+    }
+  if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
 }
 
 Case named_case(int rank, std::array<int64_t, 3> extent, std::array<int64_t, 3> kernel, int64_t dim) {

@@ -7,7 +7,8 @@
 #include "device.hpp"
 
 #if NBHD_BENCH_FUSED
-#include "cuda/fused/host.hpp"  // the fused backend's planner, compiled into nbhd with the backend
+#include "cuda/fused/backward_plan.hpp"
+#include "cuda/fused/host.hpp"  // the fused backend's planners, compiled into nbhd with the backend
 #endif
 
 namespace nbhd::bench {
@@ -48,10 +49,16 @@ Status choose_backend(const Problem& p, Backend requested, Choice* out) {
 }
 
 // Every tile configuration of the problem's rank and head dim, ranked, the chosen one
-// first (the fused backend's planner); nothing for the other backends.
+// first (the fused backend's planners: forward, then the backward's key and dq
+// passes); nothing for the other backends.
 std::vector<std::string> plan_lines(const Problem& p, Backend backend) {
 #if NBHD_BENCH_FUSED
-  if (backend == Backend::kFused) return cuda::fused::describe_plan(p, cuda::fused::hopper_device());
+  if (backend == Backend::kFused) {
+    const bool hopper = cuda::fused::hopper_device();
+    std::vector<std::string> lines = cuda::fused::describe_plan(p, hopper);
+    for (const std::string& line : cuda::fused::describe_backward_plan(p, hopper)) lines.push_back(line);
+    return lines;
+  }
 #endif
   (void)p;
   (void)backend;

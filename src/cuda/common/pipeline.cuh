@@ -65,6 +65,13 @@ __device__ __forceinline__ void wait(uint64_t* barrier, uint32_t parity) {
 // outlive the thread that issued them).
 __device__ __forceinline__ void wait_all_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// Barrier `id` (1-15; 0 is __syncthreads) among kThreads threads of whole warps:
+// the consumer warpgroups meet without the producer (bar.sync, any architecture).
+template <int kThreads>
+__device__ __forceinline__ void named_barrier(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
+}
+
 // Moves registers between the warpgroups of a CTA (every thread of a warpgroup
 // executes it): the producer gives back what the consumers take.
 template <int kRegisters>

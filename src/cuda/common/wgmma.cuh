@@ -84,41 +84,54 @@ __device__ __forceinline__ void fence_operands(uint32_t* r) {
 }
 
 // The instructions, with their register lists written out (inline asm takes no
-// arrays). d has N / 2 floats per thread.
+// arrays): d has N / 2 floats per thread; the transposes are immediates.
+#define NBHD_WGMMA_D16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define NBHD_WGMMA_OUT16 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define NBHD_WGMMA_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define NBHD_WGMMA_OUT32 \
-                 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define NBHD_WGMMA_D64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define NBHD_WGMMA_OUT64 \
-                 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define NBHD_WGMMA_SS_N32(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D16 "}, %16, %17, p, 1, 1, %19, %20;\n}\n" \
+               : NBHD_WGMMA_OUT16 \
+               : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
+#define NBHD_WGMMA_RS_N32(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D16 "}, " \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n" \
+               : NBHD_WGMMA_OUT16 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)))
 #define NBHD_WGMMA_SS_N64(TYPE) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D32 "}, %32, %33, p, 1, 1, %35, %36;\n}\n" \
                : NBHD_WGMMA_OUT32 \
-               : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)))
+               : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
 #define NBHD_WGMMA_RS_N64(TYPE) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D32 "}, " \
                "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
                : NBHD_WGMMA_OUT32 \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)))
-
 #define NBHD_WGMMA_SS_N128(TYPE) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D64 "}, %64, %65, p, 1, 1, %67, %68;\n}\n" \
                : NBHD_WGMMA_OUT64 \
-               : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)))
+               : "l"(a_desc), "l"(b_desc), "r"(int(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
 #define NBHD_WGMMA_RS_N128(TYPE) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" NBHD_WGMMA_D64 "}, " \
@@ -126,17 +139,21 @@ __device__ __forceinline__ void fence_operands(uint32_t* r) {
                : NBHD_WGMMA_OUT64 \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(int(accumulate)))
 
-// D[64 x N] = (accumulate ? D : 0) + A[64 x 16] B[16 x N]; A and B K-major in
-// shared memory (B's rows are its N columns: S = Q K^T reads K as stored).
-template <class T, int kN>
+// D[64 x N] = (accumulate ? D : 0) + A[64 x 16] B[16 x N], both from shared memory.
+// K-major by default (A's rows are its M rows, B's rows its N columns: S = Q K^T
+// reads Q and K as stored); kTransA / kTransB read that operand MN-major instead
+// (its rows are the 16 k: dQ = dS K reads dS^T and K as stored).
+template <class T, int kN, bool kTransA = false, bool kTransB = false>
 __device__ __forceinline__ void mma_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 64 || kN == 128, "wgmma_ss: N of 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N of 32, 64 or 128");
 #if NBHD_WGMMA_ENABLED
   if constexpr (ptx::MmaName<T>::kBf16) {
-    if constexpr (kN == 64) NBHD_WGMMA_SS_N64("bf16");
+    if constexpr (kN == 32) NBHD_WGMMA_SS_N32("bf16");
+    else if constexpr (kN == 64) NBHD_WGMMA_SS_N64("bf16");
     else NBHD_WGMMA_SS_N128("bf16");
   } else {
-    if constexpr (kN == 64) NBHD_WGMMA_SS_N64("f16");
+    if constexpr (kN == 32) NBHD_WGMMA_SS_N32("f16");
+    else if constexpr (kN == 64) NBHD_WGMMA_SS_N64("f16");
     else NBHD_WGMMA_SS_N128("f16");
   }
 #else
@@ -148,13 +165,15 @@ __device__ __forceinline__ void mma_ss(float* d, uint64_t a_desc, uint64_t b_des
 // MN-major in shared memory (its rows are the 16 k: O += P V reads V as stored).
 template <class T, int kN>
 __device__ __forceinline__ void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 64 || kN == 128, "wgmma_rs: N of 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_rs: N of 32, 64 or 128");
 #if NBHD_WGMMA_ENABLED
   if constexpr (ptx::MmaName<T>::kBf16) {
-    if constexpr (kN == 64) NBHD_WGMMA_RS_N64("bf16");
+    if constexpr (kN == 32) NBHD_WGMMA_RS_N32("bf16");
+    else if constexpr (kN == 64) NBHD_WGMMA_RS_N64("bf16");
     else NBHD_WGMMA_RS_N128("bf16");
   } else {
-    if constexpr (kN == 64) NBHD_WGMMA_RS_N64("f16");
+    if constexpr (kN == 32) NBHD_WGMMA_RS_N32("f16");
+    else if constexpr (kN == 64) NBHD_WGMMA_RS_N64("f16");
     else NBHD_WGMMA_RS_N128("f16");
   }
 #else
@@ -162,13 +181,17 @@ __device__ __forceinline__ void mma_rs(float* d, const uint32_t* a, uint64_t b_d
 #endif
 }
 
+#undef NBHD_WGMMA_SS_N32
+#undef NBHD_WGMMA_RS_N32
 #undef NBHD_WGMMA_SS_N64
-#undef NBHD_WGMMA_SS_N128
 #undef NBHD_WGMMA_RS_N64
+#undef NBHD_WGMMA_SS_N128
 #undef NBHD_WGMMA_RS_N128
+#undef NBHD_WGMMA_D16
+#undef NBHD_WGMMA_OUT16
 #undef NBHD_WGMMA_D32
-#undef NBHD_WGMMA_D64
 #undef NBHD_WGMMA_OUT32
+#undef NBHD_WGMMA_D64
 #undef NBHD_WGMMA_OUT64
 
 }  // namespace nbhd::cuda::wgmma

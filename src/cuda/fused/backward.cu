@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -43,21 +44,33 @@ const std::map<KernelKey, Launch>& kernels() {
 }
 
 // Planning samples tiles: cache the plan per problem. NBHD_FUSED_BACKWARD_TILE=<i>
-// forces candidate i of backward_candidates for both passes (for measuring).
+// forces candidate i of backward_candidates (for measuring): an mma.sync entry for
+// both passes; a wgmma entry for the key pass where it runs the problem (else the
+// planner's key pass), with the planner's dq pass.
 BackwardPlan plan(const Problem& p) {
+  const bool hopper = hopper_device();
   if (const int forced = forced_index("NBHD_FUSED_BACKWARD_TILE"); forced >= 0) {
-    const auto candidates = backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()));
+    const auto candidates = backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper);
     const size_t i = size_t(forced);
-    if (i < candidates.size()) return {candidates[i], candidates[i], prefer_dq_pass(p)};
+    if (i < candidates.size()) {
+      const TileConfig& c = candidates[i];
+      if (!c.wgmma) return {c, c, prefer_dq_pass(p)};
+      BackwardPlan planned = plan_backward(p, hopper);
+      if (wgmma_key_pass_refusal(p).empty()) planned.key_pass = c;
+      return planned;
+    }
   }
-  // The plan depends on the grid geometry and the head dims only (as the forward's).
-  const GeometryKey key = geometry_key(p);
+  // The plan depends on the grid geometry, the head dims and dtype (as the
+  // forward's), the device (wgmma or not) and whether there is an rpb (which the
+  // wgmma key pass does not run).
+  using Key = std::tuple<GeometryKey, bool, bool>;
+  const Key key{geometry_key(p), hopper, p.has_rpb};
   static std::mutex mutex;
-  static std::map<GeometryKey, BackwardPlan> cache;
+  static std::map<Key, BackwardPlan> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  const BackwardPlan chosen = plan_backward(p);
+  const BackwardPlan chosen = plan_backward(p, hopper);
   cache.emplace(key, chosen);
   return chosen;
 }
@@ -145,6 +158,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.scale = float(p.softmax_scale());
   bp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
 
+  bp.wgmma_key_pass = chosen.key_pass.wgmma;
   bp.kv_shape = GridTile::from(chosen.key_pass.shape);
   bp.dq_shape = GridTile::from(chosen.dq_pass.shape);
   bp.kv_tiles = bp.dq_tiles = 1;

@@ -39,52 +39,11 @@
 #include "cuda/common/ptx.cuh"
 #include "cuda/fused/backward.hpp"
 #include "cuda/fused/backward_params.hpp"
+#include "cuda/fused/backward_parts.cuh"
 #include "cuda/fused/backward_ptx.cuh"
+#include "cuda/fused/backward_wgmma_kernel.cuh"
 
 namespace nbhd::cuda::fused {
-
-namespace detail_bwd {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Per axis [begin, end) ranges of group indices, 3 axes.
-struct Box {
-  Range r[kMaxRank];
-};
-
-// 16-byte chunk `c` of row `r` of a tile with `chunks` chunks per row lives at
-// c ^ swizzle(r): the 8 rows an ldmatrix reads hit 8 different bank groups. The
-// swizzle depends on r % 8 only (see ForwardConfig).
-__host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
-
-__device__ __forceinline__ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
-  for (int a = 0; a < kMaxRank; ++a) token[a] = group[a] + nb.axis[a].dilation * j[a];
-}
-
-// Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
-__device__ __forceinline__ int64_t flat_token(const Neighborhood& nb, const int* token) {
-  return (int64_t(token[0]) * nb.axis[1].length + token[1]) * nb.axis[2].length + token[2];
-}
-
-// The key-pass CTA `tile` of one (batch, kv head): dilation group and origin of its
-// key tile per axis. False for the empty tiles past a shorter group's end.
-__device__ __forceinline__ bool decode_tile(const Neighborhood& nb, const int* tiles_per_group, const int* row_log2,
-                                            int64_t tile, int* group, int* origin, int* lg) {
-  bool inside = true;
-#pragma unroll
-  for (int a = kMaxRank - 1; a >= 0; --a) {
-    const int per_axis = tiles_per_group[a] * nb.axis[a].dilation;
-    const int ta = int(tile % per_axis);
-    tile /= per_axis;
-    group[a] = ta / tiles_per_group[a];
-    origin[a] = (ta % tiles_per_group[a]) << row_log2[a];
-    lg[a] = nb.axis[a].group_length(group[a]);
-    inside &= origin[a] < lg[a];
-  }
-  return inside;
-}
-
-}  // namespace detail_bwd
 
 // ---------------------------------------------------------------------------------
 // Key pass configuration. Rows are keys (16 per warp), columns queries.
@@ -151,6 +110,7 @@ struct KeyPassConfig {
   static constexpr int kSharedBytes = int(sizeof(SharedStorage));
 
   __device__ static constexpr int chunk_index(int r, int c) { return r * kChunks + (c ^ detail_bwd::swizzle(kChunks, r)); }
+  __device__ static constexpr int col_chunk_index(int r, int c) { return chunk_index(r, c); }  // Q and dO tiles
   __device__ static constexpr int ds_index(int r, int c) { return r * kDsChunks + (c ^ detail_bwd::swizzle(kDsChunks, r)); }
   // Element (r, col) of a head-dim tile (K, V, Q, dO) and of dS^T.
   __device__ static constexpr int element_index(int r, int col) { return chunk_index(r, col / kVec) * kVec + col % kVec; }
@@ -211,27 +171,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   }
   const int total_tiles = tiles_per_head * p.heads_per_kv;
 
-  const T* q_base = static_cast<const T*>(p.q);
-  const T* dout_base = static_cast<const T*>(p.d_out);
-
   // ---- per-CTA tables ---------------------------------------------------------------
-  for (int n = tid; n < kCols; n += Cfg::kThreads) {
-    int off[kMaxRank];
-    shape.col_offset(n, off);
-    int64_t dq = 0, ddo = 0;
-    int dt = 0;
-    const int token_stride[kMaxRank] = {nb.axis[1].length * nb.axis[2].length, nb.axis[2].length, 1};
-    for (int a = 0; a < kMaxRank; ++a) {
-      const int step = off[a] * nb.axis[a].dilation;
-      dq += int64_t(step) * p.q_layout.axis[a];
-      ddo += int64_t(step) * p.dout_layout.axis[a];
-      dt += step * token_stride[a];
-    }
-    smem.q_col_delta[n] = dq;
-    smem.dout_col_delta[n] = ddo;
-    smem.token_col_delta[n] = dt;
-    smem.col_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
-  }
+  detail_bwd::fill_col_tables(p, smem, kCols, tid, Cfg::kThreads);
   if (tid == 0)
     for (int a = 0; a < kMaxRank; ++a)
       smem.walk[a] = additional ? WalkAxis{0, 0, all_groups_tiles(nb.axis[a], shape.col(a)), -1}
@@ -261,15 +202,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       token[2] = m0 + r;
       return m0 + r < p.additional_tokens;
     }
-    int off[kMaxRank], j[kMaxRank];
-    shape.row_offset(r, off);
-    bool valid = true;
-    for (int a = 0; a < kMaxRank; ++a) {
-      j[a] = k_origin[a] + off[a];
-      valid &= j[a] < lg[a];
-    }
-    detail_bwd::token_of(nb, group, j, token);
-    return valid;
+    int j[kMaxRank];
+    return detail_bwd::neighborhood_key_row(p, group, k_origin, lg, r, j, token);
   };
   {
     const T* k_src = static_cast<const T*>(additional ? p.additional_k : p.k);
@@ -306,74 +240,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       }
     }
   }
-  // Union and intersection of the warp's inverse windows (first and last valid key
-  // per axis: inverse windows' begins and ends never decrease along an axis). A warp
-  // with rows past the grid always masks, so those rows' probabilities are zero (they
-  // would otherwise reach d rpb).
-  bool warp_idle = false, warp_partial = false;
+  // A warp with rows past the grid always masks, so those rows' probabilities are
+  // zero (they would otherwise reach d rpb).
+  detail_bwd::KeyWarp key_warp{false, false};
   if (additional) {
-    warp_idle = m0 + 16 * warp >= p.additional_tokens;
-    warp_partial = m0 + 16 * warp + 16 > p.additional_tokens;
+    key_warp.idle = m0 + 16 * warp >= p.additional_tokens;
+    key_warp.partial = m0 + 16 * warp + 16 > p.additional_tokens;
   } else {
-    int off[kMaxRank];
-    shape.warp_offset(warp, off);
-    for (int a = 0; a < kMaxRank; ++a) {
-      const Axis& ax = nb.axis[a];
-      const int first = k_origin[a] + off[a];
-      const int last = imin(first + shape.warp(a), lg[a]) - 1;
-      warp_idle |= first > last;
-      warp_partial |= first + shape.warp(a) > lg[a];
-      const Range wf = ax.inverse_window(imin(first, lg[a] - 1), lg[a]), wl = ax.inverse_window(imax(last, 0), lg[a]);
-      if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
-    }
+    key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
   }
 
   // ---- column tiles: loads ----------------------------------------------------------
-  struct ColSource {
-    const T* q;
-    const T* dout;
-    const float2* lse_delta;
-    int limit[kMaxRank];
-  };
-  auto col_source = [&](const QueryTile& w) {
-    ColSource src;
-    int token[kMaxRank];
-    detail_bwd::token_of(nb, w.group, w.origin, token);
-    const int h = hk * p.heads_per_kv + w.head;
-    src.q = q_base + p.q_layout.offset(b, token, h);
-    src.dout = dout_base + p.dout_layout.offset(b, token, h);
-    src.lse_delta = reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + h) * p.tokens +
-                    detail_bwd::flat_token(nb, token);
-    for (int a = 0; a < kMaxRank; ++a) src.limit[a] = w.end[a] - w.origin[a];
-    return src;
-  };
-  auto col_valid = [&](int packed, const int* limit) {
-    return (packed & 1023) < limit[0] && ((packed >> 10) & 1023) < limit[1] && (packed >> 20) < limit[2];
-  };
-  // Each thread copies one 16-byte column `chunk` of rows load_row, load_row + step, ...
-  constexpr int kRowStep = Cfg::kThreads / kChunks;
-  static_assert(Cfg::kThreads % kChunks == 0 && kCols % kRowStep == 0, "load mapping");
-  const int chunk = tid % kChunks, load_row = tid / kChunks;
-  const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
-  const bool q_chunk_ok = chunk_col < p.dim, dout_chunk_ok = chunk_col < p.dim_v;
-  // Columns past the walk's end read nothing (zeros: their lse and delta too, so a
-  // masked probability is exp2(-inf - 0) = 0); the address stays at the tile origin.
-  auto load_cols = [&](const ColSource& src, int stage) {
-#pragma unroll
-    for (int i = 0; i < kCols / kRowStep; ++i) {
-      const int n = load_row + i * kRowStep;
-      const bool valid = col_valid(smem.col_offset[n], src.limit);
-      const bool q_ok = valid && q_chunk_ok, d_ok = valid && dout_chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&smem.q[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
-                       src.q + (q_ok ? smem.q_col_delta[n] + chunk_col : 0), q_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][Cfg::chunk_index(n, chunk) * Cfg::kVec]),
-                       src.dout + (d_ok ? smem.dout_col_delta[n] + chunk_col : 0), d_ok ? 16 : 0);
-    }
-    for (int n = tid; n < kCols; n += Cfg::kThreads) {
-      const bool valid = col_valid(smem.col_offset[n], src.limit);
-      ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]),
-                             src.lse_delta + (valid ? smem.token_col_delta[n] : 0), valid ? 8 : 0);
-    }
+  auto load_cols = [&](const QueryTile& w, int stage) {
+    detail_bwd::load_query_tile<Cfg, Cfg::kThreads, kCols * Cfg::kChunks / Cfg::kThreads>(
+        p, smem, detail_bwd::col_source<T>(p, w, b, hk), stage, tid);
   };
 
   // ---- main loop -----------------------------------------------------------------------
@@ -446,13 +326,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   };
 
   __syncthreads();  // the per-CTA tables
-  load_cols(col_source(query_tile(nb, shape, smem.walk, 0)), 0);  // with K and V: group 0
+  load_cols(query_tile(nb, shape, smem.walk, 0), 0);  // with K and V: group 0
   ptx::cp_async_commit();
 
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < total_tiles) {
-      load_cols(col_source(query_tile(nb, shape, smem.walk, it + 1)), stage ^ 1);
+      load_cols(query_tile(nb, shape, smem.walk, it + 1), stage ^ 1);
       ptx::cp_async_commit();
       ptx::cp_async_wait<1>();
     } else {
@@ -464,36 +344,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const int h = hk * p.heads_per_kv + qtile.head;
     int limit[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) limit[a] = qtile.end[a] - qtile.origin[a];
-    uint32_t active = 0;  // bit j: 8-query chunk j holds queries this warp's keys may see
-    bool needs_mask = true;
-    if (!warp_idle) {
-      // Chunk j holds queries 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
-      // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
-      bool lane_active = false;
-      if (lane < kColBlocks) {
-        int off[kMaxRank];
-        shape.col_offset(lane * 8, off);
-        lane_active = true;
-        for (int a = 0; a < kMaxRank; ++a) {
-          const int lo = off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-          lane_active &= lo < limit[a];
-          if (!additional) {
-            const int4 box = smem.warp_box[warp][a];  // {union begin, union end, ...}
-            lane_active &= qtile.origin[a] + lo < box.y && qtile.origin[a] + hi > box.x;
-          }
-        }
-      }
-      active = __ballot_sync(0xffffffffu, lane_active);
-      // Inside every inverse window of the warp's keys, and inside the walk: no mask.
-      needs_mask = has_rpb || warp_partial;
-      for (int a = 0; a < kMaxRank; ++a) {
-        needs_mask |= shape.col(a) > limit[a];
-        if (!additional) {
-          const int4 box = smem.warp_box[warp][a];  // {..., intersection begin, end}
-          needs_mask |= qtile.origin[a] < box.z || qtile.origin[a] + shape.col(a) > box.w;
-        }
-      }
-    }
+    const detail_bwd::KeyWarpTile wt =
+        detail_bwd::key_warp_tile<kColBlocks>(shape, smem, warp, lane, qtile, limit, additional, key_warp, has_rpb);
+    const uint32_t active = wt.active;
     if (lane == 0) smem.warp_active[warp] = active;
 
     const uint32_t q_stage = q0 + stage * kStageBytes, dout_stage = dout0 + stage * kStageBytes;
@@ -522,74 +375,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         }
 
         // Base-2 scores, masked (-inf) and biased where needed; then P^T.
-        if (!needs_mask) {
-#pragma unroll
-          for (int j = 0; j < kSubBlocks; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
-        } else if (additional) {
-          bool row_ok[2];
-          for (int i = 0; i < 2; ++i) row_ok[i] = smem.row_axis[my_row[i]][0].z != 0;
-#pragma unroll
-          for (int j = 0; j < kSubBlocks; ++j) {
-            int off[kMaxRank];
-            shape.col_offset(8 * (jb0 + j), off);  // the chunk's first query; the run is along axis 2
-            const bool chunk_ok = ((sub_active >> j) & 1u) && off[0] < limit[0] && off[1] < limit[1];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const bool keep = chunk_ok && row_ok[e >> 1] && off[2] + 2 * t4 + (e & 1) < limit[2];
-              s[j][e] = keep ? s[j][e] * p.scale_log2 : kNegInf;
-            }
-          }
-        } else {
-          // Per key row and axis, the queries of this tile (offsets from its origin)
-          // that see the key: its inverse window.
-          int lo[2][kMaxRank], hi[2][kMaxRank];
-          int64_t bias_base[2];
-          for (int i = 0; i < 2; ++i) {
-            bias_base[i] = int64_t(h) * p.rpb_layout.head;
-            for (int a = 0; a < kMaxRank; ++a) {
-              const int4 ra = smem.row_axis[my_row[i]][a];  // {j, inverse begin, inverse end}
-              lo[i][a] = ra.y - qtile.origin[a];
-              hi[i][a] = ra.z - qtile.origin[a];
-              bias_base[i] += int64_t(ra.x - qtile.origin[a] + nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < kSubBlocks; ++j) {
-            const bool chunk_on = (sub_active >> j) & 1u;
-            int off[kMaxRank];
-            shape.col_offset(8 * (jb0 + j), off);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
-              const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
-                                off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
-              float x = kNegInf;
-              if (keep) {
-                x = s[j][e] * p.scale_log2;
-                if (has_rpb) {
-                  // bias index = key - query + kernel - 1 per axis
-                  const int64_t ro = bias_base[i] - off[0] * p.rpb_layout.axis[0] - off[1] * p.rpb_layout.axis[1] -
-                                     off2 * p.rpb_layout.axis[2];
-                  const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
-                                                      : to_float(static_cast<const T*>(p.rpb)[ro]);
-                  x += bias * kLog2e;
-                }
-              }
-              s[j][e] = x;
-            }
-          }
-        }
-        // P^T = exp2(score - lse); columns hold queries, so lse varies along e & 1.
-#pragma unroll
-        for (int j = 0; j < kSubBlocks; ++j) {
-          const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];  // {lse, delta} of 2 queries
-          s[j][0] = ptx::exp2_approx(s[j][0] - ld.x);
-          s[j][1] = ptx::exp2_approx(s[j][1] - ld.z);
-          s[j][2] = ptx::exp2_approx(s[j][2] - ld.x);
-          s[j][3] = ptx::exp2_approx(s[j][3] - ld.z);
-        }
+        detail_bwd::key_scores_to_base2<T>(s, jb0, sub_active, wt.needs_mask, additional, p, smem.row_axis, my_row,
+                                           qtile, limit, h, has_rpb, t4);
+        detail_bwd::key_probabilities(s, jb0, lse_delta4, t4);
 
         // dV += P^T dO.
         accumulate_ct(dv, s, jb0, sub_active, smem.dout[stage], dout_stage);
@@ -611,14 +399,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
           }
         }
         // dS^T = P^T (dP^T - delta); masked entries stay 0.
-#pragma unroll
-        for (int j = 0; j < kSubBlocks; ++j) {
-          const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];
-          s[j][0] *= dp[j][0] - ld.y;
-          s[j][1] *= dp[j][1] - ld.w;
-          s[j][2] *= dp[j][2] - ld.y;
-          s[j][3] *= dp[j][3] - ld.w;
-        }
+        detail_bwd::key_score_gradients(s, s, dp, jb0, lse_delta4, t4);
 
         // dK += dS^T Q.
         accumulate_ct(dk, s, jb0, sub_active, smem.q[stage], q_stage);
@@ -656,7 +437,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         float* dst[2];
         for (int i = 0; i < 2; ++i) {
           const int n = 16 * qb + g + 8 * i;
-          const bool ok = ((cta_active >> (2 * qb + i)) & 1u) && col_valid(smem.col_offset[n], limit);
+          const bool ok = ((cta_active >> (2 * qb + i)) & 1u) && detail_bwd::col_valid(smem.col_offset[n], limit);
           int token[kMaxRank];
           detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
           dst[i] = ok ? p.dq_accum + ((b * p.tokens + detail_bwd::flat_token(nb, token) + smem.token_col_delta[n]) *
@@ -1397,6 +1178,19 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
   fused_backward_preprocess_kernel<T><<<unsigned(pre_blocks), kThreads, 0, stream>>>(p);
 
   {
+    // Key pass: the mma.sync kernel for every CTA, or the wgmma kernel for the
+    // neighborhood key tiles and the mma.sync one for the additional tokens' CTAs
+    // (first in its grid: a grid of only those runs only those).
+    int64_t blocks = int64_t(p.batch) * p.kv_heads * (p.kv_tiles + p.additional_ctas);
+    if (p.wgmma_key_pass) {
+      if constexpr (kHasWgmmaKeyPass<T, kHeadDim>) {
+        const cudaError_t err = launch_fused_backward_key_wgmma<T, kHeadDim>(p, stream);
+        if (err != cudaSuccess) return err;
+        blocks = int64_t(p.batch) * p.kv_heads * p.additional_ctas;
+      } else {
+        return cudaErrorInvalidValue;  // the planner offers it only where compiled
+      }
+    }
     auto kernel = fused_backward_key_kernel<KeyPass>;
     const int bytes = KeyPass::kSharedBytes + (p.d_rpb ? KeyPass::kRpbBytes : 0);
     // Above 48 KB a kernel must opt in (once per process is enough, as the forward);
@@ -1404,9 +1198,8 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
     static const cudaError_t attribute =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KeyPass::kSharedBytes + KeyPass::kRpbBytes);
     if (attribute != cudaSuccess) return attribute;
-    const int64_t blocks = int64_t(p.batch) * p.kv_heads * (p.kv_tiles + p.additional_ctas);
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    kernel<<<dim3(unsigned(blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
+    if (blocks > 0) kernel<<<dim3(unsigned(blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
   }
 
   if (p.dq_accum) {

@@ -182,7 +182,10 @@ struct BackwardParams {
   float scale_log2;  // softmax scale * log2(e): scores in base-2 units
 
   // Key pass: CTAs per (batch, kv head) are additional_ctas (64 additional tokens
-  // each, first in the grid: they walk every query) then kv_tiles key tiles.
+  // each, first in the grid: they walk every query) then kv_tiles key tiles. With
+  // wgmma_key_pass the key tiles run on the wgmma kernel (128 keys, sm_90a) and the
+  // additional tokens' CTAs on the mma.sync one.
+  bool wgmma_key_pass;
   GridTile kv_shape;
   int kv_tiles_per_group[kMaxRank];
   int64_t kv_tiles;

@@ -8,12 +8,22 @@
 
 namespace nbhd::cuda::fused {
 
-std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim) {
+std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim, bool hopper) {
   std::vector<TileConfig> out;
   if (head_dim > 128) return out;
   for (const TileConfig& c : candidate_configs(dtype, rank, head_dim))
     if (c.warps == kBackwardWarps && c.block_kv == backward_cols(dtype, head_dim) && c.m_tiles == 1) out.push_back(c);
+  // The wgmma key pass: two consumer warpgroups of 64 keys (the forward's
+  // warp-specialized query tiles, 8 warps) and its 64-key tiles as query tiles.
+  if (hopper && dtype != DType::kFloat32 && (head_dim == 64 || head_dim == 128))
+    for (const TileConfig& c : candidate_configs(dtype, rank, head_dim, /*hopper=*/true))
+      if (c.wgmma && c.warps == 8 && c.block_kv == backward_cols(dtype, head_dim)) out.push_back(c);
   return out;
+}
+
+std::string wgmma_key_pass_refusal(const Problem& p) {
+  if (p.has_rpb) return "the wgmma key pass does not bin d rpb yet (the mma.sync key pass does)";
+  return "";
 }
 
 PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
@@ -34,6 +44,7 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
           const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
           qbox[a] = nb.axis[a].inverse_window_union({origin[a], last + 1}, lg[a]);
         }
+        Range group_queries[2][kMaxRank] = {};  // wgmma: per warpgroup, the bounding box of its unions
         for (int w = 0; w < c.warps; ++w) {
           int off[kMaxRank];
           s.warp_offset(w, off);
@@ -53,25 +64,71 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
           }
           if (idle) continue;
           e.needed_pairs += needed;
-          // Over the query tiles of the CTA's query box: chunks the warp computes,
-          // and chunks of the tiles it does not skip (any chunk active).
-          add_warp_chunks(s, qbox, uni, &e);
+          if (!c.wgmma) {
+            // Over the query tiles of the CTA's query box: chunks the warp computes,
+            // and chunks of the tiles it does not skip (any chunk active).
+            add_warp_chunks(s, qbox, uni, &e);
+            continue;
+          }
+          for (int a = 0; a < kMaxRank; ++a) {
+            Range& gq = group_queries[w / 4][a];
+            gq = gq.size() > 0 ? Range{std::min(gq.begin, uni[a].begin), std::max(gq.end, uni[a].end)} : uni[a];
+          }
+          // The query box's tiles this warp masks element by element: those not
+          // inside the intersection of its keys' inverse windows (or past the box).
+          double tiles = 1, unmasked = 1;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            const Range inter{nb.axis[a].inverse_window(last, lg[a]).begin, nb.axis[a].inverse_window(first, lg[a]).end};
+            int axis_tiles = 0, axis_inside = 0;
+            for (int q = qbox[a].begin; q < qbox[a].end; q += s.k(a)) {
+              ++axis_tiles;
+              axis_inside += q >= inter.begin && q + s.k(a) <= inter.end && q + s.k(a) <= qbox[a].end;
+            }
+            tiles *= axis_tiles;
+            unmasked *= axis_inside;
+          }
+          e.warp_tiles += tiles;
+          e.masked_warp_tiles += tiles - unmasked;
+        }
+        // wgmma: a warpgroup computes, for its 64 keys, every query tile that meets
+        // the bounding box of its warps' inverse-window unions, whole.
+        for (int g = 0; c.wgmma && g < c.warps / 4; ++g) {
+          double tiles = 1;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const Range& r = group_queries[g][a];
+            int axis_tiles = 0;
+            for (int q = qbox[a].begin; q < qbox[a].end; q += s.k(a)) axis_tiles += q < r.end && q + s.k(a) > r.begin;
+            tiles *= axis_tiles;
+          }
+          e.computed_pairs += tiles * s.keys() * 64;
+          e.visited_pairs += tiles * s.keys() * 64;
         }
       }
   // The forward's cost model (plan.cpp): charged_pairs, a per-tile overhead of 24
-  // keys' worth. Every candidate has 4 warps and the same columns (backward_cols).
-  const double charged = charged_pairs(e);
+  // queries' worth. wgmma: a computed pair costs kWgmmaKeyPassRate of a charged
+  // mma.sync one and a tile a warp masks 1.3x an unmasked one (the forward's mask
+  // term). The rate is a prediction (the forward's warp-specialized kernel, 0.43 at
+  // head dim 128) until the wgmma key pass is measured beside the mma.sync one.
+  constexpr double kWgmmaKeyPassRate = 0.45;
+  const double charged =
+      c.wgmma ? kWgmmaKeyPassRate * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv);
   return e;
 }
 
 namespace {
 
-template <class Estimate>
-std::vector<PlanEstimate> ranked(const Problem& p, Estimate&& estimate_one) {
+// The candidates a pass may take, with their estimates, least cost first: the key
+// pass every candidate (the wgmma ones where they run the problem), the dq pass the
+// mma.sync ones.
+std::vector<PlanEstimate> ranked(const Problem& p, bool hopper, bool key_pass) {
   std::vector<PlanEstimate> out;
-  for (const TileConfig& c : backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim())))
-    out.push_back(estimate_one(p, c));
+  const bool wgmma_ok = wgmma_key_pass_refusal(p).empty();
+  for (const TileConfig& c : backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper)) {
+    if (c.wgmma && (!key_pass || !wgmma_ok)) continue;
+    out.push_back(key_pass ? estimate_key_pass(p, c) : estimate(p, c));
+  }
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
 }
@@ -86,11 +143,11 @@ bool prefer_dq_pass(const Problem& p) {
   return p.window_size() <= kDqPassMaxWindow;
 }
 
-BackwardPlan plan_backward(const Problem& p) {
-  return {ranked(p, estimate_key_pass).front().config, ranked(p, estimate).front().config, prefer_dq_pass(p)};
+BackwardPlan plan_backward(const Problem& p, bool hopper) {
+  return {ranked(p, hopper, true).front().config, ranked(p, hopper, false).front().config, prefer_dq_pass(p)};
 }
 
-std::vector<std::string> describe_backward_plan(const Problem& p) {
+std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
   std::vector<std::string> lines;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   if (backward_candidates(p.dtype, p.rank, bucket).empty()) {
@@ -98,17 +155,23 @@ std::vector<std::string> describe_backward_plan(const Problem& p) {
     return lines;
   }
   for (int pass = 0; pass < 2; ++pass) {
-    const auto list = pass == 0 ? ranked(p, estimate_key_pass) : ranked(p, estimate);
+    const auto list = ranked(p, hopper, pass == 0);
     for (size_t i = 0; i < list.size(); ++i) {
       const PlanEstimate& e = list[i];
       const TileShape& s = e.config.shape;
-      char buf[256];
-      std::snprintf(buf, sizeof buf, "fused backward %s %s rows %dx%dx%d warp %dx%dx%d cols %dx%dx%d (d %d): %.2fx pairs  [%s]",
-                    pass == 0 ? "key pass" : "dq pass ", i == 0 ? "CHOSEN  " : "rejected", s.q(0), s.q(1), s.q(2), s.w(0),
-                    s.w(1), s.w(2), s.k(0), s.k(1), s.k(2), e.config.head_dim, e.waste(), e.config.why);
+      char buf[320];
+      std::snprintf(buf, sizeof buf,
+                    "fused backward %s %s %s rows %dx%dx%d warp %dx%dx%d cols %dx%dx%d (d %d): %.2fx pairs, cost %.3g  [%s]",
+                    pass == 0 ? "key pass" : "dq pass ", i == 0 ? "CHOSEN  " : "rejected",
+                    e.config.wgmma ? "wgmma   " : "mma.sync", s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0),
+                    s.k(1), s.k(2), e.config.head_dim, e.waste(), e.cost, e.config.why);
       lines.push_back(buf);
     }
   }
+  const std::string refusal = wgmma_key_pass_refusal(p);
+  if (hopper && !refusal.empty() && backward_candidates(p.dtype, p.rank, bucket, true).size() >
+                                        backward_candidates(p.dtype, p.rank, bucket).size())
+    lines.push_back("fused backward: no wgmma key pass: " + refusal);
   return lines;
 }
 

@@ -23,18 +23,26 @@ inline constexpr int backward_cols(DType dtype, int head_dim) {
 }
 
 // Table entries the backward kernels run for a dtype, rank and head-dim bucket
-// (<= 128).
-std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim);
+// (<= 128): the mma.sync ones (4 warps, backward_cols columns), then, with `hopper`
+// (an sm_90 device and a build with sm_90a), the wgmma key pass's: the forward's
+// warp-specialized entries (8 warps: 128 keys, 64-query tiles), 16-bit at head dims
+// 64 and 128. NBHD_FUSED_BACKWARD_TILE indexes this list.
+std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim, bool hopper = false);
+
+// Why the wgmma key pass cannot run a problem, or "" when it can: d rpb is binned
+// by the mma.sync key pass only.
+std::string wgmma_key_pass_refusal(const Problem& p);
 
 // The key pass's counterpart of estimate(): rows are keys (the entry's query tile
 // and warp boxes), columns are query tiles (its key tile) walked over the inverse-
-// window union of each key tile; chunks are skipped per warp against the union of
-// its keys' inverse windows.
+// window union of each key tile; mma.sync skips chunks per warp against the union
+// of its keys' inverse windows, wgmma computes a tile whole for a warpgroup's 64
+// keys when any of them reaches it.
 PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c);
 
 struct BackwardPlan {
-  TileConfig key_pass;  // rows keys, columns queries
-  TileConfig dq_pass;   // the forward's orientation
+  TileConfig key_pass;  // rows keys, columns queries; wgmma: the sm_90a key pass
+  TileConfig dq_pass;   // the forward's orientation (mma.sync)
   // dQ by the dq pass (recomputing S and dP per query tile) rather than by float32
   // atomics from the key pass; always so in deterministic mode.
   bool dq_by_pass = false;
@@ -49,11 +57,12 @@ struct BackwardPlan {
 inline constexpr int64_t kDqPassMaxWindow = 128;
 bool prefer_dq_pass(const Problem& p);
 
-// The candidates computing the fewest wasted pairs per pass (the forward's cost
-// model). Needs max(dim, dim_v) <= 128: backward_candidates must not be empty.
-BackwardPlan plan_backward(const Problem& p);
+// The candidates of least cost per pass (the forward's cost model; the wgmma key
+// pass only with `hopper` and where it runs the problem). Needs max(dim, dim_v) <=
+// 128: backward_candidates must not be empty.
+BackwardPlan plan_backward(const Problem& p, bool hopper = false);
 
 // Human-readable lines for `nbhd-bench --dry-run`.
-std::vector<std::string> describe_backward_plan(const Problem& p);
+std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper = false);
 
 }  // namespace nbhd::cuda::fused

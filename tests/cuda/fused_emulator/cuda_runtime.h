@@ -4,7 +4,8 @@
 // is a fiber (ucontext); a fiber runs until a warp collective (mma.sync, ldmatrix,
 // shuffle, ballot, __syncwarp), which completes once all 32 lanes are there, or a
 // __syncthreads, which completes once every thread is there, or a warpgroup barrier
-// (wgmma), or an mbarrier wait, which completes with the awaited phase. Divergent
+// (wgmma), or a named barrier (bar.sync id, count), which completes once `count`
+// threads are there, or an mbarrier wait, which completes with the awaited phase. Divergent
 // collectives and barriers (a lane missing, a thread exited) abort. cp.async copies
 // land at the issuing thread's cp.async.wait_group or mbarrier arrival
 // (EMU_CP_ASYNC=late, the default) or at issue (=early): the two ends of the window
@@ -127,6 +128,24 @@ class Block {
         for (int t = 128 * g; t < 128 * g + 128; ++t) fibers_[t].state = kReady;
         progress = true;
       }
+      // Named barriers: id -> threads there; released when as many as the count
+      // they all name.
+      std::map<int, int> at_named;
+      for (int t = 0; t < n; ++t)
+        if (fibers_[t].state == kAtNamedBarrier) ++at_named[fibers_[t].barrier_id];
+      for (auto [id, count] : at_named) {
+        int expected = -1;
+        for (int t = 0; t < n; ++t) {
+          if (fibers_[t].state != kAtNamedBarrier || fibers_[t].barrier_id != id) continue;
+          if (expected >= 0 && fibers_[t].barrier_count != expected) die("named barrier: threads name different counts", t);
+          expected = fibers_[t].barrier_count;
+        }
+        if (count > expected) die("named barrier: more threads than its count", -1);
+        if (count < expected) continue;
+        for (int t = 0; t < n; ++t)
+          if (fibers_[t].state == kAtNamedBarrier && fibers_[t].barrier_id == id) fibers_[t].state = kReady;
+        progress = true;
+      }
       for (int t = 0; t < n; ++t)
         if (fibers_[t].state == kAtMbarrier && mbarrier_done(fibers_[t].wait_address, fibers_[t].wait_parity)) {
           fibers_[t].state = kReady;
@@ -156,6 +175,13 @@ class Block {
   void barrier() { wait(kAtBarrier); }
   // The 128 threads of the running thread's warpgroup.
   void group_barrier() { wait(kAtGroupBarrier); }
+  // bar.sync id, count: whole warps, so the count is a multiple of 32.
+  void named_barrier(int id, int count) {
+    if (id < 1 || id > 15 || count % 32 || count <= 0 || count > int(dim_.x)) die("named barrier: bad id or count", current_);
+    fibers_[current_].barrier_id = id;
+    fibers_[current_].barrier_count = count;
+    wait(kAtNamedBarrier);
+  }
 
   // mbarriers, by shared-memory address: arrivals still expected in the current
   // phase, and the number of completed phases.
@@ -215,13 +241,14 @@ class Block {
 
  private:
   static constexpr std::size_t kStack = std::size_t(256) << 10;
-  enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtMbarrier, kExited };
+  enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtNamedBarrier, kAtMbarrier, kExited };
   struct Fiber {
     ucontext_t ctx;
     State state;
     int groups = 0;
     std::vector<PendingCopy> pending;
     uint32_t wait_address = 0, wait_parity = 0;
+    int barrier_id = 0, barrier_count = 0;
   };
   struct Mbarrier {
     int arrivals, pending;

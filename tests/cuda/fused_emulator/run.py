@@ -28,7 +28,8 @@ LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfol
            "src/dispatch/registry.cpp",
            "src/cpu/reference.cpp", "src/cpu/tiled.cpp", "tests/cpp/testing.cpp", "src/cuda/fused/backend.cu",
            "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp"]
-KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh"]
+KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh",
+                  "src/cuda/fused/backward_wgmma_kernel.cuh"]
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];")
 CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}

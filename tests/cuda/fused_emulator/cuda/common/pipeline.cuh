@@ -18,6 +18,10 @@ inline void arrive(uint64_t* barrier) { emu::block->mbarrier_arrive(ptx::smem_ad
 inline void arrive_after_copies(uint64_t* barrier) { emu::block->mbarrier_arrive_after_copies(ptx::smem_address(barrier)); }
 inline void wait(uint64_t* barrier, uint32_t parity) { emu::block->mbarrier_wait(ptx::smem_address(barrier), parity); }
 inline void wait_all_copies() { emu::block->cp_async_wait_all(); }
+template <int kThreads>
+inline void named_barrier(int id) {
+  emu::block->named_barrier(id, kThreads);
+}
 template <int kRegisters>
 inline void release_registers() {}
 template <int kRegisters>

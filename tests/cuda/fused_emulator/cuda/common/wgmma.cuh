@@ -82,22 +82,24 @@ inline void warpgroup_mma(float* d, bool accumulate, AOf a_of, BOf b_of) {
 
 }  // namespace detail
 
-template <class T, int kN>
+template <class T, int kN, bool kTransA = false, bool kTransB = false>
 inline void mma_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 64 || kN == 128, "wgmma_ss: N of 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N of 32, 64 or 128");
   constexpr bool bf16 = ptx::MmaName<T>::kBf16;
   emu::Lane& l = emu::block->lane();
   l.desc[0] = a_desc;
   l.desc[1] = b_desc;
   l.pred = accumulate;
   const detail::Desc a = detail::decode(a_desc), b = detail::decode(b_desc);
-  detail::warpgroup_mma<kN>(d, accumulate, [&](int, int row, int k) { return detail::k_major(a, row, k, bf16); },
-                            [&](int k, int col) { return detail::k_major(b, col, k, bf16); });
+  detail::warpgroup_mma<kN>(
+      d, accumulate,
+      [&](int, int row, int k) { return kTransA ? detail::mn_major(a, k, row, bf16) : detail::k_major(a, row, k, bf16); },
+      [&](int k, int col) { return kTransB ? detail::mn_major(b, k, col, bf16) : detail::k_major(b, col, k, bf16); });
 }
 
 template <class T, int kN>
 inline void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 64 || kN == 128, "wgmma_rs: N of 64 or 128");
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_rs: N of 32, 64 or 128");
   constexpr bool bf16 = ptx::MmaName<T>::kBf16;
   emu::Lane& l = emu::block->lane();
   for (int i = 0; i < 4; ++i) l.a[i] = a[i];

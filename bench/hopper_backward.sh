@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# The Hopper backward's check and sweep in one call on one sm_90 GPU (H100, H200):
+#   1. builds the C++ project (sm_90a; float16, bfloat16; head dims 32, 64, 128),
+#   2. runs the fused backward's GPU tests (default filter: every backward suite) and
+#      the forward's smoke and table-entry tests,
+#   3. compute-sanitizer memcheck and racecheck on its Smoke suites,
+#   4. times the backward alone (nbhd-bench --pass bwd) on the anchor problems with
+#      the planner's key pass (wgmma) and with the mma.sync kernels
+#      (NBHD_FUSED_NO_WGMMA=1), then forward+backward with the planner's choices.
+# Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
+# line, with the variant) and sweep.txt (the table printed last) into $OUT (else
+# ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
+# installed.
+#
+#   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--only NAME,...]
+#   HOPPER_BWD_FILTER='FusedBackwardWgmma*' bench/hopper_backward.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-$PWD/hopper-backward-out}"
+mkdir -p "$out"
+skip_tests=0 skip_sanitizer=0 only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --skip-tests) skip_tests=1 ;;
+    --skip-sanitizer) skip_sanitizer=1 ;;
+    --only) only="$2"; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+build=build-hopper
+start=$SECONDS
+nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | tee "$out/device.txt"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo "${NBHD_GIT_COMMIT:-unknown}")"
+echo "commit $commit"
+
+{
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
+    -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64;128" -DNBHD_BUILD_TESTS=ON &&
+    cmake --build "$build" -j "$(nproc)" --target fused_backward_test fused_forward_test nbhd-bench
+} > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; echo "build failed"; exit 1; }
+echo "build: $((SECONDS - start)) s"
+test_bin="$build/tests/cuda/fused_backward_test"
+bench="$build/tools/nbhd-bench/nbhd-bench"
+
+status=0
+if [ "$skip_tests" = 0 ]; then
+  t=$SECONDS
+  "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
+  # The forward shares the wgmma wrappers: its smoke and every table entry.
+  "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*:FusedForwardConfigs*' >> "$out/tests.log" 2>&1 ||
+    status=1
+  grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
+  echo "tests: $((SECONDS - t)) s"
+fi
+if [ "$skip_sanitizer" = 0 ]; then
+  t=$SECONDS
+  : > "$out/sanitizer.log"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
+      --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+  done
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
+  echo "sanitizer: $((SECONDS - t)) s"
+fi
+
+# name | nbhd-bench problem flags (fp16). Fewer heads than the anchors (times scale
+# with heads while the grid fills the card: >= 768 CTAs of 128 keys here) to keep
+# nbhd-bench's host-side random inputs to seconds.
+problems=(
+  "1d-32k-w2048|--extent 32768 --kernel 2048 --heads 4 --dim 128"
+  "1d-32k-w2048-causal|--extent 32768 --kernel 2048 --causal 1 --heads 4 --dim 128"
+  "1d-32k-w2048-s2048|--extent 32768 --kernel 2048 --stride 2048 --heads 4 --dim 128"
+  "1d-32k-w2048-d64|--extent 32768 --kernel 2048 --heads 4 --dim 64"
+  "2d-128-k31|--extent 128x128 --kernel 31 --heads 6 --dim 128"
+  "2d-128-k63|--extent 128x128 --kernel 63 --heads 6 --dim 128"
+  "3d-16x48x80-k8x16x24|--extent 16x48x80 --kernel 8x16x24 --heads 4 --dim 128"
+  "3d-16x48x80-k16x24x40|--extent 16x48x80 --kernel 16x24x40 --heads 4 --dim 128"
+  "flux-256-k80-s16|--extent 256x256 --kernel 80 --stride 16 --heads 4 --dim 128"
+  "2d-56-k7-d64|--extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 64"
+)
+: > "$out/sweep.jsonl"
+printf '%-24s %-9s %-8s %10s %9s\n' problem pass variant median_ms TFLOP/s | tee "$out/sweep.txt"
+run() {  # name variant pass flags...
+  local name="$1" variant="$2" pass="$3"
+  shift 3
+  local env=()
+  [ "$variant" = mma.sync ] && env=(NBHD_FUSED_NO_WGMMA=1)
+  local json
+  json="$(env "${env[@]}" "$bench" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
+          --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
+  echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
+  python3 - "$name" "$pass" "$variant" "$json" <<'EOF' | tee -a "$out/sweep.txt"
+import json, sys
+r = json.loads(sys.argv[4])
+print(f"{sys.argv[1]:<24} {sys.argv[2]:<9} {sys.argv[3]:<8} {r['time_ms']['median']:10.3f} {r['tflops']:9.1f}")
+EOF
+}
+t=$SECONDS
+for entry in "${problems[@]}"; do
+  name="${entry%%|*}"
+  flags="${entry#*|}"
+  [ -n "$only" ] && [[ ",$only," != *",$name,"* ]] && continue
+  # shellcheck disable=SC2086  # the flags are words
+  {
+    run "$name" wgmma bwd $flags
+    run "$name" mma.sync bwd $flags
+    run "$name" wgmma fwd+bwd $flags
+  }
+done
+echo "sweep: $((SECONDS - t)) s, total $((SECONDS - start)) s"
+exit $status

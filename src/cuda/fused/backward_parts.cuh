@@ -1,0 +1,336 @@
+// SPDX-License-Identifier: Apache-2.0
+// Named parts of the fused backward's key passes (backward_kernel.cuh, mma.sync;
+// backward_wgmma_kernel.cuh, wgmma): which CTA, the per-CTA tables, the query-tile
+// loads, which 8-query chunks a warp's keys see, the element mask of the key scores,
+// and P^T and dS^T from them. Both key passes keep a warp's 16 keys x 8-query chunks
+// in the m16n8 accumulator layout (rows g and g + 8, columns 2t and 2t + 1 of each
+// chunk), which wgmma's m64nN repeats per warp, so these parts serve both.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "cuda/common/numeric.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/fused/backward_params.hpp"
+#include "cuda/fused/backward_ptx.cuh"
+
+namespace nbhd::cuda::fused::detail_bwd {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Per axis [begin, end) ranges of group indices, 3 axes.
+struct Box {
+  Range r[kMaxRank];
+};
+
+// 16-byte chunk `c` of row `r` of a tile with `chunks` chunks per row lives at
+// c ^ swizzle(r): the 8 rows an ldmatrix reads hit 8 different bank groups. The
+// swizzle depends on r % 8 only (see ForwardConfig).
+__host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
+
+__device__ __forceinline__ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
+  for (int a = 0; a < kMaxRank; ++a) token[a] = group[a] + nb.axis[a].dilation * j[a];
+}
+
+// Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
+__device__ __forceinline__ int64_t flat_token(const Neighborhood& nb, const int* token) {
+  return (int64_t(token[0]) * nb.axis[1].length + token[1]) * nb.axis[2].length + token[2];
+}
+
+// The key-pass CTA `tile` of one (batch, kv head): dilation group and origin of its
+// key tile per axis. False for the empty tiles past a shorter group's end.
+__device__ __forceinline__ bool decode_tile(const Neighborhood& nb, const int* tiles_per_group, const int* row_log2,
+                                            int64_t tile, int* group, int* origin, int* lg) {
+  bool inside = true;
+#pragma unroll
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int per_axis = tiles_per_group[a] * nb.axis[a].dilation;
+    const int ta = int(tile % per_axis);
+    tile /= per_axis;
+    group[a] = ta / tiles_per_group[a];
+    origin[a] = (ta % tiles_per_group[a]) << row_log2[a];
+    lg[a] = nb.axis[a].group_length(group[a]);
+    inside &= origin[a] < lg[a];
+  }
+  return inside;
+}
+
+// Per query-tile column n: element offsets from the tile origin's row in q and dO,
+// token offset in the workspaces, offsets in the tile box (axis a in bits 10a..).
+template <class Smem>
+__device__ void fill_col_tables(const BackwardParams& p, Smem& smem, int n_cols, int first, int step) {
+  const Neighborhood& nb = p.nb;
+  for (int n = first; n < n_cols; n += step) {
+    int off[kMaxRank];
+    p.kv_shape.col_offset(n, off);
+    int64_t dq = 0, ddo = 0;
+    int dt = 0;
+    const int token_stride[kMaxRank] = {nb.axis[1].length * nb.axis[2].length, nb.axis[2].length, 1};
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int step_a = off[a] * nb.axis[a].dilation;
+      dq += int64_t(step_a) * p.q_layout.axis[a];
+      ddo += int64_t(step_a) * p.dout_layout.axis[a];
+      dt += step_a * token_stride[a];
+    }
+    smem.q_col_delta[n] = dq;
+    smem.dout_col_delta[n] = ddo;
+    smem.token_col_delta[n] = dt;
+    smem.col_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
+  }
+}
+
+// Whether column `packed` (col_offset) of a query tile lies inside the walk.
+__device__ __forceinline__ bool col_valid(int packed, const int* limit) {
+  return (packed & 1023) < limit[0] && ((packed >> 10) & 1023) < limit[1] && (packed >> 20) < limit[2];
+}
+
+// Where a query tile's rows come from: the tile origin's row in q and dO and in the
+// lse/delta workspace, and the tile's extent inside the walk per axis.
+template <class T>
+struct ColSource {
+  const T* q;
+  const T* dout;
+  const float2* lse_delta;
+  int limit[kMaxRank];
+};
+
+template <class T>
+__device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, const QueryTile& w, int64_t b, int hk) {
+  ColSource<T> src;
+  int token[kMaxRank];
+  token_of(p.nb, w.group, w.origin, token);
+  const int h = hk * p.heads_per_kv + w.head;
+  src.q = static_cast<const T*>(p.q) + p.q_layout.offset(b, token, h);
+  src.dout = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, h);
+  src.lse_delta =
+      reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + h) * p.tokens + flat_token(p.nb, token);
+  for (int a = 0; a < kMaxRank; ++a) src.limit[a] = w.end[a] - w.origin[a];
+  return src;
+}
+
+// Copies a query tile (Q and dO rows, lse and delta) into `stage` by kLoadThreads
+// threads: thread `load_tid` copies 16-byte column load_tid % chunks of rows
+// load_tid / chunks + i * step. Columns past the walk's end read nothing (zeros:
+// their lse and delta too, so a masked probability is exp2(-inf - 0) = 0); the
+// address stays at the tile origin. Cfg::col_chunk_index places chunks.
+template <class Cfg, int kLoadThreads, int kUnroll, class Smem>
+__device__ __forceinline__ void load_query_tile(const BackwardParams& p, Smem& smem,
+                                                const ColSource<typename Cfg::Element>& src, int stage, int load_tid) {
+  constexpr int kChunks = Cfg::kChunks, kCols = Cfg::kBlockCols, kVec = Cfg::kVec;
+  constexpr int kRowStep = kLoadThreads / kChunks;
+  static_assert(kLoadThreads % kChunks == 0 && kCols % kRowStep == 0, "load mapping");
+  const int chunk = load_tid % kChunks, load_row = load_tid / kChunks, chunk_col = chunk * kVec;
+  const bool q_chunk_ok = chunk_col < p.dim, dout_chunk_ok = chunk_col < p.dim_v;
+#pragma unroll(kUnroll)
+  for (int i = 0; i < kCols / kRowStep; ++i) {
+    const int n = load_row + i * kRowStep;
+    const bool valid = col_valid(smem.col_offset[n], src.limit);
+    const bool q_ok = valid && q_chunk_ok, d_ok = valid && dout_chunk_ok;
+    const int dst = Cfg::col_chunk_index(n, chunk) * kVec;
+    ptx::cp_async_16(ptx::smem_address(&smem.q[stage][dst]), src.q + (q_ok ? smem.q_col_delta[n] + chunk_col : 0),
+                     q_ok ? 16 : 0);
+    ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][dst]),
+                     src.dout + (d_ok ? smem.dout_col_delta[n] + chunk_col : 0), d_ok ? 16 : 0);
+  }
+  for (int n = load_tid; n < kCols; n += kLoadThreads) {
+    const bool valid = col_valid(smem.col_offset[n], src.limit);
+    ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]), src.lse_delta + (valid ? smem.token_col_delta[n] : 0),
+                    valid ? 8 : 0);
+  }
+}
+
+// Key row r of a neighborhood CTA (origin k_origin, one dilation group): its group
+// indices j and token; false past the group's end.
+__device__ __forceinline__ bool neighborhood_key_row(const BackwardParams& p, const int* group, const int* k_origin,
+                                                     const int* lg, int r, int* j, int* token) {
+  int off[kMaxRank];
+  p.kv_shape.row_offset(r, off);
+  bool valid = true;
+  for (int a = 0; a < kMaxRank; ++a) {
+    j[a] = k_origin[a] + off[a];
+    valid &= j[a] < lg[a];
+  }
+  token_of(p.nb, group, j, token);
+  return valid;
+}
+
+// Warp `warp`'s keys: whether it has none (past the grid) or some past the grid, and
+// (lane 0) the union and intersection of its keys' inverse windows per axis,
+// {union begin, union end, intersection begin, intersection end} (first and last
+// valid key: inverse windows' begins and ends never decrease along an axis); empty
+// for a warp with no key.
+struct KeyWarp {
+  bool idle, partial;
+};
+template <class Smem>
+__device__ KeyWarp neighborhood_key_warp(const BackwardParams& p, Smem& smem, const int* k_origin, const int* lg,
+                                         int warp, int lane) {
+  KeyWarp kw{false, false};
+  int off[kMaxRank];
+  p.kv_shape.warp_offset(warp, off);
+  int4 box[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = p.nb.axis[a];
+    const int first = k_origin[a] + off[a];
+    const int last = imin(first + p.kv_shape.warp(a), lg[a]) - 1;
+    kw.idle |= first > last;
+    kw.partial |= first + p.kv_shape.warp(a) > lg[a];
+    const Range wf = ax.inverse_window(imin(first, lg[a] - 1), lg[a]), wl = ax.inverse_window(imax(last, 0), lg[a]);
+    box[a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+  }
+  if (lane == 0)
+    for (int a = 0; a < kMaxRank; ++a) smem.warp_box[warp][a] = kw.idle ? make_int4(0, 0, 0, 0) : box[a];
+  return kw;
+}
+
+// What one warp does with a query tile: bit j of `active` is set when 8-query chunk
+// j holds queries the warp's keys may see; `needs_mask` when some pair of the tile
+// is not attended (the tile is not inside every key's inverse window and inside the
+// walk), or an RPB must be added. From a ballot: warp-uniform.
+struct KeyWarpTile {
+  uint32_t active;
+  bool needs_mask;
+};
+template <int kColBlocks, class Smem>
+__device__ __forceinline__ KeyWarpTile key_warp_tile(const GridTile& shape, const Smem& smem, int warp, int lane,
+                                                     const QueryTile& qtile, const int* limit, bool additional,
+                                                     const KeyWarp& kw, bool has_rpb) {
+  KeyWarpTile t{0u, true};
+  if (kw.idle) return t;
+  // Chunk j holds queries 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
+  // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
+  bool lane_active = false;
+  if (lane < kColBlocks) {
+    int off[kMaxRank];
+    shape.col_offset(lane * 8, off);
+    lane_active = true;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int lo = off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
+      lane_active &= lo < limit[a];
+      if (!additional) {
+        const int4 box = smem.warp_box[warp][a];  // {union begin, union end, ...}
+        lane_active &= qtile.origin[a] + lo < box.y && qtile.origin[a] + hi > box.x;
+      }
+    }
+  }
+  t.active = __ballot_sync(0xffffffffu, lane_active);
+  // Inside every inverse window of the warp's keys, and inside the walk: no mask.
+  t.needs_mask = has_rpb || kw.partial;
+  for (int a = 0; a < kMaxRank; ++a) {
+    t.needs_mask |= shape.col(a) > limit[a];
+    if (!additional) {
+      const int4 box = smem.warp_box[warp][a];  // {..., intersection begin, end}
+      t.needs_mask |= qtile.origin[a] < box.z || qtile.origin[a] + shape.col(a) > box.w;
+    }
+  }
+  return t;
+}
+
+// The scores of one warp's 16 keys x kBlocks 8-query chunks (chunks jb0.. of the
+// tile), S^T = K Q^T in the accumulator layout, to base-2 units: scaled, and on
+// tiles that need it masked (-inf: pairs not attended, chunks not active, rows
+// past the keys) and biased. `row_axis` holds each key row's {j, inverse window
+// begin, end} per axis (additional tokens: {m, 0, valid}).
+template <class T, int kBlocks>
+__device__ __forceinline__ void key_scores_to_base2(float (&s)[kBlocks][4], int jb0, uint32_t active, bool needs_mask,
+                                                    bool additional, const BackwardParams& p, const int4 (*row_axis)[kMaxRank],
+                                                    const int* my_row, const QueryTile& qtile, const int* limit, int h,
+                                                    bool has_rpb, int t4) {
+  const GridTile& shape = p.kv_shape;
+  if (!needs_mask) {
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+  } else if (additional) {
+    bool row_ok[2];
+    for (int i = 0; i < 2; ++i) row_ok[i] = row_axis[my_row[i]][0].z != 0;
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      int off[kMaxRank];
+      shape.col_offset(8 * (jb0 + j), off);  // the chunk's first query; the run is along axis 2
+      const bool chunk_ok = ((active >> j) & 1u) && off[0] < limit[0] && off[1] < limit[1];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool keep = chunk_ok && row_ok[e >> 1] && off[2] + 2 * t4 + (e & 1) < limit[2];
+        s[j][e] = keep ? s[j][e] * p.scale_log2 : kNegInf;
+      }
+    }
+  } else {
+    // Per key row and axis, the queries of this tile (offsets from its origin) that
+    // see the key: its inverse window.
+    int lo[2][kMaxRank], hi[2][kMaxRank];
+    int64_t bias_base[2];
+    for (int i = 0; i < 2; ++i) {
+      bias_base[i] = int64_t(h) * p.rpb_layout.head;
+      for (int a = 0; a < kMaxRank; ++a) {
+        const int4 ra = row_axis[my_row[i]][a];  // {j, inverse begin, inverse end}
+        lo[i][a] = ra.y - qtile.origin[a];
+        hi[i][a] = ra.z - qtile.origin[a];
+        bias_base[i] += int64_t(ra.x - qtile.origin[a] + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const bool chunk_on = (active >> j) & 1u;
+      int off[kMaxRank];
+      shape.col_offset(8 * (jb0 + j), off);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+        const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                          off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+        float x = kNegInf;
+        if (keep) {
+          x = s[j][e] * p.scale_log2;
+          if (has_rpb) {
+            // bias index = key - query + kernel - 1 per axis
+            const int64_t ro = bias_base[i] - off[0] * p.rpb_layout.axis[0] - off[1] * p.rpb_layout.axis[1] -
+                               off2 * p.rpb_layout.axis[2];
+            const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                : to_float(static_cast<const T*>(p.rpb)[ro]);
+            x += bias * kLog2e;
+          }
+        }
+        s[j][e] = x;
+      }
+    }
+  }
+}
+
+// P^T = exp2(score - lse) in place: columns hold queries, so lse varies along e & 1.
+// lse_delta4[i] = {lse, delta} of queries 2i and 2i + 1 of the tile.
+template <int kBlocks>
+__device__ __forceinline__ void key_probabilities(float (&s)[kBlocks][4], int jb0, const float4* lse_delta4, int t4) {
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j) {
+    const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];
+    s[j][0] = ptx::exp2_approx(s[j][0] - ld.x);
+    s[j][1] = ptx::exp2_approx(s[j][1] - ld.z);
+    s[j][2] = ptx::exp2_approx(s[j][2] - ld.x);
+    s[j][3] = ptx::exp2_approx(s[j][3] - ld.z);
+  }
+}
+
+// dS^T = P^T (dP^T - delta) (masked entries: P^T = 0, so 0). `ds` may be `prob` or
+// `dp`: each element is read before it is written.
+template <int kBlocks>
+__device__ __forceinline__ void key_score_gradients(float (&ds)[kBlocks][4], const float (&prob)[kBlocks][4],
+                                                    const float (&dp)[kBlocks][4], int jb0, const float4* lse_delta4,
+                                                    int t4) {
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j) {
+    const float4 ld = lse_delta4[(8 * (jb0 + j) + 2 * t4) / 2];
+    const float x0 = prob[j][0] * (dp[j][0] - ld.y), x1 = prob[j][1] * (dp[j][1] - ld.w);
+    const float x2 = prob[j][2] * (dp[j][2] - ld.y), x3 = prob[j][3] * (dp[j][3] - ld.w);
+    ds[j][0] = x0;
+    ds[j][1] = x1;
+    ds[j][2] = x2;
+    ds[j][3] = x3;
+  }
+}
+
+}  // namespace nbhd::cuda::fused::detail_bwd

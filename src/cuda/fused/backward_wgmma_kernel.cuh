@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: Apache-2.0
+// The fused backward's key pass on Hopper (sm_90a, fp16 / bf16, head dims 64 and
+// 128): FlashAttention-3's backward structure over a neighborhood CTA's query walk.
+//
+// One CTA holds 128 keys (a box of one dilation group: the table's 8-warp query
+// tile) for one kv head: two consumer warpgroups of 64 keys each and a producer
+// warpgroup that loads K and V once, then the walk's 64-query tiles (Q, dO, lse and
+// delta) into a ring of kStages stages by cp.async, synchronised by mbarriers
+// (pipeline.cuh). Per tile and consumer warpgroup, all five products are wgmma:
+//   S^T = K Q^T, dP^T = V dO^T          (shared-memory operands, m64n64)
+//   P^T, dS^T as the mma.sync key pass forms them (backward_parts.cuh)
+//   dV += P^T dO, dK += dS^T Q          (P^T, dS^T from registers, m64 x head dim)
+//   dQ = dS K                           (dS^T of both warpgroups through shared
+//                                        memory; each warpgroup half the head dim)
+// and dQ is added to the float32 workspace by vector reductions. A warpgroup whose
+// keys reach none of a tile's queries skips it. Additional tokens run on the
+// mma.sync key pass (their CTAs are launched beside this one), as does d rpb.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common/mma.cuh"
+#include "cuda/common/pipeline.cuh"
+#include "cuda/common/ptx.cuh"
+#include "cuda/common/wgmma.cuh"
+#include "cuda/fused/backward_params.hpp"
+#include "cuda/fused/backward_parts.cuh"
+#include "cuda/fused/backward_ptx.cuh"
+
+namespace nbhd::cuda::fused {
+
+template <class T, int kHeadDim_>
+struct WgmmaKeyPassConfig {
+  using Element = T;
+  static constexpr int kHeadDim = kHeadDim_;  // padded: dim and dim_v fit in it
+  static constexpr int kConsumerWarps = 8;    // two warpgroups of 64 keys
+  static constexpr int kConsumerThreads = 32 * kConsumerWarps;
+  static constexpr int kThreads = kConsumerThreads + 128;  // and the producer warpgroup
+  static constexpr int kBlockRows = 16 * kConsumerWarps;   // keys per CTA
+  static constexpr int kBlockCols = 64;  // queries per tile: N of S^T and dP^T, k of dV and dK
+  static constexpr int kVec = 8;         // elements per 16-byte chunk
+  static constexpr int kChunks = kHeadDim / kVec;
+  static constexpr int kColBlocks = kBlockCols / 8;  // 8-query chunks of a tile
+  static constexpr int kDqCols = kHeadDim / 2;       // dQ columns per consumer warpgroup
+  // Query-tile stages: shared memory at 1 CTA per SM (head dim 128: K and V 64 KB,
+  // dS^T 32 KB, 33 KB per stage; 64: 32 + 32 + 16.5 per stage).
+  static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
+  // setmaxnreg: 128 x 32 + 256 x 240 is the 64 K register file. The consumers hold dK
+  // and dV (kHeadDim floats) and S^T and dP^T of 64 queries (32 each): at head dim
+  // 128 ptxas spilled 140 bytes at 224 and 16 at 232, none at 240; the producer
+  // spills 8-20 bytes at 32 (none at 56), off the consumers' path.
+  static constexpr int kProducerRegisters = 32, kConsumerRegisters = 240;
+  static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128), "wgmma key pass: 16-bit, head dim 64 or 128");
+
+  struct SharedStorage {
+    // wgmma operands, 128-byte-swizzled in slabs of 64 columns (wgmma.cuh); every
+    // array a multiple of 1 KB, so each starts on a 1024-byte boundary.
+    T k[kBlockRows * kHeadDim];  // reused to stage dK at the end
+    T v[kBlockRows * kHeadDim];  // reused to stage dV
+    T q[kStages][kBlockCols * kHeadDim];
+    T dout[kStages][kBlockCols * kHeadDim];
+    // dS^T [key][query] of two tiles: one is written while the other's dQ reads it.
+    T ds[2][kBlockRows * kBlockCols];
+    alignas(16) float2 lse_delta[kStages][kBlockCols];
+    int64_t q_col_delta[kBlockCols];
+    int64_t dout_col_delta[kBlockCols];
+    int token_col_delta[kBlockCols];
+    int col_offset[kBlockCols];
+    int4 row_axis[kBlockRows][kMaxRank];       // per key row: {j, inverse window begin, end, 0}
+    int4 warp_box[kConsumerWarps][kMaxRank];   // per warp: {union begin, end, intersection begin, end}
+    WalkAxis walk[kMaxRank];
+    uint32_t group_computed[2][2];  // per dS^T buffer and warpgroup: its rows hold the tile's dS^T
+    uint64_t full[kStages], empty[kStages], kv_full;
+  };
+  static constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;  // room to align the base
+
+  // 16-byte chunk c of row r of a tile of kRows rows (wgmma.cuh's layout).
+  template <int kRows>
+  __device__ static constexpr int chunk_index(int r, int c) {
+    return (c >> 3) * kRows * 8 + r * 8 + ((c & 7) ^ (r & 7));
+  }
+  __device__ static constexpr int col_chunk_index(int r, int c) { return chunk_index<kBlockCols>(r, c); }
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_kernel(const __grid_constant__ BackwardParams p) {
+  using T = typename Cfg::Element;
+  constexpr int kRows = Cfg::kBlockRows, kCols = Cfg::kBlockCols, kChunks = Cfg::kChunks;
+  constexpr int kColBlocks = Cfg::kColBlocks, kHeadDim = Cfg::kHeadDim, kStages = Cfg::kStages;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_base = smem_raw + ((1024 - (ptx::smem_address(smem_raw) & 1023)) & 1023);
+  auto& smem = *reinterpret_cast<typename Cfg::SharedStorage*>(smem_base);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const GridTile& shape = p.kv_shape;
+  const Neighborhood& nb = p.nb;
+
+  // ---- which CTA: B x kv heads x key tiles ------------------------------------------
+  int64_t linear = blockIdx.x;
+  const int64_t tile = linear % p.kv_tiles;
+  linear /= p.kv_tiles;
+  const int hk = int(linear % p.kv_heads);
+  const int64_t b = linear / p.kv_heads;
+  int group[kMaxRank], lg[kMaxRank], k_origin[kMaxRank];
+  if (!detail_bwd::decode_tile(nb, p.kv_tiles_per_group, shape.row_log2, tile, group, k_origin, lg)) return;
+  detail_bwd::Box qbox;  // the queries of this key tile: the inverse-window union
+  int tiles_per_head = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int last = imin(k_origin[a] + shape.row(a), lg[a]) - 1;
+    qbox.r[a] = nb.axis[a].inverse_window_union({k_origin[a], last + 1}, lg[a]);
+    tiles_per_head *= ceil_div(qbox.r[a].size(), shape.col(a));
+  }
+  const int total_tiles = tiles_per_head * p.heads_per_kv;
+
+  // ---- per-CTA tables -----------------------------------------------------------------
+  detail_bwd::fill_col_tables(p, smem, kCols, tid, Cfg::kThreads);
+  if (tid == 0) {
+    for (int a = 0; a < kMaxRank; ++a)
+      smem.walk[a] = WalkAxis{qbox.r[a].begin, qbox.r[a].end, ceil_div(qbox.r[a].size(), shape.col(a)), group[a]};
+    for (int stage = 0; stage < kStages; ++stage) {
+      pipeline::init(&smem.full[stage], 128);             // every producer thread's copies
+      pipeline::init(&smem.empty[stage], Cfg::kConsumerWarps);
+    }
+    pipeline::init(&smem.kv_full, 128);
+  }
+  const bool consumer = warp < Cfg::kConsumerWarps;
+  const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's keys (consumers)
+  detail_bwd::KeyWarp key_warp{true, true};
+  if (consumer) {
+    if (t4 == 0)
+      for (int i = 0; i < 2; ++i) {
+        int j[kMaxRank], token[kMaxRank];
+        const bool valid = detail_bwd::neighborhood_key_row(p, group, k_origin, lg, my_row[i], j, token);
+        for (int a = 0; a < kMaxRank; ++a) {
+          const Range w = valid ? nb.axis[a].inverse_window(j[a], lg[a]) : Range{0, 0};
+          smem.row_axis[my_row[i]][a] = make_int4(j[a], w.begin, w.end, 0);
+        }
+      }
+    key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
+  }
+  __syncthreads();  // tables, windows, mbarriers
+
+  // ---- producer: K and V once, then every query tile into the ring -----------------------
+  if (!consumer) {
+    pipeline::release_registers<Cfg::kProducerRegisters>();
+    const int load_tid = tid - Cfg::kConsumerThreads;
+    const int chunk = load_tid % kChunks, chunk_col = chunk * Cfg::kVec;
+#pragma unroll 1
+    for (int r = load_tid / kChunks; r < kRows; r += 128 / kChunks) {
+      int j[kMaxRank], token[kMaxRank];
+      const bool valid = detail_bwd::neighborhood_key_row(p, group, k_origin, lg, r, j, token);
+      const bool k_ok = valid && chunk_col < p.dim, v_ok = valid && chunk_col < p.dim_v;
+      const int dst = Cfg::template chunk_index<kRows>(r, chunk) * Cfg::kVec;
+      const T* k_src = static_cast<const T*>(p.k);
+      const T* v_src = static_cast<const T*>(p.v);
+      ptx::cp_async_16(ptx::smem_address(&smem.k[dst]), k_ok ? k_src + p.k_layout.offset(b, token, hk) + chunk_col : k_src,
+                       k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&smem.v[dst]), v_ok ? v_src + p.v_layout.offset(b, token, hk) + chunk_col : v_src,
+                       v_ok ? 16 : 0);
+    }
+    pipeline::arrive_after_copies(&smem.kv_full);
+#pragma unroll 1
+    for (int it = 0; it < total_tiles; ++it) {
+      const int stage = it % kStages;
+      pipeline::wait(&smem.empty[stage], ((it / kStages) & 1) ^ 1);
+      detail_bwd::load_query_tile<Cfg, 128, 1>(p, smem, detail_bwd::col_source<T>(p, query_tile(nb, shape, smem.walk, it), b, hk),
+                                              stage, load_tid);
+      pipeline::arrive_after_copies(&smem.full[stage]);
+    }
+    pipeline::wait_all_copies();
+    return;
+  }
+
+  // ---- consumers ---------------------------------------------------------------------------
+  pipeline::claim_registers<Cfg::kConsumerRegisters>();
+  const int wg = warp / 4;                  // keys 64 wg .. 64 wg + 63
+  const int wg_tid = tid & 127, wg_warp = warp & 3;
+  const bool has_rpb = false;               // d rpb problems run the mma.sync key pass
+  float dk[kHeadDim / 2], dv[kHeadDim / 2];  // this thread's part of the warpgroup's 64 x kHeadDim
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
+  const uint32_t k_tile = ptx::smem_address(smem.k), v_tile = ptx::smem_address(smem.v);
+  const uint32_t q0 = ptx::smem_address(smem.q[0]), dout0 = ptx::smem_address(smem.dout[0]);
+  const uint32_t ds0 = ptx::smem_address(smem.ds[0]);
+  constexpr uint32_t kStageBytes = sizeof(smem.q[0]), kDsBytes = sizeof(smem.ds[0]);
+  constexpr uint32_t kSlab = 128;  // bytes per row of a 64-column slab
+  // dS^T of this thread's keys, packed as the A operand of k16 steps (a[kb][r]: row
+  // my_row[r % 2], queries 16 kb + 8 (r / 2) + 2 t4 and the next), to shared memory
+  // for dQ = dS K: [key][query], one 64-column slab; the 8 rows of a warp's store
+  // hit 8 different bank groups (the swizzle).
+  auto store_ds = [&](T* ds_rows, const uint32_t (&a)[kColBlocks / 2][4]) {
+#pragma unroll
+    for (int kb = 0; kb < kColBlocks / 2; ++kb)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = my_row[r & 1], col = 16 * kb + 8 * (r >> 1) + 2 * t4;
+        *reinterpret_cast<uint32_t*>(&ds_rows[Cfg::template chunk_index<kRows>(row, col / 8) * 8 + col % 8]) = a[kb][r];
+      }
+  };
+  pipeline::wait(&smem.kv_full, 0);
+
+#pragma unroll 1
+  for (int it = 0; it < total_tiles; ++it) {
+    const int stage = it % kStages, buf = it & 1;
+    pipeline::wait(&smem.full[stage], (it / kStages) & 1);
+    // cp.async wrote (generic proxy) what wgmma reads (async proxy).
+    wgmma::fence_proxy_async();
+
+    const QueryTile qtile = query_tile(nb, shape, smem.walk, it);
+    const int h = hk * p.heads_per_kv + qtile.head;
+    int limit[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) limit[a] = qtile.end[a] - qtile.origin[a];
+    const detail_bwd::KeyWarpTile wt =
+        detail_bwd::key_warp_tile<kColBlocks>(shape, smem, warp, lane, qtile, limit, /*additional=*/false, key_warp, has_rpb);
+    // A warpgroup instruction needs every warp: the warpgroup computes the tile when
+    // any of its warps' key boxes reaches it (read by every thread: uniform).
+    bool computed = false;
+    for (int w = 4 * wg; w < 4 * wg + 4; ++w) {
+      bool hit = true;
+      for (int a = 0; a < kMaxRank; ++a) {
+        const int4 box = smem.warp_box[w][a];  // {union begin, union end, ...}; empty: idle
+        hit &= qtile.origin[a] < box.y && qtile.origin[a] + shape.col(a) > box.x;
+      }
+      computed |= hit;
+    }
+
+    const uint32_t q_stage = q0 + stage * kStageBytes, dout_stage = dout0 + stage * kStageBytes;
+    const uint32_t ds_tile = ds0 + buf * kDsBytes;
+    if (computed) {
+      // S^T = K Q^T and dP^T = V dO^T: m64n64 per 16 of the head dim, K and V rows of
+      // this warpgroup as A, the tile's Q and dO rows as B (both K-major).
+      float s[kColBlocks][4], dp[kColBlocks][4];
+      wgmma::fence_operands<kColBlocks * 4>(&s[0][0]);
+      wgmma::fence_operands<kColBlocks * 4>(&dp[0][0]);
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t in_row = (kk & 3) * 32;  // 16 elements of a 64-column slab
+        const uint32_t a_off = (kk >> 2) * kRows * kSlab + wg * 64 * kSlab + in_row;
+        const uint32_t b_off = (kk >> 2) * kCols * kSlab + in_row;
+        wgmma::mma_ss<T, kCols>(&s[0][0], wgmma::descriptor(k_tile + a_off, 16, 1024),
+                                wgmma::descriptor(q_stage + b_off, 16, 1024), /*accumulate=*/kk > 0);
+      }
+      wgmma::commit_group();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t in_row = (kk & 3) * 32;
+        const uint32_t a_off = (kk >> 2) * kRows * kSlab + wg * 64 * kSlab + in_row;
+        const uint32_t b_off = (kk >> 2) * kCols * kSlab + in_row;
+        wgmma::mma_ss<T, kCols>(&dp[0][0], wgmma::descriptor(v_tile + a_off, 16, 1024),
+                                wgmma::descriptor(dout_stage + b_off, 16, 1024), /*accumulate=*/kk > 0);
+      }
+      wgmma::commit_group();
+      const float4* lse_delta4 = reinterpret_cast<const float4*>(smem.lse_delta[stage]);
+      // P^T while dP^T runs.
+      wgmma::wait_group<1>();
+      wgmma::fence_operands<kColBlocks * 4>(&s[0][0]);
+      detail_bwd::key_scores_to_base2<T>(s, 0, wt.active, wt.needs_mask, /*additional=*/false, p, smem.row_axis,
+                                         my_row, qtile, limit, h, has_rpb, t4);
+      detail_bwd::key_probabilities(s, 0, lse_delta4, t4);
+      wgmma::wait_group<0>();
+      wgmma::fence_operands<kColBlocks * 4>(&dp[0][0]);
+      detail_bwd::key_score_gradients(dp, s, dp, 0, lse_delta4, t4);  // dp holds dS^T now
+
+      // dV += P^T dO and dK += dS^T Q: one m64 x head dim x 16 product per 16
+      // queries, P^T and dS^T from registers (the C layout of two n8 blocks is the A
+      // layout of k16), dO and Q MN-major (their 64-column slabs kCols rows apart).
+      uint32_t a_p[kColBlocks / 2][4], a_ds[kColBlocks / 2][4];
+#pragma unroll
+      for (int kb = 0; kb < kColBlocks / 2; ++kb) {
+        a_p[kb][0] = ptx::pack2<T>(s[2 * kb][0], s[2 * kb][1]);
+        a_p[kb][1] = ptx::pack2<T>(s[2 * kb][2], s[2 * kb][3]);
+        a_p[kb][2] = ptx::pack2<T>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+        a_p[kb][3] = ptx::pack2<T>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+        a_ds[kb][0] = ptx::pack2<T>(dp[2 * kb][0], dp[2 * kb][1]);
+        a_ds[kb][1] = ptx::pack2<T>(dp[2 * kb][2], dp[2 * kb][3]);
+        a_ds[kb][2] = ptx::pack2<T>(dp[2 * kb + 1][0], dp[2 * kb + 1][1]);
+        a_ds[kb][3] = ptx::pack2<T>(dp[2 * kb + 1][2], dp[2 * kb + 1][3]);
+      }
+      wgmma::fence_operands<kHeadDim / 2>(dv);
+      wgmma::fence_operands<kHeadDim / 2>(dk);
+      wgmma::fence_operands<kColBlocks * 2>(&a_p[0][0]);
+      wgmma::fence_operands<kColBlocks * 2>(&a_ds[0][0]);
+      wgmma::fence();
+#pragma unroll
+      for (int kb = 0; kb < kColBlocks / 2; ++kb)
+        wgmma::mma_rs<T, kHeadDim>(dv, a_p[kb], wgmma::descriptor(dout_stage + kb * 16 * kSlab, kCols * kSlab, 1024),
+                                   /*accumulate=*/true);
+#pragma unroll
+      for (int kb = 0; kb < kColBlocks / 2; ++kb)
+        wgmma::mma_rs<T, kHeadDim>(dk, a_ds[kb], wgmma::descriptor(q_stage + kb * 16 * kSlab, kCols * kSlab, 1024),
+                                   /*accumulate=*/true);
+      wgmma::commit_group();
+      store_ds(smem.ds[buf], a_ds);
+      wgmma::wait_group<0>();
+      wgmma::fence_operands<kHeadDim / 2>(dv);
+      wgmma::fence_operands<kHeadDim / 2>(dk);
+    } else {
+      // Zeros for dQ's products over both warpgroups' keys (they run unpredicated:
+      // wgmmas on paths ptxas cannot prove uniform are serialized, and it spilled).
+      uint32_t zeros[kColBlocks / 2][4] = {};
+      store_ds(smem.ds[buf], zeros);
+    }
+    __syncwarp();  // every lane's reads of this stage completed
+    if (lane == 0) pipeline::arrive(&smem.empty[stage]);
+    if (wg_tid == 0) smem.group_computed[buf][wg] = computed;
+    // dS^T written by ordinary stores (generic proxy) is read by wgmma next.
+    wgmma::fence_proxy_async();
+    pipeline::named_barrier<Cfg::kConsumerThreads>(1);
+
+    // ---- dQ = dS K over both warpgroups' keys; this warpgroup's half of the head dim ----
+    const bool any_computed = smem.group_computed[buf][0] || smem.group_computed[buf][1];
+    if (p.dq_accum != nullptr && any_computed && wg * Cfg::kDqCols < p.dim) {
+      float dq[Cfg::kDqCols / 2];
+      wgmma::fence_operands<Cfg::kDqCols / 2>(dq);
+      wgmma::fence();
+      // A = dS (queries x keys) from dS^T as stored (MN-major); B = K rows as stored
+      // (MN-major), columns wg * kDqCols.. of the head dim: a slab (head dim 128) or
+      // half of one (64: the start moves 64 bytes into the swizzled rows).
+      const uint32_t b_cols = (wg * Cfg::kDqCols / 64) * kRows * kSlab + (wg * Cfg::kDqCols % 64) * 2;
+#pragma unroll
+      for (int kb = 0; kb < kRows / 16; ++kb)
+        wgmma::mma_ss<T, Cfg::kDqCols, /*kTransA=*/true, /*kTransB=*/true>(
+            dq, wgmma::descriptor(ds_tile + kb * 16 * kSlab, kRows * kSlab, 1024),
+            wgmma::descriptor(k_tile + b_cols + kb * 16 * kSlab, kRows * kSlab, 1024), /*accumulate=*/kb > 0);
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::fence_operands<Cfg::kDqCols / 2>(dq);
+      // Rows 16 wg_warp + g (+ 8) of the tile's queries; columns past dim are padding.
+      int token[kMaxRank];
+      detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
+      const int64_t tile_row = b * p.tokens + detail_bwd::flat_token(nb, token);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int n = 16 * wg_warp + g + 8 * i;
+        if (!detail_bwd::col_valid(smem.col_offset[n], limit)) continue;
+        float* dst = p.dq_accum + ((tile_row + smem.token_col_delta[n]) * p.heads + h) * p.dim + wg * Cfg::kDqCols;
+#pragma unroll
+        for (int j = 0; j < Cfg::kDqCols / 8; ++j)
+          if (wg * Cfg::kDqCols + 8 * j < p.dim) ptx::red_add2(dst + 8 * j + 2 * t4, dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]);
+      }
+    }
+  }
+
+  // ---- epilogue: dK = scale * sum dS^T Q and dV, staged through this warp's rows ----------
+  pipeline::named_barrier<Cfg::kConsumerThreads>(1);  // every dQ product has read K
+#pragma unroll
+  for (int d = 0; d < kHeadDim / 8; ++d)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = my_row[i], col = 8 * d + 2 * t4;
+      const int at = Cfg::template chunk_index<kRows>(r, col / 8) * 8 + col % 8;
+      store2<T>(&smem.k[at], dk[4 * d + 2 * i] * p.scale, dk[4 * d + 2 * i + 1] * p.scale);
+      store2<T>(&smem.v[at], dv[4 * d + 2 * i], dv[4 * d + 2 * i + 1]);
+    }
+  __syncwarp();
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = warp * 16 + idx / kChunks, c = idx % kChunks, col = c * Cfg::kVec;
+    int j[kMaxRank], token[kMaxRank];
+    if (!detail_bwd::neighborhood_key_row(p, group, k_origin, lg, r, j, token)) continue;
+    const int at = Cfg::template chunk_index<kRows>(r, c) * 8;
+    if (p.d_k && col < p.dim)
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.d_k) + p.dk_layout.offset(b, token, hk) + col) =
+          *reinterpret_cast<const uint4*>(&smem.k[at]);
+    if (p.d_v && col < p.dim_v)
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.d_v) + p.dv_layout.offset(b, token, hk) + col) =
+          *reinterpret_cast<const uint4*>(&smem.v[at]);
+  }
+}
+
+// Whether a wgmma key pass is compiled for (T, head dim).
+template <class T, int kHeadDim>
+inline constexpr bool kHasWgmmaKeyPass = sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128);
+
+// Launches the wgmma key pass over a problem's neighborhood key tiles.
+template <class T, int kHeadDim>
+cudaError_t launch_fused_backward_key_wgmma(const BackwardParams& p, cudaStream_t stream) {
+  using Cfg = WgmmaKeyPassConfig<T, kHeadDim>;
+  auto kernel = fused_backward_key_wgmma_kernel<Cfg>;
+  static const cudaError_t attribute =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSharedBytes);
+  if (attribute != cudaSuccess) return attribute;
+  const int64_t blocks = int64_t(p.batch) * p.kv_heads * p.kv_tiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), Cfg::kSharedBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace nbhd::cuda::fused
