@@ -47,9 +47,9 @@ bench="$build/tools/nbhd-bench/nbhd-bench"
 status=0
 if [ "$skip_tests" = 0 ]; then
   t=$SECONDS
-  "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
+  timeout "${HOPPER_TEST_TIMEOUT:-300}" "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
   # The forward shares the wgmma wrappers: its smoke and every table entry.
-  "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*:FusedForwardConfigs*' >> "$out/tests.log" 2>&1 ||
+  timeout 120 "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*:FusedForwardConfigs*' >> "$out/tests.log" 2>&1 ||
     status=1
   grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
   echo "tests: $((SECONDS - t)) s"
@@ -58,7 +58,7 @@ if [ "$skip_sanitizer" = 0 ]; then
   t=$SECONDS
   : > "$out/sanitizer.log"
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
+    timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
       --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
@@ -88,7 +88,7 @@ run() {  # name variant pass flags...
   local env=()
   [ "$variant" = mma.sync ] && env=(NBHD_FUSED_NO_WGMMA=1)
   local json
-  json="$(env "${env[@]}" "$bench" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
+  json="$(env "${env[@]}" timeout 60 "$bench" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
   echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
   python3 - "$name" "$pass" "$variant" "$json" <<'EOF' | tee -a "$out/sweep.txt"
