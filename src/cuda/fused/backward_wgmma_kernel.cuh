@@ -47,11 +47,13 @@ struct WgmmaKeyPassConfig {
   // Query-tile stages: shared memory at 1 CTA per SM (head dim 128: K and V 64 KB,
   // dS^T 32 KB, 33 KB per stage; 64: 32 + 32 + 16.5 per stage).
   static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
-  // setmaxnreg: 128 x 32 + 256 x 240 is the 64 K register file. The consumers hold dK
-  // and dV (kHeadDim floats) and S^T and dP^T of 64 queries (32 each): at head dim
-  // 128 ptxas spilled 140 bytes at 224 and 16 at 232, none at 240; the producer
-  // spills 8-20 bytes at 32 (none at 56), off the consumers' path.
-  static constexpr int kProducerRegisters = 32, kConsumerRegisters = 240;
+  // setmaxnreg moves registers within the CTA's launch allocation (384 x 168: the
+  // 64 K file at 1 CTA per SM, in steps of 8): 128 x 24 + 256 x 240 = 384 x 168.
+  // (With 128 x 32 the consumers' claim waited forever on an H100.) The consumers
+  // hold dK and dV (kHeadDim floats) and S^T and dP^T of 64 queries (32 each): at
+  // head dim 128 ptxas spilled 140 bytes at 224 and 16 at 232, none at 240; the
+  // producer spills ~50 bytes at 24 (none at 56), off the consumers' path.
+  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
   static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128), "wgmma key pass: 16-bit, head dim 64 or 128");
 
   struct SharedStorage {

@@ -23,6 +23,7 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -147,6 +148,11 @@ class Block {
         progress = true;
       }
       for (int t = 0; t < n; ++t)
+        if (fibers_[t].state == kAtRegisterClaim && registers_fit()) {
+          fibers_[t].state = kReady;
+          progress = true;
+        }
+      for (int t = 0; t < n; ++t)
         if (fibers_[t].state == kAtMbarrier && mbarrier_done(fibers_[t].wait_address, fibers_[t].wait_parity)) {
           fibers_[t].state = kReady;
           progress = true;
@@ -158,6 +164,9 @@ class Block {
         for (int t = 0; t < n; ++t) fibers_[t].state = kReady;
         continue;
       }
+      for (int t = 0; t < n; ++t)
+        if (fibers_[t].state == kAtRegisterClaim)
+          die("deadlock: a setmaxnreg.inc waits for registers the CTA's launch allocation does not have", t);
       die("deadlock: threads wait at different collectives (divergent warp op or barrier)");
     }
   }
@@ -175,6 +184,25 @@ class Block {
   void barrier() { wait(kAtBarrier); }
   // The 128 threads of the running thread's warpgroup.
   void group_barrier() { wait(kAtGroupBarrier); }
+  // setmaxnreg: warpgroup registers moved within the CTA's launch allocation (at
+  // most the 64 K file over its threads, in steps of 8, 255 at most). A claim
+  // (.inc) waits until the warpgroups' counts fit it; one that never can is a
+  // deadlock, as on the GPU.
+  void set_registers(int count, bool claim) {
+    if (count % 8 || count < 24 || count > 256) die("setmaxnreg: count must be a multiple of 8 in [24, 256]", current_);
+    const int groups = int(dim_.x + 127) / 128;
+    if (registers_.empty()) registers_.assign(std::size_t(groups), launch_registers());
+    int& mine = registers_[std::size_t(current_ / 128)];
+    if (claim ? count < mine : count > mine) die("setmaxnreg: .inc lowers or .dec raises the count", current_);
+    mine = count;
+    if (claim && !registers_fit()) wait(kAtRegisterClaim);
+  }
+  int launch_registers() const { return std::min(255, int(65536 / dim_.x) / 8 * 8); }
+  bool registers_fit() const {
+    long total = 0;
+    for (int r : registers_) total += long(r) * 128;
+    return total <= long(launch_registers()) * long(dim_.x);
+  }
   // bar.sync id, count: whole warps, so the count is a multiple of 32.
   void named_barrier(int id, int count) {
     if (id < 1 || id > 15 || count % 32 || count <= 0 || count > int(dim_.x)) die("named barrier: bad id or count", current_);
@@ -241,7 +269,7 @@ class Block {
 
  private:
   static constexpr std::size_t kStack = std::size_t(256) << 10;
-  enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtNamedBarrier, kAtMbarrier, kExited };
+  enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtNamedBarrier, kAtMbarrier, kAtRegisterClaim, kExited };
   struct Fiber {
     ucontext_t ctx;
     State state;
@@ -279,6 +307,7 @@ class Block {
   std::vector<unsigned char> smem_;
   std::vector<Fiber> fibers_;
   std::map<uint32_t, Mbarrier> mbarriers_;
+  std::vector<int> registers_;  // per warpgroup, once a setmaxnreg ran
   Lane lanes_[1024];
   std::function<void()> body_;
   ucontext_t main_;

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Emulated stand-in for src/cuda/common/pipeline.cuh (tests/cuda/fused_emulator):
 // mbarriers as objects of the emulated block, keyed by shared-memory address; a
-// wait blocks the fiber until the awaited phase completes. Register reallocation
-// has nothing to emulate.
+// wait blocks the fiber until the awaited phase completes. setmaxnreg moves
+// registers between warpgroups within the CTA's launch allocation; a claim beyond it
+// deadlocks (cuda_runtime.h, Block::set_registers).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,8 +24,12 @@ inline void named_barrier(int id) {
   emu::block->named_barrier(id, kThreads);
 }
 template <int kRegisters>
-inline void release_registers() {}
+inline void release_registers() {
+  emu::block->set_registers(kRegisters, /*claim=*/false);
+}
 template <int kRegisters>
-inline void claim_registers() {}
+inline void claim_registers() {
+  emu::block->set_registers(kRegisters, /*claim=*/true);
+}
 
 }  // namespace nbhd::cuda::pipeline
