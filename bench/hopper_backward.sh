@@ -4,10 +4,10 @@
 #   1. builds the C++ project (sm_90a; float16, bfloat16; head dims 32, 64, 128),
 #   2. runs the fused backward's GPU tests (default filter: every backward suite) and,
 #      with --with-forward, the forward's smoke and table-entry tests,
-#   3. compute-sanitizer memcheck and racecheck on its Smoke suites,
-#   4. times the backward alone (nbhd-bench --pass bwd) on the anchor problems with
+#   3. times the backward alone (nbhd-bench --pass bwd) on the anchor problems with
 #      the planner's key pass (wgmma) and with the mma.sync kernels
-#      (NBHD_FUSED_NO_WGMMA=1), then forward+backward with the planner's choices.
+#      (NBHD_FUSED_NO_WGMMA=1), then forward+backward with the planner's choices,
+#   4. compute-sanitizer memcheck and racecheck on the backward's Smoke suites.
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
@@ -48,7 +48,7 @@ bench="$build/tools/nbhd-bench/nbhd-bench"
 status=0
 if [ "$skip_tests" = 0 ]; then
   t=$SECONDS
-  timeout "${HOPPER_TEST_TIMEOUT:-300}" "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
+  timeout "${HOPPER_TEST_TIMEOUT:-200}" "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
   # The forward shares the wgmma wrappers: its smoke and every table entry.
   if [ "$with_forward" = 1 ]; then
     timeout 120 "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*:FusedForwardConfigs*' \
@@ -57,17 +57,6 @@ if [ "$skip_tests" = 0 ]; then
   grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
   echo "tests: $((SECONDS - t)) s"
 fi
-if [ "$skip_sanitizer" = 0 ]; then
-  t=$SECONDS
-  : > "$out/sanitizer.log"
-  for tool in memcheck racecheck; do
-    timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
-      --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
-  done
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
-  echo "sanitizer: $((SECONDS - t)) s"
-fi
-
 # name | nbhd-bench problem flags (fp16). Fewer heads than the anchors (times scale
 # with heads while the grid fills the card: >= 768 CTAs of 128 keys here) to keep
 # nbhd-bench's host-side random inputs to seconds.
@@ -112,5 +101,17 @@ for entry in "${problems[@]}"; do
     run "$name" wgmma fwd+bwd $flags
   }
 done
-echo "sweep: $((SECONDS - t)) s, total $((SECONDS - start)) s"
+echo "sweep: $((SECONDS - t)) s"
+if [ "$skip_sanitizer" = 0 ]; then
+  t=$SECONDS
+  : > "$out/sanitizer.log"
+  for tool in memcheck racecheck; do
+    timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
+      --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+  done
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
+  echo "sanitizer: $((SECONDS - t)) s"
+fi
+
+echo "total $((SECONDS - start)) s"
 exit $status
