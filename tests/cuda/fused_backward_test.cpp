@@ -20,6 +20,7 @@
 // reference on the same (rounded) inputs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -395,8 +396,8 @@ TEST(FusedBackwardSmoke, SmallProblems) {
     }
 }
 
-// The wgmma key pass on small problems (the planner picks it on an sm_90 device for
-// 16-bit head dims 64 and 128 without rpb): every rank, GQA, additional tokens, Dv != D.
+// The wgmma key pass on small problems, forced (its first entry of each rank): every
+// rank, GQA, additional tokens, Dv != D.
 TEST(FusedBackwardSmoke, WgmmaKeyPass) {
   NBHD_REQUIRE_GPU();
   if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
@@ -414,7 +415,12 @@ TEST(FusedBackwardSmoke, WgmmaKeyPass) {
       c.p.dim_v = seed ? 72 : 0;
       c.p.additional_tokens = seed ? 5 : 0;
       c.p.heads = c.p.kv_heads * 2;
+      const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
+      const auto wgmma = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
+      ASSERT_NE(wgmma, configs.end());
+      setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(wgmma - configs.begin()).c_str(), 1);
       ran += check_backward(c, rng);
+      unsetenv("NBHD_FUSED_BACKWARD_TILE");
       if (HasFailure()) return;
     }
   if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";

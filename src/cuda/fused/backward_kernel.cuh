@@ -1084,8 +1084,9 @@ __device__ __forceinline__ int decode_rpb_index(const Neighborhood& nb, int64_t 
 
 // d_rpb = 0 before the key pass's atomics. (Templates, like every kernel here: each
 // generated translation unit instantiates them, and non-template definitions in
-// this header would collide at link time.)
-template <class T>
+// this header would collide at link time. Neither d rpb kernel reads an element of
+// the dtype, so each is one instantiation for every translation unit.)
+template <int = 0>
 __global__ void fused_backward_zero_rpb_kernel(const __grid_constant__ BackwardParams p, int64_t count) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
@@ -1096,7 +1097,7 @@ __global__ void fused_backward_zero_rpb_kernel(const __grid_constant__ BackwardP
 
 // Deterministic d rpb: d_rpb[h, idx] = sum, in a fixed order (batch, then key tiles
 // in grid order), of the key-pass CTAs' partial sums whose span holds idx.
-template <class T>
+template <int = 0>
 __global__ void fused_backward_reduce_rpb_kernel(const __grid_constant__ BackwardParams p, int64_t count) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
@@ -1171,7 +1172,7 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
                                           (2 * p.nb.axis[1].kernel - 1) * (2 * p.nb.axis[2].kernel - 1)
                                     : 0;
   if (p.d_rpb && !p.rpb_partial) {
-    fused_backward_zero_rpb_kernel<T><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+    fused_backward_zero_rpb_kernel<><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
   }
   const int64_t pre_blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * 4, kThreads);
   if (pre_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -1216,7 +1217,7 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
     kernel<<<dim3(unsigned(blocks)), dim3(DqPass::kThreads), DqPass::kSharedBytes, stream>>>(p);
   }
   if (p.d_rpb && p.rpb_partial)
-    fused_backward_reduce_rpb_kernel<T><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+    fused_backward_reduce_rpb_kernel<><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
   return cudaGetLastError();
 }
 

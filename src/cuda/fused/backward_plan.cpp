@@ -108,9 +108,13 @@ PlanEstimate estimate_key_pass(const Problem& p, const TileConfig& c) {
   // The forward's cost model (plan.cpp): charged_pairs, a per-tile overhead of 24
   // queries' worth. wgmma: a computed pair costs kWgmmaKeyPassRate of a charged
   // mma.sync one and a tile a warp masks 1.3x an unmasked one (the forward's mask
-  // term). The rate is a prediction (the forward's warp-specialized kernel, 0.43 at
-  // head dim 128) until the wgmma key pass is measured beside the mma.sync one.
-  constexpr double kWgmmaKeyPassRate = 0.45;
+  // term). Rates from the first sweep (H200, commit 950734a; bench/results/
+  // hopper-backward-h200-2026-12-06): wgmma / mma.sync backward times were 0.45-0.48
+  // on the unmasked and 1-D head-dim-128 problems (this model: 0.45-0.47), 0.45-0.50
+  // on 2-D and 3-D (model 0.51-0.64: the mask term overcharges it there, without
+  // changing a choice), 0.64 on 1-D w2048 at head dim 64 and 1.03 on 56² k7 at 64,
+  // where mma.sync is the faster: 0.61 at head dim 64 picks it there.
+  const double kWgmmaKeyPassRate = c.head_dim >= 128 ? 0.45 : 0.61;
   const double charged =
       c.wgmma ? kWgmmaKeyPassRate * e.computed_pairs * (1.0 + 0.3 * e.masked_fraction()) : charged_pairs(e);
   e.cost = (e.needed_pairs > 0 ? charged / e.needed_pairs : 0) * (1.0 + 24.0 / c.block_kv);
