@@ -25,11 +25,13 @@ struct TensorRef {
   bool defined() const { return data != nullptr; }
   int64_t numel() const {
     int64_t n = 1;
-    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    for (int i = 0; i < ndim && i < kMaxTensorRank; ++i) n *= shape[i];
     return n;
   }
 
-  // A tensor with the given shape and densely packed row-major strides.
+  // A tensor with the given shape and densely packed row-major strides. With more
+  // than kMaxTensorRank dims only the first are stored and ndim says how many were
+  // given, so that every API call refuses it by name (check_tensors).
   static TensorRef contiguous(void* data, DType dtype, Device device,
                               std::initializer_list<int64_t> shape) {
     TensorRef t;
@@ -38,9 +40,10 @@ struct TensorRef {
     t.device = device;
     t.ndim = int(shape.size());
     int i = 0;
-    for (int64_t s : shape) t.shape[i++] = s;
+    for (int64_t s : shape)
+      if (i < kMaxTensorRank) t.shape[i++] = s;
     int64_t st = 1;
-    for (int d = t.ndim - 1; d >= 0; --d) {
+    for (int d = i - 1; d >= 0; --d) {
       t.stride[d] = st;
       st *= t.shape[d];
     }

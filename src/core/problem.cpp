@@ -60,9 +60,11 @@ Status Problem::validate() const {
   int64_t n = batch, count = 0;
   for (int a = 0; a < rank; ++a)
     if (!mul_fits(n, extent[a], &n)) return invalid_argument("the token grid (batch * extents) overflows 64 bits");
-  const int64_t widest = std::max({dim, value_dim()}) * std::max(heads, int64_t(1));
-  if (!mul_fits(n, widest, &count) || !mul_fits(rpb_size(), heads, &count))
-    return invalid_argument("a tensor of this problem has more than 2^63 elements");
+  // Each product checked before it is formed (a signed overflow is undefined).
+  int64_t widest = 0, rpb = heads;
+  bool fits = mul_fits(std::max(dim, value_dim()), heads, &widest) && mul_fits(n, widest, &count);
+  for (int a = 0; a < rank && fits; ++a) fits = mul_fits(rpb, 2 * kernel[a] - 1, &rpb);
+  if (!fits) return invalid_argument("a tensor of this problem has more than 2^63 elements");
   return Status::Ok();
 }
 

@@ -5,6 +5,7 @@
 namespace nbhd {
 
 std::string shape_string(const TensorRef& t) {
+  if (t.ndim < 0 || t.ndim > kMaxTensorRank) return "[" + std::to_string(t.ndim) + " dimensions]";
   std::string s = "[";
   for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
   return s + "]";
@@ -58,6 +59,10 @@ Status check_tensors(const Problem& p, const std::vector<TensorRule>& rules, Dev
       if (r.required) return invalid_argument(std::string(r.name) + " is required but was not given (null data pointer)");
       continue;
     }
+    // Before anything reads its shape: a TensorRef holds at most kMaxTensorRank dims.
+    if (t.ndim < 0 || t.ndim > kMaxTensorRank)
+      return invalid_argument(std::string(r.name) + " has " + std::to_string(t.ndim) + " dimensions; a tensor has at most " +
+                              std::to_string(kMaxTensorRank) + " ([B, X1, X2, X3, H, D])");
     bool same = t.ndim == int(r.shape.size());
     for (int i = 0; same && i < t.ndim; ++i) same = t.shape[i] == r.shape[i];
     if (!same)

@@ -79,6 +79,27 @@ TEST(Validate, HugeProblemsAreRejectedNotOverflowed) {
   expect_error(p, StatusCode::kInvalidArgument, {"extent[axis 0]"});
 }
 
+// Sizes whose products overflow 64 bits are refused, with every product checked
+// before it is formed: the widest tensor's heads x head dim, and the relative
+// positional bias's heads x (2 kernel - 1) per axis (here 2^65 bias entries over a
+// grid of 2^62 tokens, which fits).
+TEST(Validate, HugeProductsAreRejectedBeforeTheyOverflow) {
+  Problem p = good();
+  p.dim = int64_t(1) << 62;  // x 4 heads: 2^64
+  expect_error(p, StatusCode::kInvalidArgument, {"more than 2^63 elements"});
+  p = good();
+  p.rank = 3;
+  p.extent = {int64_t(1) << 21, int64_t(1) << 21, int64_t(1) << 20};
+  p.kernel = p.extent;
+  p.dilation = {1, 1, 1};
+  p.stride = {1, 1, 1};
+  p.batch = 1;
+  p.heads = p.kv_heads = 1;
+  p.dim = 1;
+  p.has_rpb = true;
+  expect_error(p, StatusCode::kInvalidArgument, {"more than 2^63 elements"});
+}
+
 // A problem whose tensors hold more than 2^31 elements is valid: sizes are 64-bit.
 TEST(Validate, MoreThan2To31ElementsIsValid) {
   Problem p = good();
@@ -128,6 +149,19 @@ TEST(TensorChecks, WrongShapeNamesTensorAndBothShapes) {
   t = x.t();
   t.key = bad_k.ref();
   expect_forward_error(x.p, t, StatusCode::kInvalidArgument, {"key", "[2, 16, 12, 2, 8]"});
+}
+
+// TensorRef holds at most kMaxTensorRank dims: contiguous() with more does not write
+// past its arrays, and every call refuses such a tensor by name.
+TEST(TensorChecks, TooManyDimensionsAreRefusedByName) {
+  Tensors x;
+  float unused = 0;
+  const TensorRef seven = TensorRef::contiguous(&unused, DType::kFloat32, Device::kCPU, {2, 1, 16, 12, 1, 4, 8});
+  EXPECT_EQ(seven.ndim, 7);
+  EXPECT_EQ(seven.stride[kMaxTensorRank - 1], 1);
+  ForwardTensors t = x.t();
+  t.query = seven;
+  expect_forward_error(x.p, t, StatusCode::kInvalidArgument, {"query", "7 dimensions", "at most 6"});
 }
 
 TEST(TensorChecks, WrongDtypeIsATypeError) {
