@@ -225,19 +225,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
   if (t4 == 0) {
     for (int i = 0; i < 2; ++i) {
-      int token[kMaxRank];
-      const bool valid = key_row(my_row[i], token);
-      if (additional) {
-        for (int a = 0; a < kMaxRank; ++a) smem.row_axis[my_row[i]][a] = make_int4(token[a], 0, valid ? 1 : 0, 0);
+      if (!additional) {
+        detail_bwd::neighborhood_key_row_axis(p, smem, group, k_origin, lg, my_row[i]);
         continue;
       }
-      int off[kMaxRank];
-      shape.row_offset(my_row[i], off);
-      for (int a = 0; a < kMaxRank; ++a) {
-        const int j = k_origin[a] + off[a];
-        const Range w = valid ? nb.axis[a].inverse_window(j, lg[a]) : Range{0, 0};
-        smem.row_axis[my_row[i]][a] = make_int4(j, w.begin, w.end, 0);
-      }
+      int token[kMaxRank];
+      const bool valid = key_row(my_row[i], token);
+      for (int a = 0; a < kMaxRank; ++a) smem.row_axis[my_row[i]][a] = make_int4(token[a], 0, valid ? 1 : 0, 0);
     }
   }
   // A warp with rows past the grid always masks, so those rows' probabilities are

@@ -157,6 +157,19 @@ __device__ __forceinline__ bool neighborhood_key_row(const BackwardParams& p, co
   return valid;
 }
 
+// Key row r's {j, inverse window begin, end, 0} per axis in smem.row_axis (an empty
+// window past the group's end), what the element mask reads.
+template <class Smem>
+__device__ __forceinline__ void neighborhood_key_row_axis(const BackwardParams& p, Smem& smem, const int* group,
+                                                          const int* k_origin, const int* lg, int r) {
+  int j[kMaxRank], token[kMaxRank];
+  const bool valid = neighborhood_key_row(p, group, k_origin, lg, r, j, token);
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Range w = valid ? p.nb.axis[a].inverse_window(j[a], lg[a]) : Range{0, 0};
+    smem.row_axis[r][a] = make_int4(j[a], w.begin, w.end, 0);
+  }
+}
+
 // Warp `warp`'s keys: whether it has none (past the grid) or some past the grid, and
 // (lane 0) the union and intersection of its keys' inverse windows per axis,
 // {union begin, union end, intersection begin, intersection end} (first and last

@@ -134,14 +134,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   detail_bwd::KeyWarp key_warp{true, true};
   if (consumer) {
     if (t4 == 0)
-      for (int i = 0; i < 2; ++i) {
-        int j[kMaxRank], token[kMaxRank];
-        const bool valid = detail_bwd::neighborhood_key_row(p, group, k_origin, lg, my_row[i], j, token);
-        for (int a = 0; a < kMaxRank; ++a) {
-          const Range w = valid ? nb.axis[a].inverse_window(j[a], lg[a]) : Range{0, 0};
-          smem.row_axis[my_row[i]][a] = make_int4(j[a], w.begin, w.end, 0);
-        }
-      }
+      for (int i = 0; i < 2; ++i) detail_bwd::neighborhood_key_row_axis(p, smem, group, k_origin, lg, my_row[i]);
     key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
   }
   __syncthreads();  // tables, windows, mbarriers
