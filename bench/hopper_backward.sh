@@ -8,24 +8,30 @@
 #      the planner's key pass (wgmma) and with the mma.sync kernels
 #      (NBHD_FUSED_NO_WGMMA=1), then forward+backward with the planner's choices,
 #   4. compute-sanitizer memcheck and racecheck on the backward's Smoke suites.
+# With --overlay DIR, a second build ("overlay") of this checkout with DIR's files
+# laid over it (same relative paths) gets the same tests and backward-alone timings
+# in the same run: an A/B of a kernel change on one card, without a second call.
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
 # installed.
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
+#                            [--overlay DIR] [--skip-mma-sync]
 #   HOPPER_BWD_FILTER='FusedBackwardWgmma*' bench/hopper_backward.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
-skip_tests=0 skip_sanitizer=0 with_forward=0 only=""
+skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" skip_mma_sync=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) skip_tests=1 ;;
     --skip-sanitizer) skip_sanitizer=1 ;;
     --with-forward) with_forward=1 ;;
     --only) only="$2"; shift ;;
+    --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
+    --skip-mma-sync) skip_mma_sync=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -36,14 +42,29 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | t
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo "${NBHD_GIT_COMMIT:-unknown}")"
 echo "commit $commit"
 
-{
-  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
-    -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64;128" -DNBHD_BUILD_TESTS=ON &&
-    cmake --build "$build" -j "$(nproc)" --target fused_backward_test fused_forward_test nbhd-bench
-} > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; echo "build failed"; exit 1; }
+configure_and_build() {  # source build log
+  {
+    cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
+      -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64;128" -DNBHD_BUILD_TESTS=ON \
+      ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
+      cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test nbhd-bench
+  } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
+}
+gtest_source=""
+[ -f .carry/googletest/CMakeLists.txt ] && gtest_source="$PWD/.carry/googletest"
+configure_and_build . "$build" "$out/build.log"
+if [ -n "$overlay" ]; then
+  overlay_source="$PWD/$build-overlay-source"
+  rm -rf "$overlay_source" && mkdir -p "$overlay_source"
+  tar -c --exclude='./build*' --exclude=./.git --exclude=./.carry . | tar -x -C "$overlay_source"
+  cp -a "$overlay"/. "$overlay_source"/
+  echo "overlay: $(cd "$overlay" && find . -type f | sort | tr '\n' ' ')"
+  configure_and_build "$overlay_source" "$build-overlay" "$out/build-overlay.log"
+fi
 echo "build: $((SECONDS - start)) s"
 test_bin="$build/tests/cuda/fused_backward_test"
 bench="$build/tools/nbhd-bench/nbhd-bench"
+overlay_bench="$build-overlay/tools/nbhd-bench/nbhd-bench"
 
 status=0
 if [ "$skip_tests" = 0 ]; then
@@ -55,6 +76,12 @@ if [ "$skip_tests" = 0 ]; then
       >> "$out/tests.log" 2>&1 || status=1
   fi
   grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
+  if [ -n "$overlay" ]; then
+    timeout "${HOPPER_TEST_TIMEOUT:-200}" "$build-overlay/tests/cuda/fused_backward_test" \
+      --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests-overlay.log" 2>&1 || status=1
+    echo "overlay:"
+    grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests-overlay.log" | head -40
+  fi
   echo "tests: $((SECONDS - t)) s"
 fi
 # name | nbhd-bench problem flags (fp16). Fewer heads than the anchors (times scale
@@ -77,10 +104,11 @@ printf '%-24s %-9s %-8s %10s %9s\n' problem pass variant median_ms TFLOP/s | tee
 run() {  # name variant pass flags...
   local name="$1" variant="$2" pass="$3"
   shift 3
-  local env=()
+  local env=() binary="$bench"
   [ "$variant" = mma.sync ] && env=(NBHD_FUSED_NO_WGMMA=1)
+  [ "$variant" = overlay ] && binary="$overlay_bench"
   local json
-  json="$(env "${env[@]}" timeout 60 "$bench" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
+  json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
   echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
   python3 - "$name" "$pass" "$variant" "$json" <<'EOF' | tee -a "$out/sweep.txt"
@@ -97,7 +125,8 @@ for entry in "${problems[@]}"; do
   # shellcheck disable=SC2086  # the flags are words
   {
     run "$name" wgmma bwd $flags
-    run "$name" mma.sync bwd $flags
+    [ -n "$overlay" ] && run "$name" overlay bwd $flags
+    [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync bwd $flags
     run "$name" wgmma fwd+bwd $flags
   }
 done
