@@ -10,11 +10,13 @@
 //   S^T = K Q^T, dP^T = V dO^T          (shared-memory operands, m64n64)
 //   P^T, dS^T as the mma.sync key pass forms them (backward_parts.cuh)
 //   dV += P^T dO, dK += dS^T Q          (P^T, dS^T from registers, m64 x head dim)
-//   dQ = dS K                           (dS^T of both warpgroups through shared
-//                                        memory; each warpgroup half the head dim)
-// and dQ is added to the float32 workspace by vector reductions. A warpgroup whose
-// keys reach none of a tile's queries skips it. Additional tokens run on the
-// mma.sync key pass (their CTAs are launched beside this one), as does d rpb.
+//   dQ = dS K                           (this warpgroup's keys: its dS^T through
+//                                        shared memory, m64 x head dim)
+// and each warpgroup's dQ is staged in shared memory and added to the float32
+// workspace by bulk reduce-add, a row per lane, without waiting for it. The two
+// consumer warpgroups never wait for each other. A warpgroup whose keys reach none
+// of a tile's queries skips it. Additional tokens run on the mma.sync key pass
+// (their CTAs are launched beside this one), as does d rpb.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,10 +45,12 @@ struct WgmmaKeyPassConfig {
   static constexpr int kVec = 8;         // elements per 16-byte chunk
   static constexpr int kChunks = kHeadDim / kVec;
   static constexpr int kColBlocks = kBlockCols / 8;  // 8-query chunks of a tile
-  static constexpr int kDqCols = kHeadDim / 2;       // dQ columns per consumer warpgroup
+  // float32 dQ staging rows: padded by 8 floats, so that the 64-bit stores of a
+  // half warp (rows g, columns 2t) hit 32 different banks.
+  static constexpr int kDqStride = kHeadDim + 8;
   // Query-tile stages: shared memory at 1 CTA per SM (head dim 128: K and V 64 KB,
-  // dS^T 32 KB, 33 KB per stage; 64: 32 + 32 + 16.5 per stage).
-  static constexpr int kStages = kHeadDim == 128 ? 3 : 4;
+  // dS^T 16 KB, dQ staging 68 KB, 33 KB per stage; 64: 32 + 16 + 36 + 16.5 per stage).
+  static constexpr int kStages = kHeadDim == 128 ? 2 : 4;
   // setmaxnreg moves registers within the CTA's launch allocation (384 x 168: the
   // 64 K file at 1 CTA per SM, in steps of 8): 128 x 24 + 256 x 240 = 384 x 168.
   // (With 128 x 32 the consumers' claim waited forever on an H100.) The consumers
@@ -63,8 +67,8 @@ struct WgmmaKeyPassConfig {
     T v[kBlockRows * kHeadDim];  // reused to stage dV
     T q[kStages][kBlockCols * kHeadDim];
     T dout[kStages][kBlockCols * kHeadDim];
-    // dS^T [key][query] of two tiles: one is written while the other's dQ reads it.
-    T ds[2][kBlockRows * kBlockCols];
+    // dS^T [key][query] of each consumer warpgroup's 64 keys.
+    T ds[2][64 * kBlockCols];
     alignas(16) float2 lse_delta[kStages][kBlockCols];
     int64_t q_col_delta[kBlockCols];
     int64_t dout_col_delta[kBlockCols];
@@ -73,8 +77,10 @@ struct WgmmaKeyPassConfig {
     int4 row_axis[kBlockRows][kMaxRank];       // per key row: {j, inverse window begin, end, 0}
     int4 warp_box[kConsumerWarps][kMaxRank];   // per warp: {union begin, end, intersection begin, end}
     WalkAxis walk[kMaxRank];
-    uint32_t group_computed[2][2];  // per dS^T buffer and warpgroup: its rows hold the tile's dS^T
     uint64_t full[kStages], empty[kStages], kv_full;
+    // Per consumer warpgroup: its dQ of a tile [query][kDqStride] in float32, the
+    // source of the bulk reduce-adds (16-byte aligned rows).
+    alignas(16) float dq[2][kBlockCols][kDqStride];
   };
   static constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;  // room to align the base
 
@@ -180,27 +186,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
   const uint32_t k_tile = ptx::smem_address(smem.k), v_tile = ptx::smem_address(smem.v);
   const uint32_t q0 = ptx::smem_address(smem.q[0]), dout0 = ptx::smem_address(smem.dout[0]);
-  const uint32_t ds0 = ptx::smem_address(smem.ds[0]);
-  constexpr uint32_t kStageBytes = sizeof(smem.q[0]), kDsBytes = sizeof(smem.ds[0]);
+  const uint32_t ds_tile = ptx::smem_address(smem.ds[wg]);
+  constexpr uint32_t kStageBytes = sizeof(smem.q[0]);
   constexpr uint32_t kSlab = 128;  // bytes per row of a 64-column slab
-  // dS^T of this thread's keys, packed as the A operand of k16 steps (a[kb][r]: row
-  // my_row[r % 2], queries 16 kb + 8 (r / 2) + 2 t4 and the next), to shared memory
-  // for dQ = dS K: [key][query], one 64-column slab; the 8 rows of a warp's store
-  // hit 8 different bank groups (the swizzle).
-  auto store_ds = [&](T* ds_rows, const uint32_t (&a)[kColBlocks / 2][4]) {
-#pragma unroll
-    for (int kb = 0; kb < kColBlocks / 2; ++kb)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = my_row[r & 1], col = 16 * kb + 8 * (r >> 1) + 2 * t4;
-        *reinterpret_cast<uint32_t*>(&ds_rows[Cfg::template chunk_index<kRows>(row, col / 8) * 8 + col % 8]) = a[kb][r];
-      }
-  };
+  float(*dq_rows)[Cfg::kDqStride] = smem.dq[wg];
   pipeline::wait(&smem.kv_full, 0);
 
 #pragma unroll 1
   for (int it = 0; it < total_tiles; ++it) {
-    const int stage = it % kStages, buf = it & 1;
+    const int stage = it % kStages;
     pipeline::wait(&smem.full[stage], (it / kStages) & 1);
     // cp.async wrote (generic proxy) what wgmma reads (async proxy).
     wgmma::fence_proxy_async();
@@ -224,7 +218,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     }
 
     const uint32_t q_stage = q0 + stage * kStageBytes, dout_stage = dout0 + stage * kStageBytes;
-    const uint32_t ds_tile = ds0 + buf * kDsBytes;
     if (computed) {
       // S^T = K Q^T and dP^T = V dO^T: m64n64 per 16 of the head dim, K and V rows of
       // this warpgroup as A, the tile's Q and dO rows as B (both K-major).
@@ -290,59 +283,77 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
         wgmma::mma_rs<T, kHeadDim>(dk, a_ds[kb], wgmma::descriptor(q_stage + kb * 16 * kSlab, kCols * kSlab, 1024),
                                    /*accumulate=*/true);
       wgmma::commit_group();
-      store_ds(smem.ds[buf], a_ds);
+      // dS^T to shared memory for dQ = dS K: [key][query] of this warpgroup's keys,
+      // one 64-column slab; the 8 rows of a warp's store hit 8 different bank
+      // groups (the swizzle). a_ds[kb][r]: row g + 8 (r % 2) of the warp, queries
+      // 16 kb + 8 (r / 2) + 2 t4 and the next. The last tile's dQ product, which
+      // read these rows, completed before this warpgroup left it.
+      T* ds_rows = smem.ds[wg];
+#pragma unroll
+      for (int kb = 0; kb < kColBlocks / 2; ++kb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = 16 * wg_warp + g + 8 * (r & 1), col = 16 * kb + 8 * (r >> 1) + 2 * t4;
+          *reinterpret_cast<uint32_t*>(&ds_rows[Cfg::template chunk_index<64>(row, col / 8) * 8 + col % 8]) = a_ds[kb][r];
+        }
       wgmma::wait_group<0>();
       wgmma::fence_operands<kHeadDim / 2>(dv);
       wgmma::fence_operands<kHeadDim / 2>(dk);
-    } else {
-      // Zeros for dQ's products over both warpgroups' keys (they run unpredicated:
-      // wgmmas on paths ptxas cannot prove uniform are serialized, and it spilled).
-      uint32_t zeros[kColBlocks / 2][4] = {};
-      store_ds(smem.ds[buf], zeros);
     }
     __syncwarp();  // every lane's reads of this stage completed
     if (lane == 0) pipeline::arrive(&smem.empty[stage]);
-    if (wg_tid == 0) smem.group_computed[buf][wg] = computed;
-    // dS^T written by ordinary stores (generic proxy) is read by wgmma next.
-    wgmma::fence_proxy_async();
-    pipeline::named_barrier<Cfg::kConsumerThreads>(1);
 
-    // ---- dQ = dS K over both warpgroups' keys; this warpgroup's half of the head dim ----
-    const bool any_computed = smem.group_computed[buf][0] || smem.group_computed[buf][1];
-    if (p.dq_accum != nullptr && any_computed && wg * Cfg::kDqCols < p.dim) {
-      float dq[Cfg::kDqCols / 2];
-      wgmma::fence_operands<Cfg::kDqCols / 2>(dq);
-      wgmma::fence();
-      // A = dS (queries x keys) from dS^T as stored (MN-major); B = K rows as stored
-      // (MN-major), columns wg * kDqCols.. of the head dim: a slab (head dim 128) or
-      // half of one (64: the start moves 64 bytes into the swizzled rows).
-      const uint32_t b_cols = (wg * Cfg::kDqCols / 64) * kRows * kSlab + (wg * Cfg::kDqCols % 64) * 2;
+    // ---- dQ = dS K over this warpgroup's keys, added to the workspace ----------------
+    if (computed && p.dq_accum != nullptr) {
+      // dS^T written by ordinary stores (generic proxy) is read by wgmma next.
+      wgmma::fence_proxy_async();
+      pipeline::named_barrier<128>(1 + wg);  // this warpgroup's 64 rows of dS^T (barriers 1, 2)
+      // Stage the warp's 16 rows (queries 16 wg_warp + g (+ 8)) once its lanes' bulk
+      // reduce-adds of the last tile have read them; then lane r < 16 adds row r.
+      ptx::bulk_wait_read<0>();
+      __syncwarp();
+      // A = dS (queries x keys) from dS^T as stored (MN-major); B = this warpgroup's
+      // K rows as stored (MN-major), one 64-column slab of the head dim at a time
+      // (at once, the 64 accumulators beside dK and dV spilled 252 bytes).
+#pragma unroll 1
+      for (int slab = 0; slab < kHeadDim / 64; ++slab) {
+        float dq[32];
+        wgmma::fence_operands<32>(dq);
+        wgmma::fence();
 #pragma unroll
-      for (int kb = 0; kb < kRows / 16; ++kb)
-        wgmma::mma_ss<T, Cfg::kDqCols, /*kTransA=*/true, /*kTransB=*/true>(
-            dq, wgmma::descriptor(ds_tile + kb * 16 * kSlab, kRows * kSlab, 1024),
-            wgmma::descriptor(k_tile + b_cols + kb * 16 * kSlab, kRows * kSlab, 1024), /*accumulate=*/kb > 0);
-      wgmma::commit_group();
-      wgmma::wait_group<0>();
-      wgmma::fence_operands<Cfg::kDqCols / 2>(dq);
-      // Rows 16 wg_warp + g (+ 8) of the tile's queries; columns past dim are padding.
-      int token[kMaxRank];
-      detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
-      const int64_t tile_row = b * p.tokens + detail_bwd::flat_token(nb, token);
+        for (int kb = 0; kb < 4; ++kb)
+          wgmma::mma_ss<T, 64, /*kTransA=*/true, /*kTransB=*/true>(
+              dq, wgmma::descriptor(ds_tile + kb * 16 * kSlab, 64 * kSlab, 1024),
+              wgmma::descriptor(k_tile + slab * kRows * kSlab + (64 * wg + 16 * kb) * kSlab, kRows * kSlab, 1024),
+              /*accumulate=*/kb > 0);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operands<32>(dq);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int n = 16 * wg_warp + g + 8 * i;
-        if (!detail_bwd::col_valid(smem.col_offset[n], limit)) continue;
-        float* dst = p.dq_accum + ((tile_row + smem.token_col_delta[n]) * p.heads + h) * p.dim + wg * Cfg::kDqCols;
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int j = 0; j < Cfg::kDqCols / 8; ++j)
-          if (wg * Cfg::kDqCols + 8 * j < p.dim) ptx::red_add2(dst + 8 * j + 2 * t4, dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]);
+          for (int i = 0; i < 2; ++i)
+            *reinterpret_cast<float2*>(&dq_rows[16 * wg_warp + g + 8 * i][64 * slab + 8 * j + 2 * t4]) =
+                make_float2(dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]);
+      }
+      wgmma::fence_proxy_async();  // the bulk copies read shared memory through the async proxy
+      __syncwarp();
+      const int n = 16 * wg_warp + lane;
+      if (lane < 16 && detail_bwd::col_valid(smem.col_offset[n], limit)) {
+        int token[kMaxRank];
+        detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
+        const int64_t row = b * p.tokens + detail_bwd::flat_token(nb, token) + smem.token_col_delta[n];
+        ptx::bulk_reduce_add(p.dq_accum + (row * p.heads + h) * p.dim, ptx::smem_address(dq_rows[n]), p.dim * 4);
+        ptx::bulk_commit();
       }
     }
   }
+  ptx::bulk_wait<0>();  // this thread's bulk reduce-adds completed
 
   // ---- epilogue: dK = scale * sum dS^T Q and dV, staged through this warp's rows ----------
-  pipeline::named_barrier<Cfg::kConsumerThreads>(1);  // every dQ product has read K
+  // Every dQ product has read K. (Barrier 3: 1 and 2 are the warpgroups' own, which
+  // the other warpgroup may still be using with another count.)
+  pipeline::named_barrier<Cfg::kConsumerThreads>(3);
 #pragma unroll
   for (int d = 0; d < kHeadDim / 8; ++d)
 #pragma unroll

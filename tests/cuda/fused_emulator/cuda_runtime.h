@@ -246,6 +246,28 @@ class Block {
     f.pending.clear();
   }
 
+  // cp.reduce.async.bulk .add.f32 of the running thread: the shared-memory source is
+  // read (and added to global memory) at the thread's wait for its group (late) or
+  // at issue (early), the two ends of the window a real bulk operation reads in.
+  void bulk_reduce_add(float* dst, uint32_t src, int bytes) {
+    if (bytes % 16 || src % 16 || src + uint32_t(bytes) > smem_size() || reinterpret_cast<uintptr_t>(dst) % 16)
+      die("bulk reduce-add: size, alignment or source out of shared memory", current_);
+    Fiber& f = fibers_[current_];
+    const PendingBulk b{dst, src, bytes, f.bulk_groups};
+    if (early()) land(b);
+    else f.bulk.push_back(b);
+  }
+  void bulk_commit() { ++fibers_[current_].bulk_groups; }
+  void bulk_wait(int keep) {
+    Fiber& f = fibers_[current_];
+    std::vector<PendingBulk> still;
+    for (const PendingBulk& b : f.bulk) {
+      if (b.group < f.bulk_groups - keep) land(b);
+      else still.push_back(b);
+    }
+    f.bulk.swap(still);
+  }
+
   // cp.async of the running thread.
   void cp_async(uint32_t dst, const void* src, int bytes, int valid) {
     if (dst % bytes || dst + bytes > smem_size()) die("cp.async destination out of shared memory or misaligned", current_);
@@ -270,11 +292,17 @@ class Block {
  private:
   static constexpr std::size_t kStack = std::size_t(256) << 10;
   enum State { kReady, kAtWarpOp, kAtBarrier, kAtGroupBarrier, kAtNamedBarrier, kAtMbarrier, kAtRegisterClaim, kExited };
+  struct PendingBulk {
+    float* dst;
+    uint32_t src;
+    int bytes, group;
+  };
   struct Fiber {
     ucontext_t ctx;
     State state;
-    int groups = 0;
+    int groups = 0, bulk_groups = 0;
     std::vector<PendingCopy> pending;
+    std::vector<PendingBulk> bulk;
     uint32_t wait_address = 0, wait_parity = 0;
     int barrier_id = 0, barrier_count = 0;
   };
@@ -290,6 +318,13 @@ class Block {
   static bool early() {
     static const bool e = std::getenv("EMU_CP_ASYNC") && std::string(std::getenv("EMU_CP_ASYNC")) == "early";
     return e;
+  }
+  void land(const PendingBulk& b) {
+    for (int i = 0; i < b.bytes / 4; ++i) {
+      float x;
+      std::memcpy(&x, smem_.data() + b.src + 4 * i, 4);
+      b.dst[i] += x;
+    }
   }
   void land(const PendingCopy& c) {
     if (c.valid) std::memcpy(smem_.data() + c.dst, c.src, c.bytes);
@@ -320,6 +355,7 @@ inline void Block::entry() {
   Block* b = emu::block;
   b->body_();
   if (!b->fibers_[b->current_].pending.empty()) die("a thread exited with cp.async copies not waited for", b->current_);
+  if (!b->fibers_[b->current_].bulk.empty()) die("a thread exited with bulk operations not waited for", b->current_);
   b->fibers_[b->current_].state = kExited;
 }
 

@@ -16,4 +16,15 @@ inline void red_add2(float* dst, float x, float y) {
   dst[1] += y;
 }
 
+inline void bulk_reduce_add(float* dst, uint32_t src, int bytes) { emu::block->bulk_reduce_add(dst, src, bytes); }
+inline void bulk_commit() { emu::block->bulk_commit(); }
+template <int kPending>
+inline void bulk_wait_read() {
+  emu::block->bulk_wait(kPending);
+}
+template <int kPending>
+inline void bulk_wait() {
+  emu::block->bulk_wait(kPending);
+}
+
 }  // namespace nbhd::cuda::ptx
