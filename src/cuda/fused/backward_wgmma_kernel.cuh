@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
       smem.walk[a] = WalkAxis{qbox.r[a].begin, qbox.r[a].end, ceil_div(qbox.r[a].size(), shape.col(a)), group[a]};
     for (int stage = 0; stage < kStages; ++stage) {
       pipeline::init(&smem.full[stage], 128);             // every producer thread's copies
-      pipeline::init(&smem.empty[stage], Cfg::kConsumerWarps);
+      pipeline::init(&smem.empty[stage], Cfg::kConsumerThreads);
     }
     pipeline::init(&smem.kv_full, 128);
   }
@@ -300,8 +300,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
       wgmma::fence_operands<kHeadDim / 2>(dv);
       wgmma::fence_operands<kHeadDim / 2>(dk);
     }
-    __syncwarp();  // every lane's reads of this stage completed
-    if (lane == 0) pipeline::arrive(&smem.empty[stage]);
+    pipeline::arrive(&smem.empty[stage]);
 
     // ---- dQ = dS K over this warpgroup's keys, added to the workspace ----------------
     if (computed && p.dq_accum != nullptr) {
