@@ -17,13 +17,19 @@
 # installed.
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
-#                            [--overlay DIR] [--skip-mma-sync]
+#                            [--overlay DIR] [--skip-mma-sync] [--pass fwd|bwd]
+# --pass fwd times the forward instead of the backward in the A/B rows (with
+# --with-forward, the overlay build runs the forward's tests too, and the sanitizers
+# the forward's smoke suite).
 #   HOPPER_BWD_FILTER='FusedBackwardWgmma*' bench/hopper_backward.sh
+# Environment: HOPPER_BWD_FILTER, HOPPER_FWD_FILTER (the tests' gtest filters),
+# HOPPER_TEST_TIMEOUT, HOPPER_SANITIZE_BACKWARD=0 (sanitizers on the forward only),
+# HOPPER_OVERLAY_TESTS=0 (no tests of the overlay build), HOPPER_FWD_BWD=0 (no fwd+bwd rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
-skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" skip_mma_sync=0
+skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" skip_mma_sync=0 ab_pass=bwd
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) skip_tests=1 ;;
@@ -32,6 +38,7 @@ while [ $# -gt 0 ]; do
     --only) only="$2"; shift ;;
     --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
+    --pass) ab_pass="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -67,18 +74,22 @@ bench="$build/tools/nbhd-bench/nbhd-bench"
 overlay_bench="$build-overlay/tools/nbhd-bench/nbhd-bench"
 
 status=0
+forward_filter="${HOPPER_FWD_FILTER:-FusedForwardSmoke*:FusedForwardWgmma*:FusedForwardConfigs*}"
 if [ "$skip_tests" = 0 ]; then
   t=$SECONDS
   timeout "${HOPPER_TEST_TIMEOUT:-200}" "$test_bin" --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests.log" 2>&1 || status=1
   # The forward shares the wgmma wrappers: its smoke and every table entry.
   if [ "$with_forward" = 1 ]; then
-    timeout 120 "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*:FusedForwardConfigs*' \
-      >> "$out/tests.log" 2>&1 || status=1
+    timeout 150 "$build/tests/cuda/fused_forward_test" --gtest_filter="$forward_filter" >> "$out/tests.log" 2>&1 || status=1
   fi
   grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
-  if [ -n "$overlay" ]; then
+  if [ -n "$overlay" ] && [ "${HOPPER_OVERLAY_TESTS:-1}" = 1 ]; then
     timeout "${HOPPER_TEST_TIMEOUT:-200}" "$build-overlay/tests/cuda/fused_backward_test" \
       --gtest_filter="${HOPPER_BWD_FILTER:-FusedBackward*}" > "$out/tests-overlay.log" 2>&1 || status=1
+    if [ "$with_forward" = 1 ]; then
+      timeout 150 "$build-overlay/tests/cuda/fused_forward_test" --gtest_filter="$forward_filter" \
+        >> "$out/tests-overlay.log" 2>&1 || status=1
+    fi
     echo "overlay:"
     grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests-overlay.log" | head -40
   fi
@@ -124,10 +135,10 @@ for entry in "${problems[@]}"; do
   [ -n "$only" ] && [[ ",$only," != *",$name,"* ]] && continue
   # shellcheck disable=SC2086  # the flags are words
   {
-    run "$name" wgmma bwd $flags
-    [ -n "$overlay" ] && run "$name" overlay bwd $flags
-    [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync bwd $flags
-    run "$name" wgmma fwd+bwd $flags
+    run "$name" wgmma "$ab_pass" $flags
+    [ -n "$overlay" ] && run "$name" overlay "$ab_pass" $flags
+    [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync "$ab_pass" $flags
+    [ "${HOPPER_FWD_BWD:-1}" = 1 ] && run "$name" wgmma fwd+bwd $flags
   }
 done
 echo "sweep: $((SECONDS - t)) s"
@@ -135,8 +146,14 @@ if [ "$skip_sanitizer" = 0 ]; then
   t=$SECONDS
   : > "$out/sanitizer.log"
   for tool in memcheck racecheck; do
-    timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
-      --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+    if [ "${HOPPER_SANITIZE_BACKWARD:-1}" = 1 ]; then
+      timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 "$test_bin" \
+        --gtest_filter='FusedBackwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+    fi
+    if [ "$with_forward" = 1 ]; then
+      timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+        "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+    fi
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
   echo "sanitizer: $((SECONDS - t)) s"

@@ -188,6 +188,37 @@ TEST(FusedForwardConfigs, EveryTableEntry) {
     }
 }
 
+// Every wgmma entry (one warpgroup, and the warp-specialized two with a producer),
+// forced, on random problems of its rank at head dims 64 and 128: the 2-D and 3-D
+// ones skip key tiles a warpgroup's queries miss, which ends the warp-specialized
+// kernel's overlap of one tile's P V with the next tile's softmax.
+TEST(FusedForwardWgmma, EveryEntryMatchesReference) {
+  NBHD_REQUIRE_GPU();
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma forward needs an sm_90 device and a build with sm_90a";
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        for (int seed = 0; seed < 2; ++seed) {
+          std::mt19937_64 rng(62000 + 1000 * rank + 10 * int(i) + seed + bucket);
+          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+          c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
+          c.p.dim_v = seed ? bucket / 2 + 8 : 0;
+          check_forward(c, rng);
+          ran += can_run(Backend::kFused, c.p, Device::kCUDA).ok();
+        }
+        unsetenv("NBHD_FUSED_TILE");
+        if (HasFailure()) return;
+      }
+    }
+  if (ran == 0) GTEST_SKIP() << "no wgmma forward in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
+}
+
 // Shapes where tiles are full and interior (no element mask), and a large 2-D window.
 TEST(FusedForwardShapes, AnchorLikeShapes) {
   NBHD_REQUIRE_GPU();
