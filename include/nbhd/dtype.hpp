@@ -33,6 +33,10 @@ inline constexpr int size_of(DType t) {
   return 0;
 }
 
+// The dtype of lse and d_rpb for inputs of dtype t: float32, float64 for float64
+// inputs (so float64 gradients keep float64 accuracy).
+inline constexpr DType accumulator_dtype(DType t) { return t == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
 // Host-side storage types for the 16-bit formats (bit patterns, no arithmetic).
 struct half_bits { uint16_t bits; };
 struct bfloat16_bits { uint16_t bits; };

@@ -68,12 +68,15 @@ Status check_tensors(const Problem& p, const std::vector<TensorRule>& rules, Dev
     if (!same)
       return invalid_argument(std::string(r.name) + " has shape " + shape_string(t) + " but the problem needs " +
                               vec_string(r.shape));
-    const bool dtype_ok = r.fp32_only ? t.dtype == DType::kFloat32
-                                      : (t.dtype == p.dtype || (r.fp32_allowed && t.dtype == DType::kFloat32));
+    const DType accumulator = accumulator_dtype(p.dtype);
+    const bool dtype_ok = r.accumulator ? t.dtype == accumulator
+                                        : (t.dtype == p.dtype || (r.fp32_allowed && t.dtype == DType::kFloat32));
     if (!dtype_ok)
       return type_mismatch(std::string(r.name) + " has dtype " + name(t.dtype) + " but must be " +
-                           (r.fp32_only ? "float32" : name(p.dtype)) +
-                           (r.fp32_allowed && !r.fp32_only ? " or float32" : ""));
+                           (r.accumulator ? std::string(name(accumulator)) +
+                                                (p.dtype == DType::kFloat64 ? " (the problem is float64)" : "")
+                                          : std::string(name(p.dtype))) +
+                           (r.fp32_allowed && !r.accumulator ? " or float32" : ""));
     for (int i = 0; i < t.ndim; ++i)
       if (t.stride[i] < 0)
         return invalid_argument(std::string(r.name) + " has a negative stride in dimension " + std::to_string(i) +

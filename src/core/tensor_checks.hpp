@@ -16,7 +16,8 @@ struct TensorRule {
   const TensorRef* tensor;
   std::vector<int64_t> shape;  // expected shape
   bool required = true;
-  bool fp32_only = false;      // lse, d_rpb
+  // lse, d_rpb: float32, float64 in a float64 problem (gradients keep float64 accuracy).
+  bool accumulator = false;
   bool fp32_allowed = false;   // rpb may be float32 whatever the problem's dtype
 };
 

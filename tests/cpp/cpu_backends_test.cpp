@@ -30,7 +30,7 @@ struct Outputs {
           s.back() = p.value_dim();
           return s;
         }()),
-        lse(DType::kFloat32, [&] {
+        lse(accumulator_dtype(p.dtype), [&] {
           auto s = shape_of(in.q.ref());
           s.pop_back();
           return s;
@@ -81,7 +81,7 @@ Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const
   t.d_key = g.dk.ref();
   t.d_value = g.dv.ref();
   if (p.has_rpb) {
-    g.drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()));
+    g.drpb = HostTensor(accumulator_dtype(p.dtype), shape_of(in.rpb.ref()));
     t.d_rpb = g.drpb.ref();
   }
   if (p.additional_tokens) {
@@ -112,7 +112,7 @@ TEST_P(CpuBackends, ForwardFloat64MatchesDenseOracle) {
       SCOPED_TRACE(name(b));
       const Outputs o = run_forward(p, in, b);
       testing::expect_near("out", o.out.values(), dense.out, 1e-10);
-      testing::expect_near("lse", o.lse.values(), dense.lse, 1e-5);  // lse is stored as float32
+      testing::expect_near("lse", o.lse.values(), dense.lse, 1e-12);  // float64 lse for float64 inputs
     }
   }
 }
@@ -191,14 +191,15 @@ TEST_P(CpuBackends, BackwardFloat64MatchesDenseOracle) {
     for (Backend b : {Backend::kReference, Backend::kCpu}) {
       SCOPED_TRACE(name(b));
       const Grads g = run_backward(p, in, fwd, d_out, b);
-      // lse comes in as float32 (rounding ~1e-7 relative), which bounds the agreement.
-      testing::expect_near("dq", g.dq.values(), dense.dq, 1e-5, 1e-5);
-      testing::expect_near("dk", g.dk.values(), dense.dk, 1e-5, 1e-5);
-      testing::expect_near("dv", g.dv.values(), dense.dv, 1e-5, 1e-5);
-      if (p.has_rpb) testing::expect_near("drpb", g.drpb.values(), dense.drpb, 1e-4, 1e-5);
+      // float64 throughout, lse and d_rpb included (with a float32 lse the agreement
+      // stopped at ~1e-7 relative).
+      testing::expect_near("dq", g.dq.values(), dense.dq, 1e-10, 1e-10);
+      testing::expect_near("dk", g.dk.values(), dense.dk, 1e-10, 1e-10);
+      testing::expect_near("dv", g.dv.values(), dense.dv, 1e-10, 1e-10);
+      if (p.has_rpb) testing::expect_near("drpb", g.drpb.values(), dense.drpb, 1e-10, 1e-10);
       if (p.additional_tokens) {
-        testing::expect_near("d additional_keys", g.dak.values(), dense.dak, 1e-5, 1e-5);
-        testing::expect_near("d additional_values", g.dav.values(), dense.dav, 1e-5, 1e-5);
+        testing::expect_near("d additional_keys", g.dak.values(), dense.dak, 1e-10, 1e-10);
+        testing::expect_near("d additional_values", g.dav.values(), dense.dav, 1e-10, 1e-10);
       }
     }
   }

@@ -129,7 +129,7 @@ PartsResult run_parts(const Problem& p, const std::vector<UnfoldedPart>& parts, 
   std::vector<int64_t> out_shape = shape_of(in.q.ref()), lse_shape = out_shape;
   out_shape.back() = p.value_dim();
   lse_shape.pop_back();
-  PartsResult r{HostTensor(p.dtype, out_shape), HostTensor(DType::kFloat32, lse_shape), HostTensor(p.dtype, shape_of(in.q.ref())),
+  PartsResult r{HostTensor(p.dtype, out_shape), HostTensor(accumulator_dtype(p.dtype), lse_shape), HostTensor(p.dtype, shape_of(in.q.ref())),
         HostTensor(p.dtype, shape_of(in.k.ref())), HostTensor(p.dtype, shape_of(in.v.ref()))};
   ForwardTensors f;
   f.query = in.q.ref(), f.key = in.k.ref(), f.value = in.v.ref(), f.rpb = in.rpb.ref();
@@ -141,7 +141,7 @@ PartsResult run_parts(const Problem& p, const std::vector<UnfoldedPart>& parts, 
   b.out = f.out, b.lse = f.lse, b.d_out = d_out.ref();
   b.d_query = r.dq.ref(), b.d_key = r.dk.ref(), b.d_value = r.dv.ref();
   if (p.has_rpb) {
-    r.drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()));
+    r.drpb = HostTensor(accumulator_dtype(p.dtype), shape_of(in.rpb.ref()));
     b.d_rpb = r.drpb.ref();
   }
   if (p.additional_tokens) {
@@ -191,11 +191,11 @@ TEST_P(UnfoldedParts, ComputeTheOriginalProblem) {
     const DenseResult dense = testing::dense_attention(p, in, &d_out);
     const PartsResult got = run_parts(p, parts, in, d_out);
     testing::expect_near("out", got.out.values(), dense.out, 1e-10);
-    testing::expect_near("lse", got.lse.values(), dense.lse, 1e-5);  // stored in float32
+    testing::expect_near("lse", got.lse.values(), dense.lse, 1e-12);  // float64 for float64 inputs
     testing::expect_near("dq", got.dq.values(), dense.dq, 1e-9);
     testing::expect_near("dk", got.dk.values(), dense.dk, 1e-9);
     testing::expect_near("dv", got.dv.values(), dense.dv, 1e-9);
-    if (p.has_rpb) testing::expect_near("drpb", got.drpb.values(), dense.drpb, 1e-5);  // float32
+    if (p.has_rpb) testing::expect_near("drpb", got.drpb.values(), dense.drpb, 1e-9);
     if (p.additional_tokens) {
       testing::expect_near("dak", got.dak.values(), dense.dak, 1e-9);
       testing::expect_near("dav", got.dav.values(), dense.dav, 1e-9);

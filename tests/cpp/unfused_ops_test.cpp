@@ -54,7 +54,7 @@ TEST(UnfusedOps, ComposeToAttention) {
       dav = HostTensor(p.dtype, shape_of(in.av.ref()));
       dak = HostTensor(p.dtype, shape_of(in.ak.ref()));
     }
-    if (p.has_rpb) drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()));
+    if (p.has_rpb) drpb = HostTensor(accumulator_dtype(p.dtype), shape_of(in.rpb.ref()));
     ASSERT_TRUE(av_backward(p, {attn.ref(), in.v.ref(), in.av.ref(), d_out.ref(), d_probs.ref(), dv.ref(), dav.ref()}).ok());
     ASSERT_TRUE(softmax_backward(p, {attn.ref(), d_probs.ref(), d_probs.ref()}).ok());
     ASSERT_TRUE(qk_backward(p, {in.q.ref(), in.k.ref(), in.ak.ref(), d_probs.ref(), dq.ref(), dk.ref(), drpb.ref(),
@@ -63,7 +63,7 @@ TEST(UnfusedOps, ComposeToAttention) {
     testing::expect_near("dq", dq.values(), dense.dq, 1e-10, 1e-10);
     testing::expect_near("dk", dk.values(), dense.dk, 1e-10, 1e-10);
     testing::expect_near("dv", dv.values(), dense.dv, 1e-10, 1e-10);
-    if (p.has_rpb) testing::expect_near("drpb", drpb.values(), dense.drpb, 1e-5, 1e-6);
+    if (p.has_rpb) testing::expect_near("drpb", drpb.values(), dense.drpb, 1e-10, 1e-10);
     if (p.additional_tokens) {
       testing::expect_near("dak", dak.values(), dense.dak, 1e-10, 1e-10);
       testing::expect_near("dav", dav.values(), dense.dav, 1e-10, 1e-10);

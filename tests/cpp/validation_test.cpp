@@ -172,6 +172,30 @@ TEST(TensorChecks, WrongDtypeIsATypeError) {
   expect_forward_error(x.p, t, StatusCode::kTypeMismatch, {"value", "float16", "float32"});
 }
 
+// lse (and d_rpb) are float32, float64 for float64 inputs (the spec): a float32 lse
+// would carry float32 rounding into float64 gradients.
+TEST(TensorChecks, LseIsFloat64ForFloat64Inputs) {
+  Problem p = good();
+  p.dtype = DType::kFloat64;
+  HostTensor q{DType::kFloat64, {2, 16, 12, 4, 8}}, k{DType::kFloat64, {2, 16, 12, 2, 8}},
+      v{DType::kFloat64, {2, 16, 12, 2, 8}}, out{DType::kFloat64, {2, 16, 12, 4, 8}};
+  HostTensor lse32{DType::kFloat32, {2, 16, 12, 4}}, lse64{DType::kFloat64, {2, 16, 12, 4}};
+  ForwardTensors t;
+  t.query = q.ref();
+  t.key = k.ref();
+  t.value = v.ref();
+  t.out = out.ref();
+  t.lse = lse32.ref();
+  expect_forward_error(p, t, StatusCode::kTypeMismatch, {"lse", "float32", "must be float64", "the problem is float64"});
+  t.lse = lse64.ref();
+  const Status s = forward(p, t);
+  EXPECT_TRUE(s.ok()) << s.message();
+  Tensors x;  // float32 inputs: a float64 lse is refused
+  ForwardTensors t32 = x.t();
+  t32.lse = lse64.ref();
+  expect_forward_error(x.p, t32, StatusCode::kTypeMismatch, {"lse", "float64", "must be float32"});
+}
+
 TEST(TensorChecks, MixedDevicesAreATypeError) {
   Tensors x;
   ForwardTensors t = x.t();

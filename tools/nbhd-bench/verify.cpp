@@ -158,14 +158,14 @@ Status check_forward(const SliceViews& s, cpu::PlainProducts products, std::map<
   NBHD_RETURN_IF_ERROR(cpu::reference_forward(p64, exact, /*plain_low_precision=*/false));
 
   // Plain: what a straightforward implementation in the problem's dtype gets.
-  const Tensor plain_out = empty(p.dtype, got.out), plain_lse = empty(DType::kFloat32, got.lse);
+  const Tensor plain_out = empty(p.dtype, got.out), plain_lse = empty(accumulator_dtype(p.dtype), got.lse);
   ForwardTensors plain = got;
   plain.out = plain_out.ref;
   plain.lse = plain_lse.ref;
   NBHD_RETURN_IF_ERROR(cpu::reference_forward(p, plain, /*plain_low_precision=*/true, products));
 
   (*tallies)["out"].add(got.out, out.ref, &plain_out.ref, p.dtype);
-  (*tallies)["lse"].add(got.lse, lse.ref, &plain_lse.ref, DType::kFloat32);
+  (*tallies)["lse"].add(got.lse, lse.ref, &plain_lse.ref, accumulator_dtype(p.dtype));
   return Status::Ok();
 }
 
@@ -177,7 +177,7 @@ Status check_backward(const SliceViews& s, std::map<std::string, Tally>* tallies
   auto f64 = [](const TensorRef& t) { return converted(t, DType::kFloat64); };
   const Tensor q = f64(got.query), k = f64(got.key), v = f64(got.value), rpb = f64(got.rpb),
                ak = f64(got.additional_keys), av = f64(got.additional_values), out = f64(got.out),
-               lse = converted(got.lse, DType::kFloat32), d_out = f64(got.d_out);
+               lse = f64(got.lse), d_out = f64(got.d_out);
   const Tensor dq = empty(DType::kFloat64, got.d_query), dk = empty(DType::kFloat64, got.d_key),
                dv = empty(DType::kFloat64, got.d_value), dak = empty(DType::kFloat64, got.d_additional_keys),
                dav = empty(DType::kFloat64, got.d_additional_values);
@@ -295,7 +295,7 @@ Status verify(const Problem& p, Pass pass, const Workload& host, uint64_t seed, 
       c.bound = 2 * t.plain_err + 2 * t.noise;
       c.rule = "2*err(plain " + std::string(name(p.dtype)) +
                (products == cpu::PlainProducts::kTf32x3 ? ", 3xTF32 products" : "") + ") + 2*" +
-               (c.tensor == "lse" ? "float32" : name(p.dtype)) + " rounding noise";
+               (c.tensor == "lse" ? name(accumulator_dtype(p.dtype)) : name(p.dtype)) + " rounding noise";
     } else if (forward_tensor) {
       c.bound = kFloat64Bound * std::max(1.0, t.max_ref);
       c.rule = "1e-10 * max(1, max|ref|)";

@@ -99,7 +99,7 @@ Status Workload::create(const Problem& p, Device device, bool with_backward, uin
   }
   // Outputs start as NaN (all bits set is a NaN in every float format).
   NBHD_RETURN_IF_ERROR(make(&w.out, dt, token_shape(p, H, Dv)));
-  NBHD_RETURN_IF_ERROR(make(&w.lse, DType::kFloat32, token_shape(p, H, 0)));
+  NBHD_RETURN_IF_ERROR(make(&w.lse, accumulator_dtype(dt), token_shape(p, H, 0)));
   NBHD_RETURN_IF_ERROR(w.out.buffer.fill_bytes(0xff));
   NBHD_RETURN_IF_ERROR(w.lse.buffer.fill_bytes(0xff));
   if (with_backward) {
@@ -110,7 +110,7 @@ Status Workload::create(const Problem& p, Device device, bool with_backward, uin
     NBHD_RETURN_IF_ERROR(make(&w.d_v, dt, token_shape(p, Hkv, Dv)));
     for (Tensor* g : {&w.d_q, &w.d_k, &w.d_v}) NBHD_RETURN_IF_ERROR(g->buffer.fill_bytes(0xff));
     if (p.has_rpb) {
-      NBHD_RETURN_IF_ERROR(make(&w.d_rpb, DType::kFloat32, rpb_shape));
+      NBHD_RETURN_IF_ERROR(make(&w.d_rpb, accumulator_dtype(dt), rpb_shape));
       NBHD_RETURN_IF_ERROR(w.d_rpb.buffer.fill_bytes(0xff));
     }
     if (M > 0) {
