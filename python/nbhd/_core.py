@@ -111,6 +111,50 @@ def _problem(window: Window, shape: Sequence[int]) -> "_nbhd.Problem":
     return p
 
 
+def _validated(p) -> "_nbhd.Problem":
+    """p, validated. An empty batch or zero query heads is valid, as for PyTorch's
+    operators: the outputs are empty and the gradients zero (see _empty); the other
+    parameters are checked as for a batch of one with one head per kv head."""
+    batch, heads, kv_heads = p.batch, p.heads, p.kv_heads
+    if batch == 0 or heads == 0:
+        p.batch, p.heads, p.kv_heads = max(batch, 1), heads or max(kv_heads, 1), kv_heads or (0 if heads else 1)
+        try:
+            p.validate()
+        finally:
+            p.batch, p.heads, p.kv_heads = batch, heads, kv_heads
+    else:
+        p.validate()
+    return p
+
+
+def _empty(p) -> bool:
+    """Nothing to compute: the operation's outputs are its zero-filled allocations."""
+    return p.batch == 0 or p.heads == 0
+
+
+def _alloc(fw, p):
+    return fw.zeros if _empty(p) else fw.empty
+
+
+def _check_empty(p, **named) -> None:
+    """For an empty problem, which never reaches the library, the shape checks it makes
+    (the same messages): every given array has the shape the problem needs."""
+    r = p.rank
+    grid = [p.batch] + list(p.extent[:r])
+    slots = math.prod(p.kernel[:r]) + p.additional_tokens
+    dv = p.dim_v or p.dim
+    need = {"query": grid + [p.heads, p.dim], "key": grid + [p.kv_heads, p.dim], "value": grid + [p.kv_heads, dv],
+            "out": grid + [p.heads, dv], "d_out": grid + [p.heads, dv], "lse": grid + [p.heads],
+            "rpb": [p.heads] + [2 * k - 1 for k in p.kernel[:r]],
+            "additional_keys": [p.batch, p.additional_tokens, p.kv_heads, p.dim],
+            "additional_values": [p.batch, p.additional_tokens, p.kv_heads, dv],
+            "attn": grid + [p.heads, slots], "probs": grid + [p.heads, slots], "d_attn": grid + [p.heads, slots],
+            "d_probs": grid + [p.heads, slots]}
+    for name, x in named.items():
+        if x is not None and list(x.shape) != need[name]:
+            raise ValueError(f"{name} has shape {list(x.shape)} but the problem needs {need[name]}")
+
+
 def attention_problem(window: Window, q_shape, k_shape, v_shape, scale=None, ak_shape=None, av_shape=None,
                       has_rpb=False) -> "_nbhd.Problem":
     """The Problem of q [B, X..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv]; validated."""
@@ -125,8 +169,7 @@ def attention_problem(window: Window, q_shape, k_shape, v_shape, scale=None, ak_
     p.scale = scale
     p.has_rpb = has_rpb
     _set_additional(p, ak_shape, av_shape)
-    p.validate()
-    return p
+    return _validated(p)
 
 
 def qk_problem(window: Window, q_shape, k_shape, scale=None, ak_shape=None, has_rpb=False) -> "_nbhd.Problem":
@@ -139,8 +182,7 @@ def qk_problem(window: Window, q_shape, k_shape, scale=None, ak_shape=None, has_
     p.scale = scale
     p.has_rpb = has_rpb
     _set_additional(p, ak_shape, None)
-    p.validate()
-    return p
+    return _validated(p)
 
 
 def weights_problem(window: Window, attn_shape, v_shape=None, name="attn") -> "_nbhd.Problem":
@@ -160,8 +202,7 @@ def weights_problem(window: Window, attn_shape, v_shape=None, name="attn") -> "_
     else:
         p.kv_heads = p.heads
         p.dim = 1  # softmax reads no features; any valid dim will do
-    p.validate()
-    return p
+    return _validated(p)
 
 
 def _set_additional(p, ak_shape, av_shape) -> None:
@@ -206,11 +247,18 @@ def backend_name(backend: Optional[str]) -> str:
 class NumpyArrays:
     """Allocation and launch settings for numpy arrays (CPU, no stream)."""
 
-    float32 = np.float32
-
     @staticmethod
     def empty(shape, like, dtype=None):
         return np.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype)
+
+    @staticmethod
+    def zeros(shape, like, dtype=None):
+        return np.zeros(tuple(shape), dtype=like.dtype if dtype is None else dtype)
+
+    @staticmethod
+    def accumulator(like):
+        """The dtype of lse and d_rpb: float32, float64 for float64 inputs."""
+        return np.float64 if like.dtype == np.float64 else np.float32
 
     @staticmethod
     def launch(like) -> dict:
@@ -218,25 +266,34 @@ class NumpyArrays:
 
 
 def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):
-    """(out [B, X..., H, Dv], lse [B, X..., H] float32)."""
+    """(out [B, X..., H, Dv], lse [B, X..., H] float32, float64 for float64 inputs)."""
     check_pair(ak, av)
     check_dtypes(query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
-    out = fw.empty(tuple(q.shape[:-1]) + (v.shape[-1],), q)
-    lse = fw.empty(tuple(q.shape[:-1]), q, fw.float32)
-    _nbhd.forward(p, q, k, v, out, lse, rpb, ak, av, backend=backend_name(backend), **fw.launch(q))
+    alloc = _alloc(fw, p)
+    out = alloc(tuple(q.shape[:-1]) + (v.shape[-1],), q)
+    lse = alloc(tuple(q.shape[:-1]), q, fw.accumulator(q))
+    if _empty(p):
+        _check_empty(p, query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
+    else:
+        _nbhd.forward(p, q, k, v, out, lse, rpb, ak, av, backend=backend_name(backend), **fw.launch(q))
     return out, lse
 
 
 def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=None, av=None, backend=None):
-    """(dq, dk, dv, d_rpb float32 or None, d_ak or None, d_av or None)."""
+    """(dq, dk, dv, d_rpb (lse's dtype) or None, d_ak or None, d_av or None)."""
     p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
-    dq, dk, dv = fw.empty(q.shape, q), fw.empty(k.shape, k), fw.empty(v.shape, v)
-    d_rpb = None if rpb is None else fw.empty(rpb.shape, q, fw.float32)
-    d_ak = None if ak is None else fw.empty(ak.shape, ak)
-    d_av = None if av is None else fw.empty(av.shape, av)
-    _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av,
-                   backend=backend_name(backend), **fw.launch(q))
+    alloc = _alloc(fw, p)
+    dq, dk, dv = alloc(q.shape, q), alloc(k.shape, k), alloc(v.shape, v)
+    d_rpb = None if rpb is None else alloc(rpb.shape, q, fw.accumulator(q))
+    d_ak = None if ak is None else alloc(ak.shape, ak)
+    d_av = None if av is None else alloc(av.shape, av)
+    if _empty(p):
+        _check_empty(p, query=q, key=k, value=v, out=out, lse=lse, d_out=d_out, rpb=rpb, additional_keys=ak,
+                     additional_values=av)
+    else:
+        _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av,
+                       backend=backend_name(backend), **fw.launch(q))
     return dq, dk, dv, d_rpb, d_ak, d_av
 
 
@@ -244,33 +301,47 @@ def qk(fw, window: Window, scale, q, k, rpb=None, ak=None, backend=None):
     """attn [B, X..., H, prod(kernel_size) + M]: scale * <q, k> + rpb, -inf where a causal window ends early."""
     check_dtypes(query=q, key=k, rpb=rpb, additional_keys=ak)
     p = qk_problem(window, q.shape, k.shape, scale, _shape(ak), rpb is not None)
-    attn = fw.empty(tuple(q.shape[:-1]) + (p.window_size() + p.additional_tokens,), q)
-    _nbhd.qk(p, q, k, attn, rpb, ak, backend=backend_name(backend), **fw.launch(q))
+    alloc = _alloc(fw, p)
+    attn = alloc(tuple(q.shape[:-1]) + (p.window_size() + p.additional_tokens,), q)
+    if _empty(p):
+        _check_empty(p, query=q, key=k, rpb=rpb, additional_keys=ak)
+    else:
+        _nbhd.qk(p, q, k, attn, rpb, ak, backend=backend_name(backend), **fw.launch(q))
     return attn
 
 
 def qk_backward(fw, window: Window, scale, d_attn, q, k, ak=None, has_rpb=False, backend=None):
-    """(dq, dk, d_rpb float32 or None, d_ak or None)."""
+    """(dq, dk, d_rpb (lse's dtype) or None, d_ak or None)."""
     p = qk_problem(window, q.shape, k.shape, scale, _shape(ak), has_rpb)
-    dq, dk = fw.empty(q.shape, q), fw.empty(k.shape, k)
-    d_rpb = fw.empty((p.heads,) + tuple(2 * x - 1 for x in window.kernel_size), q, fw.float32) if has_rpb else None
-    d_ak = None if ak is None else fw.empty(ak.shape, ak)
-    _nbhd.qk_backward(p, q, k, d_attn, dq, dk, ak, d_rpb, d_ak, backend=backend_name(backend), **fw.launch(q))
+    alloc = _alloc(fw, p)
+    dq, dk = alloc(q.shape, q), alloc(k.shape, k)
+    d_rpb = alloc((p.heads,) + tuple(2 * x - 1 for x in window.kernel_size), q, fw.accumulator(q)) if has_rpb else None
+    d_ak = None if ak is None else alloc(ak.shape, ak)
+    if _empty(p):
+        _check_empty(p, query=q, key=k, d_attn=d_attn, additional_keys=ak)
+    else:
+        _nbhd.qk_backward(p, q, k, d_attn, dq, dk, ak, d_rpb, d_ak, backend=backend_name(backend), **fw.launch(q))
     return dq, dk, d_rpb, d_ak
 
 
 def softmax(fw, window: Window, attn, backend=None):
     check_dtypes(attn=attn)
     p = weights_problem(window, attn.shape)
-    probs = fw.empty(attn.shape, attn)
-    _nbhd.softmax(p, attn, probs, backend=backend_name(backend), **fw.launch(attn))
+    alloc = _alloc(fw, p)
+    probs = alloc(attn.shape, attn)
+    if not _empty(p):  # attn's shape made the problem
+        _nbhd.softmax(p, attn, probs, backend=backend_name(backend), **fw.launch(attn))
     return probs
 
 
 def softmax_backward(fw, window: Window, probs, d_probs, backend=None):
     p = weights_problem(window, probs.shape, name="probs")
-    d_attn = fw.empty(probs.shape, probs)
-    _nbhd.softmax_backward(p, probs, d_probs, d_attn, backend=backend_name(backend), **fw.launch(probs))
+    alloc = _alloc(fw, p)
+    d_attn = alloc(probs.shape, probs)
+    if _empty(p):
+        _check_empty(p, d_probs=d_probs)
+    else:
+        _nbhd.softmax_backward(p, probs, d_probs, d_attn, backend=backend_name(backend), **fw.launch(probs))
     return d_attn
 
 
@@ -278,20 +349,28 @@ def av(fw, window: Window, probs, v, av_extra=None, backend=None):
     """out [B, X..., H, Dv] = sum over slots of probs * value."""
     check_dtypes(probs=probs, value=v, additional_values=av_extra)
     p = weights_problem(window, probs.shape, v.shape, name="probs")
+    alloc = _alloc(fw, p)
     if av_extra is not None:
         check_ndim("additional_values", av_extra.shape, 4, "[batch, M, kv_heads, dim_v]")
-    out = fw.empty(tuple(probs.shape[:-1]) + (v.shape[-1],), probs)
-    _nbhd.av(p, probs, v, out, av_extra, backend=backend_name(backend), **fw.launch(probs))
+    out = alloc(tuple(probs.shape[:-1]) + (v.shape[-1],), probs)
+    if _empty(p):
+        _check_empty(p, value=v, additional_values=av_extra)
+    else:
+        _nbhd.av(p, probs, v, out, av_extra, backend=backend_name(backend), **fw.launch(probs))
     return out
 
 
 def av_backward(fw, window: Window, d_out, probs, v, av_extra=None, backend=None):
     """(d_probs, dv, d_additional_values or None)."""
     p = weights_problem(window, probs.shape, v.shape, name="probs")
-    d_probs, dv = fw.empty(probs.shape, probs), fw.empty(v.shape, v)
-    d_av = None if av_extra is None else fw.empty(av_extra.shape, av_extra)
-    _nbhd.av_backward(p, probs, v, d_out, d_probs, dv, av_extra, d_av, backend=backend_name(backend),
-                      **fw.launch(probs))
+    alloc = _alloc(fw, p)
+    d_probs, dv = alloc(probs.shape, probs), alloc(v.shape, v)
+    d_av = None if av_extra is None else alloc(av_extra.shape, av_extra)
+    if _empty(p):
+        _check_empty(p, value=v, d_out=d_out, additional_values=av_extra)
+    else:
+        _nbhd.av_backward(p, probs, v, d_out, d_probs, dv, av_extra, d_av, backend=backend_name(backend),
+                          **fw.launch(probs))
     return d_probs, dv, d_av
 
 

@@ -19,11 +19,18 @@ from . import _core
 class TorchArrays:
     """Allocation and launch settings for torch tensors (see _core.NumpyArrays)."""
 
-    float32 = torch.float32
-
     @staticmethod
     def empty(shape, like, dtype=None):
         return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+    @staticmethod
+    def zeros(shape, like, dtype=None):
+        return torch.zeros(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+    @staticmethod
+    def accumulator(like):
+        """The dtype of lse and d_rpb: float32, float64 for float64 inputs."""
+        return torch.float64 if like.dtype == torch.float64 else torch.float32
 
     @staticmethod
     def launch(like) -> dict:
@@ -66,7 +73,7 @@ def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
 def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale,
       backend):
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
-    lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+    lse = query.new_empty(query.shape[:-1], dtype=TorchArrays.accumulator(query))
     return out, lse
 
 
@@ -76,7 +83,7 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
                 kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
                 scale: Optional[float], backend: Optional[str]
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_query, d_key, d_value, d_rpb (float32), d_additional_keys, d_additional_values); absent ones empty."""
+    """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
     with _on_device(query):
         dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
@@ -91,7 +98,7 @@ def _(d_out, query, key, value, out, lse, rpb, additional_keys, additional_value
     def like(t, dtype=None):
         return query.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype)
 
-    return (like(query), like(key), like(value), like(rpb, torch.float32), like(additional_keys),
+    return (like(query), like(key), like(value), like(rpb, TorchArrays.accumulator(query)), like(additional_keys),
             like(additional_values))
 
 
@@ -152,7 +159,7 @@ def _(query, key, rpb, additional_keys, kernel_size, stride, dilation, is_causal
 def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, additional_keys: Optional[Tensor], has_rpb: bool,
                    kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
                    scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d_query, d_key, d_rpb (float32), d_additional_keys); absent ones empty."""
+    """(d_query, d_key, d_rpb (lse's dtype), d_additional_keys); absent ones empty."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
     with _on_device(query):
         dq, dk, d_rpb, d_ak = _core.qk_backward(TorchArrays, window, scale, *_data(d_attn, query, key, additional_keys),
@@ -164,7 +171,7 @@ def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, additional_keys: 
 def _(d_attn, query, key, additional_keys, has_rpb, kernel_size, stride, dilation, is_causal, scale, backend):
     rpb_shape = (query.shape[-2],) + tuple(2 * k - 1 for k in kernel_size) if has_rpb else (0,)
     d_ak = query.new_empty(0) if additional_keys is None else additional_keys.new_empty(additional_keys.shape)
-    return (query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty(rpb_shape, dtype=torch.float32),
+    return (query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty(rpb_shape, dtype=TorchArrays.accumulator(query)),
             d_ak)
 
 

@@ -2,8 +2,9 @@
 """Fused neighborhood attention on numpy arrays or torch tensors (heads-last layout).
 
 Tensors: query [B, X1..Xr, H, D], key [B, X1..Xr, Hkv, D], value [B, X1..Xr, Hkv, Dv];
-out [B, X1..Xr, H, Dv]; lse [B, X1..Xr, H] (float32). The exact definition is
-docs/python.md (and the project spec); every argument is documented there."""
+out [B, X1..Xr, H, Dv]; lse [B, X1..Xr, H] (float32; float64 for float64 inputs).
+The exact definition is docs/python.md (and the project spec); every argument is
+documented there."""
 
 from __future__ import annotations
 

@@ -79,7 +79,6 @@ TENSOR_ERRORS = [
      "key has a negative stride in dimension 1; negative strides are not supported"),
     ("list", lambda q, k, v: (q, k.tolist(), v), TypeError,
      "key must be a numpy.ndarray or a torch.Tensor, got list"),
-    ("empty batch", lambda q, k, v: (q[:0], k[:0], v[:0]), ValueError, "batch = 0 is invalid: it must be >= 1"),
     ("empty dim", lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, "dim = 0 is invalid: it must be >= 1"),
 ]
 
