@@ -6,11 +6,11 @@
 #include <array>
 #include <cstdlib>
 #include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
 
+#include "core/plan_cache.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/fused/backward.hpp"
 #include "cuda/fused/forward_kernel.cuh"
@@ -71,14 +71,8 @@ TileConfig plan(const Problem& p) {
   }
   // The plan depends on the grid geometry, the head dims, the dtype and the device.
   const std::pair<GeometryKey, bool> key{geometry_key(p), hopper};
-  static std::mutex mutex;
-  static std::map<std::pair<GeometryKey, bool>, TileConfig> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  const TileConfig chosen = rank_configs(p, hopper).front().config;
-  cache.emplace(key, chosen);
-  return chosen;
+  static detail::PlanCache<std::pair<GeometryKey, bool>, TileConfig> cache(detail::kPlanCacheSize);
+  return cache.get(key, [&] { return rank_configs(p, hopper).front().config; });
 }
 
 const Kernel* kernel_for(DType dtype, const TileConfig& c) {

@@ -10,12 +10,12 @@
 #include <array>
 #include <cstdlib>
 #include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 
+#include "core/plan_cache.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/common/workspace.hpp"
 #include "cuda/fused/backward_plan.hpp"
@@ -65,14 +65,8 @@ BackwardPlan plan(const Problem& p) {
   // wgmma key pass does not run).
   using Key = std::tuple<GeometryKey, bool, bool>;
   const Key key{geometry_key(p), hopper, p.has_rpb};
-  static std::mutex mutex;
-  static std::map<Key, BackwardPlan> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  const BackwardPlan chosen = plan_backward(p, hopper);
-  cache.emplace(key, chosen);
-  return chosen;
+  static detail::PlanCache<Key, BackwardPlan> cache(detail::kPlanCacheSize);
+  return cache.get(key, [&] { return plan_backward(p, hopper); });
 }
 
 constexpr size_t kAlign = 256;  // bytes between workspace regions
