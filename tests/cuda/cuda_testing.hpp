@@ -31,6 +31,7 @@ class DeviceTensor {
     EXPECT_EQ(cudaMemcpy(data_, h.storage(), bytes_, cudaMemcpyHostToDevice), cudaSuccess);
     ref_.data = data_;
     ref_.device = Device::kCUDA;
+    EXPECT_EQ(cudaGetDevice(&ref_.device_index), cudaSuccess);  // allocated on the current device
   }
   DeviceTensor(const DeviceTensor&) = delete;
   DeviceTensor& operator=(const DeviceTensor&) = delete;

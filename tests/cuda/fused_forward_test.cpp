@@ -50,7 +50,9 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   return c;
 }
 
-void check_forward(const Case& c, std::mt19937_64& rng) {
+// device >= 0: the tensors live on that GPU while the call is made with the caller's
+// current device, which the call must leave as it was.
+void check_forward(const Case& c, std::mt19937_64& rng, int device = -1) {
   const Problem& p = c.p;
   SCOPED_TRACE(p.to_string());
   const Status runnable = can_run(Backend::kFused, p, Device::kCUDA);
@@ -97,14 +99,23 @@ void check_forward(const Case& c, std::mt19937_64& rng) {
                                      false)
                   .ok());
 
+  int caller = 0;
+  ASSERT_EQ(cudaGetDevice(&caller), cudaSuccess);
+  if (device >= 0) ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
   DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), ak(in.ak), av(in.av), d_out(out), d_lse(lse);
+  ASSERT_EQ(cudaSetDevice(caller), cudaSuccess);
   Options o;
   o.backend = Backend::kFused;
   const Status s = forward(p, {q.ref(), k.ref(), v.ref(), rpb.ref(), ak.ref(), av.ref(), d_out.ref(), d_lse.ref()}, o);
   ASSERT_TRUE(s.ok()) << s.message();
+  int current = -1;
+  ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
+  EXPECT_EQ(current, caller) << "the call changed the caller's current device";
+  if (device >= 0) ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   d_out.copy_to(out);
   d_lse.copy_to(lse);
+  ASSERT_EQ(cudaSetDevice(caller), cudaSuccess);
   testing::expect_close("out", p.dtype, out.values(), exact.values(), plain_out.values());
   // lse: float32 in every dtype; its error is the scores' (16-bit inputs: 2^-8 of a
   // score; float32: ~2^-21).
@@ -280,6 +291,31 @@ TEST(FusedForwardDevice, KernelsOverTheSharedMemoryLimitAreRefused) {
   EXPECT_NE(s.message().find("bytes of shared memory per block; this GPU allows " + std::to_string(limit)),
             std::string::npos)
       << s.message();
+}
+
+// Tensors on a GPU other than the current one: the backend runs there (the shared-
+// memory opt-in, above 48 KB at head dim 128, is per device), leaves the caller's
+// current device as it was, and matches the reference. Runs first on the current
+// device, as a process using both GPUs would. Needs two GPUs (the CPU emulator has
+// two); skipped, with the reason, on one.
+TEST(FusedForwardDevice, RunsOnTheTensorsDevice) {
+  NBHD_REQUIRE_GPU();
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess);
+  if (count < 2) GTEST_SKIP() << "needs two GPUs, this machine has " << count;
+  std::mt19937_64 rng(46);
+  Case c;
+  c.gap = 0;
+  c.p.rank = 1;
+  c.p.extent = {300, 0, 0};
+  c.p.kernel = {33, 0, 0};
+  c.p.heads = 2;
+  c.p.dim = 128;
+  c.p.dtype = DType::kFloat16;
+  const Status runnable = can_run(Backend::kFused, c.p, Device::kCUDA);
+  if (!runnable.ok()) GTEST_SKIP() << runnable.message();
+  check_forward(c, rng);                   // on the current device, 0
+  check_forward(c, rng, /*device=*/1);     // tensors on device 1, device 0 current
 }
 
 // Dilation groups shorter than a warp's 16 queries (and under 32 tokens in all): the

@@ -12,6 +12,7 @@
 
 #include "core/plan_cache.hpp"
 #include "cuda/common/check.hpp"
+#include "cuda/common/device_guard.hpp"
 #include "cuda/fused/backward.hpp"
 #include "cuda/fused/forward_kernel.cuh"
 #include "cuda/fused/host.hpp"
@@ -126,6 +127,10 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
     NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
+  // The tensors' GPU, whatever the caller's current one: the plan (wgmma or not), the
+  // shared-memory opt-in and the launch all read the current device.
+  DeviceGuard guard;
+  NBHD_RETURN_IF_ERROR(guard.set(t.query.device_index));
   NBHD_RETURN_IF_ERROR(check_device());
 
   const TileConfig config = plan(p);

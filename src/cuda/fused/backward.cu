@@ -17,6 +17,7 @@
 
 #include "core/plan_cache.hpp"
 #include "cuda/common/check.hpp"
+#include "cuda/common/device_guard.hpp"
 #include "cuda/common/workspace.hpp"
 #include "cuda/fused/backward_plan.hpp"
 #include "cuda/fused/host.hpp"
@@ -92,6 +93,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
         {"additional_values", &t.additional_values}, {"d_additional_keys", &t.d_additional_keys},
         {"d_additional_values", &t.d_additional_values}})
     NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
+  DeviceGuard guard;  // the tensors' GPU, as the forward
+  NBHD_RETURN_IF_ERROR(guard.set(t.query.device_index));
   NBHD_RETURN_IF_ERROR(check_device());
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   const auto launch = kernels().find({p.dtype, bucket});

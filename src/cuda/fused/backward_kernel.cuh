@@ -37,6 +37,7 @@
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/ptx.cuh"
+#include "cuda/common/shared_memory.hpp"
 #include "cuda/fused/backward.hpp"
 #include "cuda/fused/backward_params.hpp"
 #include "cuda/fused/backward_parts.cuh"
@@ -1188,11 +1189,10 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
     }
     auto kernel = fused_backward_key_kernel<KeyPass>;
     const int bytes = KeyPass::kSharedBytes + (p.d_rpb ? KeyPass::kRpbBytes : 0);
-    // Above 48 KB a kernel must opt in (once per process is enough, as the forward);
-    // the limit covers the d rpb buffer, a launch uses what it needs.
-    static const cudaError_t attribute =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KeyPass::kSharedBytes + KeyPass::kRpbBytes);
-    if (attribute != cudaSuccess) return attribute;
+    // The opt-in covers the d rpb buffer; a launch uses what it needs.
+    if (const cudaError_t e = allow_shared_memory<fused_backward_key_kernel<KeyPass>>(KeyPass::kSharedBytes + KeyPass::kRpbBytes);
+        e != cudaSuccess)
+      return e;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (blocks > 0) kernel<<<dim3(unsigned(blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
   }
@@ -1203,9 +1203,8 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
     fused_backward_convert_dq_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p);
   } else {
     auto kernel = fused_backward_dq_kernel<DqPass>;
-    static const cudaError_t attribute =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqPass::kSharedBytes);
-    if (attribute != cudaSuccess) return attribute;
+    if (const cudaError_t e = allow_shared_memory<fused_backward_dq_kernel<DqPass>>(DqPass::kSharedBytes); e != cudaSuccess)
+      return e;
     const int64_t blocks = p.dq_tiles * p.heads * p.batch;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     kernel<<<dim3(unsigned(blocks)), dim3(DqPass::kThreads), DqPass::kSharedBytes, stream>>>(p);

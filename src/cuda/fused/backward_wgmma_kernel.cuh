@@ -26,6 +26,7 @@
 #include "cuda/common/mma.cuh"
 #include "cuda/common/pipeline.cuh"
 #include "cuda/common/ptx.cuh"
+#include "cuda/common/shared_memory.hpp"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/backward_params.hpp"
 #include "cuda/fused/backward_parts.cuh"
@@ -386,9 +387,8 @@ template <class T, int kHeadDim>
 cudaError_t launch_fused_backward_key_wgmma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = WgmmaKeyPassConfig<T, kHeadDim>;
   auto kernel = fused_backward_key_wgmma_kernel<Cfg>;
-  static const cudaError_t attribute =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSharedBytes);
-  if (attribute != cudaSuccess) return attribute;
+  if (const cudaError_t e = allow_shared_memory<fused_backward_key_wgmma_kernel<Cfg>>(Cfg::kSharedBytes); e != cudaSuccess)
+    return e;
   const int64_t blocks = int64_t(p.batch) * p.kv_heads * p.kv_tiles;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), Cfg::kSharedBytes, stream>>>(p);

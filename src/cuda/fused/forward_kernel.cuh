@@ -38,6 +38,7 @@
 #include "cuda/common/mma.cuh"
 #include "cuda/common/numeric.cuh"
 #include "cuda/common/pipeline.cuh"
+#include "cuda/common/shared_memory.hpp"
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
@@ -835,11 +836,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 template <class Cfg>
 cudaError_t launch_fused_forward(const ForwardParams& p, int64_t batch, cudaStream_t stream) {
   auto kernel = fused_forward_kernel<Cfg>;
-  // Above 48 KB a kernel must opt in to dynamic shared memory (once per device use
-  // is enough, but the call is cheap next to any launch that needs it).
-  static const cudaError_t attribute =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSharedBytes);
-  if (attribute != cudaSuccess) return attribute;
+  if (const cudaError_t e = allow_shared_memory<fused_forward_kernel<Cfg>>(Cfg::kSharedBytes); e != cudaSuccess) return e;
   const int64_t blocks = p.tiles * p.heads * batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), Cfg::kSharedBytes, stream>>>(p);

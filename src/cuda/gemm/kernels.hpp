@@ -6,29 +6,12 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
+#include "cuda/common/shared_memory.hpp"
 #include "cuda/gemm/params.hpp"
 
 namespace nbhd::cuda::gemm {
-
-// Lets `Kernel` use the device's opt-in maximum of dynamic shared memory (above 48
-// KB a kernel must ask), once per kernel and device.
-template <auto Kernel>
-cudaError_t allow_shared_memory() {
-  static std::atomic<uint64_t> done{0};  // bit d: device d
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  int optin = 0;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-  if (err == cudaSuccess && bit) done.fetch_or(bit, std::memory_order_relaxed);
-  return err;
-}
 
 template <class T, class A>
 cudaError_t launch_pn(const PnParams& p, int64_t blocks, cudaStream_t stream);

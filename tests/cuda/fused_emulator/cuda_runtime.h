@@ -30,6 +30,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <type_traits>
+#include <utility>
 #include <functional>
 #include <string>
 #include <ucontext.h>
@@ -498,10 +500,72 @@ inline void check_dim(dim3 d, const char* what) {
   if (d.y != 1 || d.z != 1) die(what);
 }
 
+// Devices (EMU_DEVICES, default 2, so that a test on a second device runs here):
+// the current one per host thread, the device of every allocation, and per kernel
+// and device the dynamic shared memory it opted in to.
+inline int device_count() {
+  static const int n = [] {
+    const char* v = std::getenv("EMU_DEVICES");
+    return v ? std::max(1, std::atoi(v)) : 2;
+  }();
+  return n;
+}
+inline thread_local int current_device = 0;
+struct Allocation {
+  std::size_t bytes;
+  int device;
+};
+inline std::map<uintptr_t, Allocation>& allocations() {
+  static std::map<uintptr_t, Allocation> m;
+  return m;
+}
+inline std::map<std::pair<const void*, int>, int>& shared_optins() {
+  static std::map<std::pair<const void*, int>, int> m;
+  return m;
+}
+inline thread_local cudaError_t last_error = cudaSuccess;
+constexpr std::size_t kDefaultSharedBytes = 48 << 10;
+
+// The device whose allocation holds `address`, or -1.
+inline int device_of(uintptr_t address) {
+  const auto& m = allocations();
+  auto it = m.upper_bound(address);
+  if (it == m.begin()) return -1;
+  --it;
+  return address < it->first + it->second.bytes ? it->second.device : -1;
+}
+// A kernel reads its tensors through pointers in its parameters: every 8-byte word
+// of them that points into an allocation must point into one of the launching
+// device (a kernel on device 0 reading device 1's memory faults on a GPU).
+template <class A>
+void check_devices_of(const A& arg) {
+  static_assert(std::is_trivially_copyable_v<std::decay_t<A>>, "kernel parameters are trivially copyable");
+  const std::size_t words = sizeof(arg) / sizeof(uintptr_t);
+  for (std::size_t i = 0; i < words; ++i) {
+    uintptr_t word;
+    std::memcpy(&word, reinterpret_cast<const char*>(&arg) + i * sizeof(uintptr_t), sizeof word);
+    const int d = device_of(word);
+    if (d >= 0 && d != current_device) {
+      std::fprintf(stderr, "emulated CUDA: a kernel launched on device %d reads memory allocated on device %d\n",
+                   current_device, d);
+      std::abort();
+    }
+  }
+}
+
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, cudaStream_t, A&&... args) {
   check_dim(grid, "only 1-D grids are emulated");
   check_dim(dims, "only 1-D blocks are emulated");
+  if (smem > kDefaultSharedBytes) {
+    // Above 48 KB the kernel must have opted in on this device (cudaFuncSetAttribute).
+    const auto it = shared_optins().find({reinterpret_cast<const void*>(kernel), current_device});
+    if (it == shared_optins().end() || std::size_t(it->second) < smem) {
+      last_error = cudaErrorInvalidValue;
+      return;
+    }
+  }
+  (check_devices_of(args), ...);
   for (unsigned b = 0; b < grid.x; ++b) {
     Block blk(b, grid, dims, smem);
     block = &blk;
@@ -591,15 +655,21 @@ inline float __uint_as_float(uint32_t bits) {
 
 inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError"; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error"; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
 inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xff, bytes);
+  emu::allocations()[reinterpret_cast<uintptr_t>(*p)] = {bytes ? bytes : 1, emu::current_device};
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocAsync(void** p, std::size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
 inline cudaError_t cudaFree(void* p) {
+  emu::allocations().erase(reinterpret_cast<uintptr_t>(p));
   std::free(p);
   return cudaSuccess;
 }
@@ -620,14 +690,18 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaSt
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) {
-  *n = 1;
+  *n = emu::device_count();
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = emu::current_device;
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= emu::device_count()) return cudaErrorInvalidDevice;
+  emu::current_device = d;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int) {
   std::memset(prop, 0, sizeof *prop);
   prop->major = emu::device_model().major;
@@ -649,6 +723,8 @@ inline cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_by
   return cudaSuccess;
 }
 template <class F>
-inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
-  return value <= emu::device_model().shared_optin ? cudaSuccess : cudaErrorInvalidValue;
+inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
+  if (value > emu::device_model().shared_optin) return cudaErrorInvalidValue;
+  emu::shared_optins()[{reinterpret_cast<const void*>(kernel), emu::current_device}] = value;
+  return cudaSuccess;
 }
