@@ -1158,59 +1158,62 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
   constexpr int kThreads = 256;
   auto blocks_for = [](int64_t n, int per_block) { return (n + per_block - 1) / per_block; };
 
+  // Every grid, checked before the first launch: a refusal after the preprocess ran
+  // would leave later passes' outputs half written.
+  const int64_t rpb_count = p.d_rpb ? int64_t(p.heads) * (2 * p.nb.axis[0].kernel - 1) *
+                                          (2 * p.nb.axis[1].kernel - 1) * (2 * p.nb.axis[2].kernel - 1)
+                                    : 0;
+  const int64_t rpb_blocks = blocks_for(rpb_count, kThreads);
+  const int64_t pre_blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * 4, kThreads);
+  // Key pass: the mma.sync kernel for every CTA, or the wgmma kernel for the
+  // neighborhood key tiles and the mma.sync one for the additional tokens' CTAs
+  // (first in its grid: a grid of only those runs only those).
+  const int64_t key_blocks = int64_t(p.batch) * p.kv_heads * ((p.wgmma_key_pass ? 0 : p.kv_tiles) + p.additional_ctas);
+  const int64_t wgmma_blocks = p.wgmma_key_pass ? int64_t(p.batch) * p.kv_heads * p.kv_tiles : 0;
+  const int64_t dq_blocks = p.dq_accum ? blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / (16 / int(sizeof(T)))), kThreads)
+                                       : p.dq_tiles * p.heads * p.batch;
+  for (const int64_t blocks : {rpb_blocks, pre_blocks, key_blocks, wgmma_blocks, dq_blocks})
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (p.wgmma_key_pass && !kHasWgmmaKeyPass<T, kHeadDim>) return cudaErrorInvalidValue;  // offered only where compiled
+
+  // Each launch is checked before the next: a failed one must not be followed by
+  // kernels that read what it should have written.
   if (p.dq_accum) {
     const cudaError_t err =
         cudaMemsetAsync(p.dq_accum, 0, size_t(p.batch) * p.tokens * p.heads * p.dim * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
-  const int64_t rpb_count = p.d_rpb ? int64_t(p.heads) * (2 * p.nb.axis[0].kernel - 1) *
-                                          (2 * p.nb.axis[1].kernel - 1) * (2 * p.nb.axis[2].kernel - 1)
-                                    : 0;
   if (p.d_rpb && !p.rpb_partial) {
-    fused_backward_zero_rpb_kernel<><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+    fused_backward_zero_rpb_kernel<><<<unsigned(rpb_blocks), kThreads, 0, stream>>>(p, rpb_count);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  const int64_t pre_blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * 4, kThreads);
-  if (pre_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   fused_backward_preprocess_kernel<T><<<unsigned(pre_blocks), kThreads, 0, stream>>>(p);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
 
-  {
-    // Key pass: the mma.sync kernel for every CTA, or the wgmma kernel for the
-    // neighborhood key tiles and the mma.sync one for the additional tokens' CTAs
-    // (first in its grid: a grid of only those runs only those).
-    int64_t blocks = int64_t(p.batch) * p.kv_heads * (p.kv_tiles + p.additional_ctas);
-    if (p.wgmma_key_pass) {
-      if constexpr (kHasWgmmaKeyPass<T, kHeadDim>) {
-        const cudaError_t err = launch_fused_backward_key_wgmma<T, kHeadDim>(p, stream);
-        if (err != cudaSuccess) return err;
-        blocks = int64_t(p.batch) * p.kv_heads * p.additional_ctas;
-      } else {
-        return cudaErrorInvalidValue;  // the planner offers it only where compiled
-      }
-    }
-    auto kernel = fused_backward_key_kernel<KeyPass>;
-    const int bytes = KeyPass::kSharedBytes + (p.d_rpb ? KeyPass::kRpbBytes : 0);
+  if constexpr (kHasWgmmaKeyPass<T, kHeadDim>) {
+    if (p.wgmma_key_pass)
+      if (const cudaError_t e = launch_fused_backward_key_wgmma<T, kHeadDim>(p, stream); e != cudaSuccess) return e;
+  }
+  if (key_blocks > 0) {
     // The opt-in covers the d rpb buffer; a launch uses what it needs.
     if (const cudaError_t e = allow_shared_memory<fused_backward_key_kernel<KeyPass>>(KeyPass::kSharedBytes + KeyPass::kRpbBytes);
         e != cudaSuccess)
       return e;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    if (blocks > 0) kernel<<<dim3(unsigned(blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
+    const int bytes = KeyPass::kSharedBytes + (p.d_rpb ? KeyPass::kRpbBytes : 0);
+    fused_backward_key_kernel<KeyPass><<<dim3(unsigned(key_blocks)), dim3(KeyPass::kThreads), bytes, stream>>>(p);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
 
   if (p.dq_accum) {
-    const int64_t blocks = blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / (16 / int(sizeof(T)))), kThreads);
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    fused_backward_convert_dq_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+    fused_backward_convert_dq_kernel<T><<<unsigned(dq_blocks), kThreads, 0, stream>>>(p);
   } else {
-    auto kernel = fused_backward_dq_kernel<DqPass>;
     if (const cudaError_t e = allow_shared_memory<fused_backward_dq_kernel<DqPass>>(DqPass::kSharedBytes); e != cudaSuccess)
       return e;
-    const int64_t blocks = p.dq_tiles * p.heads * p.batch;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    kernel<<<dim3(unsigned(blocks)), dim3(DqPass::kThreads), DqPass::kSharedBytes, stream>>>(p);
+    fused_backward_dq_kernel<DqPass><<<dim3(unsigned(dq_blocks)), dim3(DqPass::kThreads), DqPass::kSharedBytes, stream>>>(p);
   }
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (p.d_rpb && p.rpb_partial)
-    fused_backward_reduce_rpb_kernel<><<<unsigned(blocks_for(rpb_count, kThreads)), kThreads, 0, stream>>>(p, rpb_count);
+    fused_backward_reduce_rpb_kernel<><<<unsigned(rpb_blocks), kThreads, 0, stream>>>(p, rpb_count);
   return cudaGetLastError();
 }
 
