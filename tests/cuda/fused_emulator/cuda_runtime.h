@@ -13,8 +13,9 @@
 // still being read, shows in one of the runs.
 // EMU_SCHEDULE=reverse runs fibers in the opposite order between sync points.
 // EMU_MMA_ROUND=zero rounds every mma result toward zero (see accumulator_round).
-// "Device" memory is host memory filled with 0xff (NaN) when allocated. It checks
-// indexing, fragment layouts and arithmetic, not speed or the compiler.
+// "Device" memory is host memory filled with 0xff (NaN) when allocated, on one of
+// EMU_DEVICES devices (default 2; see launch). It checks indexing, fragment layouts,
+// arithmetic and which device a launch uses, not speed or the compiler.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -12,7 +12,9 @@ runs too: the forward passed on an H200, so it checks the emulator itself.
 
 Environment: EMU_CP_ASYNC=early|late (when cp.async copies land), EMU_SCHEDULE=reverse,
 EMU_MMA_ROUND=zero (mma results rounded toward zero), EMU_DEVICE=a100 (compute
-capability 8.0 and 163 KB of shared memory per block: the sm_80 paths),
+capability 8.0 and 163 KB of shared memory per block: the sm_80 paths), EMU_DEVICES=n
+(devices, default 2: allocations remember theirs, a launch reading another device's
+memory aborts, and opt-ins above 48 KB of shared memory are per device),
 NBHD_TEST_SMALL=1 (smaller random problems; set by default here).
 """
 import argparse
