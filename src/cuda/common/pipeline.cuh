@@ -36,6 +36,27 @@ __device__ __forceinline__ void arrive(uint64_t* barrier) {
 #endif
 }
 
+// Makes this thread's mbarrier.init visible to the async proxy (TMA completes
+// transactions on the barriers), before the CTA barrier that publishes them.
+__device__ __forceinline__ void fence_init() {
+#if NBHD_WGMMA_ENABLED
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Arrives on `barrier` and adds `bytes` to the transaction count its phase waits
+// for: the TMA copies this thread issues next complete them (tma.cuh).
+__device__ __forceinline__ void arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+#if NBHD_WGMMA_ENABLED
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ptx::smem_address(barrier)), "r"(bytes)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Arrives on `barrier` once every cp.async this thread issued before has landed.
 __device__ __forceinline__ void arrive_after_copies(uint64_t* barrier) {
 #if NBHD_WGMMA_ENABLED

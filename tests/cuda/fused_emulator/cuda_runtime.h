@@ -18,6 +18,7 @@
 // arithmetic and which device a launch uses, not speed or the compiler.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap and the tensor-map encoder's types
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <driver_types.h>
@@ -62,6 +63,16 @@ struct Lane {
   uint32_t out[4];
   float fout[4];
 };
+
+// What the emulated cuTensorMapEncodeTiled stores in a CUtensorMap's 128 bytes.
+struct TensorMapModel {
+  const unsigned char* base;
+  uint64_t extent[5];
+  uint64_t stride[4];  // bytes, dims 1..
+  uint32_t box[5], element_stride[5];
+  uint8_t dims, element_bytes, swizzle_128;
+};
+static_assert(sizeof(TensorMapModel) <= sizeof(CUtensorMap), "the model fits a tensor map");
 
 struct PendingCopy {
   uint32_t dst;
@@ -156,7 +167,8 @@ class Block {
           progress = true;
         }
       for (int t = 0; t < n; ++t)
-        if (fibers_[t].state == kAtMbarrier && mbarrier_done(fibers_[t].wait_address, fibers_[t].wait_parity)) {
+        if (fibers_[t].state == kAtMbarrier && (land_tma(fibers_[t].wait_address),
+                                                mbarrier_done(fibers_[t].wait_address, fibers_[t].wait_parity))) {
           fibers_[t].state = kReady;
           progress = true;
         }
@@ -218,16 +230,37 @@ class Block {
   // phase, and the number of completed phases.
   void mbarrier_init(uint32_t address, int arrivals) {
     if (address % 8 || address + 8 > smem_size()) die("mbarrier outside shared memory or misaligned", current_);
-    mbarriers_[address] = Mbarrier{arrivals, arrivals, 0};
+    mbarriers_[address] = Mbarrier{arrivals, arrivals, 0, 0};
   }
   void mbarrier_arrive(uint32_t address) {
     auto it = mbarriers_.find(address);
     if (it == mbarriers_.end()) die("arrive on an uninitialised mbarrier", current_);
     Mbarrier& m = it->second;
-    if (--m.pending == 0) {
-      m.pending = m.arrivals;
-      ++m.phases;
-    }
+    if (m.pending == 0) die("mbarrier: more arrivals than its count in one phase", current_);
+    --m.pending;
+    complete_if_done(m);
+  }
+  // mbarrier.arrive.expect_tx: the phase also waits for `bytes` of transactions.
+  void mbarrier_expect_tx(uint32_t address, int64_t bytes) {
+    auto it = mbarriers_.find(address);
+    if (it == mbarriers_.end()) die("expect_tx on an uninitialised mbarrier", current_);
+    it->second.tx += bytes;
+    mbarrier_arrive(address);
+  }
+
+  // cp.async.bulk.tensor of the running thread: the box lands at issue
+  // (EMU_CP_ASYNC=early) or once a thread waits on its barrier (late), written where
+  // the hardware writes it (the 128-byte swizzle from the shared-memory address
+  // bits: 16-byte chunk bits 4-6 XOR bits 7-9), zero outside the tensor; its bytes
+  // complete transactions of the barrier.
+  void tma_load(const TensorMapModel& m, uint32_t dst, uint32_t barrier, const int32_t* c, int dims) {
+    if (dims != m.dims) die("TMA copy with a coordinate count unlike its tensor map's dims", current_);
+    if (dst % 128) die("TMA destination not 128-byte aligned", current_);
+    if (!mbarriers_.count(barrier)) die("TMA copy completing on an uninitialised mbarrier", current_);
+    PendingTma t{m, dst, barrier, {}};
+    for (int i = 0; i < dims; ++i) t.c[i] = c[i];
+    if (early()) land(t);
+    else tma_.push_back(t);
   }
   // cp.async.mbarrier.arrive.noinc: the thread's copies so far land, then it arrives.
   void mbarrier_arrive_after_copies(uint32_t address) {
@@ -238,6 +271,7 @@ class Block {
   }
   void mbarrier_wait(uint32_t address, uint32_t parity) {
     if (!mbarriers_.count(address)) die("wait on an uninitialised mbarrier", current_);
+    land_tma(address);
     if (mbarrier_done(address, parity)) return;
     fibers_[current_].wait_address = address;
     fibers_[current_].wait_parity = parity;
@@ -312,7 +346,58 @@ class Block {
   struct Mbarrier {
     int arrivals, pending;
     uint32_t phases;
+    int64_t tx = 0;  // transaction bytes the phase still waits for
   };
+  struct PendingTma {
+    TensorMapModel map;
+    uint32_t dst, barrier;
+    int32_t c[5];
+  };
+  void complete_if_done(Mbarrier& m) {
+    if (m.pending == 0 && m.tx == 0) {
+      m.pending = m.arrivals;
+      ++m.phases;
+    }
+  }
+  // Lands the queued TMA copies that complete on `barrier` (late mode).
+  void land_tma(uint32_t barrier) {
+    std::vector<PendingTma> still;
+    for (const PendingTma& t : tma_) {
+      if (t.barrier == barrier) land(t);
+      else still.push_back(t);
+    }
+    tma_.swap(still);
+  }
+  void land(const PendingTma& t) {
+    const TensorMapModel& m = t.map;
+    int count[5];
+    int64_t elements = 1;
+    for (int i = 0; i < m.dims; ++i) {
+      count[i] = int((m.box[i] + m.element_stride[i] - 1) / m.element_stride[i]);
+      elements *= count[i];
+    }
+    const int64_t row_bytes = int64_t(count[0]) * m.element_bytes;
+    if (m.swizzle_128 && row_bytes != 128) die("emulated TMA: the 128-byte swizzle is emulated for 128-byte rows only");
+    if (t.dst + elements * m.element_bytes > smem_size()) die("TMA box past the end of shared memory");
+    for (int64_t n = 0; n < elements; ++n) {
+      int64_t rest = n, offset = 0;
+      bool inside = true;
+      for (int i = 0; i < m.dims; ++i) {
+        const int64_t k = rest % count[i];
+        rest /= count[i];
+        const int64_t coordinate = int64_t(t.c[i]) + k * m.element_stride[i];
+        inside &= coordinate >= 0 && coordinate < int64_t(m.extent[i]);
+        offset += coordinate * (i == 0 ? int64_t(m.element_bytes) : int64_t(m.stride[i - 1]));
+      }
+      uint32_t at = t.dst + uint32_t(n * m.element_bytes);
+      if (m.swizzle_128) at ^= ((at >> 7) & 7u) << 4;
+      if (inside) std::memcpy(smem_.data() + at, m.base + offset, m.element_bytes);
+      else std::memset(smem_.data() + at, 0, m.element_bytes);
+    }
+    Mbarrier& b = mbarriers_.at(t.barrier);
+    b.tx -= elements * m.element_bytes;
+    complete_if_done(b);
+  }
   // The phase with this parity has completed once the current phase's parity differs.
   bool mbarrier_done(uint32_t address, uint32_t parity) const {
     return (mbarriers_.at(address).phases & 1u) != (parity & 1u);
@@ -345,6 +430,7 @@ class Block {
   std::vector<unsigned char> smem_;
   std::vector<Fiber> fibers_;
   std::map<uint32_t, Mbarrier> mbarriers_;
+  std::vector<PendingTma> tma_;
   std::vector<int> registers_;  // per warpgroup, once a setmaxnreg ran
   Lane lanes_[1024];
   std::function<void()> body_;
@@ -723,6 +809,50 @@ inline cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_by
   *free_bytes = *total_bytes = emu::device_bytes;
   return cudaSuccess;
 }
+namespace emu {
+// cuTensorMapEncodeTiled's checks (the ones the driver documents for tiled maps),
+// then the map's fields into the TensorMapModel the emulated copies read.
+inline CUresult encode_tiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t dims, void* base,
+                             const cuuint64_t* extent, const cuuint64_t* stride, const cuuint32_t* box,
+                             const cuuint32_t* element_stride, CUtensorMapInterleave interleave,
+                             CUtensorMapSwizzle swizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill) {
+  const int element_bytes = type == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4
+                            : type == CU_TENSOR_MAP_DATA_TYPE_FLOAT16 || type == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 ? 2
+                                                                                                                 : 0;
+  if (!element_bytes || dims < 1 || dims > 5 || reinterpret_cast<uintptr_t>(base) % 16 ||
+      interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
+      (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && swizzle != CU_TENSOR_MAP_SWIZZLE_128B))
+    return CUDA_ERROR_INVALID_VALUE;
+  TensorMapModel m{};
+  m.base = static_cast<const unsigned char*>(base);
+  m.dims = uint8_t(dims);
+  m.element_bytes = uint8_t(element_bytes);
+  m.swizzle_128 = swizzle == CU_TENSOR_MAP_SWIZZLE_128B;
+  for (cuuint32_t i = 0; i < dims; ++i) {
+    if (extent[i] == 0 || extent[i] > (uint64_t(1) << 32) || box[i] == 0 || box[i] > 256 || element_stride[i] == 0 ||
+        element_stride[i] > 8)
+      return CUDA_ERROR_INVALID_VALUE;
+    if (i > 0 && (stride[i - 1] % 16 || stride[i - 1] >= (uint64_t(1) << 40))) return CUDA_ERROR_INVALID_VALUE;
+    m.extent[i] = extent[i];
+    m.box[i] = box[i];
+    m.element_stride[i] = element_stride[i];
+    if (i > 0) m.stride[i - 1] = stride[i - 1];
+  }
+  if ((box[0] * element_bytes) % 16 || (m.swizzle_128 && box[0] * element_bytes > 128)) return CUDA_ERROR_INVALID_VALUE;
+  std::memset(map, 0, sizeof *map);
+  std::memcpy(map, &m, sizeof m);
+  return CUDA_SUCCESS;
+}
+}  // namespace emu
+
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* status) {
+  const bool known = std::string(symbol) == "cuTensorMapEncodeTiled";
+  *fn = known ? reinterpret_cast<void*>(&emu::encode_tiled) : nullptr;
+  if (status) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
+
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
   if (value > emu::device_model().shared_optin) return cudaErrorInvalidValue;

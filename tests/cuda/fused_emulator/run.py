@@ -29,9 +29,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfold.cpp", "src/dispatch/api.cpp",
            "src/dispatch/registry.cpp",
            "src/cpu/reference.cpp", "src/cpu/tiled.cpp", "tests/cpp/testing.cpp", "src/cuda/fused/backend.cu",
-           "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp"]
+           "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp",
+           "src/cuda/common/tensor_map.cpp"]
 KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh",
                   "src/cuda/fused/backward_wgmma_kernel.cuh"]
+# Kernels of the tests themselves (rewritten like the headers, compiled into the tests).
+TEST_KERNELS = ["tests/cuda/tma_probe.cu"]
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 SHARED = re.compile(r"extern\s+__shared__\s+__align__\(\d+\)\s+unsigned\s+char\s+(\w+)\[\];")
 CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -93,7 +96,7 @@ def main():
     ap.add_argument("--cuda-include", default=os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include"))
     ap.add_argument("--dims", default="32,64,128")
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
-    ap.add_argument("--tests", default="fused_backward_test,fused_forward_test")
+    ap.add_argument("--tests", default="fused_backward_test,fused_forward_test,fused_tma_test")
     ap.add_argument("-j", type=int, default=os.cpu_count() or 2)
     ap.add_argument("gtest_args", nargs="*")
     args = ap.parse_args()
@@ -107,9 +110,16 @@ def main():
             sys.exit(f"run.py: a launch or shared declaration in {h} was not rewritten")
         write_if_changed(os.path.join(override, os.path.relpath(h, "src")), text)
 
+    for k in TEST_KERNELS:
+        text = rewrite(open(os.path.join(ROOT, k)).read())
+        if "<<<" in text or "extern __shared__" in text:
+            sys.exit(f"run.py: a launch or shared declaration in {k} was not rewritten")
+        write_if_changed(os.path.join(gen, os.path.basename(k) + ".cpp"), text)
+
     dims = [int(d) for d in args.dims.split(",")]
     dtypes = args.dtypes.split(",")
-    sources = [os.path.join(ROOT, s) for s in LIBRARY]
+    sources = [os.path.join(ROOT, s) for s in LIBRARY] + [os.path.join(gen, os.path.basename(k) + ".cpp")
+                                                           for k in TEST_KERNELS]
     fwd_inc, bwd_inc = "", ""
     for dtype in dtypes:
         ctype = CTYPE[dtype]

@@ -16,6 +16,10 @@ namespace nbhd::cuda::pipeline {
 
 inline void init(uint64_t* barrier, uint32_t arrivals) { emu::block->mbarrier_init(ptx::smem_address(barrier), int(arrivals)); }
 inline void arrive(uint64_t* barrier) { emu::block->mbarrier_arrive(ptx::smem_address(barrier)); }
+inline void fence_init() {}
+inline void arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+  emu::block->mbarrier_expect_tx(ptx::smem_address(barrier), int64_t(bytes));
+}
 inline void arrive_after_copies(uint64_t* barrier) { emu::block->mbarrier_arrive_after_copies(ptx::smem_address(barrier)); }
 inline void wait(uint64_t* barrier, uint32_t parity) { emu::block->mbarrier_wait(ptx::smem_address(barrier), parity); }
 inline void wait_all_copies() { emu::block->cp_async_wait_all(); }
