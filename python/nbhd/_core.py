@@ -5,8 +5,11 @@ here, torch in _torch_ops), then the C++ entry point. No torch import here."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,6 +17,47 @@ import numpy as np
 from . import _nbhd
 
 MAX_RANK = 3
+
+
+class Settings:
+    """Process-wide switches. deterministic: run the backward without atomics (bitwise
+    reproducible gradients) even where torch.are_deterministic_algorithms() is off; set by
+    nbhd.compat.natten's use_deterministic_algorithms."""
+
+    deterministic = False
+
+
+def keywords_after(count: int, generation_note: str):
+    """Decorator: the parameters past the first `count` are keyword-only, with one
+    release of grace. Passing them by position still works but warns (FutureWarning),
+    naming them and `generation_note`: the reason a positional call is unsafe. The
+    signature shown by help() and inspect is the keyword-only one."""
+
+    def wrap(function):
+        signature = inspect.signature(function)
+        names = list(signature.parameters)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i >= count else p
+                  for i, p in enumerate(signature.parameters.values())]
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            if len(args) > count:
+                given = ", ".join(names[count:len(args)])
+                warnings.warn(f"{function.__qualname__}: {given} passed by position; pass every argument after "
+                              f"{names[count - 1]} by keyword ({generation_note}). Positional use will be an "
+                              f"error in the next release.", FutureWarning, stacklevel=2)
+            return function(*args, **kwargs)
+
+        call.__signature__ = signature.replace(parameters=params)
+        return call
+
+    return wrap
+
+
+# Why a positional argument after kernel_size is unsafe: the same call means another window.
+NATTEN_017_ORDER = ("NATTEN 0.17 took dilation in the position where nbhd and NATTEN 0.20+ take stride, so "
+                    "na2d(q, k, v, 7, 2) written for 0.17 means stride 2 here; code written for NATTEN 0.17 can "
+                    "import nbhd.compat.natten.v017")
 
 
 class Window(NamedTuple):
@@ -262,7 +306,7 @@ class NumpyArrays:
 
     @staticmethod
     def launch(like) -> dict:
-        return {"stream": 0, "deterministic": False}
+        return {"stream": 0, "deterministic": Settings.deterministic}
 
 
 def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):

@@ -35,7 +35,8 @@ class TorchArrays:
     @staticmethod
     def launch(like) -> dict:
         stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
-        return {"stream": stream, "deterministic": torch.are_deterministic_algorithms_enabled()}
+        deterministic = torch.are_deterministic_algorithms_enabled() or _core.Settings.deterministic
+        return {"stream": stream, "deterministic": deterministic}
 
 
 def _on_device(t: Tensor):

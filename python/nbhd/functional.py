@@ -49,6 +49,7 @@ def _torch_ops():
     return _torch_ops
 
 
+@_core.keywords_after(4, _core.NATTEN_017_ORDER)
 def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            rpb=None, additional_keys=None, additional_values=None, return_lse=False, backend=None):
     """Neighborhood attention over a token grid of rank 1, 2 or 3 (taken from query.ndim - 3).
@@ -91,6 +92,7 @@ def _attention(framework, rank, query, key, value, kernel_size, stride, dilation
 
 
 def _ranked(rank: int, name: str):
+    @_core.keywords_after(4, _core.NATTEN_017_ORDER)
     def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
            additional_keys=None, additional_values=None, return_lse=False, backend=None):
         arrays = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": additional_keys,
@@ -102,7 +104,7 @@ def _ranked(rank: int, name: str):
         return _attention(framework, rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
                           rpb, additional_keys, additional_values, return_lse, backend)
 
-    na.__name__ = na.__qualname__ = name
+    na.__name__ = na.__qualname__ = na.__wrapped__.__qualname__ = name
     na.__doc__ = (f"{rank}-D neighborhood attention: query {_core.token_layout(rank)}. Same arguments and "
                   f"results as neighborhood_attention; per-axis arguments take an int/bool or a tuple of {rank}.")
     return na

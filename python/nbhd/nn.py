@@ -21,27 +21,36 @@ __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAt
 class _NeighborhoodAttention(nn.Module):
     rank = 0
 
+    @_core.keywords_after(4, _core.NATTEN_017_ORDER)
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1, is_causal=False,
                  qkv_bias: bool = True, qk_scale=None, rel_pos_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, backend=None):
         super().__init__()
-        self.backend = backend
         window = _core.make_window(self.rank, kernel_size, stride, dilation, is_causal)
+        scale = _core.check_scale(qk_scale)
+        self._build(embed_dim, num_heads, window, qkv_bias, scale, rel_pos_bias, attn_drop, proj_drop, backend)
+        self.embed_dim = embed_dim
+        self.kernel_size, self.stride, self.dilation, self.is_causal = window
+
+    def _build(self, embed_dim, num_heads, window, qkv_bias, scale, rel_pos_bias, attn_drop, proj_drop, backend):
+        """The parameters, created in NATTEN's order (qkv, rpb, proj) so that one seed
+        initialises them alike; the layers of nbhd.compat.natten build through here too."""
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim = {embed_dim} must be a positive multiple of num_heads = {num_heads}")
-        self.embed_dim = embed_dim
+        self._window = window
+        self.backend = backend
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.scale = _core.check_scale(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
-        self.kernel_size, self.stride, self.dilation, self.is_causal = window
+        self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
         if rel_pos_bias:
-            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in window.kernel_size)))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
         self.attn_drop_rate = attn_drop
-        self.attn_drop = nn.Dropout(attn_drop)
+        if attn_drop is not None:
+            self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -51,7 +60,8 @@ class _NeighborhoodAttention(nn.Module):
             raise ValueError(f"{type(self).__name__} takes input [batch, {axes}, embed_dim] ({self.rank + 2} "
                              f"dimensions), got shape {list(x.shape)}")
         spatial = tuple(x.shape[1:-1])
-        padded = tuple(max(n, k * d) for n, k, d in zip(spatial, self.kernel_size, self.dilation))
+        w = self._window
+        padded = tuple(max(n, k * d) for n, k, d in zip(spatial, w.kernel_size, w.dilation))
         if padded != spatial:
             # F.pad lists (before, after) pairs from the last dimension backwards; C is not padded.
             pads = [0, 0]
@@ -61,9 +71,8 @@ class _NeighborhoodAttention(nn.Module):
         batch = x.shape[0]
         qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(dim=-3)
-        window = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
-                      is_causal=self.is_causal)
-        if self.training and self.attn_drop_rate > 0:
+        window = w._asdict()
+        if self.training and self.attn_drop_rate:
             # The fused kernels have no dropout: materialise the weights and drop them.
             attn = ops.qk(query, key, scale=self.scale, rpb=self.rpb, **window)
             probs = self.attn_drop(ops.softmax(attn, **window))
@@ -71,7 +80,7 @@ class _NeighborhoodAttention(nn.Module):
         else:
             out = neighborhood_attention(query, key, value, scale=self.scale, rpb=self.rpb, backend=self.backend,
                                          **window)
-        out = out.reshape(batch, *padded, self.embed_dim)
+        out = out.reshape(batch, *padded, self.num_heads * self.head_dim)
         if padded != spatial:
             out = out[(slice(None),) + tuple(slice(0, n) for n in spatial)]
         return self.proj_drop(self.proj(out))

@@ -31,6 +31,7 @@ def _rank(name: str, x) -> int:
     return rank
 
 
+@_core.keywords_after(3, _core.NATTEN_017_ORDER)
 def qk(query, key, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, additional_keys=None,
        backend=None):
     """Scores attn [B, X..., H, prod(kernel_size) + M] = scale * <query, key> + rpb per window slot
@@ -47,6 +48,7 @@ def qk(query, key, kernel_size, stride=1, dilation=1, is_causal=False, scale=Non
     return torch.ops.nbhd.na_qk(query, key, rpb, additional_keys, *_window_args(window), scale, backend)
 
 
+@_core.keywords_after(2, _core.NATTEN_017_ORDER)
 def softmax(attn, kernel_size, stride=1, dilation=1, is_causal=False, backend=None):
     """Probabilities over the last dimension of attn (every slot, additional tokens included);
     -inf slots become 0. The window arguments describe attn's layout and are validated."""
@@ -61,6 +63,7 @@ def softmax(attn, kernel_size, stride=1, dilation=1, is_causal=False, backend=No
     return torch.ops.nbhd.na_softmax(attn, *_window_args(window), backend)
 
 
+@_core.keywords_after(3, _core.NATTEN_017_ORDER)
 def av(probs, value, kernel_size, stride=1, dilation=1, is_causal=False, additional_values=None, backend=None):
     """out [B, X..., H, Dv] = sum over window slots of probs * value (plus the additional
     values [B, M, Hkv, Dv] weighted by the last M slots)."""

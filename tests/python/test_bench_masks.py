@@ -142,7 +142,8 @@ def test_neighbor_tokens_and_check_tokens():
 def test_reference_rows_equal_nbhds_reference_backend(p):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(p.batch, *p.extent, p.heads, p.dim, generator=g, dtype=torch.float64) for _ in range(3))
-    out = nbhd.neighborhood_attention(q, k, v, p.kernel, p.stride, p.dilation, p.causal, backend="reference")
+    out = nbhd.neighborhood_attention(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
+                                      backend="reference")
     tokens = M.check_tokens(p, count=12)
     flat = lambda t: t.reshape(p.batch, p.tokens, p.heads, p.dim)  # noqa: E731
     ref = M.reference_rows(flat(q), flat(k), flat(v), p, tokens)
