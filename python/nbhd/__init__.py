@@ -5,6 +5,7 @@
     nbhd.merge_attentions                              combine partial results by lse
     nbhd.ops.qk / softmax / av                         unfused steps, weights materialised
     nbhd.nn.NeighborhoodAttention1D / 2D / 3D          layers (need torch)
+    nbhd.compat.natten                                 NATTEN's API per release (docs/natten.md)
     nbhd.backends()                                    what this build can run
 
 Torch is optional: it is imported only by nbhd.nn and for torch inputs."""
