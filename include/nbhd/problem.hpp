@@ -20,6 +20,7 @@ struct Problem {
   std::array<int64_t, 3> dilation{1, 1, 1};
   std::array<int64_t, 3> stride{1, 1, 1};
   std::array<bool, 3> causal{};
+  std::array<bool, 3> periodic{};        // wrap-around axes (never causal)
   int64_t batch = 1;
   int64_t heads = 1;
   int64_t kv_heads = 1;                  // heads % kv_heads == 0 (GQA/MQA)
@@ -39,6 +40,7 @@ struct Problem {
   int64_t window_size() const;           // product of the kernel sizes
   int64_t rpb_size() const;              // product of (2k - 1)
   int64_t heads_per_kv() const { return heads / kv_heads; }
+  bool any_periodic() const { return periodic[0] || periodic[1] || periodic[2]; }
 
   // The axes padded to 3 (leading axes of length 1), for the backends.
   Neighborhood neighborhood() const;

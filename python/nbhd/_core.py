@@ -67,6 +67,12 @@ class Window(NamedTuple):
     stride: Tuple[int, ...]
     dilation: Tuple[int, ...]
     is_causal: Tuple[bool, ...]
+    periodic: Tuple[bool, ...]
+
+    def lists(self) -> list:
+        """The custom operators' window arguments: kernel_size, stride, dilation,
+        is_causal, periodic, as lists."""
+        return [list(field) for field in self]
 
     @property
     def rank(self) -> int:
@@ -105,7 +111,7 @@ def _is_integer(x: Any) -> bool:
     return True
 
 
-def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -> Window:
+def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False, periodic=False) -> Window:
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"rank = {rank} is invalid: neighborhood attention has 1, 2 or 3 spatial axes")
     return Window(
@@ -113,13 +119,15 @@ def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -
         _per_axis("stride", stride, rank, int),
         _per_axis("dilation", dilation, rank, int),
         _per_axis("is_causal", is_causal, rank, bool),
+        _per_axis("periodic", periodic, rank, bool),
     )
 
 
-def window_from_lists(kernel_size, stride, dilation, is_causal) -> Window:
+def window_from_lists(kernel_size, stride, dilation, is_causal, periodic) -> Window:
     """The Window of a custom op's list arguments (already normalised)."""
     return Window(tuple(int(k) for k in kernel_size), tuple(int(s) for s in stride),
-                  tuple(int(d) for d in dilation), tuple(bool(c) for c in is_causal))
+                  tuple(int(d) for d in dilation), tuple(bool(c) for c in is_causal),
+                  tuple(bool(w) for w in periodic))
 
 
 def check_scale(scale) -> Optional[float]:
@@ -152,6 +160,7 @@ def _problem(window: Window, shape: Sequence[int]) -> "_nbhd.Problem":
     p.stride = list(window.stride) + [1] * (MAX_RANK - r)
     p.dilation = list(window.dilation) + [1] * (MAX_RANK - r)
     p.causal = list(window.is_causal) + [False] * (MAX_RANK - r)
+    p.periodic = list(window.periodic) + [False] * (MAX_RANK - r)
     return p
 
 

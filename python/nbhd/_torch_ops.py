@@ -63,16 +63,17 @@ def _given(t: Tensor, present: bool) -> Optional[Tensor]:
 @torch.library.custom_op("nbhd::na_forward", mutates_args=())
 def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], additional_keys: Optional[Tensor],
                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
-               is_causal: List[bool], scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+               is_causal: List[bool],
+               periodic: List[bool], scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         return _core.forward(TorchArrays, window, scale,
                              *_data(query, key, value, rpb, additional_keys, additional_values), backend=backend)
 
 
 @na_forward.register_fake
-def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, scale,
-      backend):
+def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, periodic,
+      scale, backend):
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
     lse = query.new_empty(query.shape[:-1], dtype=TorchArrays.accumulator(query))
     return out, lse
@@ -82,10 +83,11 @@ def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, s
 def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                 rpb: Optional[Tensor], additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
                 kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
+                periodic: List[bool],
                 scale: Optional[float], backend: Optional[str]
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty."""
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
             TorchArrays, window, scale,
@@ -95,7 +97,7 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
 
 @na_backward.register_fake
 def _(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-      is_causal, scale, backend):
+      is_causal, periodic, scale, backend):
     def like(t, dtype=None):
         return query.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype)
 
@@ -105,8 +107,8 @@ def _(d_out, query, key, value, out, lse, rpb, additional_keys, additional_value
 
 def _forward_setup(ctx, inputs, output):
     query, key, value, rpb, additional_keys, additional_values = inputs[:6]
-    ctx.window_args = inputs[6:10]
-    ctx.scale, ctx.backend = inputs[10], inputs[11]
+    ctx.window_args = inputs[6:11]
+    ctx.scale, ctx.backend = inputs[11], inputs[12]
     ctx.save_for_backward(query, key, value, rpb, additional_keys, additional_values, *output)
     # Gradients of unused outputs arrive as None, so an unused lse costs nothing.
     ctx.set_materialize_grads(False)
@@ -133,7 +135,7 @@ def _forward_backward(ctx, d_out, d_lse):
                 grads[i] = g if grads[i] is None else grads[i] + g
     if rpb is not None and grads[3] is not None:
         grads[3] = grads[3].to(rpb.dtype)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_context=_forward_setup)
@@ -143,15 +145,15 @@ torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_con
 
 @torch.library.custom_op("nbhd::na_qk", mutates_args=())
 def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], additional_keys: Optional[Tensor],
-          kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
+          kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool], periodic: List[bool],
           scale: Optional[float], backend: Optional[str]) -> Tensor:
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         return _core.qk(TorchArrays, window, scale, *_data(query, key, rpb, additional_keys), backend=backend)
 
 
 @na_qk.register_fake
-def _(query, key, rpb, additional_keys, kernel_size, stride, dilation, is_causal, scale, backend):
+def _(query, key, rpb, additional_keys, kernel_size, stride, dilation, is_causal, periodic, scale, backend):
     extra = 0 if additional_keys is None else additional_keys.shape[1]
     return query.new_empty(query.shape[:-1] + (math.prod(kernel_size) + extra,))
 
@@ -159,9 +161,10 @@ def _(query, key, rpb, additional_keys, kernel_size, stride, dilation, is_causal
 @torch.library.custom_op("nbhd::na_qk_backward", mutates_args=())
 def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, additional_keys: Optional[Tensor], has_rpb: bool,
                    kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
+                   periodic: List[bool],
                    scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d_query, d_key, d_rpb (lse's dtype), d_additional_keys); absent ones empty."""
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         dq, dk, d_rpb, d_ak = _core.qk_backward(TorchArrays, window, scale, *_data(d_attn, query, key, additional_keys),
                                                 has_rpb=has_rpb, backend=backend)
@@ -169,7 +172,7 @@ def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, additional_keys: 
 
 
 @na_qk_backward.register_fake
-def _(d_attn, query, key, additional_keys, has_rpb, kernel_size, stride, dilation, is_causal, scale, backend):
+def _(d_attn, query, key, additional_keys, has_rpb, kernel_size, stride, dilation, is_causal, periodic, scale, backend):
     rpb_shape = (query.shape[-2],) + tuple(2 * k - 1 for k in kernel_size) if has_rpb else (0,)
     d_ak = query.new_empty(0) if additional_keys is None else additional_keys.new_empty(additional_keys.shape)
     return (query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty(rpb_shape, dtype=TorchArrays.accumulator(query)),
@@ -178,7 +181,7 @@ def _(d_attn, query, key, additional_keys, has_rpb, kernel_size, stride, dilatio
 
 def _qk_setup(ctx, inputs, output):
     query, key, rpb, additional_keys = inputs[:4]
-    ctx.window_args, ctx.scale, ctx.backend = inputs[4:8], inputs[8], inputs[9]
+    ctx.window_args, ctx.scale, ctx.backend = inputs[4:9], inputs[9], inputs[10]
     ctx.rpb_dtype = None if rpb is None else rpb.dtype
     ctx.save_for_backward(query, key, additional_keys)
 
@@ -189,7 +192,7 @@ def _qk_backward(ctx, d_attn):
     dq, dk, d_rpb, d_ak = torch.ops.nbhd.na_qk_backward(d_attn.contiguous(), query, key, ak, has_rpb,
                                                         *ctx.window_args, ctx.scale, ctx.backend)
     d_rpb = d_rpb.to(ctx.rpb_dtype) if has_rpb else None
-    return dq, dk, d_rpb, _given(d_ak, ak is not None), None, None, None, None, None, None
+    return dq, dk, d_rpb, _given(d_ak, ak is not None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("nbhd::na_qk", _qk_backward, setup_context=_qk_setup)
@@ -197,39 +200,41 @@ torch.library.register_autograd("nbhd::na_qk", _qk_backward, setup_context=_qk_s
 
 @torch.library.custom_op("nbhd::na_softmax", mutates_args=())
 def na_softmax(attn: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
+               periodic: List[bool],
                backend: Optional[str]) -> Tensor:
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(attn):
         return _core.softmax(TorchArrays, window, *_data(attn), backend=backend)
 
 
 @na_softmax.register_fake
-def _(attn, kernel_size, stride, dilation, is_causal, backend):
+def _(attn, kernel_size, stride, dilation, is_causal, periodic, backend):
     return attn.new_empty(attn.shape)
 
 
 @torch.library.custom_op("nbhd::na_softmax_backward", mutates_args=())
 def na_softmax_backward(probs: Tensor, d_probs: Tensor, kernel_size: List[int], stride: List[int],
-                        dilation: List[int], is_causal: List[bool], backend: Optional[str]) -> Tensor:
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+                        dilation: List[int], is_causal: List[bool],
+                        periodic: List[bool], backend: Optional[str]) -> Tensor:
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(probs):
         return _core.softmax_backward(TorchArrays, window, *_data(probs, d_probs), backend=backend)
 
 
 @na_softmax_backward.register_fake
-def _(probs, d_probs, kernel_size, stride, dilation, is_causal, backend):
+def _(probs, d_probs, kernel_size, stride, dilation, is_causal, periodic, backend):
     return probs.new_empty(probs.shape)
 
 
 def _softmax_setup(ctx, inputs, output):
-    ctx.window_args, ctx.backend = inputs[1:5], inputs[5]
+    ctx.window_args, ctx.backend = inputs[1:6], inputs[6]
     ctx.save_for_backward(output)
 
 
 def _softmax_backward(ctx, d_probs):
     (probs,) = ctx.saved_tensors
     d_attn = torch.ops.nbhd.na_softmax_backward(probs, d_probs.contiguous(), *ctx.window_args, ctx.backend)
-    return d_attn, None, None, None, None, None
+    return d_attn, None, None, None, None, None, None
 
 
 torch.library.register_autograd("nbhd::na_softmax", _softmax_backward, setup_context=_softmax_setup)
@@ -237,23 +242,25 @@ torch.library.register_autograd("nbhd::na_softmax", _softmax_backward, setup_con
 
 @torch.library.custom_op("nbhd::na_av", mutates_args=())
 def na_av(probs: Tensor, value: Tensor, additional_values: Optional[Tensor], kernel_size: List[int],
-          stride: List[int], dilation: List[int], is_causal: List[bool], backend: Optional[str]) -> Tensor:
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+          stride: List[int], dilation: List[int], is_causal: List[bool],
+          periodic: List[bool], backend: Optional[str]) -> Tensor:
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(probs):
         return _core.av(TorchArrays, window, *_data(probs, value, additional_values), backend=backend)
 
 
 @na_av.register_fake
-def _(probs, value, additional_values, kernel_size, stride, dilation, is_causal, backend):
+def _(probs, value, additional_values, kernel_size, stride, dilation, is_causal, periodic, backend):
     return probs.new_empty(probs.shape[:-1] + (value.shape[-1],))
 
 
 @torch.library.custom_op("nbhd::na_av_backward", mutates_args=())
 def na_av_backward(d_out: Tensor, probs: Tensor, value: Tensor, additional_values: Optional[Tensor],
                    kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
+                   periodic: List[bool],
                    backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_probs, d_value, d_additional_values); an absent one empty."""
-    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal)
+    window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(probs):
         d_probs, dv, d_av = _core.av_backward(TorchArrays, window, *_data(d_out, probs, value, additional_values),
                                               backend=backend)
@@ -261,14 +268,14 @@ def na_av_backward(d_out: Tensor, probs: Tensor, value: Tensor, additional_value
 
 
 @na_av_backward.register_fake
-def _(d_out, probs, value, additional_values, kernel_size, stride, dilation, is_causal, backend):
+def _(d_out, probs, value, additional_values, kernel_size, stride, dilation, is_causal, periodic, backend):
     d_av = probs.new_empty(0) if additional_values is None else additional_values.new_empty(additional_values.shape)
     return probs.new_empty(probs.shape), value.new_empty(value.shape), d_av
 
 
 def _av_setup(ctx, inputs, output):
     probs, value, additional_values = inputs[:3]
-    ctx.window_args, ctx.backend = inputs[3:7], inputs[7]
+    ctx.window_args, ctx.backend = inputs[3:8], inputs[8]
     ctx.save_for_backward(probs, value, additional_values)
 
 
@@ -276,7 +283,7 @@ def _av_backward(ctx, d_out):
     probs, value, av = ctx.saved_tensors
     d_probs, dv, d_av = torch.ops.nbhd.na_av_backward(d_out.contiguous(), probs, value, av, *ctx.window_args,
                                                       ctx.backend)
-    return d_probs, dv, _given(d_av, av is not None), None, None, None, None, None
+    return d_probs, dv, _given(d_av, av is not None), None, None, None, None, None, None
 
 
 torch.library.register_autograd("nbhd::na_av", _av_backward, setup_context=_av_setup)

@@ -51,11 +51,13 @@ def _torch_ops():
 
 @_core.keywords_after(4, _core.NATTEN_017_ORDER)
 def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                           rpb=None, additional_keys=None, additional_values=None, return_lse=False, backend=None):
+                           rpb=None, additional_keys=None, additional_values=None, return_lse=False, backend=None,
+                           periodic=False):
     """Neighborhood attention over a token grid of rank 1, 2 or 3 (taken from query.ndim - 3).
 
     Each query attends to the keys in its window (kernel_size per axis, moved by stride,
-    spread by dilation, ending at the query on causal axes), plus all additional tokens.
+    spread by dilation, ending at the query on causal axes, wrapping around on periodic
+    axes), plus all additional tokens.
     Returns out, or (out, lse) with return_lse=True. numpy in gives numpy out (CPU
     backends); torch in gives torch out, differentiable through query, key, value, rpb,
     additional_keys and additional_values (and lse). backend=None picks the fastest
@@ -68,13 +70,13 @@ def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1,
     if not 1 <= rank <= _core.MAX_RANK:
         raise ValueError(f"query has {len(query.shape)} dimensions (shape {list(query.shape)}); neighborhood "
                          f"attention takes [batch, X1..Xr, heads, dim] with r = 1, 2 or 3 spatial axes")
-    return _attention(framework, rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                      additional_keys, additional_values, return_lse, backend)
+    window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
+    return _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values,
+                      return_lse, backend)
 
 
-def _attention(framework, rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-               additional_keys, additional_values, return_lse, backend):
-    window = _core.make_window(rank, kernel_size, stride, dilation, is_causal)
+def _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values, return_lse,
+               backend):
     scale = _core.check_scale(scale)
     _core.backend_name(backend)
     _core.check_pair(additional_keys, additional_values)
@@ -86,23 +88,23 @@ def _attention(framework, rank, query, key, value, kernel_size, stride, dilation
         import torch
 
         out, lse = torch.ops.nbhd.na_forward(query, key, value, rpb, additional_keys, additional_values,
-                                             list(window.kernel_size), list(window.stride), list(window.dilation),
-                                             list(window.is_causal), scale, backend)
+                                             *window.lists(), scale, backend)
     return (out, lse) if return_lse else out
 
 
 def _ranked(rank: int, name: str):
     @_core.keywords_after(4, _core.NATTEN_017_ORDER)
     def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-           additional_keys=None, additional_values=None, return_lse=False, backend=None):
+           additional_keys=None, additional_values=None, return_lse=False, backend=None, periodic=False):
         arrays = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": additional_keys,
                   "additional_values": additional_values}
         framework = _framework(arrays)
         if len(query.shape) != rank + 3:
             raise ValueError(f"{name} takes query {_core.token_layout(rank)} ({rank + 3} dimensions), got "
                              f"shape {list(query.shape)}")
-        return _attention(framework, rank, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                          rpb, additional_keys, additional_values, return_lse, backend)
+        window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
+        return _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values,
+                          return_lse, backend)
 
     na.__name__ = na.__qualname__ = na.__wrapped__.__qualname__ = name
     na.__doc__ = (f"{rank}-D neighborhood attention: query {_core.token_layout(rank)}. Same arguments and "

@@ -24,13 +24,13 @@ class _NeighborhoodAttention(nn.Module):
     @_core.keywords_after(4, _core.NATTEN_017_ORDER)
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1, is_causal=False,
                  qkv_bias: bool = True, qk_scale=None, rel_pos_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, backend=None):
+                 proj_drop: float = 0.0, backend=None, periodic=False):
         super().__init__()
-        window = _core.make_window(self.rank, kernel_size, stride, dilation, is_causal)
+        window = _core.make_window(self.rank, kernel_size, stride, dilation, is_causal, periodic)
         scale = _core.check_scale(qk_scale)
         self._build(embed_dim, num_heads, window, qkv_bias, scale, rel_pos_bias, attn_drop, proj_drop, backend)
         self.embed_dim = embed_dim
-        self.kernel_size, self.stride, self.dilation, self.is_causal = window
+        self.kernel_size, self.stride, self.dilation, self.is_causal, self.periodic = window
 
     def _build(self, embed_dim, num_heads, window, qkv_bias, scale, rel_pos_bias, attn_drop, proj_drop, backend):
         """The parameters, created in NATTEN's order (qkv, rpb, proj) so that one seed
@@ -88,7 +88,7 @@ class _NeighborhoodAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, "
-                f"is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}, "
+                f"is_causal={self.is_causal}, periodic={self.periodic}, rel_pos_bias={self.rpb is not None}, "
                 f"attn_drop={self.attn_drop_rate}")
 
 
@@ -101,6 +101,8 @@ _DOC = """{rank}-D neighborhood attention layer: input [B, {axes}, embed_dim], o
             tuple of {rank}. Valid per axis: 1 <= stride <= kernel_size, kernel_size * dilation
             <= the input's extent (smaller inputs are zero-padded, see the module docstring).
         is_causal: a bool or a tuple of {rank}; a causal axis attends only to earlier tokens.
+        periodic: a bool or a tuple of {rank}; a periodic axis wraps around (longitude, a
+            torus): windows are centered and never shifted at its ends. Never causal.
         qkv_bias: bias in the qkv projection.
         qk_scale: attention scale; None means head_dim ** -0.5.
         rel_pos_bias: learn a relative positional bias rpb [num_heads, {rpb}].

@@ -19,10 +19,6 @@ from .functional import _framework, _torch_ops
 __all__ = ["qk", "softmax", "av"]
 
 
-def _window_args(window: _core.Window):
-    return list(window.kernel_size), list(window.stride), list(window.dilation), list(window.is_causal)
-
-
 def _rank(name: str, x) -> int:
     rank = len(x.shape) - 3
     if not 1 <= rank <= _core.MAX_RANK:
@@ -33,11 +29,11 @@ def _rank(name: str, x) -> int:
 
 @_core.keywords_after(3, _core.NATTEN_017_ORDER)
 def qk(query, key, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None, additional_keys=None,
-       backend=None):
+       backend=None, periodic=False):
     """Scores attn [B, X..., H, prod(kernel_size) + M] = scale * <query, key> + rpb per window slot
     (scale defaults to 1/sqrt(D)); additional_keys [B, M, Hkv, D] fill the last M slots."""
     framework = _framework({"query": query, "key": key, "rpb": rpb, "additional_keys": additional_keys})
-    window = _core.make_window(_rank("query", query), kernel_size, stride, dilation, is_causal)
+    window = _core.make_window(_rank("query", query), kernel_size, stride, dilation, is_causal, periodic)
     scale = _core.check_scale(scale)
     _core.backend_name(backend)
     if framework == "numpy":
@@ -45,34 +41,35 @@ def qk(query, key, kernel_size, stride=1, dilation=1, is_causal=False, scale=Non
     _torch_ops()
     import torch
 
-    return torch.ops.nbhd.na_qk(query, key, rpb, additional_keys, *_window_args(window), scale, backend)
+    return torch.ops.nbhd.na_qk(query, key, rpb, additional_keys, *window.lists(), scale, backend)
 
 
 @_core.keywords_after(2, _core.NATTEN_017_ORDER)
-def softmax(attn, kernel_size, stride=1, dilation=1, is_causal=False, backend=None):
+def softmax(attn, kernel_size, stride=1, dilation=1, is_causal=False, backend=None, periodic=False):
     """Probabilities over the last dimension of attn (every slot, additional tokens included);
     -inf slots become 0. The window arguments describe attn's layout and are validated."""
     framework = _framework({"attn": attn})
-    window = _core.make_window(_rank("attn", attn), kernel_size, stride, dilation, is_causal)
+    window = _core.make_window(_rank("attn", attn), kernel_size, stride, dilation, is_causal, periodic)
     _core.backend_name(backend)
     if framework == "numpy":
         return _core.softmax(_core.NumpyArrays, window, attn, backend)
     _torch_ops()
     import torch
 
-    return torch.ops.nbhd.na_softmax(attn, *_window_args(window), backend)
+    return torch.ops.nbhd.na_softmax(attn, *window.lists(), backend)
 
 
 @_core.keywords_after(3, _core.NATTEN_017_ORDER)
-def av(probs, value, kernel_size, stride=1, dilation=1, is_causal=False, additional_values=None, backend=None):
+def av(probs, value, kernel_size, stride=1, dilation=1, is_causal=False, additional_values=None, backend=None,
+       periodic=False):
     """out [B, X..., H, Dv] = sum over window slots of probs * value (plus the additional
     values [B, M, Hkv, Dv] weighted by the last M slots)."""
     framework = _framework({"probs": probs, "value": value, "additional_values": additional_values})
-    window = _core.make_window(_rank("probs", probs), kernel_size, stride, dilation, is_causal)
+    window = _core.make_window(_rank("probs", probs), kernel_size, stride, dilation, is_causal, periodic)
     _core.backend_name(backend)
     if framework == "numpy":
         return _core.av(_core.NumpyArrays, window, probs, value, additional_values, backend)
     _torch_ops()
     import torch
 
-    return torch.ops.nbhd.na_av(probs, value, additional_values, *_window_args(window), backend)
+    return torch.ops.nbhd.na_av(probs, value, additional_values, *window.lists(), backend)

@@ -157,6 +157,7 @@ NB_MODULE(_nbhd, m) {
       .def_rw("dilation", &nbhd::Problem::dilation)
       .def_rw("stride", &nbhd::Problem::stride)
       .def_rw("causal", &nbhd::Problem::causal)
+      .def_rw("periodic", &nbhd::Problem::periodic)
       .def_rw("batch", &nbhd::Problem::batch)
       .def_rw("heads", &nbhd::Problem::heads)
       .def_rw("kv_heads", &nbhd::Problem::kv_heads)

@@ -54,6 +54,10 @@ Status Problem::validate() const {
     if (s < 1 || s > k)
       return invalid_argument(axis_param("stride", a, s) + " is invalid: it must be in [1, kernel_size = " +
                               std::to_string(k) + "]");
+    if (periodic[a] && causal[a])
+      return invalid_argument("periodic[axis " + std::to_string(a) + "] with causal[axis " + std::to_string(a) +
+                              "] is invalid: a periodic axis wraps around and has no before and after; make axis " +
+                              std::to_string(a) + " periodic or causal, not both");
   }
 
   // Every tensor's element count must fit in int64 (offsets are 64-bit everywhere).
@@ -108,6 +112,7 @@ Neighborhood Problem::neighborhood() const {
     ax.dilation = int(dilation[u]);
     ax.stride = int(stride[u]);
     ax.causal = causal[u];
+    ax.periodic = periodic[u];
   }
   return nb;
 }
@@ -155,6 +160,7 @@ std::string Problem::to_string() const {
   axes(" dilation=", [&](int a) { return dilation[a]; });
   axes(" stride=", [&](int a) { return stride[a]; });
   axes(" causal=", [&](int a) { return int(causal[a]); });
+  if (periodic[0] || periodic[1] || periodic[2]) axes(" periodic=", [&](int a) { return int(periodic[a]); });
   s += " batch=" + std::to_string(batch) + " heads=" + std::to_string(heads) + " kv_heads=" +
        std::to_string(kv_heads) + " dim=" + std::to_string(dim) + " dim_v=" + std::to_string(value_dim()) +
        " dtype=" + name(dtype);

@@ -17,16 +17,17 @@ Problem part_problem(const Problem& p, const bool* unfolded, const GroupRange* r
   for (int a = 0; a < p.rank; ++a) {
     if (!unfolded[a]) {
       q.extent[n] = p.extent[a], q.kernel[n] = p.kernel[a], q.dilation[n] = p.dilation[a];
-      q.stride[n] = p.stride[a], q.causal[n] = p.causal[a];
+      q.stride[n] = p.stride[a], q.causal[n] = p.causal[a], q.periodic[n] = p.periodic[a];
       ++n;
       continue;
     }
     // J: the position inside a group, where the window, stride and causality live.
     q.extent[n] = range[a].length, q.kernel[n] = p.kernel[a], q.dilation[n] = 1;
-    q.stride[n] = p.stride[a], q.causal[n] = p.causal[a];
+    q.stride[n] = p.stride[a], q.causal[n] = p.causal[a], q.periodic[n] = p.periodic[a];
     ++n;
     // G: the group; each query attends to its own group only.
     q.extent[n] = range[a].count, q.kernel[n] = 1, q.dilation[n] = 1, q.stride[n] = 1, q.causal[n] = false;
+    q.periodic[n] = false;
     ++n;
   }
   q.rank = n;

@@ -38,9 +38,9 @@ void for_each_neighbor(const Neighborhood& nb, const int* query, F&& f) {
         n.slot = 0;
         for (int a = 0; a < kMaxRank; ++a) {
           const Axis& ax = nb.axis[a];
-          n.token[a] = w.group[a] + ax.dilation * j[a];
+          n.token[a] = w.group[a] + ax.dilation * ax.wrap(j[a], ax.group_length(w.group[a]));
           n.slot = n.slot * ax.kernel + (j[a] - w.range[a].begin);
-          n.rpb[a] = Neighborhood::rpb_index(ax, query[a], n.token[a]);
+          n.rpb[a] = Neighborhood::rpb_entry(ax, query[a], j[a]);
         }
         f(n);
       }
@@ -535,6 +535,7 @@ const UnfusedImpl kReferenceUnfused = {
 }  // namespace
 
 extern const BackendImpl kReferenceBackend = {Backend::kReference, Device::kCPU, reference_supports, forward_entry,
-                                              backward_entry, &kReferenceUnfused};
+                                              backward_entry, &kReferenceUnfused, /*unfolds_short_groups=*/false,
+                                              /*runs_periodic=*/true};
 
 }  // namespace nbhd::detail

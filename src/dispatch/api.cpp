@@ -45,6 +45,8 @@ Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const 
       why = unsupported(std::string("it does not implement ") + pass_name(pass));
     else if (b->device != device)
       why = unsupported(std::string("it runs on ") + name(b->device) + " but the tensors are on " + name(device));
+    else if (!b->runs_periodic && p.any_periodic())
+      why = unsupported("periodic axes are not implemented in this backend yet (the reference backend runs them)");
     else
       why = b->supports(p, pass);
     if (why.ok()) {

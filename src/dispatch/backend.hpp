@@ -31,6 +31,8 @@ struct BackendImpl {
   // Tiles queries per dilation group: run problems with short groups unfolded
   // (core/unfold.hpp).
   bool unfolds_short_groups = false;
+  // Runs periodic axes (the dispatcher passes over a backend that does not).
+  bool runs_periodic = false;
 };
 
 const std::vector<const BackendImpl*>& registry();

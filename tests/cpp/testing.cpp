@@ -29,6 +29,7 @@ Problem random_problem(std::mt19937_64& rng, const RandomOptions& o) {
     p.dilation[a] = uniform(1, L / p.kernel[a]);
     p.stride[a] = uniform(1, p.kernel[a]);
     p.causal[a] = uniform(0, 3) == 0;
+    if (o.allow_periodic && !p.causal[a]) p.periodic[a] = uniform(0, 1) == 1;
   }
   p.batch = uniform(1, 2);
   p.kv_heads = uniform(1, 2);
@@ -81,7 +82,8 @@ DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor
   const double scale = p.softmax_scale();
   std::vector<SpecAxis> axes;
   for (int a = 0; a < r; ++a)
-    axes.push_back({int(p.extent[a]), int(p.kernel[a]), int(p.dilation[a]), int(p.stride[a]), p.causal[a]});
+    axes.push_back({int(p.extent[a]), int(p.kernel[a]), int(p.dilation[a]), int(p.stride[a]), p.causal[a],
+                    p.periodic[a]});
   auto coords = [&](int64_t t) {
     std::vector<int> c(r);
     for (int a = r - 1; a >= 0; --a) {
@@ -99,8 +101,8 @@ DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor
       bool ok = true;
       std::vector<int> ri(r);
       for (int a = 0; a < r && ok; ++a) {
-        ok = spec_axis_is_neighbor(axes[a], ct[a], cu[a]);
-        ri[a] = cu[a] / axes[a].d - ct[a] / axes[a].d + axes[a].k - 1;
+        ri[a] = spec_axis_delta(axes[a], ct[a], cu[a]);
+        ok = ri[a] >= 0;
       }
       mask[t * N + u] = ok;
       rel[t * N + u] = ri;

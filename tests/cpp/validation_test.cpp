@@ -67,6 +67,10 @@ TEST(Validate, EveryRuleNamesItsArgumentAndAxis) {
   expect_error(p, StatusCode::kInvalidArgument, {"stride[axis 1] = 4", "kernel_size = 3"});
   p = good(), p.stride[0] = 0;
   expect_error(p, StatusCode::kInvalidArgument, {"stride[axis 0] = 0"});
+  p = good(), p.periodic[1] = true, p.causal[1] = true;
+  expect_error(p, StatusCode::kInvalidArgument, {"periodic[axis 1]", "causal[axis 1]", "not both"});
+  p = good(), p.periodic[0] = true, p.kernel[0] = 9;  // the length rule holds on periodic axes too
+  expect_error(p, StatusCode::kInvalidArgument, {"kernel_size[axis 0] = 9", "dilation[axis 0] = 2", "16"});
 }
 
 TEST(Validate, HugeProblemsAreRejectedNotOverflowed) {

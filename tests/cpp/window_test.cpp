@@ -3,7 +3,9 @@
 // against hand-worked cases (even kernels, strides, unequal dilation groups).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
+#include <string>
 
 #include "nbhd/core/window.hpp"
 #include "nbhd/problem.hpp"
@@ -15,46 +17,74 @@ namespace {
 using testing::SpecAxis;
 using testing::spec_axis_neighbors;
 
-// Keys of query i according to window.hpp, as axis indices.
-std::vector<int> library_neighbors(const Axis& ax, int i) {
-  const int g = i % ax.dilation;
-  const Range w = ax.window(i / ax.dilation, ax.group_length(g));
+// Keys of query i according to window.hpp, as axis indices, in window order.
+std::vector<int> window_keys(const Axis& ax, int i) {
+  const int g = i % ax.dilation, lg = ax.group_length(g);
+  const Range w = ax.window(i / ax.dilation, lg);
   std::vector<int> keys;
-  for (int j = w.begin; j < w.end; ++j) keys.push_back(g + ax.dilation * j);
+  for (int j = w.begin; j < w.end; ++j) keys.push_back(g + ax.dilation * ax.wrap(j, lg));
   return keys;
 }
 
-// Calls f(axis) for every valid axis with length <= max_length, causal on and off.
+// The same, ascending.
+std::vector<int> library_neighbors(const Axis& ax, int i) {
+  std::vector<int> keys = window_keys(ax, i);
+  std::sort(keys.begin(), keys.end());
+  return keys;
+}
+
+SpecAxis spec_of(const Axis& ax) {
+  return SpecAxis{ax.length, ax.kernel, ax.dilation, ax.stride, ax.causal, ax.periodic};
+}
+
+std::string describe(const Axis& ax) {
+  return "L=" + std::to_string(ax.length) + " k=" + std::to_string(ax.kernel) + " d=" + std::to_string(ax.dilation) +
+         " s=" + std::to_string(ax.stride) + " causal=" + std::to_string(ax.causal) +
+         " periodic=" + std::to_string(ax.periodic);
+}
+
+// Calls f(axis) for every valid axis with length <= max_length: causal, periodic or
+// neither.
 template <class F>
 void for_every_axis(int max_length, F&& f) {
   for (int L = 1; L <= max_length; ++L)
     for (int k = 1; k <= L; ++k)
       for (int d = 1; k * d <= L; ++d)
-        for (int s = 1; s <= k; ++s)
-          for (bool causal : {false, true}) f(Axis{L, k, d, s, causal});
+        for (int s = 1; s <= k; ++s) {
+          f(Axis{L, k, d, s, false, false});
+          f(Axis{L, k, d, s, true, false});
+          f(Axis{L, k, d, s, false, true});
+        }
 }
 
 TEST(Window, MatchesSpecExhaustivelyUpToLength12) {
   int64_t checked = 0;
   for_every_axis(12, [&](const Axis& ax) {
-    const SpecAxis spec{ax.length, ax.kernel, ax.dilation, ax.stride, ax.causal};
+    const SpecAxis spec = spec_of(ax);
     for (int i = 0; i < ax.length; ++i) {
       const std::vector<int> expected = spec_axis_neighbors(spec, i);
-      ASSERT_EQ(library_neighbors(ax, i), expected)
-          << "L=" << ax.length << " k=" << ax.kernel << " d=" << ax.dilation << " s=" << ax.stride
-          << " causal=" << ax.causal << " query=" << i;
+      ASSERT_EQ(library_neighbors(ax, i), expected) << describe(ax) << " query=" << i;
+      // The bias of every neighbor, from the key token and from its window entry.
+      const int g = i % ax.dilation, lg = ax.group_length(g);
+      const Range w = ax.window(i / ax.dilation, lg);
+      for (int j = w.begin; j < w.end; ++j) {
+        const int key = g + ax.dilation * ax.wrap(j, lg);
+        ASSERT_EQ(Neighborhood::rpb_entry(ax, i, j), spec_axis_delta(spec, i, key)) << describe(ax) << " query=" << i;
+        ASSERT_EQ(Neighborhood::rpb_index(ax, i, key), spec_axis_delta(spec, i, key)) << describe(ax) << " query=" << i;
+      }
       ++checked;
     }
   });
-  EXPECT_GT(checked, 10000);
+  EXPECT_GT(checked, 15000);
 }
 
 TEST(Window, Properties) {
   for_every_axis(12, [&](const Axis& ax) {
     for (int i = 0; i < ax.length; ++i) {
       const std::vector<int> keys = library_neighbors(ax, i);
-      // Non-causal windows hold exactly k keys; causal ones at most k, ending at the query.
-      if (!ax.causal) EXPECT_EQ(int(keys.size()), ax.kernel);
+      // Non-causal windows hold exactly k distinct keys; causal ones at most k, ending
+      // at the query.
+      if (!ax.causal) EXPECT_EQ(int(std::set<int>(keys.begin(), keys.end()).size()), ax.kernel) << describe(ax);
       if (ax.causal) {
         EXPECT_LE(int(keys.size()), ax.kernel);
         EXPECT_EQ(keys.back(), i);
@@ -76,19 +106,21 @@ TEST(Window, InverseMatchesSearchOverAllQueries) {
     for (int g = 0; g < ax.dilation; ++g) {
       const int lg = ax.group_length(g);
       for (int jk = 0; jk < lg; ++jk) {
-        int first = -1, last = -1;
-        for (int j = 0; j < lg; ++j)
-          if (ax.window(j, lg).contains(jk)) {
-            if (first < 0) first = j;
-            last = j;
-          }
+        std::set<int> seeing;  // queries whose window holds the key
+        for (int j = 0; j < lg; ++j) {
+          const Range w = ax.window(j, lg);
+          for (int x = w.begin; x < w.end; ++x)
+            if (ax.wrap(x, lg) == jk) seeing.insert(j);
+        }
         const Range inv = ax.inverse_window(jk, lg);
-        ASSERT_EQ(inv.begin, first) << "L=" << ax.length << " k=" << ax.kernel << " s=" << ax.stride
-                                    << " causal=" << ax.causal << " key=" << jk;
-        ASSERT_EQ(inv.end, last + 1) << "L=" << ax.length << " k=" << ax.kernel << " s=" << ax.stride
-                                     << " causal=" << ax.causal << " key=" << jk;
-        // Contiguity: every query in between sees the key too.
-        for (int j = first; j <= last; ++j) ASSERT_TRUE(ax.window(j, lg).contains(jk));
+        // One range, each query once (periodic: unwrapped, at most lg long).
+        std::set<int> listed;
+        for (int j = inv.begin; j < inv.end; ++j) listed.insert(ax.wrap(j, lg));
+        ASSERT_EQ(int(listed.size()), inv.size()) << describe(ax) << " key=" << jk;
+        ASSERT_EQ(listed, seeing) << describe(ax) << " key=" << jk;
+        // The union over a run of keys holds every query that sees one of them.
+        const Range all = ax.inverse_window_union({0, jk + 1}, lg);
+        for (int j : seeing) ASSERT_TRUE(all.contains(j) || all.contains(j - lg)) << describe(ax) << " key=" << jk;
       }
     }
   });
@@ -145,6 +177,19 @@ TEST(Window, HandWorkedCases) {
   EXPECT_EQ(keys(8, 3, 2, 1, true, 7), (V{3, 5, 7}));
   // Window = extent: full attention.
   EXPECT_EQ(keys(5, 5, 1, 1, false, 2), (V{0, 1, 2, 3, 4}));
+  // Periodic, in window order: L=7, k=3 wraps at both ends instead of shifting.
+  auto wrapped = [](int L, int k, int d, int s, int i) { return window_keys(Axis{L, k, d, s, false, true}, i); };
+  EXPECT_EQ(wrapped(7, 3, 1, 1, 0), (V{6, 0, 1}));
+  EXPECT_EQ(wrapped(7, 3, 1, 1, 6), (V{5, 6, 0}));
+  EXPECT_EQ(wrapped(8, 4, 1, 1, 1), (V{7, 0, 1, 2}));  // even: one more on the left
+  // Dilation 3 on L=10: group 1 is {1, 4, 7}; query 1 wraps to 7.
+  EXPECT_EQ(wrapped(10, 3, 3, 1, 1), (V{7, 1, 4}));
+  // Stride 3 on L=10: query 9 leads itself, window 8, 9, 0.
+  EXPECT_EQ(wrapped(10, 3, 1, 3, 9), (V{8, 9, 0}));
+  // The bias counts the unwrapped position: key 6, one left of query 0, has delta
+  // k - 1 - 1 = 1 (not 6 - 0 + 2 = 8).
+  EXPECT_EQ(Neighborhood::rpb_index(Axis{7, 3, 1, 1, false, true}, 0, 6), 1);
+  EXPECT_EQ(Neighborhood::rpb_index(Axis{7, 3, 1, 1, false, true}, 6, 0), 3);  // one to the right
 }
 
 TEST(Window, AttendedPairsMatchesBruteForce) {
@@ -155,6 +200,7 @@ TEST(Window, AttendedPairsMatchesBruteForce) {
   p.dilation = {1, 2, 1};
   p.stride = {2, 1, 3};
   p.causal = {true, false, false};
+  p.periodic = {false, true, false};
   p.dim = 8;
   ASSERT_TRUE(p.validate().ok());
   int64_t pairs = 0;
@@ -162,7 +208,8 @@ TEST(Window, AttendedPairsMatchesBruteForce) {
     for (int x1 = 0; x1 < 8; ++x1)
       for (int x2 = 0; x2 < 9; ++x2) {
         pairs += int64_t(spec_axis_neighbors({5, 3, 1, 2, true}, x0).size()) *
-                 spec_axis_neighbors({8, 4, 2, 1, false}, x1).size() * spec_axis_neighbors({9, 5, 1, 3, false}, x2).size();
+                 spec_axis_neighbors({8, 4, 2, 1, false, true}, x1).size() *
+                 spec_axis_neighbors({9, 5, 1, 3, false}, x2).size();
       }
   EXPECT_EQ(p.attended_pairs(), pairs);
 }

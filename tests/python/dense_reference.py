@@ -13,13 +13,20 @@ from typing import Optional, Tuple
 import numpy as np
 
 
-def axis_windows(length: int, kernel: int, dilation: int, stride: int, causal: bool):
-    """Per query index i: (group g, first and last key group index of its window)."""
+def axis_windows(length: int, kernel: int, dilation: int, stride: int, causal: bool, periodic: bool = False):
+    """Per query index i: (group g, first and last key group index of its window). On a
+    periodic axis the window is centered on the leader and unwrapped: first may be
+    below 0 and last past the group, each entry standing for itself modulo the group
+    length (spec, step 3')."""
     rows = []
     for i in range(length):
         g, j = i % dilation, i // dilation
         group_len = math.ceil((length - g) / dilation)
-        if causal:
+        if periodic:
+            leader = min(j // stride * stride + stride // 2, group_len - 1)
+            first = leader - kernel // 2
+            last = first + kernel - 1
+        elif causal:
             leader = min(j // stride * stride + stride - 1, group_len - 1)
             first, last = max(leader - kernel + 1, 0), j
         else:
@@ -30,13 +37,21 @@ def axis_windows(length: int, kernel: int, dilation: int, stride: int, causal: b
     return rows
 
 
-def axis_mask(length, kernel, dilation, stride, causal) -> np.ndarray:
+def axis_entries(length, kernel, dilation, stride, causal, periodic=False) -> np.ndarray:
+    """entry[i, i2]: the (unwrapped) window entry through which query i sees key i2 on
+    this axis, or a value below -length when key i2 is not its neighbor."""
+    entry = np.full((length, length), -10 * length - 10)
+    for i, (g, first, last) in enumerate(axis_windows(length, kernel, dilation, stride, causal, periodic)):
+        group_len = math.ceil((length - g) / dilation)
+        for w in range(first, last + 1):
+            j2 = w % group_len if periodic else w
+            entry[i, g + dilation * j2] = w
+    return entry
+
+
+def axis_mask(length, kernel, dilation, stride, causal, periodic=False) -> np.ndarray:
     """mask[i, i2]: key i2 is a neighbor of query i on this axis."""
-    mask = np.zeros((length, length), dtype=bool)
-    for i, (g, first, last) in enumerate(axis_windows(length, kernel, dilation, stride, causal)):
-        for i2 in range(length):
-            mask[i, i2] = i2 % dilation == g and first <= i2 // dilation <= last
-    return mask
+    return axis_entries(length, kernel, dilation, stride, causal, periodic) >= -length
 
 
 @dataclass
@@ -48,6 +63,7 @@ class Case:
     dilation: Tuple[int, ...]
     stride: Tuple[int, ...]
     causal: Tuple[bool, ...]
+    periodic: Tuple[bool, ...] = ()  # () : no periodic axis
     batch: int = 1
     heads: int = 1
     kv_heads: int = 1
@@ -63,11 +79,19 @@ class Case:
     def rank(self):
         return len(self.extent)
 
+    @property
+    def wraps(self) -> Tuple[bool, ...]:
+        return self.periodic or (False,) * self.rank
+
     def window_kwargs(self):
-        return dict(kernel_size=self.kernel, stride=self.stride, dilation=self.dilation, is_causal=self.causal)
+        kwargs = dict(kernel_size=self.kernel, stride=self.stride, dilation=self.dilation, is_causal=self.causal)
+        if any(self.wraps):
+            kwargs["periodic"] = self.wraps
+        return kwargs
 
     def __str__(self):
         return (f"ext={self.extent} k={self.kernel} d={self.dilation} s={self.stride} c={self.causal} "
+                f"w={self.wraps} "
                 f"B={self.batch} H={self.heads}/{self.kv_heads} D={self.dim}/{self.dim_v} M={self.additional} "
                 f"rpb={self.rpb}")
 
@@ -85,10 +109,11 @@ class Case:
         return tuple(None if a is None else a.astype(dtype) for a in (q, k, v, rpb, ak, av))
 
 
-def random_case(seed: int, rank: Optional[int] = None) -> Case:
+def random_case(seed: int, rank: Optional[int] = None, periodic: bool = False) -> Case:
     """A valid problem drawn from seed: extents that are multiples of nothing in
     particular, any kernel, dilation (groups of unequal length) and stride the
-    spec allows, causal per axis, GQA, Dv != D, additional tokens, rpb."""
+    spec allows, causal per axis, GQA, Dv != D, additional tokens, rpb; with
+    periodic=True, at least one periodic axis (and the causal ones elsewhere)."""
     rng = np.random.default_rng(1000 + seed)
     rank = rank or int(rng.integers(1, 4))
     max_extent = {1: 13, 2: 7, 3: 5}[rank]
@@ -102,9 +127,15 @@ def random_case(seed: int, rank: Optional[int] = None) -> Case:
         dilation.append(d)
         stride.append(int(rng.integers(1, k + 1)))
         causal.append(bool(rng.random() < 0.4))
+    wraps = ()
+    if periodic:
+        wraps = [bool(rng.random() < 0.5) for _ in range(rank)]
+        wraps[int(rng.integers(0, rank))] = True
+        causal = [c and not w for c, w in zip(causal, wraps)]
+        wraps = tuple(wraps)
     kv_heads = int(rng.integers(1, 3))
     dim = int(rng.integers(1, 7))
-    return Case(tuple(extent), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal),
+    return Case(tuple(extent), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal), wraps,
                 batch=int(rng.integers(1, 3)), heads=kv_heads * int(rng.integers(1, 3)), kv_heads=kv_heads,
                 dim=dim, dim_v=dim if rng.random() < 0.5 else int(rng.integers(1, 7)),
                 additional=int(rng.choice([0, 0, 1, 3])), rpb=bool(rng.random() < 0.5),
@@ -118,14 +149,16 @@ def _grid(case: Case):
     mask = True
     deltas, slots = [], []
     for a in range(case.rank):
-        L, k, d, s, c = case.extent[a], case.kernel[a], case.dilation[a], case.stride[a], case.causal[a]
-        m = axis_mask(L, k, d, s, c)
-        jq, jk = np.arange(L)[:, None] // d, np.arange(L)[None, :] // d
-        first = np.array([w[1] for w in axis_windows(L, k, d, s, c)])[:, None]
+        L, k, d, s, c, w = (case.extent[a], case.kernel[a], case.dilation[a], case.stride[a], case.causal[a],
+                            case.wraps[a])
+        entry = axis_entries(L, k, d, s, c, w)
+        m = entry >= -L
+        jq = np.arange(L)[:, None] // d
+        first = np.array([row[1] for row in axis_windows(L, k, d, s, c, w)])[:, None]
         i, i2 = coords[a][:, None], coords[a][None, :]
         mask = mask & m[i, i2]
-        deltas.append(np.where(m, jk - jq + k - 1, 0)[i, i2])
-        slots.append(np.where(m, jk - first, 0)[i, i2])
+        deltas.append(np.where(m, entry - jq + k - 1, 0)[i, i2])  # spec: the unwrapped position counts
+        slots.append(np.where(m, entry - first, 0)[i, i2])
     return coords, mask, deltas, slots
 
 

@@ -149,7 +149,7 @@ def _op_samples():
     case = Case((5, 4), (3, 2), (1, 2), (2, 1), (False, True), heads=2, kv_heads=1, dim=3, dim_v=2, rpb=True,
                 additional=2)
     q, k, v, rpb, ak, av = [torch.from_numpy(a).float() for a in case.arrays()]
-    window = [[3, 2], [2, 1], [1, 2], [False, True]]
+    window = [[3, 2], [2, 1], [1, 2], [False, True], [True, False]]  # kernel, stride, dilation, causal, periodic
     out, lse = torch.ops.nbhd.na_forward(q, k, v, rpb, ak, av, *window, None, None)
     attn = torch.ops.nbhd.na_qk(q, k, rpb, ak, *window, 0.5, None)
     probs = torch.ops.nbhd.na_softmax(attn, *window, None)

@@ -34,6 +34,7 @@ the rank is the number of extents):
   --dilation D        default 1
   --stride S          default 1
   --causal C          0 or 1 per axis, default 0
+  --periodic P        0 or 1 per axis, default 0: the axis wraps around (never causal)
   --batch N           default 1
   --heads N           query heads, default 1
   --kv-heads N        key/value heads (GQA), default = --heads
@@ -133,7 +134,7 @@ constexpr int64_t kAnyInt = INT64_MIN;  // problem values: Problem::validate giv
 
 // The per-axis flags are kept as text until the rank (from --extent) is known.
 struct AxisFlags {
-  std::string extent, kernel, dilation = "1", stride = "1", causal = "0";
+  std::string extent, kernel, dilation = "1", stride = "1", causal = "0", periodic = "0";
 };
 
 }  // namespace
@@ -171,6 +172,7 @@ Status parse_args(int argc, const char* const* argv, Args* out) {
       {"--dilation", [&](auto&, auto& v) { axes.dilation = v; return Status::Ok(); }},
       {"--stride", [&](auto&, auto& v) { axes.stride = v; return Status::Ok(); }},
       {"--causal", [&](auto&, auto& v) { axes.causal = v; return Status::Ok(); }},
+      {"--periodic", [&](auto&, auto& v) { axes.periodic = v; return Status::Ok(); }},
       // Problem values take any integer: the library's validation states the rules.
       {"--batch", integer(&args.problem.batch, kAnyInt)},
       {"--heads", integer(&args.problem.heads, kAnyInt)},
@@ -263,11 +265,14 @@ Status parse_args(int argc, const char* const* argv, Args* out) {
   NBHD_RETURN_IF_ERROR(parse_axes("--kernel", axes.kernel, p.rank, &p.kernel));
   NBHD_RETURN_IF_ERROR(parse_axes("--dilation", axes.dilation, p.rank, &p.dilation));
   NBHD_RETURN_IF_ERROR(parse_axes("--stride", axes.stride, p.rank, &p.stride));
-  std::array<int64_t, 3> causal{};
+  std::array<int64_t, 3> causal{}, periodic{};
   NBHD_RETURN_IF_ERROR(parse_axes("--causal", axes.causal, p.rank, &causal));
+  NBHD_RETURN_IF_ERROR(parse_axes("--periodic", axes.periodic, p.rank, &periodic));
   for (int a = 0; a < p.rank; ++a) {
     if (causal[a] != 0 && causal[a] != 1) return bad_value("--causal", axes.causal, "each axis must be 0 or 1");
+    if (periodic[a] != 0 && periodic[a] != 1) return bad_value("--periodic", axes.periodic, "each axis must be 0 or 1");
     p.causal[a] = causal[a] == 1;
+    p.periodic[a] = periodic[a] == 1;
   }
   p.kv_heads = kv_heads ? *kv_heads : p.heads;
   p.dim_v = dim_v;  // 0 means "same as dim" in Problem too

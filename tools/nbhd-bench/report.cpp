@@ -213,6 +213,7 @@ std::string to_json(const Report& r) {
   axes(j, "dilation", p, p.dilation);
   axes(j, "stride", p, p.stride);
   axes(j, "causal", p, p.causal);
+  axes(j, "periodic", p, p.periodic);
   j.key("batch").value(p.batch).key("heads").value(p.heads).key("kv_heads").value(p.kv_heads);
   j.key("dim").value(p.dim).key("dim_v").value(p.value_dim());
   j.key("additional_tokens").value(p.additional_tokens).key("rpb").value(p.has_rpb);

@@ -29,14 +29,21 @@ struct Range {
 };
 
 // One axis of the token grid with its neighborhood parameters. Valid when
-// kernel >= 1, dilation >= 1, kernel * dilation <= length, 1 <= stride <= kernel
-// (Problem::validate checks this before any backend sees an Axis).
+// kernel >= 1, dilation >= 1, kernel * dilation <= length, 1 <= stride <= kernel,
+// and not both causal and periodic (Problem::validate checks this before any
+// backend sees an Axis).
+//
+// A periodic axis wraps around (longitude, a torus): every window is centered on
+// its leader and never shifted. Its ranges are unwrapped: they may begin below 0 or
+// end past the group length, and `wrap` names the group index an entry stands for.
+// The unwrapped position is what the bias counts (rpb_index).
 struct Axis {
   int length = 1;
   int kernel = 1;
   int dilation = 1;
   int stride = 1;
   bool causal = false;
+  bool periodic = false;
 
   // Tokens i with i % dilation == g form dilation group g; inside it a token's
   // index is i / dilation.
@@ -44,15 +51,21 @@ struct Axis {
     return (length - g + dilation - 1) / dilation;
   }
 
+  // The group index an (unwrapped) window entry j stands for: j itself, or j modulo
+  // the group length on a periodic axis.
+  NBHD_HOST_DEVICE constexpr int wrap(int j, int lg) const { return periodic ? ((j % lg) + lg) % lg : j; }
+
   // Keys (group indices) seen by the query at group index j of a group of length lg.
-  // Non-causal windows hold exactly `kernel` keys, shifted inward at the borders;
-  // causal windows end at the query and hold at most `kernel` keys.
+  // Non-causal windows hold exactly `kernel` keys, shifted inward at the borders
+  // (periodic: centered, unwrapped); causal windows end at the query and hold at
+  // most `kernel` keys.
   NBHD_HOST_DEVICE constexpr Range window(int j, int lg) const {
     if (causal) {
       const int leader = imin(j / stride * stride + stride - 1, lg - 1);
       return {imax(leader - kernel + 1, 0), j + 1};
     }
     const int leader = imin(j / stride * stride + stride / 2, lg - 1);
+    if (periodic) return {leader - kernel / 2, leader - kernel / 2 + kernel};
     const int start = imax(imin(leader - kernel / 2, lg - kernel), 0);
     return {start, start + kernel};
   }
@@ -60,7 +73,9 @@ struct Axis {
   // Queries (group indices) whose window holds key jk: one contiguous range, since
   // a window's begin and end never decrease as the query moves forward. Closed
   // forms of `window` inverted; tests check them against a search over all queries.
+  // Periodic: one circular range, unwrapped (it may begin below 0), at most lg long.
   NBHD_HOST_DEVICE constexpr Range inverse_window(int jk, int lg) const {
+    if (periodic) return inverse_periodic(jk, lg);
     if (causal) {
       // begin: the key's own index (every window ends at its query, and the query
       // jk sees itself). end: past the last query whose leader p satisfies
@@ -85,13 +100,46 @@ struct Axis {
   }
 
   // Window of a run of queries [q.begin, q.end): the union of their windows.
+  // Periodic: unwrapped, and longer than lg when the run is long (some keys twice).
   NBHD_HOST_DEVICE constexpr Range window_union(Range q, int lg) const {
     return {window(q.begin, lg).begin, window(q.end - 1, lg).end};
   }
 
-  // Queries whose windows meet a run of keys [k.begin, k.end).
+  // Queries whose windows meet a run of keys [k.begin, k.end). Periodic: every
+  // query of the group (a superset; callers mask per element).
   NBHD_HOST_DEVICE constexpr Range inverse_window_union(Range k, int lg) const {
+    if (periodic) return {0, lg};
     return {inverse_window(k.begin, lg).begin, inverse_window(k.end - 1, lg).end};
+  }
+
+ private:
+  // Queries in [0, lg) whose periodic window [p - left, p - left + kernel) holds the
+  // unwrapped position x: leader p in [x - right, x + left]. Leaders never decrease
+  // with the query, so this is one range (possibly empty).
+  NBHD_HOST_DEVICE constexpr Range queries_seeing(int x, int lg) const {
+    const int lo = x - (kernel - 1 - kernel / 2), hi = x + kernel / 2, half = stride / 2;
+    if (lo > lg - 1 || hi < half) return {0, 0};
+    // Leader j / s * s + s/2 (capped at lg - 1) reaches lo from this query on...
+    const int first = lo - half <= 0 ? 0 : ceil_div(lo - half, stride) * stride;
+    // ...and stays at or below hi up to this one.
+    const int last = hi >= lg - 1 ? lg - 1 : imin(lg - 1, ((hi - half) / stride + 1) * stride - 1);
+    return first > last ? Range{0, 0} : Range{first, last + 1};
+  }
+
+  // Key jk is seen through one of its images jk - lg, jk, jk + lg. The leaders span
+  // less than lg, so at most two images are seen: then by the first queries (the
+  // lower image) and the last ones (the higher image), one circular range, returned
+  // with the last queries shifted below 0.
+  NBHD_HOST_DEVICE constexpr Range inverse_periodic(int jk, int lg) const {
+    Range seen[3] = {queries_seeing(jk - lg, lg), queries_seeing(jk, lg), queries_seeing(jk + lg, lg)};
+    int low = -1, high = -1;
+    for (int m = 0; m < 3; ++m)
+      if (seen[m].size() > 0) {
+        if (low < 0) low = m;
+        high = m;
+      }
+    if (low == high) return seen[low];
+    return {seen[high].begin - lg, seen[low].end};
   }
 };
 
@@ -134,16 +182,32 @@ struct Neighborhood {
       const Axis& ax = axis[a];
       const int g = query[a] % ax.dilation;
       if (key[a] % ax.dilation != g) return false;
-      if (!ax.window(query[a] / ax.dilation, ax.group_length(g)).contains(key[a] / ax.dilation))
-        return false;
+      if (window_position(ax, query[a], key[a]) < 0) return false;
     }
     return true;
   }
 
-  // Relative-position-bias index of a neighbor on axis a: (key - query) in group
-  // units, shifted by kernel - 1 into [0, 2 * kernel - 2].
+  // The unwrapped window entry of key on axis a as seen from query (same dilation
+  // group), or -1 when the key is not in the query's window.
+  NBHD_HOST_DEVICE static constexpr int window_position(const Axis& ax, int query, int key) {
+    const int lg = ax.group_length(query % ax.dilation), jk = key / ax.dilation;
+    const Range w = ax.window(query / ax.dilation, lg);
+    if (w.contains(jk)) return jk;
+    if (ax.periodic && w.contains(jk - lg)) return jk - lg;
+    if (ax.periodic && w.contains(jk + lg)) return jk + lg;
+    return -1;
+  }
+
+  // Relative-position-bias index of window entry j (unwrapped) on axis a: (j -
+  // query) in group units, shifted by kernel - 1 into [0, 2 * kernel - 2].
+  NBHD_HOST_DEVICE static constexpr int rpb_entry(const Axis& ax, int query, int j) {
+    return j - query / ax.dilation + ax.kernel - 1;
+  }
+
+  // The same for a neighbor given as a key token (on a periodic axis, its position
+  // in the window is found first).
   NBHD_HOST_DEVICE static constexpr int rpb_index(const Axis& ax, int query, int key) {
-    return key / ax.dilation - query / ax.dilation + ax.kernel - 1;
+    return rpb_entry(ax, query, ax.periodic ? window_position(ax, query, key) : key / ax.dilation);
   }
 };
 

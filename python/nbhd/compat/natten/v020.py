@@ -111,7 +111,7 @@ class _Layer(_shared.Layer):
         w = _shared.window(type(self).__name__, self.rank, kernel_size, stride, dilation, is_causal)
         self._natten_init(dim, num_heads, w, False, qkv_bias, qk_scale, None, proj_drop)
         self.na_dim, self.embed_dim = self.rank, dim
-        self.kernel_size, self.stride, self.dilation, self.is_causal = w
+        self.kernel_size, self.stride, self.dilation, self.is_causal = w[:4]
         self.expected_input_tensor_rank = self.rank + 2
 
     def extra_repr(self) -> str:
