@@ -181,9 +181,10 @@ def window(function: str, rank: int, kernel_size, stride=1, dilation=1, is_causa
 
 
 def check_rank(function: str, rank: int, layout: str, **tensors) -> None:
-    """Each named tensor has rank + 3 dimensions (the layout's); others are caught here,
-    not computed: heads-last tensors given to a heads-first function keep the count, but
-    the shapes of query, key and rpb then disagree and nbhd names the mismatch."""
+    """Each named tensor is dense with rank + 3 dimensions (the layout's). Heads-last
+    tensors given to a heads-first function keep the count: they are caught later only
+    where shapes then disagree (rpb's heads against the query's, fewer key heads than
+    query heads); with equal head counts and no rpb the shape cannot tell them apart."""
     for name, t in tensors.items():
         if t is not None and t.is_nested:
             raise ValueError(f"{function}: {name} is a nested tensor; nbhd takes dense tensors (pad the "
