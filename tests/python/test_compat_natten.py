@@ -306,11 +306,18 @@ def q4(*shape):
     (lambda: v014.NeighborhoodAttention2D(8, 2, 1), ValueError, ["kernel_size = 1"]),
     (lambda: v017.na2d_qk(q4(1, 2, 6, 6, 2), q4(1, 2, 6, 6, 2), 3, rpb=q4(2, 5, 5), is_causal=True), ValueError,
      ["rpb", "causal"]),
-    (lambda: v017.na2d_qk(q4(1, 6, 6, 2, 2), q4(1, 6, 6, 2, 2), 3, rpb=q4(2, 5, 5)), ValueError,
+    (lambda: v017.na2d_qk(q4(1, 6, 6, 3, 2), q4(1, 6, 6, 3, 2), 3, rpb=q4(2, 5, 5)), ValueError,
      ["rpb has 2 heads", "heads-first"]),
     (lambda: v017.na2d(q4(1, 6, 6, 2, 2), q4(1, 6, 6, 2, 2), q4(1, 6, 6, 2, 2), 3, xformers_kwargs={"p": 0.1}),
      ValueError, ["xformers_kwargs"]),
     (lambda: v017.na2d(q4(1, 6, 6, 2), q4(1, 6, 6, 2), q4(1, 6, 6, 2), 3), ValueError, ["query", "heads-last"]),
+    # The other layout: its heads read as an axis shorter than the window.
+    (lambda: v021.na2d(q4(1, 2, 6, 6, 4), q4(1, 2, 6, 6, 4), q4(1, 2, 6, 6, 4), 3), ValueError,
+     ["axis 0 of query has 2 tokens", "kernel_size * dilation = 3", "heads-last", ".movedim(1, -2)"]),
+    (lambda: v017.na2d_qk(q4(1, 6, 6, 2, 4), q4(1, 6, 6, 2, 4), 3), ValueError,
+     ["axis 1 of query has 2 tokens", "heads-first", ".movedim(-2, 1)"]),
+    (lambda: v014.natten2dav(q4(1, 6, 6, 2, 9), q4(1, 6, 6, 2, 4), 3, 1), ValueError,
+     ["axis 1 of value has 2 tokens", "heads-first"]),
     (lambda: v017.NeighborhoodAttention1D(8, 2, 3, is_causal=True, rel_pos_bias=True), ValueError,
      ["rel_pos_bias", "causal"]),
     (lambda: v021.na1d(q4(1, 6, 2, 2), q4(1, 6, 2, 2), q4(1, 6, 2, 2), 3, rpb=q4(2, 5)), TypeError,
@@ -339,6 +346,16 @@ def test_refusals_name_the_argument(call, error, words):
         call()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_layout_the_shape_cannot_tell_runs_in_the_functions_layout():
+    """Heads-first [1, 4, 6, 6, 4] is also a valid heads-last shape (4 x 6 tokens, 6
+    heads) once the window fits both axes: NATTEN computed such a call in its function's
+    layout, and so does nbhd, without guessing (docs/natten.md)."""
+    as_heads_last = Case((4, 6), (3, 3), (1, 1), (1, 1), (False, False), heads=6, dim=4, seed=11)
+    q, k, v, _, _, _ = tensors(as_heads_last)
+    for generation in (v017, v020, v021):
+        np.testing.assert_allclose(generation.na2d(q, k, v, 3).numpy(), reference_out(as_heads_last)[0], **F64)
 
 
 # -------------------------------------------------------------------------- switches

@@ -181,10 +181,11 @@ def window(function: str, rank: int, kernel_size, stride=1, dilation=1, is_causa
 
 
 def check_rank(function: str, rank: int, layout: str, **tensors) -> None:
-    """Each named tensor is dense with rank + 3 dimensions (the layout's). Heads-last
-    tensors given to a heads-first function keep the count: they are caught later only
-    where shapes then disagree (rpb's heads against the query's, fewer key heads than
-    query heads); with equal head counts and no rpb the shape cannot tell them apart."""
+    """Each named tensor is dense with rank + 3 dimensions (the layout's). A tensor of
+    the other layout keeps the count: it is caught where shapes then disagree (an axis
+    shorter than the window, rpb's heads against the query's, fewer key heads than
+    query heads). Where nothing disagrees the shape cannot tell the layouts apart, and
+    the call runs as NATTEN runs it, in the function's layout (docs/natten.md)."""
     for name, t in tensors.items():
         if t is not None and t.is_nested:
             raise ValueError(f"{function}: {name} is a nested tensor; nbhd takes dense tensors (pad the "
@@ -192,6 +193,19 @@ def check_rank(function: str, rank: int, layout: str, **tensors) -> None:
         if t is not None and t.dim() != rank + 3:
             raise ValueError(f"{function}: {name} has shape {list(t.shape)}; it takes {layout} ({rank + 3} "
                              f"dimensions)")
+
+
+def check_window_fits(function: str, rank: int, name: str, tensor, w: _core.Window, layout: str,
+                      first_axis: int) -> None:
+    """Each axis holds the window (kernel_size * dilation tokens), as NATTEN required. A
+    tensor of the other layout usually fails here (its heads read as an axis shorter
+    than the window), so the error names the layout the function takes."""
+    for a in range(rank):
+        length, span = tensor.shape[first_axis + a], w.kernel_size[a] * w.dilation[a]
+        if length < span:
+            other = ".movedim(1, -2)" if first_axis == 1 else ".movedim(-2, 1)"
+            raise ValueError(f"{function}: axis {a} of {name} has {length} tokens, fewer than kernel_size * dilation "
+                             f"= {span}; {name} is {layout} (a tensor of the other layout: {other})")
 
 
 def heads_first_layout(rank: int, last: str = "dim") -> str:
@@ -216,6 +230,7 @@ def fused(function: str, rank: int, query, key, value, w: _core.Window, scale, r
     """NATTEN's fused na*d in nbhd: heads-last tensors, the additional tokens inside the
     kernel (NATTEN ran them as a second attention and merged by lse: the same result)."""
     check_rank(function, rank, heads_last_layout(rank), query=query, key=key, value=value)
+    check_window_fits(function, rank, "query", query, w, heads_last_layout(rank), first_axis=1)
     if rpb is not None and any(w.is_causal):
         reject(function, "rpb with a causal axis is refused by NATTEN", "nbhd.na1d/na2d/na3d run it")
     return neighborhood_attention(query, key, value, scale=scale_or_default(scale, query.shape[-1]), rpb=rpb,
@@ -231,6 +246,7 @@ def qk(function: str, rank: int, query, key, w: _core.Window, rpb=None, addition
     """NATTEN's unfused scores: query (already scaled) and key heads-first
     [B, H, X.., D], additional_keys [B, H, M, D] -> attn [B, H, X.., prod(kernel) + M]."""
     check_rank(function, rank, heads_first_layout(rank), query=query, key=key)
+    check_window_fits(function, rank, "query", query, w, heads_first_layout(rank), first_axis=2)
     if rpb is not None and any(w.is_causal):
         reject(function, "rpb with a causal axis is refused by NATTEN", "nbhd.ops.qk runs it")
     if rpb is not None and rpb.shape[0] != query.shape[1]:
@@ -245,6 +261,7 @@ def av(function: str, rank: int, attn, value, w: _core.Window, additional_values
     """NATTEN's unfused weighted sum: attn [B, H, X.., prod(kernel) + M], value
     [B, H, X.., Dv], additional_values [B, H, M, Dv] -> out [B, H, X.., Dv]."""
     check_rank(function, rank, heads_first_layout(rank), attn=attn, value=value)
+    check_window_fits(function, rank, "value", value, w, heads_first_layout(rank), first_axis=2)
     extra = None if additional_values is None else additional_values.transpose(1, 2)
     out = ops.av(_heads_last(attn), _heads_last(value), additional_values=extra, **w._asdict())
     return out.movedim(-2, 1)
