@@ -20,7 +20,7 @@
 namespace nbhd::cuda {
 namespace {
 
-TEST(FusedTma, ACopyPutsTheTileSwizzledIntoSharedMemory) {
+TEST(FusedTmaSmoke, ACopyPutsTheTileSwizzledIntoSharedMemory) {
   NBHD_REQUIRE_GPU();
   if (!fused::hopper_device()) GTEST_SKIP() << "TMA needs an sm_90 device and a build with sm_90a";
   std::mt19937_64 rng(73);
