@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "cpu/reference.hpp"
 #include "cuda/fused/backward_plan.hpp"
@@ -216,7 +217,7 @@ void expect_gradient(const std::string& what, DType dtype, const std::vector<dou
 }
 
 // The fused backward's outputs on the host.
-struct Run {
+struct KernelRun {
   HostTensor dq, dk, dv, drpb, dak, dav;
 };
 
@@ -233,7 +234,11 @@ std::vector<unsigned char> bytes(const HostTensor& t) {
 }
 
 // Returns whether the case ran (false: its kernels are not in this build).
-bool check_backward(const Case& c, std::mt19937_64& rng) {
+// loads: where given, how the wgmma key pass must load Q and dO (key_pass_loads'
+// first word, "TMA" or "cp.async"); deterministic_out: where given, receives the
+// deterministic mode's gradients.
+bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nullptr,
+                    KernelRun* deterministic_out = nullptr) {
   const Problem& p = c.p;
   SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : ""));
   const Inputs in(p, rng, c.gap);
@@ -268,7 +273,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
   copy(lse, lse64);
   copy(d_out, d_out64);
   auto gradient_tensors = [&](DType dtype, int64_t gap) {
-    Run r;
+    KernelRun r;
     r.dq = HostTensor(dtype, shape_of(in.q.ref()), gap);
     r.dk = HostTensor(dtype, shape_of(in.k.ref()), gap);
     r.dv = HostTensor(dtype, shape_of(in.v.ref()), gap);
@@ -279,7 +284,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
     }
     return r;
   };
-  Run exact = gradient_tensors(DType::kFloat64, 0);
+  KernelRun exact = gradient_tensors(DType::kFloat64, 0);
   exact.drpb = p.has_rpb ? HostTensor(DType::kFloat64, shape_of(in.rpb.ref())) : HostTensor();
   EXPECT_TRUE(cpu::reference_backward(p64, {in64.q.ref(), in64.k.ref(), in64.v.ref(), in64.rpb.ref(), in64.ak.ref(),
                                             in64.av.ref(), out64.ref(), lse64.ref(), d_out64.ref(), exact.dq.ref(),
@@ -290,9 +295,9 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
   const Gradients magnitude = plain_backward(p, in, out, lse, d_out, /*magnitudes=*/true);
 
   DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), ak(in.ak), av(in.av), dev_out(out), dev_lse(lse), dev_dout(d_out);
-  auto run = [&](bool deterministic, Run* result) {
+  auto run = [&](bool deterministic, KernelRun* result) {
     *result = gradient_tensors(p.dtype, c.gap);
-    Run& r = *result;
+    KernelRun& r = *result;
     // Poison: every element must be written.
     for (HostTensor* t : {&r.dq, &r.dk, &r.dv, &r.drpb, &r.dak, &r.dav})
       for (int64_t i = 0; i < (t->ref().defined() ? t->numel() : 0); ++i) t->set(i, std::nan(""));
@@ -300,10 +305,13 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
     Options o;
     o.backend = Backend::kFused;
     o.deterministic = deterministic;
-    const Status s = backward(p, {q.ref(), k.ref(), v.ref(), rpb.ref(), ak.ref(), av.ref(), dev_out.ref(),
-                                  dev_lse.ref(), dev_dout.ref(), dq.ref(), dk.ref(), dv.ref(), drpb.ref(), dak.ref(),
-                                  dav.ref()},
-                              o);
+    const BackwardTensors tensors{q.ref(),        k.ref(),        v.ref(),         rpb.ref(),
+                                  ak.ref(),       av.ref(),       dev_out.ref(),   dev_lse.ref(),
+                                  dev_dout.ref(), dq.ref(),       dk.ref(),        dv.ref(),
+                                  drpb.ref(),     dak.ref(),      dav.ref()};
+    if (loads)
+      EXPECT_EQ(cuda::fused::key_pass_loads(p, tensors).rfind(loads, 0), 0u) << cuda::fused::key_pass_loads(p, tensors);
+    const Status s = backward(p, tensors, o);
     if (!s.ok()) return s;
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     dq.copy_to(r.dq);
@@ -314,7 +322,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
     dav.copy_to(r.dav);
     return s;
   };
-  auto expect_accurate = [&](const Run& r, const char* mode) {
+  auto expect_accurate = [&](const KernelRun& r, const char* mode) {
     SCOPED_TRACE(mode);
     expect_gradient("dq", p.dtype, values(r.dq), values(exact.dq), plain.dq, magnitude.dq);
     expect_gradient("dk", p.dtype, values(r.dk), values(exact.dk), plain.dk, magnitude.dk);
@@ -328,7 +336,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
   // window size (backward_plan.hpp); run both.
   for (const char* dq : {"atomics", "pass"}) {
     setenv("NBHD_FUSED_BACKWARD_DQ", dq, 1);
-    Run r;
+    KernelRun r;
     const Status s = run(/*deterministic=*/false, &r);
     unsetenv("NBHD_FUSED_BACKWARD_DQ");
     if (!s.ok()) {
@@ -338,7 +346,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
     }
     expect_accurate(r, dq == std::string("atomics") ? "default mode, dQ by atomics" : "default mode, dQ by the dq pass");
   }
-  Run first, second;
+  KernelRun first, second;
   EXPECT_TRUE(run(/*deterministic=*/true, &first).ok());
   EXPECT_TRUE(run(/*deterministic=*/true, &second).ok());
   expect_accurate(first, "deterministic mode");
@@ -347,6 +355,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng) {
                             {"d additional keys", &first.dak, &second.dak},
                             {"d additional values", &first.dav, &second.dav}})
     EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between two deterministic runs";
+  if (deterministic_out) *deterministic_out = std::move(first);
   return true;
 }
 
@@ -415,11 +424,15 @@ TEST(FusedBackwardSmoke, WgmmaKeyPass) {
       c.p.dim_v = seed ? 72 : 0;
       c.p.additional_tokens = seed ? 5 : 0;
       c.p.heads = c.p.kv_heads * 2;
+      // Seed 0 loads Q and dO by TMA (dim = dim_v = the bucket; TMA's traversal
+      // stride and box allow dilation 4 at 64-query 1-D tiles), seed 1 by cp.async.
+      if (!seed)
+        for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
       const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
       const auto wgmma = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
       ASSERT_NE(wgmma, configs.end());
       setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(wgmma - configs.begin()).c_str(), 1);
-      ran += check_backward(c, rng);
+      ran += check_backward(c, rng, seed ? "cp.async" : "TMA");
       unsetenv("NBHD_FUSED_BACKWARD_TILE");
       if (HasFailure()) return;
     }
@@ -476,6 +489,54 @@ TEST(FusedBackwardWgmma, EveryEntryMatchesReference) {
           c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
           c.p.dim_v = seed ? bucket / 2 + 8 : 0;
           ran += check_backward(c, rng);
+        }
+        unsetenv("NBHD_FUSED_BACKWARD_TILE");
+        if (HasFailure()) return;
+      }
+    }
+  if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
+}
+
+// The wgmma key pass's TMA producer of Q and dO against its cp.async one, entry by
+// entry, on random problems whose tensors TMA can address (dim = dim_v = the bucket)
+// with dilation, strides, causal axes, GQA, batches, padded rows and additional
+// tokens (on the mma.sync kernel beside it): each matches the reference, and the
+// deterministic gradients of the two producers are equal bit for bit. Query rows
+// cp.async zero-fills (past the walk) reach P and dS as exact zeros either way.
+TEST(FusedBackwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
+  NBHD_REQUIRE_GPU();
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
+        // The CPU emulator (NBHD_TEST_SMALL) runs one seed per entry, alternating dtypes.
+        const bool small = std::getenv("NBHD_TEST_SMALL") != nullptr;
+        for (int seed = small ? int(i % 2) : 0; seed < (small ? int(i % 2) + 1 : 2); ++seed) {
+          std::mt19937_64 rng(56000 + 1000 * rank + 10 * int(i) + seed + bucket);
+          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+          c.p.has_rpb = false;
+          c.p.dim = bucket;
+          c.p.dim_v = 0;
+          if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
+          for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
+          std::mt19937_64 same = rng;
+          KernelRun tma, copies;
+          const bool tma_ran = check_backward(c, rng, "TMA", &tma);
+          setenv("NBHD_FUSED_LOADS", "cp.async", 1);
+          check_backward(c, same, "cp.async", &copies);
+          unsetenv("NBHD_FUSED_LOADS");
+          ran += tma_ran;
+          if (HasFailure()) break;
+          for (auto [what, a, b] : {std::tuple{"dq", &tma.dq, &copies.dq}, {"dk", &tma.dk, &copies.dk},
+                                    {"dv", &tma.dv, &copies.dv}, {"d additional keys", &tma.dak, &copies.dak},
+                                    {"d additional values", &tma.dav, &copies.dav}})
+            EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between the TMA and the cp.async producer";
         }
         unsetenv("NBHD_FUSED_BACKWARD_TILE");
         if (HasFailure()) return;

@@ -10,7 +10,9 @@
 // tf32 fails (each costs ~2^-11 relative against the plain 2^-21).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "cpu/reference.hpp"
 #include "cuda/fused/host.hpp"
@@ -59,7 +61,10 @@ int cases_run = 0;
 
 // device >= 0: the tensors live on that GPU while the call is made with the caller's
 // current device, which the call must leave as it was.
-void check_forward(const Case& c, std::mt19937_64& rng, int device = -1) {
+// loads: where given, how the kernel must load (forward_loads' first word, "TMA" or
+// "cp.async"); out_values and lse_values: where given, receive what the kernel wrote.
+void check_forward(const Case& c, std::mt19937_64& rng, int device = -1, const char* loads = nullptr,
+                   std::vector<double>* out_values = nullptr, std::vector<double>* lse_values = nullptr) {
   const Problem& p = c.p;
   SCOPED_TRACE(p.to_string());
   const Status runnable = can_run(Backend::kFused, p, Device::kCUDA);
@@ -114,7 +119,9 @@ void check_forward(const Case& c, std::mt19937_64& rng, int device = -1) {
   ASSERT_EQ(cudaSetDevice(caller), cudaSuccess);
   Options o;
   o.backend = Backend::kFused;
-  const Status s = forward(p, {q.ref(), k.ref(), v.ref(), rpb.ref(), ak.ref(), av.ref(), d_out.ref(), d_lse.ref()}, o);
+  const ForwardTensors tensors{q.ref(), k.ref(), v.ref(), rpb.ref(), ak.ref(), av.ref(), d_out.ref(), d_lse.ref()};
+  if (loads) ASSERT_EQ(cuda::fused::forward_loads(p, tensors).rfind(loads, 0), 0u) << cuda::fused::forward_loads(p, tensors);
+  const Status s = forward(p, tensors, o);
   ASSERT_TRUE(s.ok()) << s.message();
   int current = -1;
   ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
@@ -124,6 +131,8 @@ void check_forward(const Case& c, std::mt19937_64& rng, int device = -1) {
   d_out.copy_to(out);
   d_lse.copy_to(lse);
   ASSERT_EQ(cudaSetDevice(caller), cudaSuccess);
+  if (out_values) *out_values = out.values();
+  if (lse_values) *lse_values = lse.values();
   testing::expect_close("out", p.dtype, out.values(), exact.values(), plain_out.values());
   // lse: float32 in every dtype; its error is the scores' (16-bit inputs: 2^-8 of a
   // score; float32: ~2^-21).
@@ -168,6 +177,27 @@ TEST(FusedForwardSmoke, SmallProblems) {
       c.p.dim = 32 << seed;
       c.p.dim_v = seed == 2 ? 16 : 0;
       check_forward(c, rng);
+    }
+  // The warp-specialized kernels with their TMA producer (dim = dim_v = 64), per rank.
+  if (cuda::fused::hopper_device())
+    for (int rank = 1; rank <= 3; ++rank) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 64, /*hopper=*/true);
+      size_t i = 0;
+      while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8)) ++i;
+      ASSERT_LT(i, configs.size()) << "no warp-specialized entry for rank " << rank;
+      setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+      std::mt19937_64 rng(30200 + rank);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = DType::kFloat16;
+      o.max_extent = rank == 1 ? 200 : rank == 2 ? 20 : 8;
+      Case c{testing::random_problem(rng, o), 0};
+      c.p.dim = 64;
+      c.p.dim_v = 0;
+      c.p.additional_tokens = 0;
+      for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
+      check_forward(c, rng, -1, "TMA");
+      unsetenv("NBHD_FUSED_TILE");
     }
   // float32: the 64-key kernel (head dim 32) and the 32-key one (head dim 128).
   for (int rank = 1; rank <= 3; ++rank)
@@ -235,6 +265,53 @@ TEST(FusedForwardWgmma, EveryEntryMatchesReference) {
           c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
           c.p.dim_v = seed ? bucket / 2 + 8 : 0;
           check_forward(c, rng);
+        }
+        unsetenv("NBHD_FUSED_TILE");
+        if (HasFailure()) return;
+      }
+    }
+  SKIP_IF_NO_CASE_RAN(before);
+}
+
+// The warp-specialized kernels' TMA producer (one thread copying boxes of the token
+// grid) against their cp.async one, entry by entry, on random problems whose tensors
+// TMA can address (dim = dim_v = the bucket, no additional tokens) with dilation,
+// unequal groups, strides, causal axes, GQA, batches and padded rows: each matches
+// the reference, and the two producers' results are equal bit for bit. Keys the
+// cp.async producer zero-fills (past the key box) reach P as exact zeros either way,
+// so a difference can only be a tile that landed wrong.
+TEST(FusedForwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
+  NBHD_REQUIRE_GPU();
+  const int before = cases_run;
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma forward needs an sm_90 device and a build with sm_90a";
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma || configs[i].warps != 8) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        for (int seed = 0; seed < 2; ++seed) {
+          std::mt19937_64 rng(64000 + 1000 * rank + 10 * int(i) + seed + bucket);
+          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+          c.p.dim = bucket;
+          c.p.dim_v = 0;
+          c.p.additional_tokens = 0;
+          if (c.gap && rank == 3) c.p.batch = 1;
+          // TMA's traversal stride reaches dilation 8, a box 256 tokens: 64-key 1-D tiles 4.
+          for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);  // padded heads take a tensor-map dim: 5 with the axes and batch
+          std::mt19937_64 same = rng;
+          std::vector<double> tma_out, tma_lse, copy_out, copy_lse;
+          check_forward(c, rng, -1, "TMA", &tma_out, &tma_lse);
+          setenv("NBHD_FUSED_LOADS", "cp.async", 1);
+          check_forward(c, same, -1, "cp.async", &copy_out, &copy_lse);
+          unsetenv("NBHD_FUSED_LOADS");
+          if (HasFailure()) break;
+          for (size_t e = 0; e < tma_out.size(); ++e)
+            ASSERT_EQ(std::memcmp(&tma_out[e], &copy_out[e], sizeof(double)), 0) << "out element " << e;
+          for (size_t e = 0; e < tma_lse.size(); ++e)
+            ASSERT_EQ(std::memcmp(&tma_lse[e], &copy_lse[e], sizeof(double)), 0) << "lse element " << e;
         }
         unsetenv("NBHD_FUSED_TILE");
         if (HasFailure()) return;

@@ -123,6 +123,26 @@ Status supports(const Problem& p, detail::Pass pass) {
   return fits_device(p);
 }
 
+// How the forward loads these tensors: "" where by TMA (filling fp->tma when fp is
+// given), else why by cp.async (forward_tma_views; a base TMA cannot address).
+std::string tma_loads(const Problem& p, const TileConfig& config, const ForwardTensors& t, ForwardParams* fp) {
+  TmaView views[3];
+  const std::string why =
+      forward_tma_views(p, config, detail::token_layout(t.query, p.rank), detail::token_layout(t.key, p.rank),
+                        detail::token_layout(t.value, p.rank), views);
+  if (!why.empty()) return why;
+  ForwardTma tma;
+  const std::string refused = encode_tensor_maps(p.dtype, {{"query", &t.query, &views[0], &tma.q},
+                                                           {"key", &t.key, &views[1], &tma.k},
+                                                           {"value", &t.value, &views[2], &tma.v}});
+  if (!refused.empty()) return refused;
+  tma.q_view = views[0];
+  tma.k_view = views[1];
+  tma.v_view = views[2];
+  if (fp) fp->tma = tma;
+  return "";
+}
+
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
@@ -169,10 +189,19 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.dim_v = int(p.value_dim());
   fp.additional_tokens = int(p.additional_tokens);
   fp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
+  fp.use_tma = tma_loads(p, config, t, &fp).empty();
   return cuda_status(kernel->launch(fp, p.batch, static_cast<cudaStream_t>(o.stream)), "fused forward kernel");
 }
 
 }  // namespace
+
+std::string forward_loads(const Problem& p, const ForwardTensors& t) {
+  DeviceGuard guard;
+  if (!guard.set(t.query.device_index).ok()) return "cp.async: the tensors' device is not readable";
+  const std::string why = tma_loads(p, plan(p), t, nullptr);
+  return why.empty() ? "TMA" : "cp.async: " + why;
+}
+
 }  // namespace nbhd::cuda::fused
 
 namespace nbhd::detail {

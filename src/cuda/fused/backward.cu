@@ -70,10 +70,37 @@ BackwardPlan plan(const Problem& p) {
   return cache.get(key, [&] { return plan_backward(p, hopper); });
 }
 
+// How the wgmma key pass loads Q and dO for these tensors: "" where by TMA (filling
+// bp's maps when given), else why by cp.async (key_pass_tma_views; a base TMA cannot
+// address).
+std::string key_pass_tma(const Problem& p, const TileConfig& key_pass, const BackwardTensors& t, BackwardParams* bp) {
+  TmaView views[2];
+  const std::string why = key_pass_tma_views(p, key_pass, detail::token_layout(t.query, p.rank),
+                                             detail::token_layout(t.d_out, p.rank), views);
+  if (!why.empty()) return why;
+  CUtensorMap q_map, dout_map;
+  const std::string refused = encode_tensor_maps(p.dtype, {{"query", &t.query, &views[0], &q_map},
+                                                           {"d_out", &t.d_out, &views[1], &dout_map}});
+  if (!refused.empty() || !bp) return refused;
+  bp->q_map = q_map;
+  bp->dout_map = dout_map;
+  bp->q_view = views[0];
+  bp->dout_view = views[1];
+  return "";
+}
+
 constexpr size_t kAlign = 256;  // bytes between workspace regions
 size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 }  // namespace
+
+std::string key_pass_loads(const Problem& p, const BackwardTensors& t) {
+  DeviceGuard guard;
+  if (!guard.set(t.query.device_index).ok()) return "cp.async: the tensors' device is not readable";
+  const TileConfig key_pass = plan(p).key_pass;
+  const std::string why = key_pass.wgmma ? key_pass_tma(p, key_pass, t, nullptr) : "the mma.sync key pass";
+  return why.empty() ? "TMA" : "cp.async: " + why;
+}
 
 Status backward_supports(const Problem& p) {
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
@@ -156,6 +183,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
 
   bp.wgmma_key_pass = chosen.key_pass.wgmma;
+  bp.key_pass_tma = bp.wgmma_key_pass && key_pass_tma(p, chosen.key_pass, t, &bp).empty();
   bp.kv_shape = GridTile::from(chosen.key_pass.shape);
   bp.dq_shape = GridTile::from(chosen.dq_pass.shape);
   bp.kv_tiles = bp.dq_tiles = 1;

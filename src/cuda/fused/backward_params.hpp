@@ -3,10 +3,13 @@
 // geometry that the kernels, the host and the planner's tests share.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
+
 #include <cstdint>
 
 #include "core/layout.hpp"
 #include "cuda/common/tile_shape.hpp"
+#include "cuda/common/tma_view.hpp"
 
 namespace nbhd::cuda::fused {
 
@@ -186,6 +189,12 @@ struct BackwardParams {
   // wgmma_key_pass the key tiles run on the wgmma kernel (128 keys, sm_90a) and the
   // additional tokens' CTAs on the mma.sync one.
   bool wgmma_key_pass;
+  // The wgmma key pass's producer copies each query tile's Q and dO by TMA (a box of
+  // the token grid per 64-column slab; backward_plan.hpp, key_pass_tma_views), else
+  // by the warpgroup's cp.async. lse and delta are cp.async's either way.
+  bool key_pass_tma;
+  CUtensorMap q_map, dout_map;
+  TmaView q_view, dout_view;
   GridTile kv_shape;
   int kv_tiles_per_group[kMaxRank];
   int64_t kv_tiles;

@@ -111,11 +111,22 @@ __device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, cons
   return src;
 }
 
+// Copies a query tile's lse and delta into `stage` by kLoadThreads threads. Columns
+// past the walk's end read nothing: zeros, so a masked probability is exp2(-inf - 0)
+// = 0 whatever their Q and dO rows hold.
+template <int kCols, int kLoadThreads, class Smem, class Source>
+__device__ __forceinline__ void load_lse_delta(Smem& smem, const Source& src, int stage, int load_tid) {
+  for (int n = load_tid; n < kCols; n += kLoadThreads) {
+    const bool valid = col_valid(smem.col_offset[n], src.limit);
+    ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]), src.lse_delta + (valid ? smem.token_col_delta[n] : 0),
+                    valid ? 8 : 0);
+  }
+}
+
 // Copies a query tile (Q and dO rows, lse and delta) into `stage` by kLoadThreads
 // threads: thread `load_tid` copies 16-byte column load_tid % chunks of rows
-// load_tid / chunks + i * step. Columns past the walk's end read nothing (zeros:
-// their lse and delta too, so a masked probability is exp2(-inf - 0) = 0); the
-// address stays at the tile origin. Cfg::col_chunk_index places chunks.
+// load_tid / chunks + i * step. Columns past the walk's end read nothing (zeros);
+// the address stays at the tile origin. Cfg::col_chunk_index places chunks.
 template <class Cfg, int kLoadThreads, int kUnroll, class Smem>
 __device__ __forceinline__ void load_query_tile(const BackwardParams& p, Smem& smem,
                                                 const ColSource<typename Cfg::Element>& src, int stage, int load_tid) {
@@ -135,11 +146,7 @@ __device__ __forceinline__ void load_query_tile(const BackwardParams& p, Smem& s
     ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][dst]),
                      src.dout + (d_ok ? smem.dout_col_delta[n] + chunk_col : 0), d_ok ? 16 : 0);
   }
-  for (int n = load_tid; n < kCols; n += kLoadThreads) {
-    const bool valid = col_valid(smem.col_offset[n], src.limit);
-    ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]), src.lse_delta + (valid ? smem.token_col_delta[n] : 0),
-                    valid ? 8 : 0);
-  }
+  load_lse_delta<kCols, kLoadThreads>(smem, src, stage, load_tid);
 }
 
 // Key row r of a neighborhood CTA (origin k_origin, one dilation group): its group

@@ -176,6 +176,14 @@ std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
   if (hopper && !refusal.empty() && backward_candidates(p.dtype, p.rank, bucket, true).size() >
                                         backward_candidates(p.dtype, p.rank, bucket).size())
     lines.push_back("fused backward: no wgmma key pass: " + refusal);
+  const TileConfig key_pass = ranked(p, hopper, true).front().config;
+  if (key_pass.wgmma) {
+    TmaView views[2];
+    const std::string why = key_pass_tma_views(p, key_pass, contiguous_layout(p, p.heads, p.dim),
+                                               contiguous_layout(p, p.heads, p.value_dim()), views);
+    lines.push_back(why.empty() ? "fused backward key pass loads: Q and dO by TMA (contiguous tensors)"
+                                : "fused backward key pass loads: cp.async (" + why + ")");
+  }
   return lines;
 }
 

@@ -5,8 +5,10 @@
 // One CTA holds 128 keys (a box of one dilation group: the table's 8-warp query
 // tile) for one kv head: two consumer warpgroups of 64 keys each and a producer
 // warpgroup that loads K and V once, then the walk's 64-query tiles (Q, dO, lse and
-// delta) into a ring of kStages stages by cp.async, synchronised by mbarriers
-// (pipeline.cuh). Per tile and consumer warpgroup, all five products are wgmma:
+// delta) into a ring of kStages stages, synchronised by mbarriers (pipeline.cuh):
+// Q and dO by TMA where the tensors allow (one thread, a box of the token grid per
+// 64-column slab; BackwardParams::key_pass_tma), else by cp.async, and lse and
+// delta by cp.async. Per tile and consumer warpgroup, all five products are wgmma:
 //   S^T = K Q^T, dP^T = V dO^T          (shared-memory operands, m64n64)
 //   P^T, dS^T as the mma.sync key pass forms them (backward_parts.cuh)
 //   dV += P^T dO, dK += dS^T Q          (P^T, dS^T from registers, m64 x head dim)
@@ -27,6 +29,7 @@
 #include "cuda/common/pipeline.cuh"
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/shared_memory.hpp"
+#include "cuda/common/tma.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/backward_params.hpp"
 #include "cuda/fused/backward_parts.cuh"
@@ -131,10 +134,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     for (int a = 0; a < kMaxRank; ++a)
       smem.walk[a] = WalkAxis{qbox.r[a].begin, qbox.r[a].end, ceil_div(qbox.r[a].size(), shape.col(a)), group[a]};
     for (int stage = 0; stage < kStages; ++stage) {
-      pipeline::init(&smem.full[stage], 128);             // every producer thread's copies
+      // Every producer thread's copies, and with TMA one more arrival: the thread
+      // that arms the stage with the bytes of its Q and dO copies.
+      pipeline::init(&smem.full[stage], p.key_pass_tma ? 129 : 128);
       pipeline::init(&smem.empty[stage], Cfg::kConsumerThreads);
     }
     pipeline::init(&smem.kv_full, 128);
+    pipeline::fence_init();
   }
   const bool consumer = warp < Cfg::kConsumerWarps;
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's keys (consumers)
@@ -145,6 +151,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
   }
   __syncthreads();  // tables, windows, mbarriers
+
+  // A query tile's Q and dO rows by TMA (one thread): a copy per 64-column slab of
+  // each, the tile's rows in the order of col_offset (row-major over the tile box).
+  // Rows past the walk land as they are (or zero past the grid): their lse and delta
+  // are zero and the mask drops their scores, so their P and dS are exact zeros.
+  auto copy_query_rows_by_tma = [&](const QueryTile& qtile, int stage) {
+    TmaTile t;
+    t.batch = b;
+    t.head = hk * p.heads_per_kv + qtile.head;
+    for (int a = 0; a < kMaxRank; ++a) {
+      t.group[a] = qtile.group[a];
+      t.origin[a] = qtile.origin[a];
+    }
+    pipeline::arrive_expect_tx(&smem.full[stage], uint32_t(sizeof(smem.q[0]) + sizeof(smem.dout[0])));
+    const uint32_t q_stage = ptx::smem_address(smem.q[stage]), dout_stage = ptx::smem_address(smem.dout[stage]);
+    int32_t c[kTmaMaxDims];
+    for (t.slab = 0; t.slab < kHeadDim / 64; ++t.slab) {
+      const uint32_t slab = uint32_t(t.slab) * kCols * 128;
+      tma_coordinates(p.q_view, nb, t, c);
+      tma::load(q_stage + slab, &p.q_map, &smem.full[stage], c, p.q_view.dims);
+      tma_coordinates(p.dout_view, nb, t, c);
+      tma::load(dout_stage + slab, &p.dout_map, &smem.full[stage], c, p.dout_view.dims);
+    }
+  };
 
   // ---- producer: K and V once, then every query tile into the ring -----------------------
   if (!consumer) {
@@ -165,12 +195,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
                        v_ok ? 16 : 0);
     }
     pipeline::arrive_after_copies(&smem.kv_full);
+    if (p.key_pass_tma && load_tid == 0) {
+      tma::prefetch(&p.q_map);
+      tma::prefetch(&p.dout_map);
+    }
 #pragma unroll 1
     for (int it = 0; it < total_tiles; ++it) {
       const int stage = it % kStages;
       pipeline::wait(&smem.empty[stage], ((it / kStages) & 1) ^ 1);
-      detail_bwd::load_query_tile<Cfg, 128, 1>(p, smem, detail_bwd::col_source<T>(p, query_tile(nb, shape, smem.walk, it), b, hk),
-                                              stage, load_tid);
+      const QueryTile qtile = query_tile(nb, shape, smem.walk, it);
+      const detail_bwd::ColSource<T> src = detail_bwd::col_source<T>(p, qtile, b, hk);
+      if (p.key_pass_tma) {
+        if (load_tid == 0) copy_query_rows_by_tma(qtile, stage);
+        detail_bwd::load_lse_delta<kCols, 128>(smem, src, stage, load_tid);
+      } else {
+        detail_bwd::load_query_tile<Cfg, 128, 1>(p, smem, src, stage, load_tid);
+      }
       pipeline::arrive_after_copies(&smem.full[stage]);
     }
     pipeline::wait_all_copies();
@@ -180,7 +220,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   // ---- consumers ---------------------------------------------------------------------------
   pipeline::claim_registers<Cfg::kConsumerRegisters>();
   const int wg = warp / 4;                  // keys 64 wg .. 64 wg + 63
-  const int wg_tid = tid & 127, wg_warp = warp & 3;
+  const int wg_warp = warp & 3;
   const bool has_rpb = false;               // d rpb problems run the mma.sync key pass
   float dk[kHeadDim / 2], dv[kHeadDim / 2];  // this thread's part of the warpgroup's 64 x kHeadDim
 #pragma unroll

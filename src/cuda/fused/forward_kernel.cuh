@@ -24,10 +24,13 @@
 //     warpgroup needs it (the mask zeroes the rest), and skipped only when none does.
 //     With 4 warps the CTA is one warpgroup that loads its own tiles (two stages,
 //     cp.async, a CTA barrier per tile). With 8 warps it is warp-specialized, as
-//     FlashAttention-3 is but with cp.async for TMA: two consumer warpgroups of 64
-//     queries each and a producer warpgroup that loads K and V into a ring of
-//     kStages stages, synchronised by mbarriers (pipeline.cuh); the consumers never
-//     wait for each other, so one's softmax runs under the other's wgmmas.
+//     FlashAttention-3 is: two consumer warpgroups of 64 queries each and a
+//     producer warpgroup that loads K and V into a ring of kStages stages,
+//     synchronised by mbarriers (pipeline.cuh); the consumers never wait for each
+//     other, so one's softmax runs under the other's wgmmas. The producer is one
+//     thread issuing TMA copies of boxes of the token grid where the tensors allow
+//     (ForwardParams::use_tma; plan.hpp, forward_tma_views), else the warpgroup's
+//     cp.async.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,6 +43,7 @@
 #include "cuda/common/pipeline.cuh"
 #include "cuda/common/shared_memory.hpp"
 #include "cuda/common/ptx.cuh"
+#include "cuda/common/tma.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
 
@@ -353,6 +357,52 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
   };
 
+  // The TMA producer (one thread; ForwardParams::use_tma): Q as one copy per warp box
+  // and 64-column slab into the rows that box owns, then each key tile as one copy
+  // per slab of K and of V. Boxes past the grid land as zeros, and keys past the key
+  // box as they are (the consumers mask both); their bytes complete the barriers.
+  auto produce_by_tma = [&]() {
+    if constexpr (Cfg::kSpecialized) {
+      constexpr int kSlabs = Cfg::kHeadDim / 64;
+      static_assert(sizeof(T) == 2, "a slab of 64 columns is one 128-byte swizzled row");
+      tma::prefetch(&p.tma.q);
+      tma::prefetch(&p.tma.k);
+      tma::prefetch(&p.tma.v);
+      TmaTile t;
+      t.batch = b;
+      t.head = h;
+      for (int a = 0; a < kMaxRank; ++a) t.group[a] = group[a];
+      int32_t c[kTmaMaxDims];
+      const uint32_t q_tile = ptx::smem_address(smem.q);
+      pipeline::arrive_expect_tx(&smem.q_full, uint32_t(sizeof(smem.q)));
+      for (int box = 0; box < Cfg::kBoxes; ++box) {
+        int off[kMaxRank];
+        shape.warp_offset(box, off);
+        for (int a = 0; a < kMaxRank; ++a) t.origin[a] = q_origin[a] + off[a];
+        for (t.slab = 0; t.slab < kSlabs; ++t.slab) {
+          tma_coordinates(p.tma.q_view, p.nb, t, c);
+          tma::load(q_tile + (t.slab * kBlockQ + box * 16) * 128, &p.tma.q, &smem.q_full, c, p.tma.q_view.dims);
+        }
+      }
+      t.head = hk;
+      for (int it = 0; it < neighbor_tiles; ++it) {
+        const int stage = it % Cfg::kStages;
+        pipeline::wait(&smem.empty[stage], ((it / Cfg::kStages) & 1) ^ 1);
+        pipeline::arrive_expect_tx(&smem.full[stage], uint32_t(sizeof(smem.k[0]) + sizeof(smem.v[0])));
+        for (int a = 0; a < kMaxRank; ++a) t.origin[a] = load_tile.origin[a];
+        const uint32_t k_tile = ptx::smem_address(smem.k[stage]), v_tile = ptx::smem_address(smem.v[stage]);
+        for (t.slab = 0; t.slab < kSlabs; ++t.slab) {
+          const uint32_t slab = uint32_t(t.slab) * kBlockKV * 128;
+          tma_coordinates(p.tma.k_view, p.nb, t, c);
+          tma::load(k_tile + slab, &p.tma.k, &smem.full[stage], c, p.tma.k_view.dims);
+          tma_coordinates(p.tma.v_view, p.nb, t, c);
+          tma::load(v_tile + slab, &p.tma.v, &smem.full[stage], c, p.tma.v_view.dims);
+        }
+        load_tile.advance(kbox, shape);
+      }
+    }
+  };
+
   // ---- this warp's queries ------------------------------------------------------
   // Warp w owns 16-query boxes w * kMTiles + m. Of box m, rows g and g + 8 belong to
   // this thread (mma C layout); my_row[m][i] is row 16 * box + g + 8 * i. The rows'
@@ -402,11 +452,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   }
   if constexpr (Cfg::kSpecialized) {
     if (tid == 0) {
+      // A TMA stage is one thread's arrival and its copies' bytes; a cp.async one
+      // every producer thread's arrival.
+      const uint32_t producer_arrivals = p.use_tma ? 1 : Cfg::kLoadThreads;
       for (int stage = 0; stage < Cfg::kStages; ++stage) {
-        pipeline::init(&smem.full[stage], Cfg::kLoadThreads);
+        pipeline::init(&smem.full[stage], producer_arrivals);
         pipeline::init(&smem.empty[stage], Cfg::kWarps);
       }
-      pipeline::init(&smem.q_full, Cfg::kLoadThreads);
+      pipeline::init(&smem.q_full, producer_arrivals);
+      pipeline::fence_init();
     }
   }
   __syncthreads();  // key row offsets, windows and mbarriers are in place
@@ -443,6 +497,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       // The producer: Q, then every key tile into the ring, each stage once the
       // consumers are done with its previous tile.
       pipeline::release_registers<Cfg::kProducerRegisters>();
+      if (p.use_tma) {
+        if (load_tid == 0) produce_by_tma();
+        return;
+      }
       load_q();
       pipeline::arrive_after_copies(&smem.q_full);
       for (int it = 0; it < total_tiles; ++it) {

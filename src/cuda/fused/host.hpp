@@ -8,10 +8,13 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #include "cuda/common/check.hpp"
+#include "cuda/common/tensor_map.hpp"
 #include "cuda/fused/plan.hpp"
+#include "nbhd/api.hpp"
 #include "nbhd/problem.hpp"
 #include "nbhd/tensor.hpp"
 
@@ -67,6 +70,28 @@ inline bool hopper_device() {
   int major = 0, minor = 0;
   return wgmma_kernels_built() && current_capability(&major, &minor).ok() && major == 9 && minor == 0;
 }
+
+// A TMA producer's tensor maps: views[i] over tensors[i] into *maps[i]. "" or why
+// TMA cannot address a tensor (named).
+struct TmaMapRequest {
+  const char* what;
+  const TensorRef* tensor;
+  const TmaView* view;
+  CUtensorMap* map;
+};
+inline std::string encode_tensor_maps(DType dtype, std::initializer_list<TmaMapRequest> requests) {
+  for (const TmaMapRequest& r : requests) {
+    const Status s = encode_tensor_map(*r.view, r.tensor->data, dtype, r.map);
+    if (!s.ok()) return std::string(r.what) + ": " + s.message();
+  }
+  return "";
+}
+
+// How the fused forward loads q, k and v for these tensors, and the backward's wgmma
+// key pass Q and dO: "TMA", or "cp.async: " and why (plan.hpp, forward_tma_views and
+// key_pass_tma_views; a base address TMA cannot take). backend.cu, backward.cu.
+std::string forward_loads(const Problem& p, const ForwardTensors& t);
+std::string key_pass_loads(const Problem& p, const BackwardTensors& t);
 
 // What a plan depends on: the grid geometry, the head dims and the dtype (which
 // kernels and tile columns exist: float32 at head dim 128 has 32 columns, 16-bit

@@ -2,12 +2,23 @@
 // Arguments of the fused forward kernel, computed once on the host.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
+
 #include <cstdint>
 
 #include "core/layout.hpp"
 #include "cuda/common/tile_shape.hpp"
+#include "cuda/common/tma_view.hpp"
 
 namespace nbhd::cuda::fused {
+
+// The warp-specialized kernels' TMA loads (plan.hpp, forward_tma_views): a tensor
+// map and its view per tensor; q's box is one warp's 16 queries, k's and v's a key
+// tile.
+struct ForwardTma {
+  CUtensorMap q, k, v;
+  TmaView q_view, k_view, v_view;
+};
 
 struct ForwardParams {
   const void* q;
@@ -30,6 +41,8 @@ struct ForwardParams {
   int dim, dim_v;
   int additional_tokens;
   float scale_log2;  // softmax scale * log2(e): scores live in base-2 units
+  bool use_tma;      // the producer loads by TMA through `tma`, else by cp.async
+  ForwardTma tma;
 };
 
 }  // namespace nbhd::cuda::fused

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <mutex>
 
@@ -285,6 +287,73 @@ std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   return out;
 }
 
+namespace {
+
+// One tensor whose tiles a TMA producer copies: its layout, heads, columns and the
+// tile (group indices per axis) one copy holds.
+struct TmaOperand {
+  const char* what;
+  const detail::TokenLayout& layout;
+  int64_t heads, columns;
+  int tile[kMaxRank];
+};
+
+// What every TMA producer needs of the problem and of its operands: "" and their
+// views, or the reason it copies by cp.async.
+std::string plan_tma_operands(const Problem& p, const TileConfig& c, std::initializer_list<TmaOperand> operands,
+                              TmaView* views) {
+  if (const char* loads = std::getenv("NBHD_FUSED_LOADS"); loads && std::strcmp(loads, "cp.async") == 0)
+    return "NBHD_FUSED_LOADS=cp.async";
+  if (p.dim != c.head_dim || p.value_dim() != c.head_dim)
+    return "dim " + std::to_string(p.dim) + " and dim_v " + std::to_string(p.value_dim()) + " do not fill the " +
+           std::to_string(c.head_dim) + "-column tiles (their zero columns are cp.async's)";
+  const Neighborhood nb = p.neighborhood();
+  const int element_bytes = int(size_of(p.dtype)), box_cols = 128 / element_bytes;
+  for (const TmaOperand& t : operands) {
+    const std::string why =
+        plan_tma_view(t.layout, nb, p.batch, t.heads, t.columns, element_bytes, t.tile, box_cols, views++);
+    if (!why.empty()) return std::string(t.what) + ": " + why;
+  }
+  return "";
+}
+
+}  // namespace
+
+std::string forward_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
+                              const detail::TokenLayout& k, const detail::TokenLayout& v, TmaView* views) {
+  if (!c.wgmma || c.warps != 8) return "the TMA producer is the warp-specialized wgmma kernels' (8 warps)";
+  if (p.additional_tokens > 0) return "additional tokens load by cp.async";
+  const TileShape& s = c.shape;
+  return plan_tma_operands(p, c,
+                           {{"query", q, p.heads, p.dim, {s.w(0), s.w(1), s.w(2)}},
+                            {"key", k, p.kv_heads, p.dim, {s.k(0), s.k(1), s.k(2)}},
+                            {"value", v, p.kv_heads, p.value_dim(), {s.k(0), s.k(1), s.k(2)}}},
+                           views);
+}
+
+std::string key_pass_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
+                               const detail::TokenLayout& dout, TmaView* views) {
+  if (!c.wgmma) return "the TMA producer is the wgmma key pass's";
+  const TileShape& s = c.shape;  // k_log2: the key pass's query tiles
+  return plan_tma_operands(p, c,
+                           {{"query", q, p.heads, p.dim, {s.k(0), s.k(1), s.k(2)}},
+                            {"d_out", dout, p.heads, p.value_dim(), {s.k(0), s.k(1), s.k(2)}}},
+                           views);
+}
+
+detail::TokenLayout contiguous_layout(const Problem& p, int64_t heads, int64_t dim) {
+  detail::TokenLayout l;
+  l.inner = 1;
+  l.head = dim;
+  int64_t stride = heads * dim;
+  for (int a = kMaxRank - 1; a >= kMaxRank - p.rank; --a) {
+    l.axis[a] = stride;
+    stride *= p.extent[a - (kMaxRank - p.rank)];
+  }
+  l.batch = stride;
+  return l;
+}
+
 std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
   std::vector<std::string> lines;
   const auto ranked = rank_configs(p, hopper);
@@ -307,6 +376,12 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf);
   }
+  TmaView views[3];
+  const std::string why = forward_tma_views(p, ranked.front().config, contiguous_layout(p, p.heads, p.dim),
+                                            contiguous_layout(p, p.kv_heads, p.dim),
+                                            contiguous_layout(p, p.kv_heads, p.value_dim()), views);
+  lines.push_back(why.empty() ? "fused loads: TMA (q, k and v as tensor maps over the token grid; contiguous tensors)"
+                              : "fused loads: cp.async (" + why + ")");
   return lines;
 }
 

@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "core/layout.hpp"
 #include "cuda/common/tile_shape.hpp"
+#include "cuda/common/tma_view.hpp"
 #include "nbhd/problem.hpp"
 
 namespace nbhd::cuda::fused {
@@ -77,6 +79,24 @@ double charged_pairs(const PlanEstimate& e);
 
 // All candidates with their estimates, best first.
 std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper = false);
+
+// How the forward of `c` loads q, k and v: "" where its producer copies them by TMA
+// (and views[0..3) are the tensor-map views of q, k and v), else why it copies them
+// by cp.async. TMA is the warp-specialized kernels' (wgmma, 8 warps), for tensors a
+// tensor map can address (tma_view.hpp), without additional tokens, and with
+// dim == dim_v == the head-dim bucket (a copy of 64 columns has no room for the
+// zero columns a padded head dim needs). NBHD_FUSED_LOADS=cp.async keeps cp.async
+// (to compare the two producers on one card).
+std::string forward_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
+                              const detail::TokenLayout& k, const detail::TokenLayout& v, TmaView* views);
+
+// The same for the wgmma key pass of the backward: "" where its producer copies each
+// query tile's Q and dO by TMA (views[0..2) of q and d_out), else why by cp.async.
+std::string key_pass_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
+                               const detail::TokenLayout& dout, TmaView* views);
+
+// A contiguous [B, X..., H, D] tensor's layout (what --dry-run assumes).
+detail::TokenLayout contiguous_layout(const Problem& p, int64_t heads, int64_t dim);
 
 // Human-readable lines for `nbhd-bench --dry-run`.
 std::vector<std::string> describe_plan(const Problem& p, bool hopper = false);
