@@ -11,14 +11,18 @@
 # With --overlay DIR, a second build ("overlay") of this checkout with DIR's files
 # laid over it (same relative paths) gets the same tests and backward-alone timings
 # in the same run: an A/B of a kernel change on one card, without a second call.
+# With --ab-env VAR=VALUE, the same build run with that variable set is the second
+# variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
+# NBHD_FUSED_LOADS=cp.async against the forward's TMA producer).
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
 # installed.
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
-#                            [--overlay DIR] [--skip-mma-sync] [--pass fwd|bwd]
-# --pass fwd times the forward instead of the backward in the A/B rows (with
+#                            [--overlay DIR] [--ab-env VAR=VALUE] [--skip-mma-sync] [--pass fwd|bwd]
+# --pass fwd times the forward instead of the backward in the A/B rows, --pass fwd,bwd
+# both (with
 # --with-forward, the overlay build runs the forward's tests too, and the sanitizers
 # the forward's smoke suite).
 #   HOPPER_BWD_FILTER='FusedBackwardWgmma*' bench/hopper_backward.sh
@@ -29,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
-skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" skip_mma_sync=0 ab_pass=bwd
+skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" ab_env="" skip_mma_sync=0 ab_pass=bwd
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) skip_tests=1 ;;
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     --with-forward) with_forward=1 ;;
     --only) only="$2"; shift ;;
     --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
+    --ab-env) ab_env="$2"; shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
     --pass) ab_pass="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -54,7 +59,7 @@ configure_and_build() {  # source build log
     cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
       -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64;128" -DNBHD_BUILD_TESTS=ON \
       ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
-      cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test nbhd-bench
+      cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test fused_tma_test nbhd-bench
   } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
 }
 gtest_source=""
@@ -81,6 +86,7 @@ if [ "$skip_tests" = 0 ]; then
   # The forward shares the wgmma wrappers: its smoke and every table entry.
   if [ "$with_forward" = 1 ]; then
     timeout 150 "$build/tests/cuda/fused_forward_test" --gtest_filter="$forward_filter" >> "$out/tests.log" 2>&1 || status=1
+    timeout 60 "$build/tests/cuda/fused_tma_test" >> "$out/tests.log" 2>&1 || status=1
   fi
   grep -E "^\[  (PASSED|FAILED) |^\[==========\]|Failure|max error" "$out/tests.log" | head -40
   if [ -n "$overlay" ] && [ "${HOPPER_OVERLAY_TESTS:-1}" = 1 ]; then
@@ -117,6 +123,7 @@ run() {  # name variant pass flags...
   shift 3
   local env=() binary="$bench"
   [ "$variant" = mma.sync ] && env=(NBHD_FUSED_NO_WGMMA=1)
+  [ "$variant" = env ] && env=("$ab_env")
   [ "$variant" = overlay ] && binary="$overlay_bench"
   local json
   json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
@@ -135,9 +142,12 @@ for entry in "${problems[@]}"; do
   [ -n "$only" ] && [[ ",$only," != *",$name,"* ]] && continue
   # shellcheck disable=SC2086  # the flags are words
   {
-    run "$name" wgmma "$ab_pass" $flags
-    [ -n "$overlay" ] && run "$name" overlay "$ab_pass" $flags
-    [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync "$ab_pass" $flags
+    for pass in ${ab_pass//,/ }; do
+      run "$name" wgmma "$pass" $flags
+      [ -n "$overlay" ] && run "$name" overlay "$pass" $flags
+      [ -n "$ab_env" ] && run "$name" env "$pass" $flags
+      [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync "$pass" $flags
+    done
     [ "${HOPPER_FWD_BWD:-1}" = 1 ] && run "$name" wgmma fwd+bwd $flags
   }
 done
@@ -153,6 +163,8 @@ if [ "$skip_sanitizer" = 0 ]; then
     if [ "$with_forward" = 1 ]; then
       timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
         "$build/tests/cuda/fused_forward_test" --gtest_filter='FusedForwardSmoke*' >> "$out/sanitizer.log" 2>&1 || status=1
+      timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+        "$build/tests/cuda/fused_tma_test" >> "$out/sanitizer.log" 2>&1 || status=1
     fi
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$out/sanitizer.log"
