@@ -521,71 +521,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   }
   const int warpgroup = warp / 4;
 
-  // wgmma's O += P V: one m64 x head dim x 16 product per 16 keys, P from registers
-  // (the C layout of two n8 blocks is the A layout of k16), V's rows as K, its
-  // 64-column slabs kBlockKV rows apart. Issued and committed, not waited for.
-  using PackedP = uint32_t[kBlockKV / 16][4];
-  auto pack_p = [&](const float (&sc)[kNBlocks][4], PackedP& a) {
-    if constexpr (Cfg::kWgmma) {
-#pragma unroll
-      for (int kb = 0; kb < kBlockKV / 16; ++kb) {
-        a[kb][0] = ptx::pack2<T>(sc[2 * kb][0], sc[2 * kb][1]);
-        a[kb][1] = ptx::pack2<T>(sc[2 * kb][2], sc[2 * kb][3]);
-        a[kb][2] = ptx::pack2<T>(sc[2 * kb + 1][0], sc[2 * kb + 1][1]);
-        a[kb][3] = ptx::pack2<T>(sc[2 * kb + 1][2], sc[2 * kb + 1][3]);
-      }
-    }
-  };
-  auto issue_pv = [&](PackedP& a, int pv_stage) {
-    if constexpr (Cfg::kWgmma) {
-      const uint32_t v_tile = ptx::smem_address(smem.v[pv_stage]);
-      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // O's rescale lands first
-      wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
-      wgmma::fence();
-#pragma unroll
-      for (int kb = 0; kb < kBlockKV / 16; ++kb)
-        wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb],
-                                        wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
-                                        /*accumulate=*/true);
-      wgmma::commit_group();
-    }
-  };
-  // The warp-specialized kernels overlap a computed tile's P V with the next
-  // computed tile's softmax (FlashAttention-3's pipelining inside a warpgroup): the
-  // last tile's P waits in registers and its stage stays held until the next tile's
-  // scores are masked; O's rescale waits for that P V. A skipped tile first
-  // completes the pending P V: the producer may need the held stage to reach it.
-  PackedP p_pending = {};  // zeros until a tile computes: the first P V adds nothing
-  int stage_pending = -1;   // the held stage; -1: no P V pending
-  auto release_stage = [&](int st) {
-    __syncwarp();  // every lane's wgmmas on the stage completed
-    if (lane == 0) pipeline::arrive(&smem.empty[st]);
-  };
-  auto finish_pending_pv = [&]() {
-    if constexpr (Cfg::kWgmma) {
-      wgmma::wait_group<0>();
-      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-    }
-    release_stage(stage_pending);
-    stage_pending = -1;
-    for (auto& row : p_pending)  // the next computed tile issues a P V before it has a P
-      for (uint32_t& x : row) x = 0;
-  };
-
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
-    if constexpr (!Cfg::kSpecialized) {
-      if (it + 1 < total_tiles) {
-        load_kv(tile_source(it + 1), (it + 1) % Cfg::kStages);
-        ptx::cp_async_commit();
-        ptx::cp_async_wait<1>();
-      } else {
-        ptx::cp_async_wait<0>();
-      }
-      // cp.async wrote (generic proxy) what wgmma reads (async proxy): each reader
-      // fences after the barrier that made the copies visible to it.
-      if constexpr (Cfg::kWgmma) wgmma::fence_proxy_async();
+    if constexpr (Cfg::kSpecialized) {
+      pipeline::wait(&smem.full[stage], (it / Cfg::kStages) & 1);
+    } else if (it + 1 < total_tiles) {
+      load_kv(tile_source(it + 1), (it + 1) % Cfg::kStages);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
     }
+    // cp.async wrote (generic proxy) what wgmma reads (async proxy): each reader
+    // fences after the barrier that made the copies visible to it.
+    if constexpr (Cfg::kWgmma) wgmma::fence_proxy_async();
 
     const bool additional = it >= neighbor_tiles;
     int origin[kMaxRank] = {0, 0, 0};
@@ -650,17 +599,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     } else {
       __syncthreads();
       compute_tile_now = any_active != 0;
-    }
-
-    if constexpr (Cfg::kSpecialized) {
-      if (!compute_tile_now && stage_pending >= 0) {
-        issue_pv(p_pending, stage_pending);
-        finish_pending_pv();
-      }
-      // The decisions above read no tile data; the tile's copies land now (cp.async
-      // through the generic proxy: fence before wgmma reads them).
-      pipeline::wait(&smem.full[stage], (it / Cfg::kStages) & 1);
-      wgmma::fence_proxy_async();
     }
 
     float s[kM][kNBlocks][4];
@@ -778,11 +716,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
         }
 
-        // The last computed tile's P V runs under this softmax. Issued here, after
-        // the per-warp mask, and whether or not a P is pending (the first is zeros):
-        // ptxas serialised every wgmma of the kernel (C7518) when one stayed in
-        // flight across divergent code.
-        if constexpr (Cfg::kSpecialized) issue_pv(p_pending, stage_pending >= 0 ? stage_pending : stage);
         // Online softmax: running max and (thread-partial) sum per row.
         float rescale[2];
 #pragma unroll
@@ -804,12 +737,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
           row_sum[m][i] = row_sum[m][i] * rescale[i] + sum;
         }
-        if constexpr (Cfg::kSpecialized) {
-          wgmma::wait_group<0>();  // O holds the last tile's P V
-          wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-          if (stage_pending >= 0) release_stage(stage_pending);
-          stage_pending = -1;
-        }
         // Once the running maxima settle, most tiles leave them unchanged: skip the
         // rescale of O (64 multiplies per thread and box at head dim 128) when no row
         // of the box moved.
@@ -826,13 +753,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
       // O += P V, P from registers (the C layout of two n8 blocks is the A layout of
       // k16); each V fragment serves every box of the warp.
-      if constexpr (Cfg::kSpecialized) {
-        pack_p(s[0], p_pending);  // issued under the next computed tile's softmax
-        stage_pending = stage;
-      } else if constexpr (Cfg::kWgmma) {
-        PackedP a;
-        pack_p(s[0], a);
-        issue_pv(a, stage);
+      if constexpr (Cfg::kWgmma) {
+        // One m64 x head dim x 16 product per 16 keys: V's rows are K here, its
+        // 64-column slabs kBlockKV rows apart.
+        const uint32_t v_tile = ptx::smem_address(smem.v[stage]);
+        uint32_t a[kBlockKV / 16][4];
+#pragma unroll
+        for (int kb = 0; kb < kBlockKV / 16; ++kb) {
+          a[kb][0] = ptx::pack2<T>(s[0][2 * kb][0], s[0][2 * kb][1]);
+          a[kb][1] = ptx::pack2<T>(s[0][2 * kb][2], s[0][2 * kb][3]);
+          a[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
+          a[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
+        }
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
+        wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
+        wgmma::fence();
+#pragma unroll
+        for (int kb = 0; kb < kBlockKV / 16; ++kb)
+          wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb], wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
+                                          /*accumulate=*/true);
+        wgmma::commit_group();
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else if constexpr (Cfg::kTf32) {
@@ -890,14 +830,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     if (!additional) compute_tile.advance(kbox, shape);
     if constexpr (Cfg::kSpecialized) {
-      if (stage_pending != stage) release_stage(stage);  // skipped; a computed tile's waits for its P V
+      __syncwarp();  // every lane's wgmmas on this stage completed
+      if (lane == 0) pipeline::arrive(&smem.empty[stage]);
     } else {
       __syncthreads();  // the next iteration's loads overwrite this stage
     }
-  }
-  if (stage_pending >= 0) {
-    issue_pv(p_pending, stage_pending);
-    finish_pending_pv();
   }
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------
