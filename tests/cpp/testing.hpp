@@ -72,7 +72,7 @@ struct RandomOptions {
   int max_extent = 0;  // 0: a default per rank
   bool allow_additional = true;
   bool allow_rpb = true;
-  bool allow_periodic = false;  // draws periodic (non-causal) axes; only the reference runs them yet
+  bool allow_periodic = false;  // draws periodic (non-causal) axes (the backends that run them)
 };
 
 Problem random_problem(std::mt19937_64& rng, const RandomOptions& o);

@@ -135,7 +135,7 @@ void expect_match(const std::string& what, const std::vector<double>& got, const
 
 std::vector<testing::SpecAxis> spec_axes(const Neighborhood& nb) {
   std::vector<testing::SpecAxis> axes;
-  for (const Axis& ax : nb.axis) axes.push_back({ax.length, ax.kernel, ax.dilation, ax.stride, ax.causal});
+  for (const Axis& ax : nb.axis) axes.push_back({ax.length, ax.kernel, ax.dilation, ax.stride, ax.causal, ax.periodic});
   return axes;
 }
 
@@ -154,10 +154,17 @@ void for_each_grid_token(const Neighborhood& nb, F&& f) {
       }
 }
 
-// Per axis, the spec's neighbor list of a query coordinate.
+// Per axis, the spec's neighbors of a query coordinate in window order (the slot
+// order): its window entries as tokens, a periodic entry taken modulo the group
+// length. Elsewhere that is the ascending neighbor list, which it is checked against.
 std::array<std::vector<int>, kMaxRank> spec_lists(const std::vector<testing::SpecAxis>& axes, const int* query) {
   std::array<std::vector<int>, kMaxRank> lists;
-  for (int a = 0; a < kMaxRank; ++a) lists[a] = testing::spec_axis_neighbors(axes[a], query[a]);
+  for (int a = 0; a < kMaxRank; ++a) {
+    const testing::SpecAxis& ax = axes[a];
+    const int g = query[a] % ax.d, lg = (ax.L - g + ax.d - 1) / ax.d;
+    for (int w : testing::spec_axis_window(ax, query[a])) lists[a].push_back(g + ax.d * (((w % lg) + lg) % lg));
+    if (!ax.periodic) EXPECT_EQ(lists[a], testing::spec_axis_neighbors(ax, query[a]));
+  }
   return lists;
 }
 
@@ -176,6 +183,7 @@ Problem random_cpu_problem(int seed) {
   testing::RandomOptions o;
   o.rank = 1 + seed % 3;
   o.dtype = DType::kFloat32;
+  o.allow_periodic = true;
   return testing::random_problem(rng, o);
 }
 
@@ -268,11 +276,10 @@ TEST(NaiveIndexing, RpbSlotIsTheSlotAtThatRelativePosition) {
             const int delta[kMaxRank] = {d0, d1, d2};
             int want = 0;
             for (int a = 0; a < kMaxRank && want >= 0; ++a) {
-              const Axis& ax = nb.axis[a];
               int pos = -1;
               for (size_t i = 0; i < lists[a].size(); ++i)
-                if (lists[a][i] / ax.dilation - query[a] / ax.dilation + ax.kernel - 1 == delta[a]) pos = int(i);
-              want = pos < 0 ? -1 : want * ax.kernel + pos;
+                if (testing::spec_axis_delta(axes[a], query[a], lists[a][i]) == delta[a]) pos = int(i);
+              want = pos < 0 ? -1 : want * nb.axis[a].kernel + pos;
             }
             const int got = cuda::naive::rpb_slot(nb, query, delta);
             if (got != want && failures++ < 5)
@@ -700,6 +707,14 @@ TEST(NaiveSmoke, EveryOperationOnSmallProblems) {
 
 // ---- random problems
 
+// Random problems whose axes are sometimes periodic (alone or with dilation, stride,
+// rpb, GQA and additional tokens).
+Problem random_periodic_or_not(std::mt19937_64& rng, int rank, DType dtype) {
+  testing::RandomOptions o{rank, dtype};
+  o.allow_periodic = true;
+  return testing::random_problem(rng, o);
+}
+
 class NaiveRandom : public ::testing::TestWithParam<std::tuple<int, DType>> {};
 
 TEST_P(NaiveRandom, Forward) {
@@ -708,7 +723,7 @@ TEST_P(NaiveRandom, Forward) {
   const auto [rank, dtype] = GetParam();
   for (int seed = 0; seed < 12; ++seed) {
     std::mt19937_64 rng(100000 + 1000 * rank + 100 * int(dtype) + seed);
-    const Problem p = testing::random_problem(rng, {rank, dtype});
+    const Problem p = random_periodic_or_not(rng, rank, dtype);
     SCOPED_TRACE("seed " + std::to_string(seed) + ": " + p.to_string());
     const int64_t gap = seed % 3 == 0 ? 3 : 0;
     const Inputs in(p, rng, gap);
@@ -722,7 +737,7 @@ TEST_P(NaiveRandom, Backward) {
   const auto [rank, dtype] = GetParam();
   for (int seed = 0; seed < 8; ++seed) {
     std::mt19937_64 rng(200000 + 1000 * rank + 100 * int(dtype) + seed);
-    const Problem p = testing::random_problem(rng, {rank, dtype});
+    const Problem p = random_periodic_or_not(rng, rank, dtype);
     SCOPED_TRACE("seed " + std::to_string(seed) + ": " + p.to_string());
     const int64_t gap = seed % 3 == 0 ? 2 : 0;
     const Inputs in(p, rng, gap);
@@ -736,7 +751,7 @@ TEST_P(NaiveRandom, UnfusedOperations) {
   const auto [rank, dtype] = GetParam();
   for (int seed = 0; seed < 6; ++seed) {
     std::mt19937_64 rng(300000 + 1000 * rank + 100 * int(dtype) + seed);
-    const Problem p = testing::random_problem(rng, {rank, dtype});
+    const Problem p = random_periodic_or_not(rng, rank, dtype);
     SCOPED_TRACE("seed " + std::to_string(seed) + ": " + p.to_string());
     const int64_t gap = seed % 2 == 0 ? 1 : 0;
     const Inputs in(p, rng, gap);

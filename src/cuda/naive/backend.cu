@@ -196,6 +196,7 @@ namespace nbhd::detail {
 
 extern const BackendImpl kNaiveBackend = {Backend::kNaive,           Device::kCUDA,
                                           cuda::naive::supports,     cuda::naive::forward,
-                                          cuda::naive::backward,     &cuda::naive::kUnfused};
+                                          cuda::naive::backward,     &cuda::naive::kUnfused,
+                                          /*unfolds_short_groups=*/false, /*runs_periodic=*/true};
 
 }  // namespace nbhd::detail

@@ -54,23 +54,30 @@ NBHD_HOST_DEVICE int window_slots(const Neighborhood& nb) {
   return nb.axis[0].kernel * nb.axis[1].kernel * nb.axis[2].kernel;
 }
 
+// The token coordinate of (unwrapped) window entry j on axis a of group `group`: on
+// a periodic axis j wraps modulo the group length (Axis::wrap).
+NBHD_HOST_DEVICE int entry_token(const Axis& ax, int group, int j) {
+  return group + ax.dilation * (ax.periodic ? ax.wrap(j, ax.group_length(group)) : j);
+}
+
 // Calls f(slot, key, valid) for every slot 0..W-1 of a query's window `w`, in slot
-// order (row-major over the kernel offsets). The trip count is the same for every
-// query, which the warp-level reductions of PN rely on; `valid` is false for the
-// slots a causal window does not reach, and then `key` is not a token.
+// order (row-major over the kernel offsets; on a periodic axis, window order). The
+// trip count is the same for every query, which the warp-level reductions of PN
+// rely on; `valid` is false for the slots a causal window does not reach, and then
+// `key` is not a token.
 template <class F>
 NBHD_HOST_DEVICE void for_each_window_slot(const Neighborhood& nb, const Neighborhood::Windows& w, F&& f) {
   int slot = 0;
   int key[kMaxRank];
   for (int o0 = 0; o0 < nb.axis[0].kernel; ++o0) {
     const int j0 = w.range[0].begin + o0;
-    key[0] = w.group[0] + nb.axis[0].dilation * j0;
+    key[0] = entry_token(nb.axis[0], w.group[0], j0);
     for (int o1 = 0; o1 < nb.axis[1].kernel; ++o1) {
       const int j1 = w.range[1].begin + o1;
-      key[1] = w.group[1] + nb.axis[1].dilation * j1;
+      key[1] = entry_token(nb.axis[1], w.group[1], j1);
       for (int o2 = 0; o2 < nb.axis[2].kernel; ++o2, ++slot) {
         const int j2 = w.range[2].begin + o2;
-        key[2] = w.group[2] + nb.axis[2].dilation * j2;
+        key[2] = entry_token(nb.axis[2], w.group[2], j2);
         f(slot, key, j0 < w.range[0].end && j1 < w.range[1].end && j2 < w.range[2].end);
       }
     }
@@ -82,22 +89,32 @@ template <class F>
 NBHD_HOST_DEVICE void for_each_neighbor(const Neighborhood& nb, const Neighborhood::Windows& w, F&& f) {
   int key[kMaxRank];
   for (int j0 = w.range[0].begin; j0 < w.range[0].end; ++j0) {
-    key[0] = w.group[0] + nb.axis[0].dilation * j0;
+    key[0] = entry_token(nb.axis[0], w.group[0], j0);
     const int s0 = j0 - w.range[0].begin;
     for (int j1 = w.range[1].begin; j1 < w.range[1].end; ++j1) {
-      key[1] = w.group[1] + nb.axis[1].dilation * j1;
+      key[1] = entry_token(nb.axis[1], w.group[1], j1);
       const int s1 = s0 * nb.axis[1].kernel + (j1 - w.range[1].begin);
       for (int j2 = w.range[2].begin; j2 < w.range[2].end; ++j2) {
-        key[2] = w.group[2] + nb.axis[2].dilation * j2;
+        key[2] = entry_token(nb.axis[2], w.group[2], j2);
         f(s1 * nb.axis[2].kernel + (j2 - w.range[2].begin), key);
       }
     }
   }
 }
 
+// The slot offset on axis a of key index jk in the window of query index jq: its
+// entry minus the window's begin (on a periodic axis, the image of jk the window
+// holds).
+NBHD_HOST_DEVICE int window_offset(const Axis& ax, int jq, int jk, int lg) {
+  const Range w = ax.window(jq, lg);
+  if (ax.periodic && !w.contains(jk)) jk += w.contains(jk - lg) ? -lg : lg;
+  return jk - w.begin;
+}
+
 // Calls f(query, slot) for each query whose window holds `key` (the inverse
-// neighborhood, from Axis::inverse_window), with the slot `key` has in that query's
-// window. Queries come in row-major order.
+// neighborhood, from Axis::inverse_window; on a periodic axis a circular range,
+// unwrapped), with the slot `key` has in that query's window. Queries come in
+// row-major order over the unwrapped ranges.
 template <class F>
 NBHD_HOST_DEVICE void for_each_inverse_neighbor(const Neighborhood& nb, const int* key, F&& f) {
   const Neighborhood::Windows inv = nb.inverse_windows(key);
@@ -108,14 +125,17 @@ NBHD_HOST_DEVICE void for_each_inverse_neighbor(const Neighborhood& nb, const in
   }
   int query[kMaxRank];
   for (int j0 = inv.range[0].begin; j0 < inv.range[0].end; ++j0) {
-    query[0] = inv.group[0] + nb.axis[0].dilation * j0;
-    const int s0 = jk[0] - nb.axis[0].window(j0, lg[0]).begin;
+    const int q0 = nb.axis[0].wrap(j0, lg[0]);
+    query[0] = inv.group[0] + nb.axis[0].dilation * q0;
+    const int s0 = window_offset(nb.axis[0], q0, jk[0], lg[0]);
     for (int j1 = inv.range[1].begin; j1 < inv.range[1].end; ++j1) {
-      query[1] = inv.group[1] + nb.axis[1].dilation * j1;
-      const int s1 = s0 * nb.axis[1].kernel + (jk[1] - nb.axis[1].window(j1, lg[1]).begin);
+      const int q1 = nb.axis[1].wrap(j1, lg[1]);
+      query[1] = inv.group[1] + nb.axis[1].dilation * q1;
+      const int s1 = s0 * nb.axis[1].kernel + window_offset(nb.axis[1], q1, jk[1], lg[1]);
       for (int j2 = inv.range[2].begin; j2 < inv.range[2].end; ++j2) {
-        query[2] = inv.group[2] + nb.axis[2].dilation * j2;
-        f(query, s1 * nb.axis[2].kernel + (jk[2] - nb.axis[2].window(j2, lg[2]).begin));
+        const int q2 = nb.axis[2].wrap(j2, lg[2]);
+        query[2] = inv.group[2] + nb.axis[2].dilation * q2;
+        f(query, s1 * nb.axis[2].kernel + window_offset(nb.axis[2], q2, jk[2], lg[2]));
       }
     }
   }
