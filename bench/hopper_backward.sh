@@ -13,7 +13,7 @@
 # in the same run: an A/B of a kernel change on one card, without a second call.
 # With --ab-env VAR=VALUE, the same build run with that variable set is the second
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
-# NBHD_FUSED_LOADS=cp.async against the forward's TMA producer).
+# NBHD_FUSED_LOADS=tma against the default cp.async producers).
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not

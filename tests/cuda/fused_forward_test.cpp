@@ -178,7 +178,7 @@ TEST(FusedForwardSmoke, SmallProblems) {
       c.p.dim_v = seed == 2 ? 16 : 0;
       check_forward(c, rng);
     }
-  // The warp-specialized kernels with their TMA producer (dim = dim_v = 64), per rank.
+  // The warp-specialized kernels with their TMA producer (NBHD_FUSED_LOADS=tma; dim = dim_v = 64), per rank.
   if (cuda::fused::hopper_device())
     for (int rank = 1; rank <= 3; ++rank) {
       const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 64, /*hopper=*/true);
@@ -186,6 +186,7 @@ TEST(FusedForwardSmoke, SmallProblems) {
       while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8)) ++i;
       ASSERT_LT(i, configs.size()) << "no warp-specialized entry for rank " << rank;
       setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+      setenv("NBHD_FUSED_LOADS", "tma", 1);
       std::mt19937_64 rng(30200 + rank);
       testing::RandomOptions o;
       o.rank = rank;
@@ -197,6 +198,7 @@ TEST(FusedForwardSmoke, SmallProblems) {
       c.p.additional_tokens = 0;
       for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
       check_forward(c, rng, -1, "TMA");
+      unsetenv("NBHD_FUSED_LOADS");
       unsetenv("NBHD_FUSED_TILE");
     }
   // float32: the 64-key kernel (head dim 32) and the 32-key one (head dim 128).
@@ -303,10 +305,10 @@ TEST(FusedForwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
           for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);  // padded heads take a tensor-map dim: 5 with the axes and batch
           std::mt19937_64 same = rng;
           std::vector<double> tma_out, tma_lse, copy_out, copy_lse;
+          setenv("NBHD_FUSED_LOADS", "tma", 1);
           check_forward(c, rng, -1, "TMA", &tma_out, &tma_lse);
-          setenv("NBHD_FUSED_LOADS", "cp.async", 1);
-          check_forward(c, same, -1, "cp.async", &copy_out, &copy_lse);
           unsetenv("NBHD_FUSED_LOADS");
+          check_forward(c, same, -1, "cp.async", &copy_out, &copy_lse);
           if (HasFailure()) break;
           for (size_t e = 0; e < tma_out.size(); ++e)
             ASSERT_EQ(std::memcmp(&tma_out[e], &copy_out[e], sizeof(double)), 0) << "out element " << e;

@@ -29,7 +29,9 @@ __global__ void tma_probe_kernel(const __grid_constant__ TmaProbeParams p) {
 
 cudaError_t launch_tma_probe(const TmaProbeParams& p, cudaStream_t stream) {
   const int bytes = int(p.bytes) + 1024 + 16;  // the barrier, then the aligned box
-  if (const cudaError_t e = allow_shared_memory<tma_probe_kernel>(bytes); e != cudaSuccess) return e;
+  // The opt-in is the kernel's limit from its first call on: the device's maximum,
+  // as boxes differ from launch to launch.
+  if (const cudaError_t e = allow_shared_memory<tma_probe_kernel>(); e != cudaSuccess) return e;
   tma_probe_kernel<<<1, 128, bytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -12,7 +12,8 @@
 namespace nbhd::cuda {
 
 // Lets `Kernel` launch with up to `bytes` of dynamic shared memory on the current
-// device (0: the device's opt-in maximum).
+// device (0: the device's opt-in maximum). The first call's bytes stay the kernel's
+// limit, even below 48 KB: a kernel whose launches differ passes their largest, or 0.
 template <auto Kernel>
 cudaError_t allow_shared_memory(int bytes = 0) {
   static std::atomic<uint64_t> done{0};  // bit d: device d

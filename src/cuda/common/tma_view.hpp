@@ -102,10 +102,14 @@ inline std::string plan_tma_view(const detail::TokenLayout& layout, const Neighb
   return why;
 }
 
-// The box's first element in the view's coordinates (innermost first).
+// The box's first element in the view's coordinates (innermost first). Unrolled,
+// with every array index a constant: a runtime index into the tile or the
+// coordinates put them in local memory, and the TMA producer's thread spent its
+// time on those loads (ncu, H200: the forward 1.37x slower than with cp.async).
 NBHD_HOST_DEVICE void tma_coordinates(const TmaView& v, const Neighborhood& nb, const TmaTile& t,
                                       int32_t* coordinates) {
-  for (int i = 0; i < v.dims; ++i) {
+#pragma unroll
+  for (int i = 0; i < kTmaMaxDims; ++i) {
     int64_t c = 0;
     switch (v.what[i]) {
       case TmaView::Dim::kColumns:
@@ -113,12 +117,11 @@ NBHD_HOST_DEVICE void tma_coordinates(const TmaView& v, const Neighborhood& nb, 
         break;
       case TmaView::Dim::kHeads: c = t.head; break;
       case TmaView::Dim::kBatch: c = t.batch; break;
-      default: {
-        const int a = int(v.what[i]) - int(TmaView::Dim::kAxis0);
-        c = t.group[a] + int64_t(nb.axis[a].dilation) * t.origin[a];
-      }
+      case TmaView::Dim::kAxis0: c = t.group[0] + int64_t(nb.axis[0].dilation) * t.origin[0]; break;
+      case TmaView::Dim::kAxis1: c = t.group[1] + int64_t(nb.axis[1].dilation) * t.origin[1]; break;
+      case TmaView::Dim::kAxis2: c = t.group[2] + int64_t(nb.axis[2].dilation) * t.origin[2]; break;
     }
-    coordinates[i] = int32_t(c);
+    coordinates[i] = i < v.dims ? int32_t(c) : 0;
   }
 }
 

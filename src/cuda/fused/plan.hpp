@@ -85,8 +85,9 @@ std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper = false);
 // by cp.async. TMA is the warp-specialized kernels' (wgmma, 8 warps), for tensors a
 // tensor map can address (tma_view.hpp), without additional tokens, and with
 // dim == dim_v == the head-dim bucket (a copy of 64 columns has no room for the
-// zero columns a padded head dim needs). NBHD_FUSED_LOADS=cp.async keeps cp.async
-// (to compare the two producers on one card).
+// zero columns a padded head dim needs), and only with NBHD_FUSED_LOADS=tma: on an
+// H100 the TMA producers ran 1.2-1.36x slower than cp.async in the forward and up
+// to 1.1x in the key pass (docs/performance.md, "TMA producers"), not yet explained.
 std::string forward_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
                               const detail::TokenLayout& k, const detail::TokenLayout& v, TmaView* views);
 

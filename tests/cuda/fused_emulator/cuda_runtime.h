@@ -644,13 +644,14 @@ template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, cudaStream_t, A&&... args) {
   check_dim(grid, "only 1-D grids are emulated");
   check_dim(dims, "only 1-D blocks are emulated");
-  if (smem > kDefaultSharedBytes) {
-    // Above 48 KB the kernel must have opted in on this device (cudaFuncSetAttribute).
-    const auto it = shared_optins().find({reinterpret_cast<const void*>(kernel), current_device});
-    if (it == shared_optins().end() || std::size_t(it->second) < smem) {
-      last_error = cudaErrorInvalidValue;
-      return;
-    }
+  // Above 48 KB the kernel must have opted in on this device (cudaFuncSetAttribute);
+  // below, an attribute set lower than the launch refuses it too (an H100 did, when
+  // a kernel set it for a small launch first).
+  const auto it = shared_optins().find({reinterpret_cast<const void*>(kernel), current_device});
+  const std::size_t limit = it == shared_optins().end() ? kDefaultSharedBytes : std::size_t(it->second);
+  if (smem > limit) {
+    last_error = cudaErrorInvalidValue;
+    return;
   }
   (check_devices_of(args), ...);
   for (unsigned b = 0; b < grid.x; ++b) {
