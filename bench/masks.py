@@ -3,6 +3,7 @@
 checks them. Written from shared/spec/semantics.md.
 
     axis_tables(L, k, d, s, causal)    per-axis [lo, hi] key ranges (vectorised, numpy)
+    axis_intervals(..., periodic)      the same as one or two ranges (a periodic window wraps)
     plain_layout / tiled_layout / pick_tile    token orders; tiled = 128-token spatial tiles
     FlexMask(problem, layout, device)  mask_mod over layout positions, and its BlockMask
     dense_mask(problem)                independent dense mask (scalar spec steps, Kronecker)
@@ -46,6 +47,27 @@ def axis_tables(L: int, k: int, d: int, s: int, causal: bool) -> Tuple[np.ndarra
         first = np.clip(leader - k // 2, 0, group_len - k)
         last = first + k - 1
     return g * L + first, g * L + last, g * L + j
+
+
+def axis_intervals(L: int, k: int, d: int, s: int, causal: bool, periodic: bool = False):
+    """([(lo, hi), ...], code): query i's neighbors on this axis are the keys whose code
+    lies in one of its [lo[i], hi[i]] ranges. One range, or on a periodic axis two:
+    the window's part inside [0, group length) and the part it wraps to at the other
+    end (empty, lo > hi, for windows that do not wrap)."""
+    if not periodic:
+        lo, hi, code = axis_tables(L, k, d, s, causal)
+        return [(lo, hi)], code
+    i = np.arange(L, dtype=np.int64)
+    g, j = i % d, i // d
+    group_len = (L - g + d - 1) // d
+    leader = np.minimum(j // s * s + s // 2, group_len - 1)
+    first = leader - k // 2
+    last = first + k - 1
+    inside = (g * L + np.maximum(first, 0), g * L + np.minimum(last, group_len - 1))
+    # The wrapped part: [group_len + first, group_len - 1] below 0, [0, last - group_len] past the end.
+    w_lo = np.where(first < 0, group_len + first, np.where(last >= group_len, 0, 1))
+    w_hi = np.where(first < 0, group_len - 1, np.where(last >= group_len, last - group_len, 0))
+    return [inside, (g * L + w_lo, g * L + w_hi)], g * L + j
 
 
 def axis_is_trivial(L: int, k: int, d: int, causal: bool) -> bool:
@@ -105,21 +127,24 @@ def tiled_layout(p: Problem, tile: Sequence[int]) -> Layout:
     return Layout("tiled", order, tile, regroup)
 
 
-def _axis_block_relation(L: int, k: int, d: int, s: int, causal: bool, T: int, regroup: bool):
+def _axis_block_relation(L: int, k: int, d: int, s: int, causal: bool, T: int, regroup: bool,
+                         periodic: bool = False):
     """(any, full) [L/T, L/T]: whether some / every (query, key) pair of a query tile and
     a key tile (of T positions along this axis) are neighbors."""
     i = np.arange(L, dtype=np.int64)
-    lo, hi, _ = axis_tables(L, k, d, s, causal)
-    g, first, last = lo // L, lo % L, hi % L
-    if regroup:  # neighbors at positions g*L/d + [first, last]: contiguous
-        start, step = g * (L // d) + first, np.ones_like(i)
-    else:        # neighbors at g + d*[first, last]: every d-th position
-        start, step = g + d * first, np.full_like(i, d)
-    count = last - first + 1
     a = np.arange(0, L, T, dtype=np.int64)[None, :]
-    m_lo = np.maximum(-((start[:, None] - a) // step[:, None]), 0)          # ceil((a - start) / step)
-    m_hi = np.minimum((a + T - 1 - start[:, None]) // step[:, None], count[:, None] - 1)
-    inside = np.maximum(m_hi - m_lo + 1, 0)                                  # [query, key tile]
+    inside = np.zeros((L, a.shape[1]), dtype=np.int64)  # [query, key tile]: neighbors in the tile
+    intervals, _ = axis_intervals(L, k, d, s, causal, periodic)
+    for lo, hi in intervals:  # disjoint ranges: their counts add
+        g, first, last = lo // L, lo % L, hi % L
+        if regroup:  # neighbors at positions g*L/d + [first, last]: contiguous
+            start, step = g * (L // d) + first, np.ones_like(i)
+        else:        # neighbors at g + d*[first, last]: every d-th position
+            start, step = g + d * first, np.full_like(i, d)
+        count = np.where(hi >= lo, last - first + 1, 0)
+        m_lo = np.maximum(-((start[:, None] - a) // step[:, None]), 0)      # ceil((a - start) / step)
+        m_hi = np.minimum((a + T - 1 - start[:, None]) // step[:, None], count[:, None] - 1)
+        inside += np.maximum(m_hi - m_lo + 1, 0)
     qtile = _axis_position(i, L, d, regroup) // T
     nt = L // T
     any_ = np.zeros((nt, nt), dtype=bool)
@@ -136,7 +161,7 @@ def tile_blocks(p: Problem, tile: Sequence[int]) -> Tuple[int, int, int]:
     nonempty = full = total = 1
     for a, regroup in enumerate(_regroups(p)):
         any_, all_ = _axis_block_relation(p.extent[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a],
-                                          tile[a], regroup)
+                                          tile[a], regroup, p.periodic[a])
         nonempty *= int(any_.sum())
         full *= int(all_.sum())
         total *= any_.size
@@ -188,17 +213,20 @@ class FlexMask:
         blocks = -(-self.n // BLOCK)
         self.padded = (blocks + 1) * BLOCK
         coords = np.unravel_index(layout.order, p.extent)
+        # Per axis: lo and hi tables of each range (two on a periodic axis), and the codes.
         self.lo, self.hi, self.code = [], [], []
         axes = [a for a in range(p.rank) if not axis_is_trivial(p.extent[a], p.kernel[a], p.dilation[a],
                                                                 p.causal[a])]
         pad = self.padded - self.n
+        as_table = lambda t: torch.as_tensor(t, dtype=torch.int32, device=device)  # noqa: E731
         for a in axes or [0]:  # axes where every key passes are left out (one kept if all are)
-            lo, hi, code = axis_tables(p.extent[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a])
-            lo = np.concatenate([lo[coords[a]], np.full(pad, 1)])     # padded queries: empty range
-            hi = np.concatenate([hi[coords[a]], np.full(pad, 0)])
-            code = np.concatenate([code[coords[a]], np.full(pad, -1)])  # padded keys: match nothing
-            for name, t in (("lo", lo), ("hi", hi), ("code", code)):
-                getattr(self, name).append(torch.as_tensor(t, dtype=torch.int32, device=device))
+            intervals, code = axis_intervals(p.extent[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a],
+                                             p.periodic[a])
+            # Padded queries: empty ranges; padded keys: a code no range holds.
+            self.lo.append([as_table(np.concatenate([lo[coords[a]], np.full(pad, 1)])) for lo, _ in intervals])
+            self.hi.append([as_table(np.concatenate([hi[coords[a]], np.full(pad, 0)])) for _, hi in intervals])
+            self.code.append(as_table(np.concatenate([code[coords[a]], np.full(pad, -1)])))
+        self.device = self.code[0].device
         self.mask_mod = _make_mask_mod(self.lo, self.hi, self.code)
         self.density = None
 
@@ -213,7 +241,7 @@ class FlexMask:
         import torch
         from torch.nn.attention.flex_attention import BlockMask
 
-        device = self.lo[0].device
+        device = self.device
         blocks = -(-self.n // BLOCK)
         cols = blocks * BLOCK
         keys = torch.arange(cols, device=device)
@@ -243,24 +271,38 @@ class FlexMask:
 
 
 def _make_mask_mod(lo, hi, code):
+    """lo[a][r], hi[a][r]: range r of axis a (one, or two on a periodic axis)."""
+    def on_axis(a, q_idx, kv_idx):
+        c = code[a][kv_idx]
+        ok = (lo[a][0][q_idx] <= c) & (c <= hi[a][0][q_idx])
+        for r in range(1, len(lo[a])):
+            ok = ok | ((lo[a][r][q_idx] <= c) & (c <= hi[a][r][q_idx]))
+        return ok
+
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = (lo[0][q_idx] <= code[0][kv_idx]) & (code[0][kv_idx] <= hi[0][q_idx])
+        ok = on_axis(0, q_idx, kv_idx)
         for a in range(1, len(lo)):
-            ok = ok & (lo[a][q_idx] <= code[a][kv_idx]) & (code[a][kv_idx] <= hi[a][q_idx])
+            ok = ok & on_axis(a, q_idx, kv_idx)
         return ok
     return mask_mod
 
 
 # ---- the independent reference ------------------------------------------------------------
 
-def axis_mask(L: int, k: int, d: int, s: int, causal: bool) -> np.ndarray:
+def _window_keys(L: int, k: int, d: int, s: int, causal: bool, periodic: bool, i: int) -> List[int]:
+    """Query i's keys on one axis, in window order: each unwrapped entry of its window
+    taken modulo the group length (spec steps 1-5)."""
+    g, first, last = axis_window(L, k, d, s, causal, i, periodic)
+    group_len = -(-(L - g) // d)
+    return [g + d * (w % group_len) for w in range(first, last + 1)]
+
+
+def axis_mask(L: int, k: int, d: int, s: int, causal: bool, periodic: bool = False) -> np.ndarray:
     """[L, L] bool: key i2 is a neighbor of query i on this axis, by the spec's steps
     (scalar code, shared with nothing above)."""
     m = np.zeros((L, L), dtype=bool)
     for i in range(L):
-        g, first, last = axis_window(L, k, d, s, causal, i)
-        for i2 in range(L):
-            m[i, i2] = i2 % d == g and first <= i2 // d <= last
+        m[i, _window_keys(L, k, d, s, causal, periodic, i)] = True
     return m
 
 
@@ -268,7 +310,7 @@ def dense_mask(p: Problem) -> np.ndarray:
     """[N, N] bool over row-major tokens: the Kronecker product of the axes' masks (a
     key is a neighbor iff it is on every axis). For small problems."""
     m = np.ones((1, 1), dtype=bool)
-    for args in zip(p.extent, p.kernel, p.dilation, p.stride, p.causal):
+    for args in zip(p.extent, p.kernel, p.dilation, p.stride, p.causal, p.periodic):
         m = np.kron(m, axis_mask(*args)).astype(bool)
     return m
 
@@ -278,9 +320,8 @@ def neighbor_tokens(p: Problem, token: int) -> np.ndarray:
     coords = np.unravel_index(token, p.extent)
     per_axis = []
     for a, x in enumerate(coords):
-        L, k, d, s, c = p.extent[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a]
-        g, first, last = axis_window(L, k, d, s, c, int(x))
-        per_axis.append(g + d * np.arange(first, last + 1))
+        args = p.extent[a], p.kernel[a], p.dilation[a], p.stride[a], p.causal[a], p.periodic[a]
+        per_axis.append(np.asarray(_window_keys(*args, int(x)), dtype=np.int64))
     grids = np.meshgrid(*per_axis, indexing="ij")
     return np.ravel_multi_index([g.ravel() for g in grids], p.extent)
 

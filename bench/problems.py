@@ -40,14 +40,15 @@ class Problem:
     dim: int = 64
     passes: Tuple[str, ...] = PASSES
     tile: Optional[Tuple[int, ...]] = None
+    periodic: Tuple[bool, ...] = ()  # wrap-around axes (spec 3'), never causal
 
     def __post_init__(self):
         r = len(self.extent)
-        # Per-axis defaults: dilation 1, stride 1, not causal.
-        for name, default in (("dilation", 1), ("stride", 1), ("causal", False)):
+        # Per-axis defaults: dilation 1, stride 1, not causal, not periodic.
+        for name, default in (("dilation", 1), ("stride", 1), ("causal", False), ("periodic", False)):
             if not getattr(self, name):
                 object.__setattr__(self, name, (default,) * r)
-        for name in ("kernel", "dilation", "stride", "causal"):
+        for name in ("kernel", "dilation", "stride", "causal", "periodic"):
             if len(getattr(self, name)) != r:
                 raise ValueError(f"{self.name}: {name} has {len(getattr(self, name))} axes, extent has {r}")
         for a in range(r):
@@ -55,6 +56,8 @@ class Problem:
             if not (k >= 1 and d >= 1 and k * d <= L and 1 <= s <= k):
                 raise ValueError(f"{self.name}: axis {a} has extent {L}, kernel {k}, dilation {d}, stride {s}: "
                                  f"the spec needs k >= 1, d >= 1, k * d <= L, 1 <= s <= k")
+            if self.causal[a] and self.periodic[a]:
+                raise ValueError(f"{self.name}: axis {a} is both causal and periodic (the spec allows one)")
 
     @property
     def rank(self) -> int:
@@ -71,23 +74,29 @@ class Problem:
     def as_dict(self) -> dict:
         return {"problem": self.name, "rank": self.rank, "extent": list(self.extent), "kernel": list(self.kernel),
                 "dilation": list(self.dilation), "stride": list(self.stride), "causal": list(self.causal),
-                "batch": self.batch, "heads": self.heads, "dim": self.dim}
+                "periodic": list(self.periodic), "batch": self.batch, "heads": self.heads, "dim": self.dim}
 
     def flags(self) -> List[str]:
         """This problem as nbhd-bench flags."""
         x = lambda v: "x".join(str(int(i)) for i in v)  # noqa: E731
+        periodic = ["--periodic", x(self.periodic)] if any(self.periodic) else []
         return ["--extent", x(self.extent), "--kernel", x(self.kernel), "--dilation", x(self.dilation),
-                "--stride", x(self.stride), "--causal", x(self.causal), "--batch", str(self.batch),
+                "--stride", x(self.stride), "--causal", x(self.causal), *periodic, "--batch", str(self.batch),
                 "--heads", str(self.heads), "--dim", str(self.dim)]
 
 
 # ---- work ---------------------------------------------------------------------------
 
-def axis_window(L: int, k: int, d: int, s: int, causal: bool, i: int) -> Tuple[int, int, int]:
+def axis_window(L: int, k: int, d: int, s: int, causal: bool, i: int, periodic: bool = False) -> Tuple[int, int, int]:
     """(dilation group, first, last index inside the group) of query i's window on one
-    axis, straight from the spec's steps 1-4."""
+    axis, straight from the spec's steps 1-4 (3' on a periodic axis: centered on the
+    leader and unwrapped, so first may be below 0 and last past the group; an entry w
+    stands for w mod the group length)."""
     g, j = i % d, i // d
     group_len = -(-(L - g) // d)
+    if periodic:
+        leader = min(j // s * s + s // 2, group_len - 1)
+        return g, leader - k // 2, leader - k // 2 + k - 1
     if causal:
         leader = min(j // s * s + s - 1, group_len - 1)
         return g, max(leader - k + 1, 0), j
@@ -96,11 +105,11 @@ def axis_window(L: int, k: int, d: int, s: int, causal: bool, i: int) -> Tuple[i
     return g, first, first + k - 1
 
 
-def axis_pairs(L: int, k: int, d: int, s: int, causal: bool) -> int:
+def axis_pairs(L: int, k: int, d: int, s: int, causal: bool, periodic: bool = False) -> int:
     """Keys summed over the queries of one axis."""
     total = 0
     for i in range(L):
-        _, first, last = axis_window(L, k, d, s, causal, i)
+        _, first, last = axis_window(L, k, d, s, causal, i, periodic)
         total += last - first + 1
     return total
 
@@ -109,7 +118,8 @@ def axis_pairs(L: int, k: int, d: int, s: int, causal: bool) -> int:
 def pairs(p: Problem) -> int:
     """Attended (query, key) token pairs of one (batch, head): a token's neighbors are
     the product of its per-axis windows, so the sum over the grid factors by axis."""
-    return math.prod(axis_pairs(*args) for args in zip(p.extent, p.kernel, p.dilation, p.stride, p.causal))
+    return math.prod(axis_pairs(*args)
+                     for args in zip(p.extent, p.kernel, p.dilation, p.stride, p.causal, p.periodic))
 
 
 def sdpa_is_causal(p: Problem) -> bool:

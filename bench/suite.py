@@ -243,7 +243,7 @@ def check_mask_rows(fm: M.FlexMask, p: P.Problem, tokens) -> None:
     neighbor lists; raises Skip('wrong') on a difference."""
     import torch
 
-    order = torch.as_tensor(fm.layout.order, device=fm.lo[0].device)
+    order = torch.as_tensor(fm.layout.order, device=fm.device)
     position = torch.empty_like(order)
     position[order] = torch.arange(p.tokens, device=order.device)
     keys = torch.arange(p.tokens, device=order.device)
@@ -329,12 +329,13 @@ class NbhdRunner:
         q.rank, q.batch, q.heads, q.kv_heads, q.dim, q.dim_v = p.rank, p.batch, p.heads, p.heads, p.dim, p.dim
         q.extent, q.kernel = pad(p.extent, 1), pad(p.kernel, 1)
         q.dilation, q.stride, q.causal = pad(p.dilation, 1), pad(p.stride, 1), pad(p.causal, False)
+        q.periodic = pad(p.periodic, False)
         q.dtype = dtype
         return q
 
     def _kwargs(self, p: P.Problem) -> dict:
         return dict(kernel_size=p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
-                    backend=self.name)
+                    periodic=p.periodic, backend=self.name)
 
     def memory(self, p: P.Problem, dtype: str, pass_: str, inputs: Inputs) -> float:
         t = inputs.tensor_bytes()

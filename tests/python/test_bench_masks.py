@@ -25,7 +25,7 @@ def random_problem(seed: int) -> P.Problem:
     rng = np.random.default_rng(seed)
     rank = int(rng.integers(1, 4))
     choices = {1: (64, 100, 128, 256, 300), 2: (8, 12, 16, 24, 32), 3: (4, 6, 8, 12)}[rank]
-    extent, kernel, dilation, stride, causal = [], [], [], [], []
+    extent, kernel, dilation, stride, causal, periodic = [], [], [], [], [], []
     for _ in range(rank):
         L = int(rng.choice(choices))
         k = int(rng.integers(1, min(L, 17) + 1))
@@ -35,7 +35,9 @@ def random_problem(seed: int) -> P.Problem:
         dilation.append(d)
         stride.append(int(rng.integers(1, k + 1)) if rng.random() < 0.3 else 1)
         causal.append(bool(rng.random() < 0.3))
-    return P.Problem(f"r{seed}", tuple(extent), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal))
+        periodic.append(not causal[-1] and bool(rng.random() < 0.3))
+    return P.Problem(f"r{seed}", tuple(extent), tuple(kernel), tuple(dilation), tuple(stride), tuple(causal),
+                     periodic=tuple(periodic))
 
 
 CASES = [random_problem(s) for s in range(24)] + [
@@ -44,6 +46,8 @@ CASES = [random_problem(s) for s in range(24)] + [
     P.Problem("tiled-dilated", (32, 32), (5, 7), dilation=(4, 2)),
     P.Problem("tiled-3d", (8, 16, 16), (3, 5, 7), causal=(True, False, False)),
     P.Problem("regroup-1d", (1024,), (9,), dilation=(4,)),
+    P.Problem("lat-lon", (32, 64), (5, 9), periodic=(False, True)),
+    P.Problem("torus-tiled", (16, 32), (5, 7), dilation=(1, 2), stride=(2, 1), periodic=(True, True)),
 ]
 
 
@@ -60,11 +64,16 @@ def test_axis_tables_follow_the_spec_steps():
         for k in range(1, L + 1):
             for d in range(1, L // k + 1):
                 for s in range(1, k + 1):
-                    for c in (False, True):
-                        lo, hi, code = M.axis_tables(L, k, d, s, c)
-                        got = (lo[:, None] <= code[None, :]) & (code[None, :] <= hi[:, None])
-                        assert (got == M.axis_mask(L, k, d, s, c)).all(), (L, k, d, s, c)
-                        assert (got == other_axis_mask(L, k, d, s, c)).all(), (L, k, d, s, c)
+                    for c, w in ((False, False), (True, False), (False, True)):
+                        ranges, code = M.axis_intervals(L, k, d, s, c, w)
+                        got = np.zeros((L, L), dtype=bool)
+                        for lo, hi in ranges:
+                            got |= (lo[:, None] <= code[None, :]) & (code[None, :] <= hi[:, None])
+                        assert (got == M.axis_mask(L, k, d, s, c, w)).all(), (L, k, d, s, c, w)
+                        assert (got == other_axis_mask(L, k, d, s, c, w)).all(), (L, k, d, s, c, w)
+                        if not w:
+                            lo, hi, _ = M.axis_tables(L, k, d, s, c)
+                            assert (ranges[0][0] == lo).all() and (ranges[0][1] == hi).all()
 
 
 @pytest.mark.parametrize("p", CASES, ids=lambda p: p.name)
@@ -137,13 +146,15 @@ def test_neighbor_tokens_and_check_tokens():
 
 @pytest.mark.parametrize("p", [P.Problem("a", (20, 13), (5, 3), dilation=(3, 2), stride=(2, 1),
                                          causal=(True, False), batch=2, heads=3, dim=8),
-                               P.Problem("b", (50,), (11,), dilation=(4,), batch=1, heads=2, dim=4)],
+                               P.Problem("b", (50,), (11,), dilation=(4,), batch=1, heads=2, dim=4),
+                               P.Problem("c", (12, 21), (5, 7), dilation=(1, 3), stride=(2, 1),
+                                         periodic=(True, True), heads=2, dim=4)],
                          ids=lambda p: p.name)
 def test_reference_rows_equal_nbhds_reference_backend(p):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(p.batch, *p.extent, p.heads, p.dim, generator=g, dtype=torch.float64) for _ in range(3))
     out = nbhd.neighborhood_attention(q, k, v, p.kernel, stride=p.stride, dilation=p.dilation, is_causal=p.causal,
-                                      backend="reference")
+                                      periodic=p.periodic, backend="reference")
     tokens = M.check_tokens(p, count=12)
     flat = lambda t: t.reshape(p.batch, p.tokens, p.heads, p.dim)  # noqa: E731
     ref = M.reference_rows(flat(q), flat(k), flat(v), p, tokens)
@@ -151,7 +162,9 @@ def test_reference_rows_equal_nbhds_reference_backend(p):
 
 
 @pytest.mark.parametrize("p", [P.Problem("flex2d", (16, 16), (5, 7), dilation=(2, 1), heads=2, dim=16),
-                               P.Problem("flex3d", (4, 8, 8), (3, 5, 3), causal=(True, False, False), dim=16)],
+                               P.Problem("flex3d", (4, 8, 8), (3, 5, 3), causal=(True, False, False), dim=16),
+                               P.Problem("flex-periodic", (16, 32), (5, 7), dilation=(1, 2), periodic=(True, True),
+                                         dim=16)],
                          ids=lambda p: p.name)
 def test_flex_attention_with_these_masks_is_neighborhood_attention(p):
     """Eager FlexAttention on the CPU (the suite compiles it on the GPU) in both orders."""
