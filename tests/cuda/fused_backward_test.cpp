@@ -467,6 +467,26 @@ TEST(FusedBackwardConfigs, EveryTableEntry) {
     }
 }
 
+// Calls f(rank, bucket, entry) for every wgmma entry of the backward's table, ranks
+// 1-3 and head dims 64 and 128, the entry forced through NBHD_FUSED_BACKWARD_TILE
+// while f runs; stops at the first failure.
+template <class F>
+void for_each_wgmma_entry(F&& f) {
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
+        f(rank, bucket, int(i));
+        unsetenv("NBHD_FUSED_BACKWARD_TILE");
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+}
+
 // The wgmma key pass (sm_90a), forced through NBHD_FUSED_BACKWARD_TILE on each of its
 // entries: random problems without rpb (d rpb stays on the mma.sync key pass) of every
 // rank, float16 and bfloat16, head dims at its buckets' edges, Dv != D, GQA,
@@ -476,26 +496,16 @@ TEST(FusedBackwardWgmma, EveryEntryMatchesReference) {
   NBHD_REQUIRE_GPU();
   if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
   int ran = 0;
-  for (int rank = 1; rank <= 3; ++rank)
-    for (int bucket : {64, 128}) {
-      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, bucket, /*hopper=*/true);
-      for (size_t i = 0; i < configs.size(); ++i) {
-        if (!configs[i].wgmma) continue;
-        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
-                     std::to_string(i) + ": " + configs[i].why);
-        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
-        for (int seed = 0; seed < 2; ++seed) {
-          std::mt19937_64 rng(52000 + 1000 * rank + 10 * int(i) + seed + bucket);
-          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
-          c.p.has_rpb = false;
-          c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
-          c.p.dim_v = seed ? bucket / 2 + 8 : 0;
-          ran += check_backward(c, rng);
-        }
-        unsetenv("NBHD_FUSED_BACKWARD_TILE");
-        if (HasFailure()) return;
-      }
+  for_each_wgmma_entry([&](int rank, int bucket, int i) {
+    for (int seed = 0; seed < 2; ++seed) {
+      std::mt19937_64 rng(52000 + 1000 * rank + 10 * i + seed + bucket);
+      Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+      c.p.has_rpb = false;
+      c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
+      c.p.dim_v = seed ? bucket / 2 + 8 : 0;
+      ran += check_backward(c, rng);
     }
+  });
   if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
 }
 
@@ -504,46 +514,34 @@ TEST(FusedBackwardWgmma, EveryEntryMatchesReference) {
 // with dilation, strides, causal axes, GQA, batches, padded rows and additional
 // tokens (on the mma.sync kernel beside it): each matches the reference, and the
 // deterministic gradients of the two producers are equal bit for bit. Query rows
-// cp.async zero-fills (past the walk) reach P and dS as exact zeros either way.
+// cp.async zero-fills (past the walk) reach P and dS as exact zeros either way. One
+// seed per entry, dtypes alternating: each case runs the whole backward check twice
+// (two seeds took 140-150 s on an H100 and an H200, host-bound).
 TEST(FusedBackwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
   NBHD_REQUIRE_GPU();
   if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma key pass needs an sm_90 device and a build with sm_90a";
   int ran = 0;
-  for (int rank = 1; rank <= 3; ++rank)
-    for (int bucket : {64, 128}) {
-      const auto configs = cuda::fused::backward_candidates(DType::kFloat16, rank, bucket, /*hopper=*/true);
-      for (size_t i = 0; i < configs.size(); ++i) {
-        if (!configs[i].wgmma) continue;
-        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
-                     std::to_string(i) + ": " + configs[i].why);
-        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(i).c_str(), 1);
-        // One seed per entry, dtypes alternating: each case runs the whole backward
-        // check twice (two seeds took 140-150 s on an H100 and an H200, host-bound).
-        for (int seed = int(i % 2); seed < int(i % 2) + 1; ++seed) {
-          std::mt19937_64 rng(56000 + 1000 * rank + 10 * int(i) + seed + bucket);
-          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
-          c.p.has_rpb = false;
-          c.p.dim = bucket;
-          c.p.dim_v = 0;
-          if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
-          for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
-          std::mt19937_64 same = rng;
-          KernelRun tma, copies;
-          setenv("NBHD_FUSED_LOADS", "tma", 1);
-          const bool tma_ran = check_backward(c, rng, "TMA", &tma);
-          unsetenv("NBHD_FUSED_LOADS");
-          check_backward(c, same, "cp.async", &copies);
-          ran += tma_ran;
-          if (HasFailure()) break;
-          for (auto [what, a, b] : {std::tuple{"dq", &tma.dq, &copies.dq}, {"dk", &tma.dk, &copies.dk},
-                                    {"dv", &tma.dv, &copies.dv}, {"d additional keys", &tma.dak, &copies.dak},
-                                    {"d additional values", &tma.dav, &copies.dav}})
-            EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between the TMA and the cp.async producer";
-        }
-        unsetenv("NBHD_FUSED_BACKWARD_TILE");
-        if (HasFailure()) return;
-      }
-    }
+  for_each_wgmma_entry([&](int rank, int bucket, int i) {
+    const int seed = i % 2;
+    std::mt19937_64 rng(56000 + 1000 * rank + 10 * i + seed + bucket);
+    Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+    c.p.has_rpb = false;
+    c.p.dim = bucket;
+    c.p.dim_v = 0;
+    if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
+    for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
+    std::mt19937_64 same = rng;
+    KernelRun tma, copies;
+    setenv("NBHD_FUSED_LOADS", "tma", 1);
+    ran += check_backward(c, rng, "TMA", &tma);
+    unsetenv("NBHD_FUSED_LOADS");
+    check_backward(c, same, "cp.async", &copies);
+    if (::testing::Test::HasFailure()) return;
+    for (auto [what, a, b] : {std::tuple{"dq", &tma.dq, &copies.dq}, {"dk", &tma.dk, &copies.dk},
+                              {"dv", &tma.dv, &copies.dv}, {"d additional keys", &tma.dak, &copies.dak},
+                              {"d additional values", &tma.dav, &copies.dav}})
+      EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between the TMA and the cp.async producer";
+  });
   if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
 }
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The fused forward against the CPU reference on seeded random problems: ranks 1-3,
 // extents that are not multiples of any tile, dilation with unequal groups, stride,
-// every causal combination, GQA, Dv != D, additional tokens, RPB, head dims at the
+// every causal combination, periodic axes, GQA, Dv != D, additional tokens, RPB, head dims at the
 // bucket edges, element offsets past 2^31; float16, bfloat16 and float32.
 // Tolerance: the flash-attention rule (testing.hpp) against the reference run as a
 // plain implementation in the same dtype; for float32, one whose products are the
@@ -38,6 +38,7 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   o.rank = rank;
   o.dtype = dtype;
   o.max_extent = rank == 1 ? 300 : rank == 2 ? 28 : 10;
+  o.allow_periodic = true;  // the forward runs periodic axes (a key box that wraps)
   Case c{testing::random_problem(rng, o), 0};
   // Head dims: multiples of 16 bytes (8 halves, 4 floats), often at a bucket's edge
   // (32, 64, 128) or just past it; float32 stops at 128.
@@ -58,6 +59,26 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
 int cases_run = 0;
 #define SKIP_IF_NO_CASE_RAN(before) \
   if (cases_run == (before)) GTEST_SKIP() << "no case of this test runs in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)"
+
+// Calls f(rank, bucket, entry) for every wgmma entry of the tile table with `warps`
+// warps (0: any), ranks 1-3 and head dims 64 and 128, the entry forced through
+// NBHD_FUSED_TILE while f runs; stops at the first failure.
+template <class F>
+void for_each_wgmma_entry(int warps, F&& f) {
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {64, 128}) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].wgmma || (warps && configs[i].warps != warps)) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        f(rank, bucket, int(i));
+        unsetenv("NBHD_FUSED_TILE");
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+}
 
 // device >= 0: the tensors live on that GPU while the call is made with the caller's
 // current device, which the call must leave as it was.
@@ -253,25 +274,15 @@ TEST(FusedForwardWgmma, EveryEntryMatchesReference) {
   NBHD_REQUIRE_GPU();
   const int before = cases_run;
   if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma forward needs an sm_90 device and a build with sm_90a";
-  for (int rank = 1; rank <= 3; ++rank)
-    for (int bucket : {64, 128}) {
-      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
-      for (size_t i = 0; i < configs.size(); ++i) {
-        if (!configs[i].wgmma) continue;
-        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
-                     std::to_string(i) + ": " + configs[i].why);
-        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
-        for (int seed = 0; seed < 2; ++seed) {
-          std::mt19937_64 rng(62000 + 1000 * rank + 10 * int(i) + seed + bucket);
-          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
-          c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
-          c.p.dim_v = seed ? bucket / 2 + 8 : 0;
-          check_forward(c, rng);
-        }
-        unsetenv("NBHD_FUSED_TILE");
-        if (HasFailure()) return;
-      }
+  for_each_wgmma_entry(/*warps=*/0, [&](int rank, int bucket, int i) {
+    for (int seed = 0; seed < 2; ++seed) {
+      std::mt19937_64 rng(62000 + 1000 * rank + 10 * i + seed + bucket);
+      Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+      c.p.dim = seed ? bucket : bucket / 2 + 8;  // the bucket's top, and just past the one below
+      c.p.dim_v = seed ? bucket / 2 + 8 : 0;
+      check_forward(c, rng);
     }
+  });
   SKIP_IF_NO_CASE_RAN(before);
 }
 
@@ -286,39 +297,30 @@ TEST(FusedForwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
   NBHD_REQUIRE_GPU();
   const int before = cases_run;
   if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma forward needs an sm_90 device and a build with sm_90a";
-  for (int rank = 1; rank <= 3; ++rank)
-    for (int bucket : {64, 128}) {
-      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
-      for (size_t i = 0; i < configs.size(); ++i) {
-        if (!configs[i].wgmma || configs[i].warps != 8) continue;
-        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
-                     std::to_string(i) + ": " + configs[i].why);
-        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
-        for (int seed = 0; seed < 2; ++seed) {
-          std::mt19937_64 rng(64000 + 1000 * rank + 10 * int(i) + seed + bucket);
-          Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
-          c.p.dim = bucket;
-          c.p.dim_v = 0;
-          c.p.additional_tokens = 0;
-          if (c.gap && rank == 3) c.p.batch = 1;
-          // TMA's traversal stride reaches dilation 8, a box 256 tokens: 64-key 1-D tiles 4.
-          for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);  // padded heads take a tensor-map dim: 5 with the axes and batch
-          std::mt19937_64 same = rng;
-          std::vector<double> tma_out, tma_lse, copy_out, copy_lse;
-          setenv("NBHD_FUSED_LOADS", "tma", 1);
-          check_forward(c, rng, -1, "TMA", &tma_out, &tma_lse);
-          unsetenv("NBHD_FUSED_LOADS");
-          check_forward(c, same, -1, "cp.async", &copy_out, &copy_lse);
-          if (HasFailure()) break;
-          for (size_t e = 0; e < tma_out.size(); ++e)
-            ASSERT_EQ(std::memcmp(&tma_out[e], &copy_out[e], sizeof(double)), 0) << "out element " << e;
-          for (size_t e = 0; e < tma_lse.size(); ++e)
-            ASSERT_EQ(std::memcmp(&tma_lse[e], &copy_lse[e], sizeof(double)), 0) << "lse element " << e;
-        }
-        unsetenv("NBHD_FUSED_TILE");
-        if (HasFailure()) return;
-      }
+  for_each_wgmma_entry(/*warps=*/8, [&](int rank, int bucket, int i) {
+    for (int seed = 0; seed < 2; ++seed) {
+      std::mt19937_64 rng(64000 + 1000 * rank + 10 * i + seed + bucket);
+      Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+      c.p.dim = bucket;
+      c.p.dim_v = 0;
+      c.p.additional_tokens = 0;
+      c.p.periodic = {false, false, false};  // a wrapping key box is cp.async's
+      if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
+      // TMA's traversal stride reaches dilation 8, a box 256 tokens: 64-key 1-D tiles 4.
+      for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
+      std::mt19937_64 same = rng;
+      std::vector<double> tma_out, tma_lse, copy_out, copy_lse;
+      setenv("NBHD_FUSED_LOADS", "tma", 1);
+      check_forward(c, rng, -1, "TMA", &tma_out, &tma_lse);
+      unsetenv("NBHD_FUSED_LOADS");
+      check_forward(c, same, -1, "cp.async", &copy_out, &copy_lse);
+      if (::testing::Test::HasFailure()) return;
+      for (size_t e = 0; e < tma_out.size(); ++e)
+        ASSERT_EQ(std::memcmp(&tma_out[e], &copy_out[e], sizeof(double)), 0) << "out element " << e;
+      for (size_t e = 0; e < tma_lse.size(); ++e)
+        ASSERT_EQ(std::memcmp(&tma_lse[e], &copy_lse[e], sizeof(double)), 0) << "lse element " << e;
     }
+  });
   SKIP_IF_NO_CASE_RAN(before);
 }
 

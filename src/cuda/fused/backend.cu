@@ -119,6 +119,8 @@ Status supports(const Problem& p, detail::Pass pass) {
     return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
                        " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
+  if (pass == detail::Pass::kBackward && p.any_periodic())
+    return unsupported("the fused backward does not run periodic axes yet (its forward does; naive and cpu run both)");
   if (pass == detail::Pass::kBackward) return backward_supports(p);
   return fits_device(p);
 }
@@ -207,5 +209,5 @@ std::string forward_loads(const Problem& p, const ForwardTensors& t) {
 namespace nbhd::detail {
 extern const BackendImpl kFusedBackend = {Backend::kFused,        Device::kCUDA,          cuda::fused::supports,
                                           cuda::fused::forward,   cuda::fused::backward,  nullptr,
-                                          /*unfolds_short_groups=*/true};
+                                          /*unfolds_short_groups=*/true, /*runs_periodic=*/true};
 }  // namespace nbhd::detail

@@ -295,13 +295,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     const T* v;
     int limit[kMaxRank];
     int first_additional;  // -1 for a neighborhood tile
+    // A tile of a periodic axis's key box may reach past either end of the group
+    // (the box is unwrapped): its rows then wrap one by one (load_wrapped_kv).
+    bool wraps;
+    int origin[kMaxRank];
   };
   auto tile_source = [&](int it) {
     TileSource src;
     if (it < neighbor_tiles) {
-      int token[kMaxRank];
-      token_of(load_tile.origin, token);
-      for (int a = 0; a < kMaxRank; ++a) src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+      int wrapped[kMaxRank], token[kMaxRank];
+      src.wraps = false;
+      for (int a = 0; a < kMaxRank; ++a) {
+        const Axis& ax = p.nb.axis[a];
+        src.origin[a] = load_tile.origin[a];
+        src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+        src.wraps |= ax.periodic && (src.origin[a] < 0 || src.origin[a] + shape.k(a) > lg[a]);
+        wrapped[a] = ax.wrap(src.origin[a], lg[a]);
+      }
+      token_of(wrapped, token);
       src.k = k_base + p.k_layout.offset(b, token, hk);
       src.v = v_base + p.v_layout.offset(b, token, hk);
       src.first_additional = -1;
@@ -312,8 +323,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       src.k = static_cast<const T*>(p.additional_k) + p.ak_layout.offset(b, first, hk);
       src.v = static_cast<const T*>(p.additional_v) + p.av_layout.offset(b, first, hk);
       src.first_additional = m0;
+      src.wraps = false;
     }
     return src;
+  };
+  // A tile that wraps: each row's token from its unwrapped group indices (the key
+  // box's rows past its end read nothing, as in load_kv). Only the tiles at a
+  // periodic axis's seam take this path.
+  auto load_wrapped_kv = [&](const TileSource& src, T* k_dst, T* v_dst) {
+    for (int i = 0; i < kBlockKV / kRowStep; ++i) {
+      const int n = load_row + i * kRowStep;
+      const int packed = smem.key_row_offset[n];
+      const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
+      bool valid = true;
+      int token[kMaxRank];
+      for (int a = 0; a < kMaxRank; ++a) {
+        valid &= off[a] < src.limit[a];
+        token[a] = group[a] + p.nb.axis[a].dilation * p.nb.axis[a].wrap(src.origin[a] + off[a], lg[a]);
+      }
+      const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
+      const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
+      ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_base + p.k_layout.offset(b, token, hk) + chunk_col : src.k,
+                       k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), v_ok ? v_base + p.v_layout.offset(b, token, hk) + chunk_col : src.v,
+                       v_ok ? 16 : 0);
+    }
   };
   // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
   // rows of K and V. Invalid rows and columns past the head dim read nothing (src
@@ -324,7 +358,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   auto load_kv = [&](const TileSource& src, int stage) {
     T* k_dst = smem.k[stage];
     T* v_dst = smem.v[stage];
-    if (src.first_additional < 0) {
+    if (src.wraps) {
+      load_wrapped_kv(src, k_dst, v_dst);
+    } else if (src.first_additional < 0) {
       const bool whole = src.limit[0] >= shape.k(0) && src.limit[1] >= shape.k(1) && src.limit[2] >= shape.k(2);
 #pragma unroll
       for (int i = 0; i < kBlockKV / kRowStep; ++i) {

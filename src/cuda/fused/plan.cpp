@@ -305,6 +305,7 @@ std::string plan_tma_operands(const Problem& p, const TileConfig& c, std::initia
   const char* loads = std::getenv("NBHD_FUSED_LOADS");
   if (!loads || std::strcmp(loads, "tma") != 0)
     return "cp.async measured faster than the TMA producer on an H100; NBHD_FUSED_LOADS=tma selects TMA";
+  if (p.any_periodic()) return "a periodic axis's key box wraps, which TMA's boxes do not";
   if (p.dim != c.head_dim || p.value_dim() != c.head_dim)
     return "dim " + std::to_string(p.dim) + " and dim_v " + std::to_string(p.value_dim()) + " do not fill the " +
            std::to_string(c.head_dim) + "-column tiles (their zero columns are cp.async's)";
