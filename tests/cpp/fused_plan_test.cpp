@@ -111,7 +111,9 @@ TEST(FusedPlan, WgmmaEstimateCountsWholeKeyTiles) {
     EXPECT_GE(e.waste(), 1.0);
   }
   const auto lines = describe_plan(p, /*hopper=*/true);
-  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 128, true).size());
+  // One line per candidate, then how the forward loads its tiles.
+  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 128, true).size() + 1);
+  EXPECT_EQ(lines.back().rfind("fused loads: cp.async (cp.async measured faster", 0), 0u) << lines.back();
   bool listed_wgmma = false;
   for (const std::string& line : lines) listed_wgmma |= line.find("(wgmma,") != std::string::npos;
   EXPECT_TRUE(listed_wgmma);
@@ -181,10 +183,26 @@ TEST(FusedPlan, Float32RunsItsOwnKernels) {
 
 TEST(FusedPlan, DryRunListsEveryCandidateChosenFirst) {
   const auto lines = describe_plan(anchor(2, {56, 56, 0}, {7, 7, 0}, 32));
-  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 32).size());
+  ASSERT_EQ(lines.size(), candidate_configs(DType::kFloat16, 2, 32).size() + 1);
   EXPECT_NE(lines.front().find("CHOSEN"), std::string::npos);
-  for (size_t i = 1; i < lines.size(); ++i) EXPECT_NE(lines[i].find("rejected"), std::string::npos);
+  for (size_t i = 1; i + 1 < lines.size(); ++i) EXPECT_NE(lines[i].find("rejected"), std::string::npos);
+  // The mma.sync kernels have no TMA producer: the last line says so.
+  EXPECT_NE(lines.back().find("fused loads: cp.async ("), std::string::npos) << lines.back();
   EXPECT_NE(describe_plan(anchor(1, {64, 0, 0}, {3, 0, 0}, 512)).front().find("no head-dim bucket"), std::string::npos);
+}
+
+// A periodic axis: --dry-run counts the query tiles whose key box wraps (a 7-wide
+// window reaches past both ends of a 56-token axis: the first and the last tile).
+TEST(FusedPlan, DryRunCountsTheWrappingKeyBoxes) {
+  Problem p = anchor(2, {56, 56, 0}, {7, 7, 0}, 32);
+  p.periodic = {false, true, false};
+  const auto lines = describe_plan(p);
+  std::string periodic;
+  for (const std::string& line : lines)
+    if (line.rfind("fused periodic:", 0) == 0) periodic = line;
+  EXPECT_NE(periodic.find("axis 1: 2 of "), std::string::npos) << periodic;
+  EXPECT_NE(periodic.find("the fused backward refuses periodic axes"), std::string::npos) << periodic;
+  EXPECT_EQ(periodic.find("axis 0"), std::string::npos) << periodic;
 }
 
 }  // namespace

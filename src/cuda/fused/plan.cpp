@@ -378,6 +378,26 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf);
   }
+  if (p.any_periodic()) {
+    // How many of the chosen plan's query tiles have a key box past a group's end.
+    const TileShape& s = ranked.front().config.shape;
+    const Neighborhood nb = p.neighborhood();
+    std::string axes;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = nb.axis[a];
+      if (!ax.periodic) continue;
+      const int lg = ax.group_length(0), tiles = (lg + s.q(a) - 1) / s.q(a);
+      int wrapping = 0;
+      for (int t = 0; t < tiles; ++t) {
+        const Range r = ax.window_union({t * s.q(a), std::min((t + 1) * s.q(a), lg)}, lg);
+        wrapping += r.begin < 0 || r.end > lg;
+      }
+      axes += (axes.empty() ? "" : ", ") + std::string("axis ") + std::to_string(a - (kMaxRank - p.rank)) + ": " +
+              std::to_string(wrapping) + " of " + std::to_string(tiles) + " query tiles";
+    }
+    lines.push_back("fused periodic: key boxes that wrap (their key tiles at the seam load row by row): " + axes +
+                    " (dilation group 0); the fused backward refuses periodic axes");
+  }
   TmaView views[3];
   const std::string why = forward_tma_views(p, ranked.front().config, contiguous_layout(p, p.heads, p.dim),
                                             contiguous_layout(p, p.kv_heads, p.dim),
