@@ -315,7 +315,8 @@ class NumpyArrays:
 
     @staticmethod
     def launch(like) -> dict:
-        return {"stream": 0, "deterministic": Settings.deterministic}
+        # numpy arrays: the CPU backends use every hardware thread (docs/python.md).
+        return {"stream": 0, "deterministic": Settings.deterministic, "num_threads": 0}
 
 
 def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):

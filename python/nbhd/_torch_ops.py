@@ -36,7 +36,9 @@ class TorchArrays:
     def launch(like) -> dict:
         stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
         deterministic = torch.are_deterministic_algorithms_enabled() or _core.Settings.deterministic
-        return {"stream": stream, "deterministic": deterministic}
+        # The CPU backends use as many threads as torch does (torch.set_num_threads).
+        threads = 0 if like.is_cuda else torch.get_num_threads()
+        return {"stream": stream, "deterministic": deterministic, "num_threads": threads}
 
 
 def _on_device(t: Tensor):
