@@ -47,3 +47,23 @@ def test_torch_tensors_use_torch_get_num_threads():
 
 def test_numpy_arrays_use_every_hardware_thread():
     assert run("numpy") == [(os.cpu_count() or 1) - 1, 0]
+
+
+FORK = r"""
+import os
+import torch, nbhd
+q = torch.randn(1, 32, 32, 2, 8, dtype=torch.float64)
+torch.set_num_threads(2)
+ref = nbhd.na2d(q, q, q, 5, backend="cpu")
+pid = os.fork()
+if pid == 0:  # the child's pool is its own: the parent's helpers are not in it
+    ok = torch.equal(nbhd.na2d(q, q, q, 5, backend="cpu"), ref)
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_runs_the_cpu_backend():
+    out = subprocess.run([sys.executable, "-c", FORK], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["0"], out.stdout + out.stderr
