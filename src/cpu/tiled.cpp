@@ -98,24 +98,6 @@ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token
   }
 }
 
-// The queries whose windows hold key jk, as one range of group indices; on a
-// periodic axis unwrapped so that every query's window, shifted with it, holds jk
-// itself. inverse_window returns the circular range with its last queries below 0,
-// whose windows then hold jk or its image jk - lg (a key near the group's end): the
-// first query tells which, and the range moves up by lg for the image. A key tile's
-// ranges then overlap, their union a tile plus a window long, and the bias delta is
-// jk minus the unwrapped query.
-Range inverse_near(const Axis& ax, int jk, int lg) {
-  Range r = ax.inverse_window(jk, lg);
-  if (!ax.periodic || r.size() <= 0) return r;
-  const int q = ax.wrap(r.begin, lg), shift = r.begin - q;
-  const Range w = ax.window(q, lg);
-  if (!Range{w.begin + shift, w.end + shift}.contains(jk)) r = {r.begin + lg, r.end + lg};
-  return r;
-}
-
-// Rows of `t` ([.., heads, dim] layout l) for every token of `box`, head h, packed as
-// rows [volume][n] and/or columns [n][volume] (either may be null).
 template <class Acc>
 void pack_box(const Ctx& c, const TensorRef& t, const TokenLayout& l, int64_t b, int64_t h, int64_t n, const Box& box,
               Acc* rows, Acc* transposed) {
@@ -225,21 +207,14 @@ Box key_box(const Ctx& c, const Box& qbox) {
   return kb;
 }
 
+// The queries of a key tile: the union of its keys' inverse windows (on a periodic
+// axis unwrapped next to the keys, so the box may reach past either end of the group
+// and its tokens wrap in pack_box).
 Box query_box(const Ctx& c, const Box& kbox) {
   Box qb = kbox;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = c.nb.axis[a];
-    const int lg = ax.group_length(kbox.group[a]);
-    if (!ax.periodic) {
-      qb.r[a] = ax.inverse_window_union(kbox.r[a], lg);
-      continue;
-    }
-    qb.r[a] = {0, 0};
-    for (int jk = kbox.r[a].begin; jk < kbox.r[a].end; ++jk) {
-      const Range r = inverse_near(ax, jk, lg);
-      if (r.size() <= 0) continue;
-      qb.r[a] = qb.r[a].size() > 0 ? Range{std::min(qb.r[a].begin, r.begin), std::max(qb.r[a].end, r.end)} : r;
-    }
+    qb.r[a] = ax.inverse_window_union(kbox.r[a], ax.group_length(kbox.group[a]));
   }
   return qb;
 }
@@ -453,7 +428,7 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
             token_of(c.nb, kbox.group, jk, token);
             Range inv[kMaxRank];
             for (int a = 0; a < kMaxRank; ++a)
-              inv[a] = inverse_near(c.nb.axis[a], jk[a], c.nb.axis[a].group_length(kbox.group[a]));
+              inv[a] = c.nb.axis[a].inverse_window(jk[a], c.nb.axis[a].group_length(kbox.group[a]));
             load_row(t.key, c.k.offset(b, token, hk), c.k.inner, c.D, s.kk.data());
             for (int64_t d = 0; d < c.D; ++d) s.kk[d] *= Acc(c.scale);
             load_row(t.value, c.v.offset(b, token, hk), c.v.inner, c.Dv, s.vv.data());

@@ -113,14 +113,26 @@ TEST(Window, InverseMatchesSearchOverAllQueries) {
             if (ax.wrap(x, lg) == jk) seeing.insert(j);
         }
         const Range inv = ax.inverse_window(jk, lg);
-        // One range, each query once (periodic: unwrapped, at most lg long).
+        // One range, each query once (periodic: unwrapped, at most lg long), and each
+        // listed query's window, moved with it, holds the key itself.
         std::set<int> listed;
-        for (int j = inv.begin; j < inv.end; ++j) listed.insert(ax.wrap(j, lg));
+        for (int j = inv.begin; j < inv.end; ++j) {
+          listed.insert(ax.wrap(j, lg));
+          const Range w = ax.window(ax.wrap(j, lg), lg);
+          const int moved = j - ax.wrap(j, lg);
+          ASSERT_TRUE(w.begin + moved <= jk && jk < w.end + moved) << describe(ax) << " key=" << jk << " query=" << j;
+        }
         ASSERT_EQ(int(listed.size()), inv.size()) << describe(ax) << " key=" << jk;
         ASSERT_EQ(listed, seeing) << describe(ax) << " key=" << jk;
-        // The union over a run of keys holds every query that sees one of them.
-        const Range all = ax.inverse_window_union({0, jk + 1}, lg);
-        for (int j : seeing) ASSERT_TRUE(all.contains(j) || all.contains(j - lg)) << describe(ax) << " key=" << jk;
+        // The union over any run of keys ending here holds each one's inverse window.
+        for (int first = 0; first <= jk; ++first) {
+          const Range all = ax.inverse_window_union({first, jk + 1}, lg);
+          for (int k = first; k <= jk; ++k) {
+            const Range one = ax.inverse_window(k, lg);
+            ASSERT_TRUE(one.size() <= 0 || (all.begin <= one.begin && one.end <= all.end))
+                << describe(ax) << " keys " << first << ".." << jk;
+          }
+        }
       }
     }
   });

@@ -73,7 +73,9 @@ struct Axis {
   // Queries (group indices) whose window holds key jk: one contiguous range, since
   // a window's begin and end never decrease as the query moves forward. Closed
   // forms of `window` inverted; tests check them against a search over all queries.
-  // Periodic: one circular range, unwrapped (it may begin below 0), at most lg long.
+  // Periodic: one circular range, unwrapped next to the key (it may begin below 0 or
+  // end past lg - 1), at most lg long: each query j's window, shifted by j - wrap(j),
+  // holds jk itself, so jk - j + kernel - 1 is the bias index.
   NBHD_HOST_DEVICE constexpr Range inverse_window(int jk, int lg) const {
     if (periodic) return inverse_periodic(jk, lg);
     if (causal) {
@@ -105,10 +107,10 @@ struct Axis {
     return {window(q.begin, lg).begin, window(q.end - 1, lg).end};
   }
 
-  // Queries whose windows meet a run of keys [k.begin, k.end). Periodic: every
-  // query of the group (a superset; callers mask per element).
+  // Queries whose windows meet a run of keys [k.begin, k.end). Periodic: unwrapped
+  // as the keys' inverse windows are (they move with the key, so the union is a run
+  // plus a window long).
   NBHD_HOST_DEVICE constexpr Range inverse_window_union(Range k, int lg) const {
-    if (periodic) return {0, lg};
     return {inverse_window(k.begin, lg).begin, inverse_window(k.end - 1, lg).end};
   }
 
@@ -127,19 +129,18 @@ struct Axis {
   }
 
   // Key jk is seen through one of its images jk - lg, jk, jk + lg. The leaders span
-  // less than lg, so at most two images are seen: then by the first queries (the
-  // lower image) and the last ones (the higher image), one circular range, returned
-  // with the last queries shifted below 0.
+  // less than lg, so at most two adjacent images are seen: by the first queries (the
+  // lower image) and the last ones (the higher image). A query that sees image jk + m
+  // lg is listed as j - m lg, whose shifted window holds jk: one contiguous range.
   NBHD_HOST_DEVICE constexpr Range inverse_periodic(int jk, int lg) const {
-    Range seen[3] = {queries_seeing(jk - lg, lg), queries_seeing(jk, lg), queries_seeing(jk + lg, lg)};
-    int low = -1, high = -1;
-    for (int m = 0; m < 3; ++m)
-      if (seen[m].size() > 0) {
-        if (low < 0) low = m;
-        high = m;
-      }
-    if (low == high) return seen[low];
-    return {seen[high].begin - lg, seen[low].end};
+    Range r{0, 0};
+    for (int m = -1; m <= 1; ++m) {
+      const Range seen = queries_seeing(jk + m * lg, lg);
+      if (seen.size() <= 0) continue;
+      const Range moved{seen.begin - m * lg, seen.end - m * lg};
+      r = r.size() > 0 ? Range{imin(r.begin, moved.begin), imax(r.end, moved.end)} : moved;
+    }
+    return r;
   }
 };
 
