@@ -46,8 +46,8 @@ Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const 
     else if (b->device != device)
       why = unsupported(std::string("it runs on ") + name(b->device) + " but the tensors are on " + name(device));
     else if (!b->runs_periodic && p.any_periodic())
-      why = unsupported("periodic axes are not implemented in this backend yet (reference, cpu and naive run "
-                        "them, and fused's forward)");
+      why = unsupported("periodic axes are not implemented in this backend yet (reference, cpu, naive and fused "
+                        "run them)");
     else
       why = b->supports(p, pass);
     if (why.ok()) {

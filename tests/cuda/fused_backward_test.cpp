@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The fused backward against the CPU reference on seeded random problems: ranks 1-3,
 // extents that are not multiples of any tile, dilation with unequal groups, stride,
-// every causal combination, GQA, Dv != D, additional tokens (their gradients too),
+// every causal combination, periodic axes, GQA, Dv != D, additional tokens (their gradients too),
 // RPB and its gradient, padded strides, head dims 8..128 (4..124 in float32), element
 // offsets past 2^31; float16, bfloat16 and float32; both modes, and the deterministic
 // mode bitwise over two runs.
@@ -57,6 +57,7 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   o.rank = rank;
   o.dtype = dtype;
   o.max_extent = max_extent(rank);
+  o.allow_periodic = true;  // query and key tiles past a periodic axis's seam load row by row
   Case c{testing::random_problem(rng, o), 0};
   // Head dims: multiples of 16 bytes up to 128 (the backward's largest bucket), often
   // at a bucket's edge or just past it.
@@ -172,8 +173,9 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
                   const int j[kMaxRank] = {j0, j1, j2};
                   int u[kMaxRank], idx[kMaxRank];
                   for (int a = 0; a < kMaxRank; ++a) {
-                    u[a] = w.group[a] + nb.axis[a].dilation * j[a];
-                    idx[a] = Neighborhood::rpb_index(nb.axis[a], t[a], u[a]);
+                    const Axis& ax = nb.axis[a];
+                    u[a] = w.group[a] + ax.dilation * ax.wrap(j[a], ax.group_length(w.group[a]));
+                    idx[a] = Neighborhood::rpb_entry(ax, t[a], j[a]);  // the unwrapped entry
                   }
                   const double bias = p.has_rpb ? in.rpb.get(rpb_index(h, idx)) : 0.0;
                   visit([&](int64_t d) { return in.k.get(row_index(p, b, u, hk, Hkv, D, d)); },
@@ -528,6 +530,7 @@ TEST(FusedBackwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
     c.p.has_rpb = false;
     c.p.dim = bucket;
     c.p.dim_v = 0;
+    c.p.periodic = {false, false, false};  // a wrapping query tile is cp.async's
     if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
     for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
     std::mt19937_64 same = rng;

@@ -119,8 +119,6 @@ Status supports(const Problem& p, detail::Pass pass) {
     return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
                        " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
-  if (pass == detail::Pass::kBackward && p.any_periodic())
-    return unsupported("the fused backward does not run periodic axes yet (its forward does; naive and cpu run both)");
   if (pass == detail::Pass::kBackward) return backward_supports(p);
   return fits_device(p);
 }

@@ -433,10 +433,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
         for (int i = 0; i < 2; ++i) {
           const int n = 16 * qb + g + 8 * i;
           const bool ok = ((cta_active >> (2 * qb + i)) & 1u) && detail_bwd::col_valid(smem.col_offset[n], limit);
-          int token[kMaxRank];
-          detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
-          dst[i] = ok ? p.dq_accum + ((b * p.tokens + detail_bwd::flat_token(nb, token) + smem.token_col_delta[n]) *
-                                          p.heads + h) * p.dim
+          dst[i] = ok ? p.dq_accum + (detail_bwd::col_workspace_row(p, smem, qtile, b, n) * p.heads + h) * p.dim
                       : nullptr;
         }
         if constexpr (Cfg::kTf32) {
@@ -737,13 +734,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const T* v;
     int limit[kMaxRank];
     int first_additional;  // -1 for a neighborhood tile
+    bool wraps;            // a periodic axis's key tile past its group's end: rows by token
+    int origin[kMaxRank];
   };
+  const int col_extent[kMaxRank] = {shape.col(0), shape.col(1), shape.col(2)};
   auto tile_source = [&](int it) {
     TileSource src;
+    src.wraps = false;
     if (it < neighbor_tiles) {
-      int token[kMaxRank];
-      detail_bwd::token_of(nb, group, load_tile.origin, token);
-      for (int a = 0; a < kMaxRank; ++a) src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+      int token[kMaxRank] = {0, 0, 0};
+      src.wraps = detail_bwd::tile_wraps(nb, group, load_tile.origin, col_extent);
+      if (!src.wraps) detail_bwd::token_of(nb, group, load_tile.origin, token);
+      for (int a = 0; a < kMaxRank; ++a) {
+        src.limit[a] = kbox.r[a].end - load_tile.origin[a];
+        src.origin[a] = load_tile.origin[a];
+      }
       src.k = static_cast<const T*>(p.k) + p.k_layout.offset(b, token, hk);
       src.v = static_cast<const T*>(p.v) + p.v_layout.offset(b, token, hk);
       src.first_additional = -1;
@@ -769,6 +774,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
                 (packed >> 20) < src.limit[2];
         dk = smem.k_col_delta[n];
         dv = smem.v_col_delta[n];
+        if (src.wraps) {  // offsets from the bases of (b, token 0, hk)
+          int token[kMaxRank];
+          const int zero[kMaxRank] = {0, 0, 0};
+          detail_bwd::packed_token(nb, group, src.origin, packed, token);
+          dk = p.k_layout.offset(0, token, 0) - p.k_layout.offset(0, zero, 0);
+          dv = p.v_layout.offset(0, token, 0) - p.v_layout.offset(0, zero, 0);
+        }
       } else {
         valid = src.first_additional + n < p.additional_tokens;
         dk = n * p.ak_layout.axis[2];

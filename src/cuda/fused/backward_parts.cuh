@@ -31,8 +31,34 @@ struct Box {
 // swizzle depends on r % 8 only (see ForwardConfig).
 __host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
 
+// The token of group indices j (on a periodic axis unwrapped: a tile may reach past
+// either end of its group, and its indices wrap).
 __device__ __forceinline__ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
-  for (int a = 0; a < kMaxRank; ++a) token[a] = group[a] + nb.axis[a].dilation * j[a];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    token[a] = group[a] + ax.dilation * (ax.periodic ? ax.wrap(j[a], ax.group_length(group[a])) : j[a]);
+  }
+}
+
+// Whether a tile of `extent[a]` group indices from `origin` reaches past either end of
+// a periodic axis's group: its rows' tokens then wrap one by one, and the tables of
+// offsets from the tile origin (linear in the indices) do not apply.
+__device__ __forceinline__ bool tile_wraps(const Neighborhood& nb, const int* group, const int* origin,
+                                           const int* extent) {
+  bool wraps = false;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    wraps |= ax.periodic && (origin[a] < 0 || origin[a] + extent[a] > ax.group_length(group[a]));
+  }
+  return wraps;
+}
+
+// The token of the tile row or column at packed offsets (axis a in bits 10a..) from
+// `origin`.
+__device__ __forceinline__ void packed_token(const Neighborhood& nb, const int* group, const int* origin, int packed,
+                                             int* token) {
+  const int j[kMaxRank] = {origin[0] + (packed & 1023), origin[1] + ((packed >> 10) & 1023), origin[2] + (packed >> 20)};
+  token_of(nb, group, j, token);
 }
 
 // Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
@@ -88,38 +114,85 @@ __device__ __forceinline__ bool col_valid(int packed, const int* limit) {
 }
 
 // Where a query tile's rows come from: the tile origin's row in q and dO and in the
-// lse/delta workspace, and the tile's extent inside the walk per axis.
+// lse/delta workspace, and the tile's extent inside the walk per axis. A tile that
+// wraps (tile_wraps) keeps the bases of batch b and head h instead, and its columns'
+// offsets come from their tokens (col_offsets).
 template <class T>
 struct ColSource {
   const T* q;
   const T* dout;
   const float2* lse_delta;
   int limit[kMaxRank];
+  bool wraps;
+  int group[kMaxRank], origin[kMaxRank];
+  int64_t b;
+  int h;
 };
 
 template <class T>
 __device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, const QueryTile& w, int64_t b, int hk) {
   ColSource<T> src;
-  int token[kMaxRank];
-  token_of(p.nb, w.group, w.origin, token);
-  const int h = hk * p.heads_per_kv + w.head;
-  src.q = static_cast<const T*>(p.q) + p.q_layout.offset(b, token, h);
-  src.dout = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, h);
+  src.h = hk * p.heads_per_kv + w.head;
+  src.b = b;
+  int extent[kMaxRank], token[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    src.limit[a] = w.end[a] - w.origin[a];
+    src.group[a] = w.group[a];
+    src.origin[a] = w.origin[a];
+    extent[a] = p.kv_shape.col(a);
+  }
+  src.wraps = tile_wraps(p.nb, w.group, w.origin, extent);
+  if (src.wraps) token[0] = token[1] = token[2] = 0;
+  else token_of(p.nb, w.group, w.origin, token);
+  src.q = static_cast<const T*>(p.q) + p.q_layout.offset(b, token, src.h);
+  src.dout = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, src.h);
   src.lse_delta =
-      reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + h) * p.tokens + flat_token(p.nb, token);
-  for (int a = 0; a < kMaxRank; ++a) src.limit[a] = w.end[a] - w.origin[a];
+      reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + src.h) * p.tokens + flat_token(p.nb, token);
   return src;
+}
+
+// Column n's offsets from the source's bases: in q, in dO, in the workspaces'
+// tokens. From the tables where the tile does not wrap.
+struct ColOffsets {
+  int64_t q, dout;
+  int token;
+};
+template <class T, class Smem>
+__device__ __forceinline__ ColOffsets col_offsets(const BackwardParams& p, const Smem& smem, const ColSource<T>& src,
+                                                  int n) {
+  if (!src.wraps) return {smem.q_col_delta[n], smem.dout_col_delta[n], smem.token_col_delta[n]};
+  int token[kMaxRank];
+  packed_token(p.nb, src.group, src.origin, smem.col_offset[n], token);
+  const int zero[kMaxRank] = {0, 0, 0};
+  return {p.q_layout.offset(0, token, 0) - p.q_layout.offset(0, zero, 0),
+          p.dout_layout.offset(0, token, 0) - p.dout_layout.offset(0, zero, 0), int(flat_token(p.nb, token))};
+}
+
+// The dense workspace row (b * tokens + token) of query-tile column n.
+template <class Smem>
+__device__ __forceinline__ int64_t col_workspace_row(const BackwardParams& p, const Smem& smem, const QueryTile& t,
+                                                     int64_t b, int n) {
+  int token[kMaxRank];
+  int extent[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) extent[a] = p.kv_shape.col(a);
+  if (tile_wraps(p.nb, t.group, t.origin, extent)) {
+    packed_token(p.nb, t.group, t.origin, smem.col_offset[n], token);
+    return b * p.tokens + flat_token(p.nb, token);
+  }
+  token_of(p.nb, t.group, t.origin, token);
+  return b * p.tokens + flat_token(p.nb, token) + smem.token_col_delta[n];
 }
 
 // Copies a query tile's lse and delta into `stage` by kLoadThreads threads. Columns
 // past the walk's end read nothing: zeros, so a masked probability is exp2(-inf - 0)
 // = 0 whatever their Q and dO rows hold.
 template <int kCols, int kLoadThreads, class Smem, class Source>
-__device__ __forceinline__ void load_lse_delta(Smem& smem, const Source& src, int stage, int load_tid) {
+__device__ __forceinline__ void load_lse_delta(const BackwardParams& p, Smem& smem, const Source& src, int stage,
+                                               int load_tid) {
   for (int n = load_tid; n < kCols; n += kLoadThreads) {
     const bool valid = col_valid(smem.col_offset[n], src.limit);
-    ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]), src.lse_delta + (valid ? smem.token_col_delta[n] : 0),
-                    valid ? 8 : 0);
+    const int token = valid ? col_offsets(p, smem, src, n).token : 0;
+    ptx::cp_async_8(ptx::smem_address(&smem.lse_delta[stage][n]), src.lse_delta + token, valid ? 8 : 0);
   }
 }
 
@@ -141,12 +214,12 @@ __device__ __forceinline__ void load_query_tile(const BackwardParams& p, Smem& s
     const bool valid = col_valid(smem.col_offset[n], src.limit);
     const bool q_ok = valid && q_chunk_ok, d_ok = valid && dout_chunk_ok;
     const int dst = Cfg::col_chunk_index(n, chunk) * kVec;
-    ptx::cp_async_16(ptx::smem_address(&smem.q[stage][dst]), src.q + (q_ok ? smem.q_col_delta[n] + chunk_col : 0),
-                     q_ok ? 16 : 0);
-    ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][dst]),
-                     src.dout + (d_ok ? smem.dout_col_delta[n] + chunk_col : 0), d_ok ? 16 : 0);
+    const ColOffsets at = valid ? col_offsets(p, smem, src, n) : ColOffsets{0, 0, 0};
+    ptx::cp_async_16(ptx::smem_address(&smem.q[stage][dst]), src.q + (q_ok ? at.q + chunk_col : 0), q_ok ? 16 : 0);
+    ptx::cp_async_16(ptx::smem_address(&smem.dout[stage][dst]), src.dout + (d_ok ? at.dout + chunk_col : 0),
+                     d_ok ? 16 : 0);
   }
-  load_lse_delta<kCols, kLoadThreads>(smem, src, stage, load_tid);
+  load_lse_delta<kCols, kLoadThreads>(p, smem, src, stage, load_tid);
 }
 
 // Key row r of a neighborhood CTA (origin k_origin, one dilation group): its group

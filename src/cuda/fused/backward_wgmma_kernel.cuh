@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
       const detail_bwd::ColSource<T> src = detail_bwd::col_source<T>(p, qtile, b, hk);
       if (p.key_pass_tma) {
         if (load_tid == 0) copy_query_rows_by_tma(qtile, stage);
-        detail_bwd::load_lse_delta<kCols, 128>(smem, src, stage, load_tid);
+        detail_bwd::load_lse_delta<kCols, 128>(p, smem, src, stage, load_tid);
       } else {
         detail_bwd::load_query_tile<Cfg, 128, 1>(p, smem, src, stage, load_tid);
       }
@@ -380,9 +380,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
       __syncwarp();
       const int n = 16 * wg_warp + lane;
       if (lane < 16 && detail_bwd::col_valid(smem.col_offset[n], limit)) {
-        int token[kMaxRank];
-        detail_bwd::token_of(nb, qtile.group, qtile.origin, token);
-        const int64_t row = b * p.tokens + detail_bwd::flat_token(nb, token) + smem.token_col_delta[n];
+        const int64_t row = detail_bwd::col_workspace_row(p, smem, qtile, b, n);
         ptx::bulk_reduce_add(p.dq_accum + (row * p.heads + h) * p.dim, ptx::smem_address(dq_rows[n]), p.dim * 4);
         ptx::bulk_commit();
       }

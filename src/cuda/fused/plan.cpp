@@ -396,7 +396,7 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
               std::to_string(wrapping) + " of " + std::to_string(tiles) + " query tiles";
     }
     lines.push_back("fused periodic: key boxes that wrap (their key tiles at the seam load row by row): " + axes +
-                    " (dilation group 0); the fused backward refuses periodic axes");
+                    " (dilation group 0); the backward's query and key tiles at the seam likewise");
   }
   TmaView views[3];
   const std::string why = forward_tma_views(p, ranked.front().config, contiguous_layout(p, p.heads, p.dim),
