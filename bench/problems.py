@@ -343,10 +343,29 @@ def tiny() -> List[Problem]:
         P("tiny-1d-64-k8-d2-causal", (64,), (8,), dilation=(2,), causal=(True,), heads=2, dim=16),
         P("tiny-2d-16x16-k5x3-d2x1-s1x2", (16, 16), (5, 3), dilation=(2, 1), stride=(1, 2), heads=2, dim=16),
         P("tiny-3d-4x8x8-k3", (4, 8, 8), (3, 3, 3), causal=(True, False, False), dim=16, passes=FWD_ONLY),
+        P("tiny-2d-16x24-k5-periodic01", (16, 24), (5, 5), periodic=(False, True), heads=2, dim=16),
     ]
 
 
-SETS = ("anchors", "paper", "models")
+def periodic_set() -> List[Problem]:
+    """What a periodic axis costs (issue 23's budget: at most 5% on the fused backend):
+    the 2-D anchors and a 1-degree latitude-longitude grid, each plain and with its
+    second axis periodic, the twins side by side."""
+    P = Problem
+    plain = [
+        P("2d-128-k31", (128, 128), (31, 31), batch=1, heads=24, dim=128),
+        P("2d-128-k63", (128, 128), (63, 63), batch=1, heads=24, dim=128),
+        P("2d-nat-56-k7", (56, 56), (7, 7), batch=64, heads=4, dim=32),
+        P("2d-dinat-56-k7-d4", (56, 56), (7, 7), dilation=(4, 4), batch=64, heads=4, dim=32),
+        P("latlon-181x360-k13", (181, 360), (13, 13), batch=1, heads=16, dim=64),
+    ]
+    out = []
+    for p in plain:
+        out += [p, replace(p, name=p.name + "-periodic01", periodic=(False, True))]
+    return out
+
+
+SETS = ("anchors", "paper", "models", "periodic")
 
 
 def problem_set(name: str, paper_count: int = 300, seed: int = 0) -> List[Problem]:
@@ -356,6 +375,8 @@ def problem_set(name: str, paper_count: int = 300, seed: int = 0) -> List[Proble
         return paper(paper_count, seed)
     if name == "models":
         return models()
+    if name == "periodic":
+        return periodic_set()
     if name == "tiny":
         return tiny()
     raise ValueError(f"unknown problem set '{name}' (sets: {', '.join(SETS + ('tiny',))})")

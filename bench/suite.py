@@ -69,8 +69,8 @@ CHECK_TOLERANCE = {"float16": 2e-2, "bfloat16": 4e-2, "float32": 2e-3, "float64"
 SDPA_BACKENDS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 # Small problems every mask must reproduce exactly before anything is timed: every rank,
-# dilation dividing the extent and not, strides, causal axes, a full-attention axis, and
-# grids that are not a multiple of the 128-token block.
+# dilation dividing the extent and not, strides, causal axes, a full-attention axis,
+# periodic axes, and grids that are not a multiple of the 128-token block.
 MASK_CHECKS = [
     P.Problem("m1", (300,), (17,), dilation=(3,)),
     P.Problem("m2", (256,), (8,), dilation=(2,), stride=(3,), causal=(True,)),
@@ -80,6 +80,7 @@ MASK_CHECKS = [
     P.Problem("m6", (4, 8, 16), (4, 8, 5), stride=(2, 8, 1)),
     P.Problem("m7", (13, 11), (13, 3)),
     P.Problem("m8", (32, 32), (32, 9), dilation=(1, 3)),
+    P.Problem("m9", (16, 33), (5, 7), dilation=(1, 2), stride=(2, 1), periodic=(True, True)),
 ]
 
 
