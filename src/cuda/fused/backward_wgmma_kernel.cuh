@@ -167,12 +167,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     pipeline::arrive_expect_tx(&smem.full[stage], uint32_t(sizeof(smem.q[0]) + sizeof(smem.dout[0])));
     const uint32_t q_stage = ptx::smem_address(smem.q[stage]), dout_stage = ptx::smem_address(smem.dout[stage]);
     int32_t c[kTmaMaxDims];
-    for (t.slab = 0; t.slab < kHeadDim / 64; ++t.slab) {
-      const uint32_t slab = uint32_t(t.slab) * kCols * 128;
+#pragma unroll
+    for (int slab = 0; slab < kHeadDim / 64; ++slab) {  // unrolled: the tile and coordinates stay in registers
+      t.slab = slab;
+      const uint32_t at = uint32_t(slab) * kCols * 128;
       tma_coordinates(p.q_view, nb, t, c);
-      tma::load(q_stage + slab, &p.q_map, &smem.full[stage], c, p.q_view.dims);
+      tma::load(q_stage + at, &p.q_map, &smem.full[stage], c, p.q_view.dims);
       tma_coordinates(p.dout_view, nb, t, c);
-      tma::load(dout_stage + slab, &p.dout_map, &smem.full[stage], c, p.dout_view.dims);
+      tma::load(dout_stage + at, &p.dout_map, &smem.full[stage], c, p.dout_view.dims);
     }
   };
 

@@ -415,7 +415,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         int off[kMaxRank];
         shape.warp_offset(box, off);
         for (int a = 0; a < kMaxRank; ++a) t.origin[a] = q_origin[a] + off[a];
-        for (t.slab = 0; t.slab < kSlabs; ++t.slab) {
+#pragma unroll
+        for (int slab = 0; slab < kSlabs; ++slab) {  // unrolled: the tile and coordinates stay in registers
+          t.slab = slab;
           tma_coordinates(p.tma.q_view, p.nb, t, c);
           tma::load(q_tile + (t.slab * kBlockQ + box * 16) * 128, &p.tma.q, &smem.q_full, c, p.tma.q_view.dims);
         }
@@ -427,12 +429,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         pipeline::arrive_expect_tx(&smem.full[stage], uint32_t(sizeof(smem.k[0]) + sizeof(smem.v[0])));
         for (int a = 0; a < kMaxRank; ++a) t.origin[a] = load_tile.origin[a];
         const uint32_t k_tile = ptx::smem_address(smem.k[stage]), v_tile = ptx::smem_address(smem.v[stage]);
-        for (t.slab = 0; t.slab < kSlabs; ++t.slab) {
-          const uint32_t slab = uint32_t(t.slab) * kBlockKV * 128;
+#pragma unroll
+        for (int slab = 0; slab < kSlabs; ++slab) {
+          t.slab = slab;
+          const uint32_t at = uint32_t(slab) * kBlockKV * 128;
           tma_coordinates(p.tma.k_view, p.nb, t, c);
-          tma::load(k_tile + slab, &p.tma.k, &smem.full[stage], c, p.tma.k_view.dims);
+          tma::load(k_tile + at, &p.tma.k, &smem.full[stage], c, p.tma.k_view.dims);
           tma_coordinates(p.tma.v_view, p.nb, t, c);
-          tma::load(v_tile + slab, &p.tma.v, &smem.full[stage], c, p.tma.v_view.dims);
+          tma::load(v_tile + at, &p.tma.v, &smem.full[stage], c, p.tma.v_view.dims);
         }
         load_tile.advance(kbox, shape);
       }
