@@ -53,6 +53,37 @@ struct TileShape {
   NBHD_HOST_DEVICE constexpr void key_offset(int n, int* off) const { box_offset(n, k_log2, off); }
 };
 
+// Tokens of a tile of one dilation group. The tiled kernels keep query and key boxes
+// unwrapped on a periodic axis (window.hpp), so a tile at the seam reaches past
+// either end of its group and its rows' indices wrap.
+
+// The token of group indices j (unwrapped on a periodic axis).
+NBHD_HOST_DEVICE void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    token[a] = group[a] + ax.dilation * (ax.periodic ? ax.wrap(j[a], ax.group_length(group[a])) : j[a]);
+  }
+}
+
+// Whether a tile of `extent[a]` group indices from `origin` reaches past either end of
+// a periodic axis's group: its rows' tokens then wrap one by one, and the tables of
+// offsets from the tile origin (linear in the indices) do not apply.
+NBHD_HOST_DEVICE bool tile_wraps(const Neighborhood& nb, const int* group, const int* origin, const int* extent) {
+  bool wraps = false;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    wraps |= ax.periodic && (origin[a] < 0 || origin[a] + extent[a] > ax.group_length(group[a]));
+  }
+  return wraps;
+}
+
+// The token of the tile row or column at packed offsets (axis a in bits 10a..) from
+// `origin`.
+NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, const int* origin, int packed, int* token) {
+  const int j[kMaxRank] = {origin[0] + (packed & 1023), origin[1] + ((packed >> 10) & 1023), origin[2] + (packed >> 20)};
+  token_of(nb, group, j, token);
+}
+
 // A shape from its log2 extents: query tile, warp box, key tile.
 constexpr TileShape log2_shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
   return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};

@@ -31,35 +31,10 @@ struct Box {
 // swizzle depends on r % 8 only (see ForwardConfig).
 __host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 8 ? (r & 7) : ((r >> 1) & 3); }
 
-// The token of group indices j (on a periodic axis unwrapped: a tile may reach past
-// either end of its group, and its indices wrap).
-__device__ __forceinline__ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = nb.axis[a];
-    token[a] = group[a] + ax.dilation * (ax.periodic ? ax.wrap(j[a], ax.group_length(group[a])) : j[a]);
-  }
-}
-
-// Whether a tile of `extent[a]` group indices from `origin` reaches past either end of
-// a periodic axis's group: its rows' tokens then wrap one by one, and the tables of
-// offsets from the tile origin (linear in the indices) do not apply.
-__device__ __forceinline__ bool tile_wraps(const Neighborhood& nb, const int* group, const int* origin,
-                                           const int* extent) {
-  bool wraps = false;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = nb.axis[a];
-    wraps |= ax.periodic && (origin[a] < 0 || origin[a] + extent[a] > ax.group_length(group[a]));
-  }
-  return wraps;
-}
-
-// The token of the tile row or column at packed offsets (axis a in bits 10a..) from
-// `origin`.
-__device__ __forceinline__ void packed_token(const Neighborhood& nb, const int* group, const int* origin, int packed,
-                                             int* token) {
-  const int j[kMaxRank] = {origin[0] + (packed & 1023), origin[1] + ((packed >> 10) & 1023), origin[2] + (packed >> 20)};
-  token_of(nb, group, j, token);
-}
+// Tile tokens, shared with the forward (tile_shape.hpp).
+using nbhd::cuda::packed_token;
+using nbhd::cuda::tile_wraps;
+using nbhd::cuda::token_of;
 
 // Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
 __device__ __forceinline__ int64_t flat_token(const Neighborhood& nb, const int* token) {

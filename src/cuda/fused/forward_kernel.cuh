@@ -300,19 +300,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     bool wraps;
     int origin[kMaxRank];
   };
+  const int key_extent[kMaxRank] = {shape.k(0), shape.k(1), shape.k(2)};
   auto tile_source = [&](int it) {
     TileSource src;
     if (it < neighbor_tiles) {
-      int wrapped[kMaxRank], token[kMaxRank];
-      src.wraps = false;
       for (int a = 0; a < kMaxRank; ++a) {
-        const Axis& ax = p.nb.axis[a];
         src.origin[a] = load_tile.origin[a];
         src.limit[a] = kbox.r[a].end - load_tile.origin[a];
-        src.wraps |= ax.periodic && (src.origin[a] < 0 || src.origin[a] + shape.k(a) > lg[a]);
-        wrapped[a] = ax.wrap(src.origin[a], lg[a]);
       }
-      token_of(wrapped, token);
+      src.wraps = tile_wraps(p.nb, group, src.origin, key_extent);
+      int token[kMaxRank];
+      nbhd::cuda::token_of(p.nb, group, src.origin, token);  // wrapped: the origin's row exists
       src.k = k_base + p.k_layout.offset(b, token, hk);
       src.v = v_base + p.v_layout.offset(b, token, hk);
       src.first_additional = -1;
@@ -334,13 +332,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     for (int i = 0; i < kBlockKV / kRowStep; ++i) {
       const int n = load_row + i * kRowStep;
       const int packed = smem.key_row_offset[n];
-      const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
-      bool valid = true;
+      const bool valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
+                         (packed >> 20) < src.limit[2];
       int token[kMaxRank];
-      for (int a = 0; a < kMaxRank; ++a) {
-        valid &= off[a] < src.limit[a];
-        token[a] = group[a] + p.nb.axis[a].dilation * p.nb.axis[a].wrap(src.origin[a] + off[a], lg[a]);
-      }
+      packed_token(p.nb, group, src.origin, packed, token);
       const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
       const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
       ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_base + p.k_layout.offset(b, token, hk) + chunk_col : src.k,
