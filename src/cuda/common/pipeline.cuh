@@ -92,6 +92,17 @@ template <int kThreads>
 __device__ __forceinline__ void named_barrier(int id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 }
+// Counts this warp's threads toward barrier `id` without waiting (bar.arrive): the
+// other side of a named_barrier, for one warpgroup to let another go on.
+// Predicated rather than branched over, so that it can sit between a wgmma's commit
+// and its wait: ptxas serialises every wgmma of a kernel (C7518) when one stays in
+// flight across a branch.
+template <int kThreads>
+__device__ __forceinline__ void named_arrive_if(bool arrive, int id) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p bar.arrive %1, %2;\n}\n" ::"r"(int(arrive)), "r"(id), "n"(kThreads)
+      : "memory");
+}
 
 // Moves registers between the warpgroups of a CTA (every thread of a warpgroup
 // executes it): the producer gives back what the consumers take.

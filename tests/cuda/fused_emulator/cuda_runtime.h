@@ -132,7 +132,11 @@ class Block {
         for (int l = 0; l < 32; ++l) fibers_[w * 32 + l].state = kReady;
         progress = true;
       }
-      if (exited == n) return;
+      if (exited == n) {
+        for (const auto& [id, pending] : named_arrivals_)
+          if (pending.arrived) die("named barrier: bar.arrive with no matching bar.sync before the block exits", -1);
+        return;
+      }
       if (progress) continue;
       // Warpgroup barriers (wgmma) whose 128 threads are all there; mbarrier waits
       // whose phase has completed.
@@ -143,8 +147,8 @@ class Block {
         for (int t = 128 * g; t < 128 * g + 128; ++t) fibers_[t].state = kReady;
         progress = true;
       }
-      // Named barriers: id -> threads there; released when as many as the count
-      // they all name.
+      // Named barriers: id -> threads there; released when they and the threads
+      // that arrived without waiting (bar.arrive) make the count they all name.
       std::map<int, int> at_named;
       for (int t = 0; t < n; ++t)
         if (fibers_[t].state == kAtNamedBarrier) ++at_named[fibers_[t].barrier_id];
@@ -155,10 +159,14 @@ class Block {
           if (expected >= 0 && fibers_[t].barrier_count != expected) die("named barrier: threads name different counts", t);
           expected = fibers_[t].barrier_count;
         }
+        NamedArrivals& pending = named_arrivals_[id];
+        if (pending.arrived && pending.count != expected) die("named barrier: bar.arrive and bar.sync name different counts", -1);
+        count += pending.arrived;
         if (count > expected) die("named barrier: more threads than its count", -1);
         if (count < expected) continue;
         for (int t = 0; t < n; ++t)
           if (fibers_[t].state == kAtNamedBarrier && fibers_[t].barrier_id == id) fibers_[t].state = kReady;
+        pending.arrived = 0;
         progress = true;
       }
       for (int t = 0; t < n; ++t)
@@ -224,6 +232,19 @@ class Block {
     fibers_[current_].barrier_id = id;
     fibers_[current_].barrier_count = count;
     wait(kAtNamedBarrier);
+  }
+  // bar.arrive id, count: counts toward the barrier's current phase and goes on. A
+  // phase cannot take more arrivals than its count (the syncing side must come
+  // first), and none may be left over when the block exits.
+  void named_arrive(int id, int count) {
+    if (id < 1 || id > 15 || count % 32 || count <= 0 || count > int(dim_.x)) die("named barrier: bad id or count", current_);
+    NamedArrivals& pending = named_arrivals_[id];
+    if (pending.arrived && pending.count != count) die("named barrier: bar.arrive threads name different counts", current_);
+    pending.count = count;
+    int waiting = 0;
+    for (std::size_t t = 0; t < fibers_.size(); ++t)
+      waiting += fibers_[t].state == kAtNamedBarrier && fibers_[t].barrier_id == id;
+    if (++pending.arrived + waiting > count) die("named barrier: more arrivals than its count in one phase", current_);
   }
 
   // mbarriers, by shared-memory address: arrivals still expected in the current
@@ -430,6 +451,11 @@ class Block {
   std::vector<unsigned char> smem_;
   std::vector<Fiber> fibers_;
   std::map<uint32_t, Mbarrier> mbarriers_;
+  // Per named barrier id: threads that arrived (bar.arrive) in its current phase.
+  struct NamedArrivals {
+    int count = 0, arrived = 0;
+  };
+  std::map<int, NamedArrivals> named_arrivals_;
   std::vector<PendingTma> tma_;
   std::vector<int> registers_;  // per warpgroup, once a setmaxnreg ran
   Lane lanes_[1024];

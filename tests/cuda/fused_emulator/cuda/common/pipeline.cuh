@@ -27,6 +27,10 @@ template <int kThreads>
 inline void named_barrier(int id) {
   emu::block->named_barrier(id, kThreads);
 }
+template <int kThreads>
+inline void named_arrive_if(bool arrive, int id) {
+  if (arrive) emu::block->named_arrive(id, kThreads);
+}
 template <int kRegisters>
 inline void release_registers() {
   emu::block->set_registers(kRegisters, /*claim=*/false);
