@@ -13,14 +13,18 @@
 # in the same run: an A/B of a kernel change on one card, without a second call.
 # With --ab-env VAR=VALUE, the same build run with that variable set is the second
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
-# NBHD_FUSED_LOADS=tma against the default cp.async producers).
+# NBHD_FUSED_LOADS=tma against the default cp.async producers). --variant
+# NAME:VAR=VALUE[,VAR=VALUE...] (repeatable) adds more such rows, named NAME; the
+# value kv128 of NBHD_FUSED_TILE stands for the best-ranked warp-specialized entry
+# with 128-key tiles in that problem's `--dry-run` list.
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
 # installed.
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
-#                            [--overlay DIR] [--ab-env VAR=VALUE] [--skip-mma-sync] [--pass fwd|bwd]
+#                            [--overlay DIR] [--ab-env VAR=VALUE] [--variant NAME:VAR=VALUE,...]
+#                            [--skip-mma-sync] [--pass fwd|bwd]
 # --pass fwd times the forward instead of the backward in the A/B rows, --pass fwd,bwd
 # both (with
 # --with-forward, the overlay build runs the forward's tests too, and the sanitizers
@@ -34,6 +38,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
 skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" ab_env="" skip_mma_sync=0 ab_pass=bwd
+variants=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) skip_tests=1 ;;
@@ -42,6 +47,7 @@ while [ $# -gt 0 ]; do
     --only) only="$2"; shift ;;
     --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
     --ab-env) ab_env="$2"; shift ;;
+    --variant) variants+=("$2"); shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
     --pass) ab_pass="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -121,14 +127,28 @@ printf '%-24s %-9s %-8s %10s %9s\n' problem pass variant median_ms TFLOP/s | tee
 run() {  # name variant pass flags...
   local name="$1" variant="$2" pass="$3"
   shift 3
-  local env=() binary="$bench"
+  local env=() binary="$bench" spec
   [ "$variant" = mma.sync ] && env=(NBHD_FUSED_NO_WGMMA=1)
   [ "$variant" = env ] && env=("$ab_env")
+  for spec in "${variants[@]}"; do
+    [ "${spec%%:*}" = "$variant" ] || continue
+    IFS=, read -r -a env <<< "${spec#*:}"
+    local i
+    for i in "${!env[@]}"; do
+      if [ "${env[$i]}" = NBHD_FUSED_TILE=kv128 ]; then
+        local index
+        index="$("$bench" "$@" --dtype float16 --dry-run | grep -m1 'wgmma-ws, warps 8 x 1 boxes, kv 128,' |
+                 sed -E 's/.*#([0-9]+) .*/\1/')"
+        [ -n "$index" ] || { echo "$name $variant $pass: no 128-key entry" | tee -a "$out/sweep.txt"; return; }
+        env[$i]="NBHD_FUSED_TILE=$index"
+      fi
+    done
+  done
   [ "$variant" = overlay ] && binary="$overlay_bench"
   local json
   json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
-  echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
+  echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"env\": \"${env[*]}\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
   python3 - "$name" "$pass" "$variant" "$json" <<'EOF' | tee -a "$out/sweep.txt"
 import json, sys
 r = json.loads(sys.argv[4])
@@ -146,6 +166,7 @@ for entry in "${problems[@]}"; do
       run "$name" wgmma "$pass" $flags
       [ -n "$overlay" ] && run "$name" overlay "$pass" $flags
       [ -n "$ab_env" ] && run "$name" env "$pass" $flags
+      for spec in "${variants[@]}"; do run "$name" "${spec%%:*}" "$pass" $flags; done
       [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync "$pass" $flags
     done
     [ "${HOPPER_FWD_BWD:-1}" = 1 ] && run "$name" wgmma fwd+bwd $flags

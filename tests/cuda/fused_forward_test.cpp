@@ -222,6 +222,29 @@ TEST(FusedForwardSmoke, SmallProblems) {
       unsetenv("NBHD_FUSED_LOADS");
       unsetenv("NBHD_FUSED_TILE");
     }
+  // The warp-specialized kernels with 128-key tiles, their warpgroups taking turns
+  // (NBHD_FUSED_SCHEDULE=pingpong; head dim 128), per rank: the sanitizers' check of
+  // the turn barriers.
+  if (cuda::fused::hopper_device())
+    for (int rank = 1; rank <= 3; ++rank) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 128, /*hopper=*/true);
+      size_t i = 0;
+      while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8 && configs[i].block_kv == 128)) ++i;
+      ASSERT_LT(i, configs.size()) << "no 128-key warp-specialized entry for rank " << rank;
+      setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+      setenv("NBHD_FUSED_SCHEDULE", "pingpong", 1);
+      std::mt19937_64 rng(30300 + rank);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = DType::kBFloat16;
+      o.max_extent = rank == 1 ? 300 : rank == 2 ? 24 : 9;
+      Case c{testing::random_problem(rng, o), 0};
+      c.p.dim = 128;
+      c.p.dim_v = 0;
+      check_forward(c, rng);
+      unsetenv("NBHD_FUSED_SCHEDULE");
+      unsetenv("NBHD_FUSED_TILE");
+    }
   // float32: the 64-key kernel (head dim 32) and the 32-key one (head dim 128).
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 128}) {
@@ -319,6 +342,38 @@ TEST(FusedForwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
         ASSERT_EQ(std::memcmp(&tma_out[e], &copy_out[e], sizeof(double)), 0) << "out element " << e;
       for (size_t e = 0; e < tma_lse.size(); ++e)
         ASSERT_EQ(std::memcmp(&tma_lse[e], &copy_lse[e], sizeof(double)), 0) << "lse element " << e;
+    }
+  });
+  SKIP_IF_NO_CASE_RAN(before);
+}
+
+// The warp-specialized kernels' ping-pong schedule (NBHD_FUSED_SCHEDULE=pingpong:
+// the consumer warpgroups take turns to issue their wgmmas) on every such entry, 64-
+// and 128-key tiles, on random problems with every feature (rpb, additional tokens,
+// periodic axes, causal, GQA): it matches the reference, and the free-running
+// schedule bit for bit, since only the order in which the warpgroups issue changes.
+TEST(FusedForwardWgmma, PingPongMatchesFreeRunningBitwise) {
+  NBHD_REQUIRE_GPU();
+  const int before = cases_run;
+  if (!cuda::fused::hopper_device()) GTEST_SKIP() << "the wgmma forward needs an sm_90 device and a build with sm_90a";
+  for_each_wgmma_entry(/*warps=*/8, [&](int rank, int bucket, int i) {
+    for (int seed = 0; seed < 2; ++seed) {
+      std::mt19937_64 rng(66000 + 1000 * rank + 10 * i + seed + bucket);
+      Case c = random_case(rng, rank, seed ? DType::kBFloat16 : DType::kFloat16);
+      c.p.dim = seed ? bucket : bucket / 2 + 8;
+      c.p.dim_v = 0;
+      std::mt19937_64 same = rng;
+      std::vector<double> turns_out, turns_lse, free_out, free_lse;
+      setenv("NBHD_FUSED_SCHEDULE", "pingpong", 1);
+      check_forward(c, rng, -1, nullptr, &turns_out, &turns_lse);
+      unsetenv("NBHD_FUSED_SCHEDULE");
+      check_forward(c, same, -1, nullptr, &free_out, &free_lse);
+      if (::testing::Test::HasFailure()) return;
+      ASSERT_EQ(turns_out.size(), free_out.size());
+      for (size_t e = 0; e < turns_out.size(); ++e)
+        ASSERT_EQ(std::memcmp(&turns_out[e], &free_out[e], sizeof(double)), 0) << "out element " << e;
+      for (size_t e = 0; e < turns_lse.size(); ++e)
+        ASSERT_EQ(std::memcmp(&turns_lse[e], &free_lse[e], sizeof(double)), 0) << "lse element " << e;
     }
   });
   SKIP_IF_NO_CASE_RAN(before);

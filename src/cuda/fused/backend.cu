@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <tuple>
@@ -143,6 +144,14 @@ std::string tma_loads(const Problem& p, const TileConfig& config, const ForwardT
   return "";
 }
 
+// Whether the consumer warpgroups take turns (ForwardParams::pingpong): opted into
+// with NBHD_FUSED_SCHEDULE=pingpong until it is measured against the free-running
+// schedule.
+bool pingpong_schedule() {
+  const char* schedule = std::getenv("NBHD_FUSED_SCHEDULE");
+  return schedule && std::strcmp(schedule, "pingpong") == 0;
+}
+
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
                               {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
@@ -190,6 +199,7 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.additional_tokens = int(p.additional_tokens);
   fp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
   fp.use_tma = tma_loads(p, config, t, &fp).empty();
+  fp.pingpong = config.wgmma && config.warps == 8 && pingpong_schedule();
   return cuda_status(kernel->launch(fp, p.batch, static_cast<cudaStream_t>(o.stream)), "fused forward kernel");
 }
 

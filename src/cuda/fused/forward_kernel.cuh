@@ -68,13 +68,18 @@ struct ForwardConfig {
   static constexpr int kLoadThreads = kSpecialized ? 128 : kConsumerThreads;
   static constexpr int kThreads = kConsumerThreads + (kSpecialized ? 128 : 0);
   // K/V stages in flight. Two (one tile ahead) when the math warps load; the
-  // producer ring is as deep as shared memory allows at 1 CTA per SM
-  // (hd 128: 32 KB of Q + 4 x 32 KB; hd 64: 16 KB + 6 x 16 KB).
-  static constexpr int kStages = !kSpecialized ? 2 : kHeadDim == 128 ? 4 : 6;
+  // producer ring holds 128 KB at head dim 128 and 96 KB at 64, what fits beside Q
+  // at 1 CTA per SM: 4 or 6 stages of 64-key tiles, 2 or 3 of 128-key tiles.
+  static constexpr int kRingBytes = (kHeadDim == 128 ? 128 : 96) << 10;
+  static constexpr int kStages = !kSpecialized ? 2 : kRingBytes / (2 * kBlockKV * kHeadDim * int(sizeof(T)));
   // Registers per thread after the producer hands its spare ones to the consumers
-  // (setmaxnreg; 128 x 88 + 256 x 208 fits the 64 K register file). The producer's
-  // load loop spilled at 56 and 72 (ptxas, head dim 128); the consumers do not at 208.
-  static constexpr int kProducerRegisters = 88, kConsumerRegisters = 208;
+  // (setmaxnreg; 128 x producer + 256 x consumer fits the 64 K register file). The
+  // producer's load loop spilled at 56 and 72 (ptxas, head dim 128, 64-key tiles);
+  // the consumers do not at 208. 128-key tiles hold twice the scores: their
+  // consumers take 240 and still spill 256 bytes (head dim 128; 308 at 224), while
+  // the producer fits in 24 with one spilled value.
+  static constexpr int kProducerRegisters = kBlockKV == 128 ? 24 : 88;
+  static constexpr int kConsumerRegisters = kBlockKV == 128 ? 240 : 208;
   // float32 runs three tf32 products per product (mma.sync m16n8k8; common/mma.cuh).
   static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
@@ -95,8 +100,9 @@ struct ForwardConfig {
                                                       : 1;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
   static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
-                             kBlockKV == 64),
-                "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128, 64 keys per tile");
+                             (kBlockKV == 64 || (kSpecialized && kBlockKV == 128))),
+                "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128, 64 keys per tile (128 with two)");
+  static_assert(!kSpecialized || kStages >= 2, "the producer ring needs two stages");
   static_assert(!kWgmma || !kTf32, "wgmma kernels are 16-bit");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
 
@@ -555,6 +561,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     ptx::cp_async_commit();
   }
   const int warpgroup = warp / 4;
+  // Ping-pong (ForwardParams::pingpong): the consumer warpgroups take turns to issue
+  // their products, S then P V, so that one's softmax runs while the other's wgmmas
+  // keep the tensor cores busy (FlashAttention-3's schedule). Warpgroup w waits for
+  // its turn on barrier kTurnBarrier + w and hands it over on the other's; the
+  // second hands one over first, so the first starts. Each warpgroup takes two turns
+  // per tile, computed or skipped, so the counts match; the second's last hand-over
+  // would have no taker and is left out.
+  constexpr int kTurnBarrier = 1;
+  const bool pingpong = Cfg::kSpecialized && p.pingpong;
+  auto take_turn = [&]() {
+    if (pingpong) pipeline::named_barrier<Cfg::kConsumerThreads>(kTurnBarrier + warpgroup);
+  };
+  auto pass_turn = [&](bool last_turn) {
+    pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && !(last_turn && warpgroup == 1),
+                                                      kTurnBarrier + 1 - warpgroup);
+  };
+  pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && warpgroup == 1, kTurnBarrier);
 
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
@@ -642,6 +665,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
         // descriptor steps 32 bytes along a 128-byte row, then to the next slab.
         const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
+        take_turn();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
         wgmma::fence();
 #pragma unroll
@@ -653,6 +677,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
         wgmma::commit_group();
+        pass_turn(false);
         wgmma::wait_group<0>();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
       } else {
@@ -690,12 +715,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
-        // Scale to base-2 units; on tiles that need it, add the bias and mask.
+        // Scale to base-2 units; on tiles that need it, add the bias and mask. An
+        // unmasked tile with a positive scale stays unscaled here: its scale folds
+        // into the softmax's subtraction (one FFMA per score instead of FMUL + FADD).
+        const bool fold_scale = !needs_mask[m] && p.scale_log2 > 0.f;
         if (!needs_mask[m]) {
+          if (!fold_scale)
 #pragma unroll
-          for (int j = 0; j < kNBlocks; ++j)
+            for (int j = 0; j < kNBlocks; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[m][j][e] *= p.scale_log2;
+              for (int e = 0; e < 4; ++e) s[m][j][e] *= p.scale_log2;
         } else if (additional) {
           const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
 #pragma unroll
@@ -751,14 +780,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
         }
 
-        // Online softmax: running max and (thread-partial) sum per row.
+        // Online softmax: running max (base-2 units) and (thread-partial) sum per row.
+        // The scale is positive where it folds, so it commutes with the max.
+        const float score_scale = fold_scale ? p.scale_log2 : 1.f;
         float rescale[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          float mx = row_max[m][i];
+          float tile_max = kNegInf;
 #pragma unroll
-          for (int j = 0; j < kNBlocks; ++j) mx = fmaxf(mx, fmaxf(s[m][j][2 * i], s[m][j][2 * i + 1]));
-          mx = detail_fwd::quad_max(mx);
+          for (int j = 0; j < kNBlocks; ++j) tile_max = fmaxf(tile_max, fmaxf(s[m][j][2 * i], s[m][j][2 * i + 1]));
+          const float mx = detail_fwd::quad_max(fmaxf(row_max[m][i], tile_max * score_scale));
           // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
           const float ref = mx == kNegInf ? 0.f : mx;
           rescale[i] = ptx::exp2_approx(row_max[m][i] - ref);
@@ -766,8 +797,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < kNBlocks; ++j) {
-            s[m][j][2 * i] = ptx::exp2_approx(s[m][j][2 * i] - ref);
-            s[m][j][2 * i + 1] = ptx::exp2_approx(s[m][j][2 * i + 1] - ref);
+            s[m][j][2 * i] = ptx::exp2_approx(fmaf(s[m][j][2 * i], score_scale, -ref));
+            s[m][j][2 * i + 1] = ptx::exp2_approx(fmaf(s[m][j][2 * i + 1], score_scale, -ref));
             sum += s[m][j][2 * i] + s[m][j][2 * i + 1];
           }
           row_sum[m][i] = row_sum[m][i] * rescale[i] + sum;
@@ -800,6 +831,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           a[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
           a[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
         }
+        take_turn();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
         wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
         wgmma::fence();
@@ -808,6 +840,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb], wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
                                           /*accumulate=*/true);
         wgmma::commit_group();
+        pass_turn(it + 1 == total_tiles);
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else if constexpr (Cfg::kTf32) {
@@ -862,6 +895,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
         }
       }
+    } else if (pingpong) {  // a skipped tile's two turns, with nothing to issue
+      take_turn();
+      pass_turn(false);
+      take_turn();
+      pass_turn(it + 1 == total_tiles);
     }
     if (!additional) compute_tile.advance(kbox, shape);
     if constexpr (Cfg::kSpecialized) {
