@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "cuda/common/kernel_image.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/common/tensor_map.hpp"
 #include "cuda/fused/plan.hpp"
@@ -57,7 +58,7 @@ inline Status check_device() {
   if (major < 8)
     return unsupported("backend fused needs compute capability 8.0 or newer (mma.sync m16n8k16); this GPU is " +
                        std::to_string(major) + "." + std::to_string(minor));
-  return Status::Ok();
+  return check_kernel_image("fused");
 }
 
 // Whether the wgmma kernels can run here: the current device is sm_90 (H100, H200)

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "core/layout.hpp"
+#include "cuda/common/kernel_image.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/gemm/kernels.hpp"
 #include "cuda/gemm/ops.hpp"
@@ -153,7 +154,7 @@ Status device_limits(SmemLimits* limits) {
         "cp.async); this GPU is " +
         std::to_string(e.major) + ".x");
   *limits = e.limits;
-  return Status::Ok();
+  return check_kernel_image("gemm");
 }
 
 Status check_problem(const Problem& p) {

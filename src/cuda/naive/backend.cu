@@ -10,6 +10,7 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/common/kernel_image.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/common/device_guard.hpp"
 #include "cuda/common/workspace.hpp"
@@ -34,7 +35,7 @@ Status supports(const Problem& p, detail::Pass) {
                        " exceeds 2^31 - 1 (window slots are 32-bit)");
   if (std::max(p.dim, p.value_dim()) > INT_MAX)
     return unsupported("head dim " + std::to_string(std::max(p.dim, p.value_dim())) + " exceeds 2^31 - 1");
-  return Status::Ok();
+  return check_kernel_image("naive");
 }
 
 // Attention weights [B, X..., H, W + M], float32, packed, at `data`.

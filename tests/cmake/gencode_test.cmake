@@ -1,0 +1,15 @@
+# cmake -P tests/cmake/gencode_test.cmake: nbhd_gencode embeds the PTX of the newest
+# portable architecture, and none for `a` architectures alone.
+include(${CMAKE_CURRENT_LIST_DIR}/../../cmake/cuda_gencode.cmake)
+function(expect archs want)
+  nbhd_gencode(got "${archs}")
+  if(NOT got STREQUAL "${want}")
+    message(FATAL_ERROR "nbhd_gencode(${archs}):\n  got  ${got}\n  want ${want}")
+  endif()
+endfunction()
+expect("80;90a" "-gencode=arch=compute_80,code=sm_80;-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_80,code=compute_80")
+expect("90a;80;86" "-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_80,code=sm_80;-gencode=arch=compute_86,code=sm_86;-gencode=arch=compute_86,code=compute_86")
+expect("90a" "-gencode=arch=compute_90a,code=sm_90a")
+expect("90a;100a" "-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_100a,code=sm_100a")
+expect("100;90a" "-gencode=arch=compute_100,code=sm_100;-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_100,code=compute_100")
+message(STATUS "nbhd_gencode: all cases pass")
