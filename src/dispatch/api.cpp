@@ -34,9 +34,11 @@ bool implements(const BackendImpl& b, Pass pass) {
   return false;
 }
 
-// The backend to run: the one asked for, or the first that fits. The error of a
-// failed choice lists every candidate with the reason it was passed over.
-Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const BackendImpl** out) {
+// The backend to run: the one asked for, or the first that fits the problem and,
+// where given, the tensors. The error of a failed choice lists every candidate with
+// the reason it was passed over.
+Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const BackendImpl** out,
+              const std::vector<TensorRule>* tensors = nullptr) {
   std::string reasons;
   for (const BackendImpl* b : detail::registry()) {
     if (wanted != Backend::kAuto && b->id != wanted) continue;
@@ -50,6 +52,7 @@ Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const 
                         "run them)");
     else
       why = b->supports(p, pass);
+    if (why.ok() && tensors && b->supports_tensors) why = b->supports_tensors(p, pass, *tensors);
     if (why.ok()) {
       *out = b;
       return Status::Ok();
@@ -128,7 +131,7 @@ Status run_checked(const Problem& p, Pass pass, const std::vector<TensorRule>& r
     Device device;
     NBHD_RETURN_IF_ERROR(detail::check_tensors(p, rules, &device));
     const BackendImpl* backend = nullptr;
-    NBHD_RETURN_IF_ERROR(choose(p, pass, device, o.backend, &backend));
+    NBHD_RETURN_IF_ERROR(choose(p, pass, device, o.backend, &backend, &rules));
     return run(*backend);
   });
 }

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "core/tensor_checks.hpp"
 #include "nbhd/api.hpp"
 
 namespace nbhd::detail {
@@ -33,6 +34,11 @@ struct BackendImpl {
   bool unfolds_short_groups = false;
   // Runs periodic axes (the dispatcher passes over a backend that does not).
   bool runs_periodic = false;
+  // Ok, or why this backend cannot take these tensors (layout, alignment, or their
+  // GPU when it is not the current one); run after supports() when the call has
+  // tensors, so that `auto` passes over a backend the tensors do not suit. May be
+  // null: every layout and device is fine.
+  Status (*supports_tensors)(const Problem&, Pass, const std::vector<TensorRule>&) = nullptr;
 };
 
 const std::vector<const BackendImpl*>& registry();

@@ -120,8 +120,32 @@ Status supports(const Problem& p, detail::Pass pass) {
     return unsupported(std::string("no kernel for ") + name(p.dtype) + " head dim " + std::to_string(bucket) +
                        " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
+  NBHD_RETURN_IF_ERROR(check_kernel_image("fused"));
   if (pass == detail::Pass::kBackward) return backward_supports(p);
   return fits_device(p);
+}
+
+// The tensors' layout (16-byte rows) and their GPU: where it is not the current one,
+// the checks of supports() that read the device (kernel image, shared memory) again
+// on it.
+Status supports_tensors(const Problem& p, detail::Pass pass, const std::vector<detail::TensorRule>& tensors) {
+  int device_index = -1;
+  for (const detail::TensorRule& r : tensors) {
+    // rpb, lse and d rpb are read and written element by element.
+    const std::string what = r.name;
+    if (what != "rpb" && what != "lse" && what != "d_rpb") NBHD_RETURN_IF_ERROR(check_alignment(r.name, *r.tensor));
+    if (device_index < 0 && r.tensor->defined()) device_index = r.tensor->device_index;
+  }
+  int current = 0;
+  if (device_index < 0 || cudaGetDevice(&current) != cudaSuccess) {
+    cudaGetLastError();
+    return Status::Ok();
+  }
+  if (current == device_index) return Status::Ok();
+  DeviceGuard guard;
+  NBHD_RETURN_IF_ERROR(guard.set(device_index));
+  NBHD_RETURN_IF_ERROR(check_kernel_image("fused"));
+  return pass == detail::Pass::kForward ? fits_device(p) : Status::Ok();
 }
 
 // How the forward loads these tensors: "" where by TMA (filling fp->tma when fp is
@@ -217,5 +241,6 @@ std::string forward_loads(const Problem& p, const ForwardTensors& t) {
 namespace nbhd::detail {
 extern const BackendImpl kFusedBackend = {Backend::kFused,        Device::kCUDA,          cuda::fused::supports,
                                           cuda::fused::forward,   cuda::fused::backward,  nullptr,
-                                          /*unfolds_short_groups=*/true, /*runs_periodic=*/true};
+                                          /*unfolds_short_groups=*/true, /*runs_periodic=*/true,
+                                          cuda::fused::supports_tensors};
 }  // namespace nbhd::detail
