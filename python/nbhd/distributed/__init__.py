@@ -1,0 +1,347 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Neighborhood attention over a token grid split across the ranks of a torch.distributed
+process group (docs/distributed.md): each rank passes its shard of query, key and value
+and gets back its shard of the output, equal to the single-device result on the whole
+grid, forward and backward.
+
+    nbhd.distributed.na1d / na2d / na3d / neighborhood_attention   the single-device arguments
+                                                                   plus group, shard_axes, mesh_shape, mode
+    nbhd.distributed.plan                                          spatial or head-parallel, and why
+
+Two modes: "spatial" (each rank receives the key/value rows its queries' windows reach
+from the ranks that own them, a halo, and runs the ordinary call on its extended
+segment) and "heads" (an all-to-all gives each rank the whole grid for a share of the
+heads). "auto" lets plan() choose from the problem and the group."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from .. import _core
+from .. import functional as _functional
+from ._exchange import Group, Route, SummedGradient, transfer
+from ._layout import (Partition, Plan, Problem, even_sizes, extended_box, halo_blocks, head_blocks, heads_refusal,
+                      make_plan)
+
+__all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "plan", "Plan"]
+
+MODES = ("auto", "spatial", "heads")
+
+
+def neighborhood_attention(query, key, value, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
+                           rpb=None, additional_keys=None, additional_values=None, return_lse=False, backend=None,
+                           periodic=False, group=None, shard_axes=0, mesh_shape=None, mode="auto",
+                           sum_replicated_grads=True):
+    """Neighborhood attention over the grid that the group's shards tile (rank taken
+    from query.ndim - 3). query, key, value: this rank's shard [B, X1..Xr, H, D] (key,
+    value with Hkv heads); returns this rank's shard of out (and of lse with
+    return_lse=True). The window arguments, scale, rpb, the additional tokens and
+    backend mean what they mean for nbhd.neighborhood_attention, on the global grid;
+    rpb and the additional tokens are replicated (every rank passes the same).
+
+    group: the torch.distributed process group (None: the default group).
+    shard_axes: the grid axis split over the group (0 is X1), or a tuple of axes.
+    mesh_shape: ranks per split axis (default: the whole group on the one axis); rank
+        r's coordinates are r unravelled row-major over mesh_shape, and coordinate c
+        along an axis holds the c-th run of it. Shards may be uneven; each needs at
+        least one token per axis, and shards at the same coordinate the same length.
+    mode: "spatial" (halo exchange), "heads" (all-to-all; heads and kv heads multiples
+        of the group size) or "auto" (what plan() chooses).
+    sum_replicated_grads: the gradients of rpb and the additional tokens are summed
+        over the group in backward, so every rank holds the gradient of the sum of all
+        ranks' losses; False leaves this rank's share (for a caller that reduces every
+        parameter's gradient itself, as the nbhd.nn layers' users do)."""
+    return _attention(None, "neighborhood_attention", query, key, value, kernel_size, stride, dilation, is_causal,
+                      scale, rpb, additional_keys, additional_values, return_lse, backend, periodic, group,
+                      shard_axes, mesh_shape, mode, sum_replicated_grads)
+
+
+def _ranked(rank: int, name: str):
+    def na(query, key, value, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
+           additional_keys=None, additional_values=None, return_lse=False, backend=None, periodic=False, group=None,
+           shard_axes=0, mesh_shape=None, mode="auto", sum_replicated_grads=True):
+        return _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                          additional_keys, additional_values, return_lse, backend, periodic, group, shard_axes,
+                          mesh_shape, mode, sum_replicated_grads)
+
+    na.__name__ = na.__qualname__ = name
+    na.__doc__ = (f"{rank}-D distributed neighborhood attention: this rank's shard {_core.token_layout(rank)}. "
+                  f"Same arguments and results as nbhd.distributed.neighborhood_attention.")
+    return na
+
+
+na1d = _ranked(1, "na1d")
+na2d = _ranked(2, "na2d")
+na3d = _ranked(3, "na3d")
+
+
+def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=False, periodic=False, heads: int,
+         kv_heads: Optional[int] = None, dim: int, dim_v: Optional[int] = None, batch: int = 1,
+         dtype=torch.float16, world_size: int, shard_axes=0, mesh_shape=None, shard_sizes=None,
+         link_gbps: float = 450.0, tflops: float = 400.0) -> Plan:
+    """How a problem on the global grid `grid` would run over world_size ranks, and why.
+
+    Returns a Plan: mode ("spatial" or "heads", the one mode="auto" takes), and per mode
+    the busiest rank's bytes received and sent per forward, the query tokens it computes
+    against the ones it owns (spatial recomputes its halo's queries) and an estimated
+    forward time at link_gbps (GB/s per direction per rank; 450 is an H100 SXM's NVLink)
+    and tflops (attention compute rate). str(plan) explains the choice. shard_sizes:
+    per split axis the shard lengths by mesh coordinate (default: even)."""
+    rank = len(grid)
+    window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
+    axes = _normalise_axes(shard_axes, rank)
+    mesh = _normalise_mesh(mesh_shape, axes, world_size)
+    if math.prod(mesh) != world_size:
+        raise ValueError(f"mesh_shape {mesh} holds {math.prod(mesh)} ranks but world_size is {world_size}")
+    if shard_sizes is None:
+        sizes = tuple(even_sizes(grid[a], m) for a, m in zip(axes, mesh))
+    else:
+        sizes = tuple(tuple(int(n) for n in s) for s in shard_sizes)
+        for a, m, s in zip(axes, mesh, sizes):
+            if len(s) != m or sum(s) != grid[a] or min(s) < 1:
+                raise ValueError(f"shard_sizes {list(s)} along axis {a} must be {m} positive lengths summing to "
+                                 f"the axis's {grid[a]} tokens")
+    partition = Partition(tuple(int(n) for n in grid), axes, mesh, sizes)
+    element_size = torch.empty((), dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype).element_size()
+    problem = Problem(batch, heads, kv_heads or heads, dim, dim_v or dim, element_size)
+    _core.attention_problem(window, [batch, *grid, heads, dim], [batch, *grid, problem.kv_heads, dim],
+                            [batch, *grid, problem.kv_heads, problem.dim_v])
+    return make_plan(partition, window, problem, link_gbps, tflops)
+
+
+# ----------------------------------------------------------------- one call
+
+def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, ak, av,
+               return_lse, backend, periodic, group, shard_axes, mesh_shape, mode, sum_replicated_grads):
+    group = Group(group)
+    # Arguments this rank refuses are refused on every rank: all ranks exchange what
+    # they were given (or the reason they refuse it) before anyone raises.
+    try:
+        window, axes, mesh, description = _local_arguments(
+            rank, name, group.size, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, ak, av,
+            return_lse, backend, periodic, shard_axes, mesh_shape, mode, sum_replicated_grads)
+        refusal = None
+    except (TypeError, ValueError) as error:
+        refusal, description = error, {"error": f"{type(error).__name__}: {error}"}
+    descriptions = group.all_gather_object(description, "exchange of shard shapes")
+    if refusal is not None:
+        raise refusal
+    partition = _check_agreement(descriptions, group.size)
+    problem = Problem(query.shape[0], query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1],
+                      query.element_size())
+    global_shape = [query.shape[0], *partition.grid]
+    _core.attention_problem(window, global_shape + list(query.shape[-2:]), global_shape + list(key.shape[-2:]),
+                            global_shape + list(value.shape[-2:]), scale, None if ak is None else ak.shape,
+                            None if av is None else av.shape, rpb is not None)
+    if mode == "heads" and heads_refusal(problem.heads, problem.kv_heads, group.size):
+        raise ValueError(f"mode='heads' cannot run: {heads_refusal(problem.heads, problem.kv_heads, group.size)}")
+    if mode == "auto":
+        mode = make_plan(partition, window, problem).mode
+    if sum_replicated_grads:
+        rpb, ak, av = (x if x is None or not x.requires_grad else
+                       SummedGradient.apply(group, f"sum of the {what} gradient over the group", x)
+                       for x, what in ((rpb, "rpb"), (ak, "additional_keys"), (av, "additional_values")))
+    run = _heads if mode == "heads" else _spatial
+    out, lse = run(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _local_arguments(rank, name, world_size, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                     ak, av, return_lse, backend, periodic, shard_axes, mesh_shape, mode, sum_replicated_grads):
+    """This rank's arguments checked on their own: (window, shard axes, mesh shape, the
+    description every rank compares)."""
+    named = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": ak, "additional_values": av}
+    for what, x in named.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"nbhd.distributed.{name}: {what} must be a torch.Tensor, got {type(x).__name__}")
+    if rank is None:
+        rank = query.dim() - 3
+        if not 1 <= rank <= _core.MAX_RANK:
+            raise ValueError(f"query has {query.dim()} dimensions (shape {list(query.shape)}); neighborhood attention "
+                             f"takes [batch, X1..Xr, heads, dim] with r = 1, 2 or 3 spatial axes")
+    elif query.dim() != rank + 3:
+        raise ValueError(f"{name} takes query {_core.token_layout(rank)} ({rank + 3} dimensions), got shape "
+                         f"{list(query.shape)}")
+    for what, x in (("key", key), ("value", value)):
+        if x.dim() != query.dim() or x.shape[:rank + 1] != query.shape[:rank + 1]:
+            raise ValueError(f"{what} has shape {list(x.shape)} but its batch and grid must be query's "
+                             f"{list(query.shape[:rank + 1])}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key and value must have one dtype; got {query.dtype}, {key.dtype}, {value.dtype}")
+    window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
+    scale = _core.check_scale(scale)
+    _core.check_pair(ak, av)
+    if mode not in MODES:
+        raise ValueError(f"mode = {mode!r} must be one of {', '.join(map(repr, MODES))}")
+    axes = _normalise_axes(shard_axes, rank)
+    mesh = _normalise_mesh(mesh_shape, axes, world_size)
+    description = {
+        "error": None,
+        "grid": tuple(query.shape[1:rank + 1]),
+        "batch": query.shape[0],
+        "query heads, dim": tuple(query.shape[rank + 1:]),
+        "key heads, dim": tuple(key.shape[rank + 1:]),
+        "value heads, dim": tuple(value.shape[rank + 1:]),
+        "dtype": str(query.dtype).replace("torch.", ""),
+        "device type": query.device.type,
+        "rpb shape": None if rpb is None else tuple(rpb.shape),
+        "additional_keys shape": None if ak is None else tuple(ak.shape),
+        "additional_values shape": None if av is None else tuple(av.shape),
+        "window": tuple(window),
+        "scale": scale,
+        "backend": backend,
+        "return_lse": bool(return_lse),
+        "mode": mode,
+        "sum_replicated_grads": bool(sum_replicated_grads),
+        "shard_axes": axes,
+        "mesh_shape": mesh,
+    }
+    return window, axes, mesh, description
+
+
+def _normalise_axes(shard_axes, rank: int) -> tuple:
+    axes = shard_axes if isinstance(shard_axes, (tuple, list)) else (shard_axes,)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int) or not -rank <= a < rank:
+            raise ValueError(f"shard_axes = {shard_axes!r}: each entry must be a grid axis in [{-rank}, {rank}) "
+                             f"(0 is X1)")
+        out.append(a % rank)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"shard_axes = {shard_axes!r} must name at least one grid axis, each once")
+    return tuple(out)
+
+
+def _normalise_mesh(mesh_shape, axes: tuple, world_size: int) -> tuple:
+    if mesh_shape is None:
+        if len(axes) > 1:
+            raise ValueError(f"shard_axes = {axes} splits {len(axes)} axes: pass mesh_shape, the number of ranks "
+                             f"along each (rank r's coordinates are r unravelled row-major over it)")
+        return (world_size,)
+    mesh = tuple(mesh_shape) if isinstance(mesh_shape, (tuple, list)) else (mesh_shape,)
+    if len(mesh) != len(axes) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mesh):
+        raise ValueError(f"mesh_shape = {mesh_shape!r} must hold one positive int per split axis ({len(axes)})")
+    return mesh
+
+
+def _check_agreement(descriptions: list, world_size: int) -> Partition:
+    """The partition the ranks' shards make, or ValueError (the same on every rank)
+    naming the first rank whose arguments do not fit."""
+    for r, d in enumerate(descriptions):
+        if d["error"] is not None:
+            raise ValueError(f"rank {r} refused its arguments ({d['error']}); every rank stops")
+    first = descriptions[0]
+    for r, d in enumerate(descriptions[1:], start=1):
+        for field, value in d.items():
+            if field != "grid" and value != first[field]:
+                raise ValueError(f"rank {r} passed {field} = {value} but rank 0 passed {first[field]}; every rank of "
+                                 f"the group must pass the same")
+    axes, mesh = first["shard_axes"], first["mesh_shape"]
+    if math.prod(mesh) != world_size:
+        raise ValueError(f"mesh_shape {mesh} holds {math.prod(mesh)} ranks but the process group has {world_size}")
+    partition = Partition((), axes, mesh, ())
+    grids = [d["grid"] for d in descriptions]
+    extents = list(grids[0])
+    sizes = []
+    for i, axis in enumerate(axes):
+        along = {}
+        for r, grid in enumerate(grids):
+            c = partition.coords(r)[i]
+            if grid[axis] < 1:
+                raise ValueError(f"rank {r} has no token along axis {axis}; every shard needs at least one")
+            r0 = along.setdefault(c, r)
+            if grid[axis] != grids[r0][axis]:
+                raise ValueError(f"the shards do not tile the global grid: along axis {axis} (mesh dimension {i}), "
+                                 f"rank {r} has {grid[axis]} tokens but rank {r0}, at the same coordinate {c}, has "
+                                 f"{grids[r0][axis]}")
+        sizes.append(tuple(grids[along[c]][axis] for c in range(mesh[i])))
+        extents[axis] = sum(sizes[-1])
+    for axis in range(len(extents)):
+        if axis in axes:
+            continue
+        for r, grid in enumerate(grids):
+            if grid[axis] != grids[0][axis]:
+                raise ValueError(f"the shards do not tile the global grid: axis {axis} is not split (shard_axes = "
+                                 f"{axes}) but rank {r} has {grid[axis]} tokens on it and rank 0 has "
+                                 f"{grids[0][axis]}")
+    return Partition(tuple(extents), axes, mesh, tuple(sizes))
+
+
+# ----------------------------------------------------------------- the two modes
+
+def _whole(box) -> tuple:
+    """Index of a grid box in a [B, X..., H, D] tensor."""
+    return (slice(None), *box, Ellipsis)
+
+
+def _local(query, key, value, window, rpb, ak, av, scale, backend):
+    return _functional.neighborhood_attention(
+        query, key, value, window.kernel_size, stride=window.stride, dilation=window.dilation,
+        is_causal=window.is_causal, periodic=window.periodic, scale=scale, rpb=rpb, additional_keys=ak,
+        additional_values=av, return_lse=True, backend=backend)
+
+
+def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse):
+    """Halo exchange: the ordinary call on this rank's extended segment (its own tokens
+    and the key/value rows its queries' windows reach), keeping its own queries. The
+    extended segment's other query rows are zeros: their outputs are dropped and, with
+    no gradient flowing into them, they add nothing to any gradient."""
+    me = group.rank
+    boxes = [extended_box(partition, window, r) for r in range(partition.world_size)]
+    box, own = boxes[me], partition.box(me)
+    routes = [Route(b.source, b.target, (_whole(b.source_box),) * 2, (_whole(b.target_box),) * 2)
+              for b in halo_blocks(partition, boxes) if me in (b.source, b.target)]
+    extended = [query.shape[0], *(s.size for s in box)]
+    key, value = transfer(group, routes, [extended + list(key.shape[-2:]), extended + list(value.shape[-2:])],
+                          "halo exchange of key and value rows", key, value)
+    pads = [0, 0, 0, 0]  # F.pad lists (before, after) from the last dimension back: dim, heads, then the grid
+    for s, (lo, hi) in reversed(list(zip(box, own))):
+        pads += [lo - s.start, s.stop - hi]
+    query = F.pad(query, pads)
+    local = window._replace(periodic=tuple(w and s.whole for w, s in zip(window.periodic, box)))
+    out, lse = _local(query, key, value, local, rpb, ak, av, scale, backend)
+    mine = _whole(tuple(slice(lo - s.start, hi - s.start) for s, (lo, hi) in zip(box, own)))
+    return out[mine].contiguous(), lse[mine].contiguous()
+
+
+def _heads(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse):
+    """Head parallel: an all-to-all gives each rank the whole grid for its share of the
+    heads (rank c takes query heads c*H/P.. and the kv heads they read), the ordinary
+    call runs there, and a second all-to-all brings each rank its tokens' outputs."""
+    me, p = group.rank, group.size
+    heads, kv_heads = query.shape[-2] // p, key.shape[-2] // p
+
+    def share(n, r):
+        return slice(r * n, (r + 1) * n)
+
+    blocks = [b for b in head_blocks(partition) if me in (b.source, b.target)]
+    to_heads = [Route(b.source, b.target,
+                      tuple((slice(None), *b.source_box, share(n, b.target), slice(None)) for n in (heads, kv_heads,
+                                                                                                     kv_heads)),
+                      (_whole(b.target_box),) * 3) for b in blocks]
+    grid = [query.shape[0], *partition.grid]
+    query, key, value = transfer(group, to_heads, [grid + [heads, query.shape[-1]], grid + [kv_heads, key.shape[-1]],
+                                                   grid + [kv_heads, value.shape[-1]]],
+                                 "all-to-all of query, key and value to heads", query, key, value)
+    rpb = None if rpb is None else rpb[share(heads, me)]
+    ak = None if ak is None else ak[:, :, share(kv_heads, me)]
+    av = None if av is None else av[:, :, share(kv_heads, me)]
+    out, lse = _local(query, key, value, window, rpb, ak, av, scale, backend)
+    own = [query.shape[0], *(hi - lo for lo, hi in partition.box(me)), heads * p]
+
+    def back(trailing):
+        # Rank t holds heads share t of every token: the tokens of rank s go back to s.
+        return [Route(b.target, b.source, ((slice(None), *b.target_box, *trailing(None)),),
+                      ((slice(None), *b.source_box, *trailing(b.target)),)) for b in blocks]
+
+    out = transfer(group, back(lambda t: (slice(None) if t is None else share(heads, t), slice(None))),
+                   [own + [out.shape[-1]]], "all-to-all of the output back to tokens", out)[0]
+    if not return_lse:
+        return out, None
+    lse = transfer(group, back(lambda t: (slice(None) if t is None else share(heads, t),)), [own],
+                   "all-to-all of lse back to tokens", lse)[0]
+    return out, lse
