@@ -126,7 +126,9 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
             return_lse, backend, periodic, shard_axes, mesh_shape, mode, sum_replicated_grads)
         refusal = None
     except (TypeError, ValueError) as error:
-        refusal, description = error, {"error": f"{type(error).__name__}: {error}"}
+        refusal = type(error)(f"rank {group.rank} refused its arguments ({error}); every rank stops")
+        refusal.__cause__ = error
+        description = {"error": str(refusal)}
     descriptions = group.all_gather_object(description, "exchange of shard shapes")
     if refusal is not None:
         raise refusal
@@ -233,7 +235,7 @@ def _check_agreement(descriptions: list, world_size: int) -> Partition:
     naming the first rank whose arguments do not fit."""
     for r, d in enumerate(descriptions):
         if d["error"] is not None:
-            raise ValueError(f"rank {r} refused its arguments ({d['error']}); every rank stops")
+            raise ValueError(d["error"])
     first = descriptions[0]
     for r, d in enumerate(descriptions[1:], start=1):
         for field, value in d.items():
