@@ -325,14 +325,16 @@ PEER_TIMEOUT_S = 3
 def _absent_peer_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PEER_TIMEOUT_S))
+                            timeout=STEP_TIMEOUT)
+    # A short timeout for the call only: the processes may start seconds apart.
+    group = dist.new_group(timeout=datetime.timedelta(seconds=PEER_TIMEOUT_S))
     if rank == 1:
         time.sleep(2 * PEER_TIMEOUT_S)  # never calls: rank 0 must give up on its own
         return
     x = torch.zeros(1, 4, 1, 2)
     start = time.monotonic()
     try:
-        nbhd.distributed.na1d(x, x, x, 3)
+        nbhd.distributed.na1d(x, x, x, 3, group=group)
         message = "no error"
     except RuntimeError as error:
         message = str(error)
