@@ -5,10 +5,11 @@
     nbhd.merge_attentions                              combine partial results by lse
     nbhd.ops.qk / softmax / av                         unfused steps, weights materialised
     nbhd.nn.NeighborhoodAttention1D / 2D / 3D          layers (need torch)
+    nbhd.distributed.na1d / ... / plan                 a grid split across torch.distributed ranks
     nbhd.compat.natten                                 NATTEN's API per release (docs/natten.md)
     nbhd.backends()                                    what this build can run
 
-Torch is optional: it is imported only by nbhd.nn and for torch inputs."""
+Torch is optional: it is imported only by nbhd.nn, nbhd.distributed and for torch inputs."""
 
 import sys
 
@@ -34,8 +35,9 @@ if sys.modules.get("torch") is not None:
 
 
 def __getattr__(name):
-    # nbhd.nn needs torch; load it on first use so that numpy-only installs import nbhd.
-    if name == "nn":
+    # nbhd.nn and nbhd.distributed need torch; load them on first use so that numpy-only
+    # installs import nbhd.
+    if name in ("nn", "distributed"):
         import importlib
 
         return importlib.import_module(".nn", __name__)
