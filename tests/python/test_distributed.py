@@ -10,7 +10,6 @@ missing peer that gives an error naming the rank and the step instead of a hang.
 import datetime
 import functools
 import json
-import math
 import os
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 import pytest
@@ -167,13 +166,14 @@ def _results(case, tensors, fn, box=None, **extra):
 NAMES = ["out", "lse", "d query", "d key", "d value", "d rpb", "d additional_keys", "d additional_values"]
 
 
-def run_case(case: DistCase, rank: int, world: int):
+def run_case(case: DistCase, rank: int, world: int, group=None):
+    """rank: this process's rank in `group` (None: the default group)."""
     tensors = _tensors(case)
     box = case.split.box(rank, case.problem.extent)
     whole = _results(case, tensors, nbhd.neighborhood_attention)
     shard = [t[(slice(None), *box)] if i < 3 else t for i, t in enumerate(tensors)]
     got = _results(case, shard, nbhd.distributed.neighborhood_attention, box, shard_axes=case.split.axes,
-                   mesh_shape=case.split.mesh, mode=case.split.mode)
+                   mesh_shape=case.split.mesh, mode=case.split.mode, group=group)
     # Per-token results compare on this rank's box; the replicated inputs' gradients whole.
     expected = [x if x is None or i >= 5 else x[(slice(None), *box)] for i, x in enumerate(whole)]
     if case.dtype == "float64":
@@ -197,6 +197,15 @@ def _assert_within_rule(name, got, plain, exact):
     bound = 2 * (plain.double() - exact).abs().max().item() + 2 * noise
     err = (got.double() - exact).abs().max().item()
     assert err <= bound, f"{name}: max err {err:.3g} > bound {bound:.3g}"
+
+
+def run_in_subgroups(rank: int, world: int):
+    """Two groups of two ranks ({0, 1} and {2, 3}), each running its own problem: group
+    ranks are not global ranks in the point-to-point messages."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    label = "2d split rows" if rank < 2 else "2d head parallel"
+    case = next(c for c in CASES[2] if c.label.startswith(label))
+    run_case(case, rank % 2, 2, group=groups[rank // 2])
 
 
 def run_layer(rank: int, world: int):
@@ -257,6 +266,8 @@ def _worker(rank, world, port, out_dir):
                             timeout=STEP_TIMEOUT)
     jobs = [(c.label, functools.partial(run_case, c)) for c in CASES[world]]
     described = {c.label: f"{c.problem}, split {c.split}, {c.dtype}" for c in CASES[world]}
+    if world == 4:
+        jobs.append(("subgroups", run_in_subgroups))
     if world == 2:
         jobs.append(("layer", run_layer))
         jobs += [(label, lambda r, w, make=make, words=words: run_refusal(r, make, words))
@@ -306,6 +317,10 @@ def test_two_ranks_equal_one_process(results, label):
 @pytest.mark.parametrize("label", [c.label for c in CASES[4]])
 def test_four_ranks_equal_one_process(results, label):
     _check(results, 4, label)
+
+
+def test_two_groups_of_two_ranks_side_by_side(results):
+    _check(results, 4, "subgroups")
 
 
 def test_layer_on_shards_equals_the_whole_layer(results):

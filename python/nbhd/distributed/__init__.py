@@ -25,7 +25,7 @@ from .. import _core
 from .. import functional as _functional
 from ._exchange import Group, Route, SummedGradient, transfer
 from ._layout import (Partition, Plan, Problem, even_sizes, extended_box, halo_blocks, head_blocks, heads_refusal,
-                      make_plan)
+                      make_plan, mesh_coords)
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "plan", "Plan"]
 
@@ -139,8 +139,9 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
     _core.attention_problem(window, global_shape + list(query.shape[-2:]), global_shape + list(key.shape[-2:]),
                             global_shape + list(value.shape[-2:]), scale, None if ak is None else ak.shape,
                             None if av is None else av.shape, rpb is not None)
-    if mode == "heads" and heads_refusal(problem.heads, problem.kv_heads, group.size):
-        raise ValueError(f"mode='heads' cannot run: {heads_refusal(problem.heads, problem.kv_heads, group.size)}")
+    heads_unsplit = heads_refusal(problem.heads, problem.kv_heads, group.size)
+    if mode == "heads" and heads_unsplit:
+        raise ValueError(f"mode='heads' cannot run: {heads_unsplit}")
     if mode == "auto":
         mode = make_plan(partition, window, problem).mode
     if sum_replicated_grads:
@@ -245,14 +246,13 @@ def _check_agreement(descriptions: list, world_size: int) -> Partition:
     axes, mesh = first["shard_axes"], first["mesh_shape"]
     if math.prod(mesh) != world_size:
         raise ValueError(f"mesh_shape {mesh} holds {math.prod(mesh)} ranks but the process group has {world_size}")
-    partition = Partition((), axes, mesh, ())
     grids = [d["grid"] for d in descriptions]
     extents = list(grids[0])
     sizes = []
     for i, axis in enumerate(axes):
         along = {}
         for r, grid in enumerate(grids):
-            c = partition.coords(r)[i]
+            c = mesh_coords(r, mesh)[i]
             if grid[axis] < 1:
                 raise ValueError(f"rank {r} has no token along axis {axis}; every shard needs at least one")
             r0 = along.setdefault(c, r)

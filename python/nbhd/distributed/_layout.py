@@ -86,6 +86,11 @@ def extended_segment(length: int, kernel: int, stride: int, dilation: int, causa
     return Segment(start, stop, start == 0 and stop == length)
 
 
+def mesh_coords(rank: int, mesh_shape: Sequence[int]) -> Tuple[int, ...]:
+    """The rank's coordinates on the mesh: its rank unravelled row-major."""
+    return tuple(int(c) for c in np.unravel_index(rank, tuple(mesh_shape)))
+
+
 class Partition(NamedTuple):
     """The global grid and how its split axes are cut: sizes[i] lists the shard sizes
     along grid axis shard_axes[i], by mesh coordinate."""
@@ -99,13 +104,10 @@ class Partition(NamedTuple):
     def world_size(self) -> int:
         return math.prod(self.mesh_shape)
 
-    def coords(self, rank: int) -> Tuple[int, ...]:
-        return tuple(int(c) for c in np.unravel_index(rank, self.mesh_shape))
-
     def box(self, rank: int) -> Tuple[Tuple[int, int], ...]:
         """The rank's own tokens: (lo, hi) per grid axis."""
         bounds = [(0, n) for n in self.grid]
-        for i, (axis, c) in enumerate(zip(self.shard_axes, self.coords(rank))):
+        for i, (axis, c) in enumerate(zip(self.shard_axes, mesh_coords(rank, self.mesh_shape))):
             lo = sum(self.sizes[i][:c])
             bounds[axis] = (lo, lo + self.sizes[i][c])
         return tuple(bounds)
