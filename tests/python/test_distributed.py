@@ -238,6 +238,8 @@ REFUSALS = [
      lambda r: dict(shape=(1, 3 + r, 4, 1, 3), shard_axes=(0, 1), mesh_shape=(1, 2)),
      ["do not tile", "axis 0", "rank 1", "3", "4"]),
     ("mismatched heads", lambda r: dict(shape=(1, 6, 2 + r, 3)), ["rank 1", "query heads", "3", "2"]),
+    ("mismatched dtypes", lambda r: dict(shape=(1, 6, 2, 3), dtype=torch.float32 if r else torch.float64),
+     ["rank 1", "dtype", "float32", "float64"]),
     ("mismatched kernel", lambda r: dict(shape=(1, 6, 2, 3), kernel_size=3 + 2 * r), ["rank 1", "window", "5", "3"]),
     ("mesh larger than the group", lambda r: dict(shape=(1, 6, 2, 3), mesh_shape=(3,)), ["mesh_shape", "3", "2"]),
     ("a refusal on one rank stops all", lambda r: dict(shape=(1, 6, 2, 3), kernel_size="3" if r else 3),
@@ -252,7 +254,7 @@ REFUSALS = [
 def run_refusal(rank, make, words):
     args = make(rank)
     shape = args.pop("shape")
-    x = torch.zeros(shape, dtype=torch.float64)
+    x = torch.zeros(shape, dtype=args.pop("dtype", torch.float64))
     kernel = args.pop("kernel_size", 3)
     with pytest.raises((ValueError, TypeError)) as info:
         nbhd.distributed.neighborhood_attention(x, x, x, kernel, **args)

@@ -121,7 +121,7 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
     # Arguments this rank refuses are refused on every rank: all ranks exchange what
     # they were given (or the reason they refuse it) before anyone raises.
     try:
-        window, axes, mesh, description = _local_arguments(
+        window, description = _local_arguments(
             rank, name, group.size, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, ak, av,
             return_lse, backend, periodic, shard_axes, mesh_shape, mode, sum_replicated_grads)
         refusal = None
@@ -155,11 +155,12 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
 
 def _local_arguments(rank, name, world_size, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                      ak, av, return_lse, backend, periodic, shard_axes, mesh_shape, mode, sum_replicated_grads):
-    """This rank's arguments checked on their own: (window, shard axes, mesh shape, the
-    description every rank compares)."""
+    """This rank's arguments checked on their own: (window, the description every rank
+    compares)."""
     named = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": ak, "additional_values": av}
     for what, x in named.items():
-        if x is not None and not isinstance(x, torch.Tensor):
+        optional = what not in ("query", "key", "value")
+        if not isinstance(x, torch.Tensor) and not (optional and x is None):
             raise TypeError(f"nbhd.distributed.{name}: {what} must be a torch.Tensor, got {type(x).__name__}")
     if rank is None:
         rank = query.dim() - 3
@@ -203,7 +204,7 @@ def _local_arguments(rank, name, world_size, query, key, value, kernel_size, str
         "shard_axes": axes,
         "mesh_shape": mesh,
     }
-    return window, axes, mesh, description
+    return window, description
 
 
 def _normalise_axes(shard_axes, rank: int) -> tuple:
