@@ -227,9 +227,9 @@ def spatial_cost(partition: Partition, window: Window, problem: Problem, link_by
     busiest = max(ranks, key=lambda r: seconds[r])
     whole = [a for a in range(len(partition.grid)) if a in partition.shard_axes
              and any(box[a].whole for box in boxes) and partition.world_size > 1]
-    note = "K and V halo in; backward sends dK, dV back (the same bytes)"
+    note = "the K, V halo; backward returns dK, dV: as many bytes"
     if whole:
-        note += f"; axis {', '.join(map(str, whole))} gathered whole on some rank (the window reaches round)"
+        note += f"; axis {', '.join(map(str, whole))} gathered whole by some rank"
     return Cost(max(bytes_in), max(bytes_out), computed[busiest], partition.tokens(busiest), seconds[busiest], note)
 
 
@@ -250,7 +250,7 @@ def heads_cost(partition: Partition, window: Window, problem: Problem, link_byte
     seconds = [max(bytes_in[r], bytes_out[r]) / link_bytes_per_s + compute for r in ranks]
     busiest = max(ranks, key=lambda r: seconds[r])
     return Cost(max(bytes_in), max(bytes_out), total // p, own[busiest], seconds[busiest],
-                "q, k, v to heads, out back; backward the same bytes")
+                "q, k, v to heads, out back; backward: as many bytes")
 
 
 class Plan:
@@ -288,17 +288,20 @@ class Plan:
 
 
 def _describe(name: str, cost: Cost) -> str:
-    return (f"  {name + ':':8} busiest rank receives {_mb(cost.bytes_in)}, sends {_mb(cost.bytes_out)} per forward "
+    return (f"  {name + ':':8} busiest rank receives {_bytes(cost.bytes_in)}, sends {_bytes(cost.bytes_out)} per forward "
             f"({cost.note}); computes {cost.computed_tokens} query tokens for its {cost.owned_tokens} "
             f"({cost.computed_tokens / cost.owned_tokens:.2f}x); est. {_ms(cost.seconds)}")
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.3g} MB"
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
 def make_plan(partition: Partition, window: Window, problem: Problem, link_gbps: float = 450.0,
