@@ -22,9 +22,12 @@ struct Box {
   NBHD_HOST_DEVICE bool empty() const { return r[0].size() <= 0 || r[1].size() <= 0 || r[2].size() <= 0; }
 };
 
-NBHD_HOST_DEVICE void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
-  for (int a = 0; a < kMaxRank; ++a) token[a] = group[a] + nb.axis[a].dilation * j[a];
-}
+// The token of group indices j of a dilation group: the shared definition of the
+// tiled backends (cuda/common/tile_shape.hpp), which wraps an unwrapped index on a
+// periodic axis. Key boxes, key tiles and IN's query boxes are unwrapped there (they
+// may begin below 0 or end past the group length); query tiles of PN / NN and key
+// tiles of IN start inside the group and never wrap.
+using nbhd::cuda::token_of;
 
 // A tile of one dilation group: the group and its length per axis, and the origin
 // (group indices) of the tile.
@@ -130,6 +133,34 @@ NBHD_HOST_DEVICE RowSlab row_slab(const QueryRow& q, const Slab& s, int s_base, 
 // Key code of a key (group indices per axis): sum of index * slot stride.
 NBHD_HOST_DEVICE int key_code(const Neighborhood& nb, const int* k) {
   return k[0] * slot_stride(nb, 0) + k[1] * slot_stride(nb, 1) + k[2];
+}
+
+// IN: a query row of the query box of a key tile (origin `kt.origin`), at group
+// indices j (unwrapped on a periodic axis: Axis::inverse_window_union's box may begin
+// below 0 or end past the group length). Per axis, the keys of its window as offsets
+// from the key tile's origin, and `base` with (key code - base) = the key's slot in
+// the row of the query j stands for. On a periodic axis that query is wrap(j); its
+// window (unwrapped around it) is moved by j - wrap(j) next to the key tile, which
+// keeps both the keys it holds and their slots (offsets from the window's begin).
+// At most one image of a query holds a given key: a window is k <= lg consecutive
+// positions.
+struct InverseRow {
+  Span keys[kMaxRank];
+  int base;
+};
+
+NBHD_HOST_DEVICE InverseRow inverse_row(const Neighborhood& nb, const GroupTile& kt, const int* j, bool valid) {
+  InverseRow r{};
+  r.base = 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const int jq = ax.wrap(j[a], kt.lg[a]);  // j itself on a non-periodic axis
+    const Range w = valid ? ax.window(jq, kt.lg[a]) : Range{0, 0};
+    const int begin = w.begin + (j[a] - jq), end = w.end + (j[a] - jq);
+    r.keys[a] = span(begin - kt.origin[a], end - kt.origin[a]);
+    r.base += begin * slot_stride(nb, a);
+  }
+  return r;
 }
 
 // Key tiles of a box: per-axis counts and the origin of tile i (row-major).

@@ -8,7 +8,10 @@
 // Axis::inverse_window_union gives per axis, walked in query tiles of kBlockQI for
 // every query head of the kv head's group. Per query tile it loads the query rows of
 // x (16 bytes per lane) and gathers the dense [query][key] block of weights: element
-// (q, k) is w[q, slot(q, k)] when k lies in q's window, else 0. The gather reads a
+// (q, k) is w[q, slot(q, k)] when k lies in q's window, else 0. On a periodic axis
+// the query box is unwrapped (it may begin below 0 or end past the group length, and
+// hold a query twice); a row at index j is query wrap(j) with its window moved by
+// j - wrap(j), so that each (query, key) pair lands in exactly one row. The gather reads a
 // query's slots for this key tile, runs of consecutive slots, with 4-byte cp.async
 // from the float32 workspace (the rows' slot runs start anywhere, so 16-byte copies
 // would need both sides to share an alignment they do not have). The mma A operand
@@ -91,21 +94,18 @@ __global__ void __launch_bounds__(kThreads, 4) in_kernel(const __grid_constant__
                 p.dim, p.x.layout.inner, p.x.vec, valid, p.x.data);
     }
     // This thread's query row of the dense weights: its window per axis, as key
-    // offsets from the tile origin.
+    // offsets from the tile origin (periodic: the window of the query j stands for,
+    // moved next to the key tile; geometry.hpp, inverse_row).
     int j[kMaxRank], token[kMaxRank];
     bool valid = true;
     for (int a = 0; a < kMaxRank; ++a) {
       j[a] = qorigin[a] + grow_off[a];
       valid &= j[a] < ibox.r[a].end;
     }
-    Span keys[kMaxRank];
-    int base = 0;
-    for (int a = 0; a < kMaxRank; ++a) {
-      const Range w = valid ? nb.axis[a].window(j[a], kt.lg[a]) : Range{0, 0};
-      keys[a] = span(w.begin - kt.origin[a], w.end - kt.origin[a]);
-      base += w.begin * slot_stride(nb, a);
-    }
-    token_of(nb, kt.group, j, token);
+    const InverseRow row = inverse_row(nb, kt, j, valid);
+    const Span keys[kMaxRank] = {row.keys[0], row.keys[1], row.keys[2]};
+    const int base = row.base;
+    token_of(nb, kt.group, j, token);  // wraps an unwrapped index
     const A* w_row = valid ? weights + p.w_layout.offset(b, token, h) : weights;
     const int64_t inner = p.w_layout.inner;
     float* d_dst = dense + (it & 1) * kBlockQI * L.dense_stride + grow * L.dense_stride;

@@ -119,22 +119,19 @@ __global__ void __launch_bounds__(kThreads, 4) nn_kernel(const __grid_constant__
       T* dst = sv + (it & 1) * kBlockK * L.v_stride;
       KeySource src;
       if (it < kt.total) {
-        int origin[kMaxRank], token[kMaxRank];
+        int origin[kMaxRank];
         key_tile_origin(kt, box, shape, it, origin);
-        token_of(nb, qt.group, origin, token);
-        src.base = y + p.y.layout.offset(b, token, hk);
-        for (int a = 0; a < kMaxRank; ++a) src.limit[a] = box.r[a].end - origin[a];
-        src.extra_rows = -1;
-        load_key_tile(dst, L.v_stride, src, key_delta, key_packed, col0, kCols / kVecT, p.dim, p.y.layout.inner,
-                      p.y.vec, p.y.data);
+        src = window_source<true>(nb, shape, y, p.y.layout, b, hk, qt.group, origin, box);
+        load_key_tile<true>(dst, L.v_stride, src, key_delta, key_packed, col0, kCols / kVecT, p.dim, p.y.layout.inner,
+                            p.y.vec, p.y.data, nb, p.y.layout);
       } else {
         const int m0 = slab.m0 + (it - kt.total) * kBlockK;
         const int first[kMaxRank] = {0, 0, m0};
         src.base = y_extra + p.y_extra.layout.offset(b, first, hk);
-        src.extra_step = p.y_extra.layout.axis[kMaxRank - 1];
         src.extra_rows = imin(kBlockK, slab.m1 - m0);
-        load_key_tile(dst, L.v_stride, src, key_delta, key_packed, col0, kCols / kVecT, p.dim, p.y_extra.layout.inner,
-                      p.y_extra.vec, p.y_extra.data);
+        src.wraps = false;
+        load_key_tile<true>(dst, L.v_stride, src, key_delta, key_packed, col0, kCols / kVecT, p.dim,
+                            p.y_extra.layout.inner, p.y_extra.vec, p.y_extra.data, nb, p.y_extra.layout);
       }
     };
 

@@ -170,10 +170,12 @@ Status check_problem(const Problem& p) {
   if (slots > INT_MAX - 64)
     return unsupported("window size + additional tokens = " + std::to_string(slots) +
                        " exceeds what backend gemm indexes in 32 bits");
-  // Key codes (group index * slot stride summed over axes) are 32-bit.
+  // Key codes (group index * slot stride summed over axes) are 32-bit. On a periodic
+  // axis the indices are unwrapped: up to a kernel past either end of the group.
   const Neighborhood nb = p.neighborhood();
   int64_t code = 0;
-  for (int a = 0; a < kMaxRank; ++a) code += int64_t(nb.axis[a].length) * slot_stride(nb, a);
+  for (int a = 0; a < kMaxRank; ++a)
+    code += int64_t(nb.axis[a].length + (nb.axis[a].periodic ? nb.axis[a].kernel : 0)) * slot_stride(nb, a);
   if (code > INT_MAX)
     return unsupported("extents x window sizes overflow backend gemm's 32-bit slot arithmetic (use naive)");
   return Status::Ok();

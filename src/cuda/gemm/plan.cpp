@@ -220,18 +220,20 @@ Plan make_plan(const Problem& p, const SmemLimits& limits) {
   // Planning samples tiles and slabs (a few milliseconds at most); a model calls the
   // same few problems over and over, so keep the answers. The plan depends on the
   // grid geometry, the head dim, the element size, the additional tokens and the
-  // device's shared memory only.
-  std::array<int64_t, 22> key{p.rank,       p.dim, size_of(p.dtype), p.additional_tokens, limits.per_block_optin,
+  // device's shared memory only (periodic axes: their windows, hence the work counts,
+  // differ near the seam).
+  std::array<int64_t, 24> key{p.rank,       p.dim, size_of(p.dtype), p.additional_tokens, limits.per_block_optin,
                               limits.per_sm};
   for (int a = 0; a < p.rank; ++a) {
-    key[6 + 5 * a] = p.extent[a];
-    key[7 + 5 * a] = p.kernel[a];
-    key[8 + 5 * a] = p.dilation[a];
-    key[9 + 5 * a] = p.stride[a];
-    key[10 + 5 * a] = p.causal[a];
+    key[6 + 6 * a] = p.extent[a];
+    key[7 + 6 * a] = p.kernel[a];
+    key[8 + 6 * a] = p.dilation[a];
+    key[9 + 6 * a] = p.stride[a];
+    key[10 + 6 * a] = p.causal[a];
+    key[11 + 6 * a] = p.periodic[a];
   }
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 22>, Plan> cache;
+  static std::map<std::array<int64_t, 24>, Plan> cache;
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);

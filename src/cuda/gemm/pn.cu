@@ -50,7 +50,10 @@ __device__ __forceinline__ void store16(A* dst, const float* src) {
   }
 }
 
-template <class T, class A>
+// kPeriodic: the problem has a periodic axis, whose key tiles past a group's end load
+// row by row (device.cuh, load_key_tile); the kernel without it keeps the registers of
+// the plain path (with it, ptxas spilled a few bytes in float32).
+template <class T, class A, bool kPeriodic>
 __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__ PnParams p) {
   using Ops = Mma<T>;
   constexpr int kVecT = 16 / int(sizeof(T));
@@ -81,31 +84,19 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
   if (!decode_group_tile(nb, grid.tiles_per_group, shape.q_log2, tile_index, qt)) return;
 
   // ---- this thread's rows (g and g + 8 of its warp, the mma C layout), the tile's
-  // and the warp's window extremes
+  // and the warp's window extremes. Each slab recomputes the rows and extremes it
+  // needs (a few integer operations) rather than keeping them live through the key
+  // loop: registers are what the kernel is short of.
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};
-  const QueryRow rows[2] = {query_row(nb, shape, qt, my_row[0]), query_row(nb, shape, qt, my_row[1])};
-  int64_t rpb_row[2] = {0, 0};  // bias offset of key code 0 on every axis
   for (int i = 0; i < 2; ++i) {
-    rpb_row[i] = int64_t(h) * p.rpb_layout.head;
-    for (int a = 0; a < kMaxRank; ++a)
-      rpb_row[i] += int64_t(nb.axis[a].kernel - 1 - rows[i].j[a]) * p.rpb_layout.axis[a];
+    const QueryRow row = query_row(nb, shape, qt, my_row[i]);
     if (t4 == 0) {
       int token[kMaxRank];
-      token_of(nb, qt.group, rows[i].j, token);
-      row_out[my_row[i]] = rows[i].valid ? p.out_layout.offset(b, token, h) : -1;
+      token_of(nb, qt.group, row.j, token);
+      row_out[my_row[i]] = row.valid ? p.out_layout.offset(b, token, h) : -1;
       row_lse[my_row[i]] = p.lse_layout.offset(b, token, h);
     }
   }
-  int extent[kMaxRank], warp_first[kMaxRank], warp_extent[kMaxRank];
-  shape.warp_offset(warp, warp_first);
-  for (int a = 0; a < kMaxRank; ++a) {
-    extent[a] = shape.q(a);
-    warp_first[a] += qt.origin[a];
-    warp_extent[a] = shape.w(a);
-  }
-  const Extremes cta = extremes(nb, qt.lg, qt.origin, extent);
-  const Extremes wx = extremes(nb, qt.lg, warp_first, warp_extent);
-
   key_tables(nb, shape, p.y.layout, key_delta, key_packed);
 
   // ---- the query tile, all of the (padded) head dim
@@ -141,13 +132,29 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
   for (int si = 0; si < p.slabs.count(); ++si) {
     const Slab slab = slab_at(p.slabs, nb, p.extra, si);
     const int s_base = slab.s0 - slab.s0 % kVecA;
-    const Box box = slab_box(cta, slab);
+    int extent[kMaxRank], warp_first[kMaxRank], warp_extent[kMaxRank];
+    shape.warp_offset(warp, warp_first);
+    for (int a = 0; a < kMaxRank; ++a) {
+      extent[a] = shape.q(a);
+      warp_first[a] += qt.origin[a];
+      warp_extent[a] = shape.w(a);
+    }
+    const Extremes wx = extremes(nb, qt.lg, warp_first, warp_extent);
+    const Box box = slab_box(extremes(nb, qt.lg, qt.origin, extent), slab);
     const Box wbox = slab_box(wx, slab);
+    const bool warp_idle = wx.empty;
     const KeyTiles kt = key_tiles(box, shape);
     const int tiles = kt.total + ceil_div(slab.m1 - slab.m0, kBlockK);
     const int stages = tiles * chunks;
-    const RowSlab rs[2] = {row_slab(rows[0], slab, s_base, my_row[0], L.tile_cols, p.window),
-                           row_slab(rows[1], slab, s_base, my_row[1], L.tile_cols, p.window)};
+    RowSlab rs[2];
+    int64_t rpb_row[2];  // bias offset of key code 0 on every axis
+    for (int i = 0; i < 2; ++i) {
+      const QueryRow row = query_row(nb, shape, qt, my_row[i]);
+      rs[i] = row_slab(row, slab, s_base, my_row[i], L.tile_cols, p.window);
+      rpb_row[i] = int64_t(h) * p.rpb_layout.head;
+      for (int a = 0; a < kMaxRank; ++a)
+        rpb_row[i] += int64_t(nb.axis[a].kernel - 1 - row.j[a]) * p.rpb_layout.axis[a];
+    }
     for (int i = tid; i < kBlockQ * L.tile_cols; i += kThreads) tile[i] = p.masked;
 
     // Stage `it`: head-dim chunk it % chunks of key tile it / chunks.
@@ -157,22 +164,19 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
       const int units = imin(kCols, p.dim_pad - c * kCols) / kVecT;
       KeySource src;
       if (ti < kt.total) {
-        int origin[kMaxRank], token[kMaxRank];
+        int origin[kMaxRank];
         key_tile_origin(kt, box, shape, ti, origin);
-        token_of(nb, qt.group, origin, token);
-        src.base = y + p.y.layout.offset(b, token, hk);
-        for (int a = 0; a < kMaxRank; ++a) src.limit[a] = box.r[a].end - origin[a];
-        src.extra_rows = -1;
-        load_key_tile(dst, L.k_stride, src, key_delta, key_packed, c * kCols, units, p.dim, p.y.layout.inner, p.y.vec,
-                      p.y.data);
+        src = window_source<kPeriodic>(nb, shape, y, p.y.layout, b, hk, qt.group, origin, box);
+        load_key_tile<kPeriodic>(dst, L.k_stride, src, key_delta, key_packed, c * kCols, units, p.dim, p.y.layout.inner,
+                                 p.y.vec, p.y.data, nb, p.y.layout);
       } else {
         const int m0 = slab.m0 + (ti - kt.total) * kBlockK;
         const int first[kMaxRank] = {0, 0, m0};
         src.base = y_extra + p.y_extra.layout.offset(b, first, hk);
-        src.extra_step = p.y_extra.layout.axis[kMaxRank - 1];
         src.extra_rows = imin(kBlockK, slab.m1 - m0);
-        load_key_tile(dst, L.k_stride, src, key_delta, key_packed, c * kCols, units, p.dim, p.y_extra.layout.inner,
-                      p.y_extra.vec, p.y_extra.data);
+        src.wraps = false;
+        load_key_tile<kPeriodic>(dst, L.k_stride, src, key_delta, key_packed, c * kCols, units, p.dim,
+                                 p.y_extra.layout.inner, p.y_extra.vec, p.y_extra.data, nb, p.y_extra.layout);
       }
     };
 
@@ -198,10 +202,10 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
       uint32_t active;
       if (!extra_tile) {
         key_tile_origin(kt, box, shape, ti, origin);
-        active = window_chunks(shape, origin, wbox, wx.empty, lane);
+        active = window_chunks(shape, origin, wbox, warp_idle, lane);
       } else {
         m_tile = slab.m0 + (ti - kt.total) * kBlockK;
-        active = extra_chunks(m_tile, slab.m1, wx.empty, lane);
+        active = extra_chunks(m_tile, slab.m1, warp_idle, lane);
       }
       if (c == 0) {
 #pragma unroll
@@ -329,16 +333,24 @@ __global__ void __launch_bounds__(kThreads, 4) pn_kernel(const __grid_constant__
   }
 }
 
-}  // namespace
-
-template <class T, class A>
-cudaError_t launch_pn(const PnParams& p, int64_t blocks, cudaStream_t stream) {
-  auto kernel = pn_kernel<T, A>;
-  if (const cudaError_t err = allow_shared_memory<pn_kernel<T, A>>(); err != cudaSuccess) return err;
+template <class T, class A, bool kPeriodic>
+cudaError_t launch_pn_kernel(const PnParams& p, int64_t blocks, cudaStream_t stream) {
+  auto kernel = pn_kernel<T, A, kPeriodic>;
+  if (const cudaError_t err = allow_shared_memory<pn_kernel<T, A, kPeriodic>>(); err != cudaSuccess) return err;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (blocks == 0) return cudaSuccess;
   kernel<<<dim3(unsigned(blocks)), dim3(kThreads), p.smem.bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+template <class T, class A>
+cudaError_t launch_pn(const PnParams& p, int64_t blocks, cudaStream_t stream) {
+  const Neighborhood& nb = p.grid.nb;
+  if (nb.axis[0].periodic || nb.axis[1].periodic || nb.axis[2].periodic)
+    return launch_pn_kernel<T, A, true>(p, blocks, stream);
+  return launch_pn_kernel<T, A, false>(p, blocks, stream);
 }
 
 #define NBHD_GEMM_PN(T, A) template cudaError_t launch_pn<T, A>(const PnParams&, int64_t, cudaStream_t);
