@@ -60,6 +60,10 @@ struct BackwardTensors {
   TensorRef d_query, d_key, d_value;
   TensorRef d_rpb;                                  // optional, float32, rpb's shape
   TensorRef d_additional_keys, d_additional_values; // required when additional tokens are given
+  // Optional: the gradient of lse (lse's shape and dtype), when the caller's loss
+  // uses lse. d lse / d score = P, so it folds into every score's gradient as
+  // dS = P (dP - delta + d_lse): one more term per row, no attention weights.
+  TensorRef d_lse;
 };
 
 Status forward(const Problem& problem, const ForwardTensors& tensors, const Options& options = {});

@@ -334,8 +334,10 @@ def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, back
     return out, lse
 
 
-def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=None, av=None, backend=None):
-    """(dq, dk, dv, d_rpb (lse's dtype) or None, d_ak or None, d_av or None)."""
+def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=None, av=None, backend=None,
+             d_lse=None):
+    """(dq, dk, dv, d_rpb (lse's dtype) or None, d_ak or None, d_av or None). d_lse: lse's gradient, where the
+    loss uses lse (folded into every backend's score gradients)."""
     p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
     alloc = _alloc(fw, p)
     dq, dk, dv = alloc(q.shape, q), alloc(k.shape, k), alloc(v.shape, v)
@@ -346,7 +348,7 @@ def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=N
         _check_empty(p, query=q, key=k, value=v, out=out, lse=lse, d_out=d_out, rpb=rpb, additional_keys=ak,
                      additional_values=av)
     else:
-        _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av,
+        _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av, d_lse,
                        backend=backend_name(backend), **fw.launch(q))
     return dq, dk, dv, d_rpb, d_ak, d_av
 

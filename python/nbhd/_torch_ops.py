@@ -83,23 +83,26 @@ def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, s
 
 @torch.library.custom_op("nbhd::na_backward", mutates_args=())
 def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                d_lse: Optional[Tensor],
                 rpb: Optional[Tensor], additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
                 kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
                 periodic: List[bool],
                 scale: Optional[float], backend: Optional[str]
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty."""
+    """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty.
+    d_lse: lse's gradient or None."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
             TorchArrays, window, scale,
-            *_data(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values), backend=backend)
+            *_data(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values), backend=backend,
+            d_lse=None if d_lse is None else d_lse.detach())
     return dq, dk, dv, _or_empty(d_rpb, query), _or_empty(d_ak, query), _or_empty(d_av, query)
 
 
 @na_backward.register_fake
-def _(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-      is_causal, periodic, scale, backend):
+def _(d_out, query, key, value, out, lse, d_lse, rpb, additional_keys, additional_values, kernel_size, stride,
+      dilation, is_causal, periodic, scale, backend):
     def like(t, dtype=None):
         return query.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype)
 
@@ -119,22 +122,15 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, d_out, d_lse):
     query, key, value, rpb, ak, av, out, lse = ctx.saved_tensors
     grads = [None] * 6  # query, key, value, rpb, additional_keys, additional_values
-    if d_out is not None:
+    if d_out is not None or d_lse is not None:
+        # lse's gradient folds into the backward's score gradients (d lse / d score =
+        # probs): one pass of the chosen backend, no attention weights.
+        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        d_lse = None if d_lse is None else d_lse.to(lse.dtype).contiguous()
         dq, dk, dv, d_rpb, d_ak, d_av = torch.ops.nbhd.na_backward(
-            d_out.contiguous(), query, key, value, out, lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend)
+            d_out, query, key, value, out, lse, d_lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend)
         grads = [dq, dk, dv, _given(d_rpb, rpb is not None), _given(d_ak, ak is not None),
                  _given(d_av, av is not None)]
-    if d_lse is not None:
-        # d lse / d score = probs, so lse's gradient reaches each score as probs * d_lse;
-        # the unfused operators give the probabilities and carry it back to q, k, rpb.
-        attn = torch.ops.nbhd.na_qk(query, key, rpb, ak, *ctx.window_args, ctx.scale, None)
-        probs = torch.ops.nbhd.na_softmax(attn, *ctx.window_args, None)
-        d_scores = probs * d_lse.unsqueeze(-1).to(probs.dtype)
-        dq, dk, d_rpb, d_ak = torch.ops.nbhd.na_qk_backward(
-            d_scores, query, key, ak, rpb is not None, *ctx.window_args, ctx.scale, None)
-        for i, g in ((0, dq), (1, dk), (3, _given(d_rpb, rpb is not None)), (4, _given(d_ak, ak is not None))):
-            if g is not None:
-                grads[i] = g if grads[i] is None else grads[i] + g
     if rpb is not None and grads[3] is not None:
         grads[3] = grads[3].to(rpb.dtype)
     return (*grads, None, None, None, None, None, None, None)

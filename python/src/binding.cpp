@@ -229,8 +229,8 @@ NB_MODULE(_nbhd, m) {
   m.def("backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
                        nb::handle lse, nb::handle d_out, nb::handle d_query, nb::handle d_key, nb::handle d_value,
                        nb::handle rpb, nb::handle additional_keys, nb::handle additional_values, nb::handle d_rpb,
-                       nb::handle d_additional_keys, nb::handle d_additional_values, const std::string& backend,
-                       uintptr_t stream, bool deterministic, int num_threads) {
+                       nb::handle d_additional_keys, nb::handle d_additional_values, nb::handle d_lse,
+                       const std::string& backend, uintptr_t stream, bool deterministic, int num_threads) {
     Arrays a;
     nbhd::BackwardTensors t;
     t.query = a.input("query", query);
@@ -248,13 +248,14 @@ NB_MODULE(_nbhd, m) {
     t.d_rpb = a.output("d_rpb", d_rpb);
     t.d_additional_keys = a.output("d_additional_keys", d_additional_keys);
     t.d_additional_values = a.output("d_additional_values", d_additional_values);
+    t.d_lse = a.input("d_lse", d_lse);
     const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::backward(typed_p, t, o); });
   }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "d_query"_a, "d_key"_a, "d_value"_a,
      optional_array("rpb"), optional_array("additional_keys"), optional_array("additional_values"),
      optional_array("d_rpb"), optional_array("d_additional_keys"), optional_array("d_additional_values"),
-     NBHD_OPTION_ARGS);
+     optional_array("d_lse"), NBHD_OPTION_ARGS);
 
   m.def("qk", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle attn, nb::handle rpb,
                  nb::handle additional_keys, const std::string& backend, uintptr_t stream, bool deterministic,

@@ -154,7 +154,7 @@ ForwardTensors part_tensors(const ForwardTensors& t, const Problem& original, co
 
 BackwardTensors part_tensors(const BackwardTensors& t, const Problem& original, const UnfoldedPart& part) {
   BackwardTensors v = t;
-  for (TensorRef* x : {&v.query, &v.key, &v.value, &v.out, &v.lse, &v.d_out, &v.d_query, &v.d_key, &v.d_value})
+  for (TensorRef* x : {&v.query, &v.key, &v.value, &v.out, &v.lse, &v.d_out, &v.d_query, &v.d_key, &v.d_value, &v.d_lse})
     *x = token_view(*x, original, part);
   v.rpb = rpb_view(t.rpb, original, part);
   v.d_rpb = rpb_view(t.d_rpb, original, part);

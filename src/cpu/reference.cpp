@@ -169,6 +169,7 @@ Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_l
 Status reference_backward(const Problem& p, const BackwardTensors& t) {
   Views s(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
   const TokenLayout dO = detail::token_layout(t.d_out, p.rank);
+  const TokenLayout d_lse = detail::token_layout(t.d_lse, p.rank, /*has_inner=*/false);
   const int64_t D = p.dim, Dv = p.value_dim(), M = p.additional_tokens;
   const int64_t N = p.tokens(), B = p.batch, H = p.heads, Hkv = p.kv_heads;
 
@@ -236,6 +237,7 @@ Status reference_backward(const Problem& p, const BackwardTensors& t) {
         dp[i] = dot(t.d_out, doo, dO.inner, vt, term.value_off, vs, Dv);
         delta += std::exp(term.score - log_sum) * dp[i];
       }
+      if (t.d_lse.defined()) delta -= load(t.d_lse, d_lse.offset(b, x, h));
       double* dq_row = &dq[(flat(b, x) * H + h) * D];
       for (size_t i = 0; i < terms.size(); ++i) {
         const Term& term = terms[i];

@@ -291,6 +291,7 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
   const Ctx c(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
   const TokenLayout ol = detail::token_layout(t.out, p.rank), gl = detail::token_layout(t.d_out, p.rank);
   const TokenLayout ll = detail::token_layout(t.lse, p.rank, false);
+  const TokenLayout dll = detail::token_layout(t.d_lse, p.rank, false);
   const TokenLayout dql = detail::token_layout(t.d_query, p.rank), dkl = detail::token_layout(t.d_key, p.rank),
                     dvl = detail::token_layout(t.d_value, p.rank);
   const Tiling tiling = make_tiling(c.nb);
@@ -346,6 +347,7 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
               load_row(t.d_out, gl.offset(b, token, h), gl.inner, c.Dv, s.dO.data());
               Acc dlt = 0;
               for (int64_t d = 0; d < c.Dv; ++d) dlt += s.dO[d] * Acc(load(t.out, ol.offset(b, token, h) + d * ol.inner));
+              if (t.d_lse.defined()) dlt -= Acc(load(t.d_lse, dll.offset(b, token, h)));  // BackwardTensors::d_lse
               delta[flat(b, token, h)] = dlt;
               const Acc lse = Acc(load(t.lse, ll.offset(b, token, h)));
 

@@ -48,8 +48,7 @@ Status choose(const Problem& p, Pass pass, Device device, Backend wanted, const 
     else if (b->device != device)
       why = unsupported(std::string("it runs on ") + name(b->device) + " but the tensors are on " + name(device));
     else if (!b->runs_periodic && p.any_periodic())
-      why = unsupported("periodic axes are not implemented in this backend yet (reference, cpu, naive and fused "
-                        "run them)");
+      why = unsupported("periodic axes are not implemented in this backend yet");
     else
       why = b->supports(p, pass);
     if (why.ok() && tensors && b->supports_tensors) why = b->supports_tensors(p, pass, *tensors);
@@ -113,6 +112,7 @@ std::vector<TensorRule> backward_rules(const Problem& p, const BackwardTensors& 
       {"d_rpb", &t.d_rpb, rpb_shape(p), false, true},
       {"d_additional_keys", &t.d_additional_keys, additional_shape(p, p.dim), M > 0},
       {"d_additional_values", &t.d_additional_values, additional_shape(p, Dv), M > 0},
+      {"d_lse", &t.d_lse, lse_shape(p), false, true},
   };
 }
 

@@ -64,7 +64,8 @@ struct Grads {
   HostTensor dq, dk, dv, drpb, dak, dav;
 };
 
-Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const HostTensor& d_out, Backend backend) {
+Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const HostTensor& d_out, Backend backend,
+                   const HostTensor& d_lse = HostTensor()) {
   Grads g{HostTensor(p.dtype, shape_of(in.q.ref())), HostTensor(p.dtype, shape_of(in.k.ref())),
           HostTensor(p.dtype, shape_of(in.v.ref())), HostTensor(), HostTensor(), HostTensor()};
   BackwardTensors t;
@@ -77,6 +78,7 @@ Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const
   t.out = fwd.out.ref();
   t.lse = fwd.lse.ref();
   t.d_out = d_out.ref();
+  t.d_lse = d_lse.ref();
   t.d_query = g.dq.ref();
   t.d_key = g.dk.ref();
   t.d_value = g.dv.ref();
@@ -199,10 +201,13 @@ TEST_P(CpuBackends, BackwardFloat64MatchesDenseOracle) {
     const Outputs fwd = run_forward(p, in, Backend::kReference);
     HostTensor d_out(p.dtype, shape_of(fwd.out.ref()));
     d_out.fill_random(rng);
-    const DenseResult dense = testing::dense_attention(p, in, &d_out);
+    // Every third seed's loss uses lse too (BackwardTensors::d_lse).
+    HostTensor d_lse = seed % 3 == 2 ? HostTensor(p.dtype, shape_of(fwd.lse.ref())) : HostTensor();
+    if (seed % 3 == 2) d_lse.fill_random(rng);
+    const DenseResult dense = testing::dense_attention(p, in, &d_out, seed % 3 == 2 ? &d_lse : nullptr);
     for (Backend b : {Backend::kReference, Backend::kCpu}) {
       SCOPED_TRACE(name(b));
-      const Grads g = run_backward(p, in, fwd, d_out, b);
+      const Grads g = run_backward(p, in, fwd, d_out, b, d_lse);
       // float64 throughout, lse and d_rpb included (with a float32 lse the agreement
       // stopped at ~1e-7 relative).
       expect_grads_match_dense(p, g, dense);

@@ -75,7 +75,7 @@ Inputs::Inputs(const Problem& p, std::mt19937_64& rng, int64_t gap)
   }
 }
 
-DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor* d_out) {
+DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor* d_out, const HostTensor* d_lse) {
   const int r = p.rank;
   const int64_t N = p.tokens(), B = p.batch, H = p.heads, Hkv = p.kv_heads, D = p.dim, Dv = p.value_dim(),
                 M = p.additional_tokens, G = H / Hkv;
@@ -159,6 +159,7 @@ DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor
         auto dO = [&](int64_t d) { return d_out->get(((b * N + t) * H + h) * Dv + d); };
         double delta = 0;
         for (int64_t d = 0; d < Dv; ++d) delta += dO(d) * res.out[((b * N + t) * H + h) * Dv + d];
+        if (d_lse) delta -= d_lse->get((b * N + t) * H + h);  // d lse / d score = P
         for (int64_t u = 0; u < N + M; ++u) {
           if (u < N && !mask[t * N + u]) continue;
           const double prob = std::exp(s[u] - lse);

@@ -88,8 +88,10 @@ struct DenseResult {
 };
 
 // Attention with a dense N x N mask from the spec oracle, in float64 on the values
-// of `in` (as stored, i.e. after rounding to their dtype). With d_out, gradients too.
-DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor* d_out = nullptr);
+// of `in` (as stored, i.e. after rounding to their dtype). With d_out, gradients too;
+// with d_lse as well, of a loss that uses lse too (each score's gradient gains P d_lse).
+DenseResult dense_attention(const Problem& p, const Inputs& in, const HostTensor* d_out = nullptr,
+                            const HostTensor* d_lse = nullptr);
 
 // The flash-attention tolerance rule: the error of `got` against the exact `ref`
 // must be at most twice the error of a plain implementation in the same precision

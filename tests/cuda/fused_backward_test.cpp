@@ -42,6 +42,7 @@ std::vector<int64_t> shape_of(const TensorRef& t) { return {t.shape, t.shape + t
 struct Case {
   Problem p;
   int64_t gap;
+  bool lse_gradient = false;  // the loss uses lse too: BackwardTensors::d_lse given
 };
 
 // Largest extent per rank: the float64 oracle and the plain backward stay quick
@@ -68,6 +69,7 @@ Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   c.p.dim_v = uniform(0, 2) == 0 ? dims[uniform(0, 6)] : 0;
   c.p.heads = c.p.kv_heads * uniform(1, 3);
   c.gap = uniform(0, 3) == 0 ? 16 / size_of(dtype) : 0;
+  c.lse_gradient = uniform(0, 2) == 0;
   return c;
 }
 
@@ -89,7 +91,7 @@ struct Gradients {
 // gradient's sum), in magnitudes: its float32 rounding noise is 2^-24 times that
 // (expect_gradient). Exact, scaled as the gradient.
 Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& out, const HostTensor& lse,
-                         const HostTensor& d_out, bool magnitudes = false) {
+                         const HostTensor& d_out, const HostTensor& d_lse, bool magnitudes = false) {
   const Neighborhood nb = p.neighborhood();
   const int64_t H = p.heads, Hkv = p.kv_heads, G = p.heads_per_kv(), D = p.dim, Dv = p.value_dim(),
                 M = p.additional_tokens;
@@ -129,6 +131,11 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
               const double term = dO(d) * out.get(row_index(p, b, t, h, H, Dv, d));
               delta = f32(delta + term);
               delta_mag += std::abs(term);
+            }
+            if (d_lse.ref().defined()) {  // dS = P (dP - delta + d lse)
+              const double g = d_lse.get(row_index(p, b, t, h, H, 1, 0));
+              delta = f32(delta - g);
+              delta_mag += std::abs(g);
             }
             // One key (neighbor or additional): its rows' accessors and its gradient rows.
             auto visit = [&](auto&& K, auto&& V, double* dk_row, double* dv_row, double bias, double* drpb) {
@@ -242,7 +249,7 @@ std::vector<unsigned char> bytes(const HostTensor& t) {
 bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nullptr,
                     KernelRun* deterministic_out = nullptr) {
   const Problem& p = c.p;
-  SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : ""));
+  SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : "") + (c.lse_gradient ? " (with lse's gradient)" : ""));
   const Inputs in(p, rng, c.gap);
   auto out_shape = shape_of(in.q.ref());
   out_shape.back() = p.value_dim();
@@ -250,6 +257,8 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
   lse_shape.pop_back();
   HostTensor out(p.dtype, out_shape, c.gap), lse(DType::kFloat32, lse_shape), d_out(p.dtype, out_shape, c.gap);
   d_out.fill_random(rng);
+  HostTensor d_lse = c.lse_gradient ? HostTensor(DType::kFloat32, lse_shape) : HostTensor();
+  if (c.lse_gradient) d_lse.fill_random(rng);
   EXPECT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), in.rpb.ref(), in.ak.ref(), in.av.ref(),
                                          out.ref(), lse.ref()},
                                      false)
@@ -271,9 +280,11 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     copy(in.av, in64.av);
   }
   HostTensor out64(DType::kFloat64, out_shape), lse64(DType::kFloat64, lse_shape), d_out64(DType::kFloat64, out_shape);
+  HostTensor d_lse64 = c.lse_gradient ? HostTensor(DType::kFloat64, lse_shape) : HostTensor();
   copy(out, out64);
   copy(lse, lse64);
   copy(d_out, d_out64);
+  if (c.lse_gradient) copy(d_lse, d_lse64);
   auto gradient_tensors = [&](DType dtype, int64_t gap) {
     KernelRun r;
     r.dq = HostTensor(dtype, shape_of(in.q.ref()), gap);
@@ -291,12 +302,13 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
   EXPECT_TRUE(cpu::reference_backward(p64, {in64.q.ref(), in64.k.ref(), in64.v.ref(), in64.rpb.ref(), in64.ak.ref(),
                                             in64.av.ref(), out64.ref(), lse64.ref(), d_out64.ref(), exact.dq.ref(),
                                             exact.dk.ref(), exact.dv.ref(), exact.drpb.ref(), exact.dak.ref(),
-                                            exact.dav.ref()})
+                                            exact.dav.ref(), d_lse64.ref()})
                   .ok());
-  const Gradients plain = plain_backward(p, in, out, lse, d_out);
-  const Gradients magnitude = plain_backward(p, in, out, lse, d_out, /*magnitudes=*/true);
+  const Gradients plain = plain_backward(p, in, out, lse, d_out, d_lse);
+  const Gradients magnitude = plain_backward(p, in, out, lse, d_out, d_lse, /*magnitudes=*/true);
 
-  DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), ak(in.ak), av(in.av), dev_out(out), dev_lse(lse), dev_dout(d_out);
+  DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), ak(in.ak), av(in.av), dev_out(out), dev_lse(lse), dev_dout(d_out),
+      dev_d_lse(d_lse);
   auto run = [&](bool deterministic, KernelRun* result) {
     *result = gradient_tensors(p.dtype, c.gap);
     KernelRun& r = *result;
@@ -310,7 +322,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     const BackwardTensors tensors{q.ref(),        k.ref(),        v.ref(),         rpb.ref(),
                                   ak.ref(),       av.ref(),       dev_out.ref(),   dev_lse.ref(),
                                   dev_dout.ref(), dq.ref(),       dk.ref(),        dv.ref(),
-                                  drpb.ref(),     dak.ref(),      dav.ref()};
+                                  drpb.ref(),     dak.ref(),      dav.ref(),      dev_d_lse.ref()};
     if (loads)
       EXPECT_EQ(cuda::fused::key_pass_loads(p, tensors).rfind(loads, 0), 0u) << cuda::fused::key_pass_loads(p, tensors);
     const Status s = backward(p, tensors, o);
@@ -386,7 +398,7 @@ INSTANTIATE_TEST_SUITE_P(All, FusedBackward,
 // Small problems for compute-sanitizer (scripts/gpu-check runs *Smoke* under memcheck
 // and racecheck): every rank, every dtype (float32 at head dims 32 and 128, its
 // 64- and 32-column kernels), rpb and its gradient, additional tokens, GQA, padded
-// strides.
+// strides, lse's gradient.
 TEST(FusedBackwardSmoke, SmallProblems) {
   NBHD_REQUIRE_GPU();
   for (int rank = 1; rank <= 3; ++rank)
@@ -402,6 +414,7 @@ TEST(FusedBackwardSmoke, SmallProblems) {
       c.p.has_rpb = seed != 1;
       c.p.additional_tokens = seed == 1 ? 3 : 0;
       c.p.heads = c.p.kv_heads * 2;
+      c.lse_gradient = seed == 2 || seed == 3;
       check_backward(c, rng);
       if (HasFailure()) return;
     }
@@ -684,8 +697,8 @@ TEST(FusedBackwardLarge, OffsetsPast2Pow31Elements) {
   ASSERT_TRUE(cpu::reference_backward(p64, {in64.q.ref(), in64.k.ref(), in64.v.ref(), {}, {}, {}, out64.ref(),
                                             lse64.ref(), d_out64.ref(), dq64.ref(), dk64.ref(), dv64.ref(), {}, {}, {}})
                   .ok());
-  const Gradients plain = plain_backward(p, in, out, lse, d_out);
-  const Gradients magnitude = plain_backward(p, in, out, lse, d_out, /*magnitudes=*/true);
+  const Gradients plain = plain_backward(p, in, out, lse, d_out, HostTensor());
+  const Gradients magnitude = plain_backward(p, in, out, lse, d_out, HostTensor(), /*magnitudes=*/true);
 
   const char* names[] = {"query", "key", "value", "out", "d out", "d query", "d key", "d value"};
   for (int strided = 0; strided < 8; ++strided) {

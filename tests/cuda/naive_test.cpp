@@ -449,11 +449,15 @@ void check_forward(const Problem& p, const Inputs& in, int64_t gap, bool rpb_flo
 
 // Backward through nbhd::backward (backend naive) against the float64 reference.
 void check_backward(const Problem& p, const Inputs& in, int64_t gap, std::mt19937_64& rng) {
-  SCOPED_TRACE("backward, gap " + std::to_string(gap));
+  // Half the calls' loss uses lse too: its gradient folds into the softmax backward.
+  const bool lse_gradient = std::uniform_int_distribution<int>(0, 1)(rng) == 1;
+  SCOPED_TRACE("backward, gap " + std::to_string(gap) + (lse_gradient ? ", with lse's gradient" : ""));
   const bool extra = p.additional_tokens > 0;
   const auto q_shape = shape_of(in.q.ref()), out_shape = with_last(q_shape, p.value_dim());
   HostTensor d_out(p.dtype, out_shape, gap);
   d_out.fill_random(rng);
+  HostTensor d_lse = lse_gradient ? HostTensor(DType::kFloat32, without_last(q_shape)) : HostTensor();
+  if (lse_gradient) d_lse.fill_random(rng);
   // out and lse are inputs the naive backward does not read (it recomputes the
   // probabilities); the API requires them.
   HostTensor out(p.dtype, out_shape), lse(DType::kFloat32, without_last(q_shape));
@@ -463,7 +467,7 @@ void check_backward(const Problem& p, const Inputs& in, int64_t gap, std::mt1993
   HostTensor dak = extra ? poisoned(p.dtype, shape_of(in.ak.ref()), gap) : HostTensor();
   HostTensor dav = extra ? poisoned(p.dtype, shape_of(in.av.ref()), gap) : HostTensor();
   {
-    DeviceTensor q(in.q), k(in.k), v(in.v), b(in.rpb), ak(in.ak), av(in.av), o(out), l(lse), g(d_out);
+    DeviceTensor q(in.q), k(in.k), v(in.v), b(in.rpb), ak(in.ak), av(in.av), o(out), l(lse), g(d_out), gl(d_lse);
     DeviceTensor gq(dq), gk(dk), gv(dv), gb(drpb), gak(dak), gav(dav);
     BackwardTensors t;
     t.query = q.ref();
@@ -481,6 +485,7 @@ void check_backward(const Problem& p, const Inputs& in, int64_t gap, std::mt1993
     t.d_rpb = gb.ref();
     t.d_additional_keys = gak.ref();
     t.d_additional_values = gav.ref();
+    t.d_lse = gl.ref();
     const Status s = backward(p, t, naive_options());
     ASSERT_TRUE(s.ok()) << s.message();
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -494,6 +499,7 @@ void check_backward(const Problem& p, const Inputs& in, int64_t gap, std::mt1993
   const Problem p64 = as_float64(p);
   const Inputs64 in64(in, in.rpb.ref());
   const HostTensor d_out64 = convert(d_out.ref(), DType::kFloat64);
+  const HostTensor d_lse64 = lse_gradient ? convert(d_lse.ref(), DType::kFloat64) : HostTensor();
   HostTensor eq(DType::kFloat64, q_shape), ek(DType::kFloat64, shape_of(in.k.ref())),
       ev(DType::kFloat64, shape_of(in.v.ref()));
   HostTensor erpb = p.has_rpb ? HostTensor(DType::kFloat64, shape_of(in.rpb.ref())) : HostTensor();
@@ -513,6 +519,7 @@ void check_backward(const Problem& p, const Inputs& in, int64_t gap, std::mt1993
   r.d_rpb = erpb.ref();
   r.d_additional_keys = eak.ref();
   r.d_additional_values = eav.ref();
+  r.d_lse = d_lse64.ref();
   ASSERT_TRUE(cpu::reference_backward(p64, r).ok());
   const double rtol = p.dtype == DType::kFloat32 ? 1e-4 : two_ulps(p.dtype);
   expect_match("d query", dq.values(), eq.values(), rtol, 1e-4);

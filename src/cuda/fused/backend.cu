@@ -131,9 +131,10 @@ Status supports(const Problem& p, detail::Pass pass) {
 Status supports_tensors(const Problem& p, detail::Pass pass, const std::vector<detail::TensorRule>& tensors) {
   int device_index = -1;
   for (const detail::TensorRule& r : tensors) {
-    // rpb, lse and d rpb are read and written element by element.
+    // rpb, lse and their gradients are read and written element by element.
     const std::string what = r.name;
-    if (what != "rpb" && what != "lse" && what != "d_rpb") NBHD_RETURN_IF_ERROR(check_alignment(r.name, *r.tensor));
+    if (what != "rpb" && what != "lse" && what != "d_rpb" && what != "d_lse")
+      NBHD_RETURN_IF_ERROR(check_alignment(r.name, *r.tensor));
     if (device_index < 0 && r.tensor->defined()) device_index = r.tensor->device_index;
   }
   int current = 0;

@@ -148,6 +148,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.out = t.out.data;
   bp.d_out = t.d_out.data;
   bp.lse = static_cast<const float*>(t.lse.data);
+  bp.d_lse = static_cast<const float*>(t.d_lse.data);
   bp.d_q = t.d_query.data;
   bp.d_k = t.d_key.data;
   bp.d_v = t.d_value.data;
@@ -162,6 +163,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.out_layout = detail::token_layout(t.out, p.rank);
   bp.dout_layout = detail::token_layout(t.d_out, p.rank);
   bp.lse_layout = detail::token_layout(t.lse, p.rank, /*has_inner=*/false);
+  bp.d_lse_layout = detail::token_layout(t.d_lse, p.rank, /*has_inner=*/false);
   bp.dq_layout = detail::token_layout(t.d_query, p.rank);
   bp.dk_layout = detail::token_layout(t.d_key, p.rank);
   bp.dv_layout = detail::token_layout(t.d_value, p.rank);

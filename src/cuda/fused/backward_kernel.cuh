@@ -4,7 +4,8 @@
 // common/mma.cuh, as the forward's).
 //
 // Passes, launched in order by launch_fused_backward (bottom of this file):
-//  1. preprocess: lse_delta[b, h, token] = {lse * log2(e), rowsum(dO * out)}.
+//  1. preprocess: lse_delta[b, h, token] = {lse * log2(e), rowsum(dO * out) - d lse}
+//     (lse's gradient, where the loss uses lse, folds into delta: BackwardTensors::d_lse).
 //  2. key pass: one CTA per key tile (a box of one dilation group) and kv head. The
 //     queries whose windows hold its keys form a box (the inverse-window union); the
 //     CTA walks it in query tiles, for each query head of its GQA group, computing
@@ -1043,9 +1044,11 @@ __global__ void fused_backward_preprocess_kernel(const __grid_constant__ Backwar
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  if (valid && part == 0)
+  if (valid && part == 0) {
+    if (p.d_lse) sum -= p.d_lse[p.d_lse_layout.offset(b, token, h)];
     reinterpret_cast<float2*>(p.lse_delta)[(b * p.heads + h) * p.tokens + flat] =
         make_float2(p.lse[p.lse_layout.offset(b, token, h)] * kLog2e, sum);
+  }
 }
 
 // d_query = scale * dq_accum, one 16-byte chunk of d_query (8 or 4 elements) per thread.

@@ -158,6 +158,7 @@ struct BackwardParams {
   const void* out;
   const void* d_out;
   const float* lse;
+  const float* d_lse;  // null, or lse's gradient: delta becomes rowsum(dO * out) - d_lse
   bool rpb_is_float32;
   // Outputs (d_rpb null when not requested).
   void* d_q;
@@ -166,12 +167,13 @@ struct BackwardParams {
   void* d_additional_k;
   void* d_additional_v;
   float* d_rpb;
-  detail::TokenLayout q_layout, k_layout, v_layout, ak_layout, av_layout, out_layout, dout_layout, lse_layout;
+  detail::TokenLayout q_layout, k_layout, v_layout, ak_layout, av_layout, out_layout, dout_layout, lse_layout,
+      d_lse_layout;
   detail::TokenLayout dq_layout, dk_layout, dv_layout, dak_layout, dav_layout;
   detail::RpbLayout rpb_layout, drpb_layout;
 
   // Workspace.
-  float* lse_delta;    // [B, H, tokens, 2]: {lse * log2(e), rowsum(dO * out)} (float2 on the device)
+  float* lse_delta;    // [B, H, tokens, 2]: {lse * log2(e), rowsum(dO * out) - d_lse} (float2 on the device)
   float* dq_accum;     // [B, tokens, H, dim] float32 sums of dS K by atomics; null in deterministic mode
   float* rpb_partial;  // deterministic d rpb: per key-pass CTA and query head, its span of bias indices
   int rpb_span[kMaxRank];  // span extent per axis (max over key-pass CTAs of key_tile_rpb_span)

@@ -161,7 +161,9 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   // d probs = <d out, v> per slot, turned into d scores in PN's epilogue when rows fit.
   {
     PnArgs a{t.d_out, t.value, t.additional_values, TensorRef{}, d_scores, 1.f, 0.f};
-    a.epilogue = Epilogue::kSoftmaxBackward;
+    // lse's gradient (BackwardTensors::d_lse) joins in the naive row pass instead.
+    const bool softmax_in_pn = !t.d_lse.defined();
+    a.epilogue = softmax_in_pn ? Epilogue::kSoftmaxBackward : Epilogue::kStore;
     a.probs = probs;
     a.out_capacity = capacity;
     bool done = false;
@@ -170,7 +172,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
     NBHD_RETURN_IF_ERROR(in(p, plan, {probs, t.d_out, t.d_value, 1.f}, s));
     if (extra && t.d_additional_values.defined())
       NBHD_RETURN_IF_ERROR(naive::extra_grad(p, {probs, t.d_out, t.d_additional_values, 1.f, partial}, s));
-    if (!done) NBHD_RETURN_IF_ERROR(naive::softmax_backward(p, probs, d_scores, d_scores, s));
+    if (!softmax_in_pn || !done)
+      NBHD_RETURN_IF_ERROR(naive::softmax_backward(p, probs, d_scores, d_scores, t.d_lse, s));
   }
   // Through the scores: d query (NN), d key (IN), d additional keys, d rpb.
   NBHD_RETURN_IF_ERROR(nn(p, plan, {d_scores, capacity, t.key, t.additional_keys, t.d_query, scale}, s));
@@ -224,7 +227,7 @@ Status softmax_backward_op(const Problem& p, const SoftmaxBackwardTensors& t, co
   DeviceGuard guard;
   NBHD_RETURN_IF_ERROR(guard.set(t.probs.device_index));
   NBHD_RETURN_IF_ERROR(check_problem(p));
-  return naive::softmax_backward(p, t.probs, t.d_probs, t.d_attn, stream_of(o));
+  return naive::softmax_backward(p, t.probs, t.d_probs, t.d_attn, TensorRef{}, stream_of(o));
 }
 
 Status av_op(const Problem& p, const AvTensors& t, const Options& o) {
@@ -259,6 +262,6 @@ namespace nbhd::detail {
 
 extern const BackendImpl kGemmBackend = {Backend::kGemm,      Device::kCUDA,        cuda::gemm::supports,
                                          cuda::gemm::forward, cuda::gemm::backward, &cuda::gemm::kUnfused,
-                                         /*unfolds_short_groups=*/true};
+                                         /*unfolds_short_groups=*/true, /*runs_periodic=*/true};
 
 }  // namespace nbhd::detail

@@ -119,7 +119,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   NBHD_RETURN_IF_ERROR(inverse(p, {probs, t.d_out, t.d_value, 1.f}, s));
   if (extra && t.d_additional_values.defined())
     NBHD_RETURN_IF_ERROR(extra_grad(p, {probs, t.d_out, t.d_additional_values, 1.f, partial}, s));
-  NBHD_RETURN_IF_ERROR(softmax_backward(p, probs, d_scores, d_scores, s));
+  NBHD_RETURN_IF_ERROR(softmax_backward(p, probs, d_scores, d_scores, t.d_lse, s));
   // Through the scores: d query (NN), d key (IN), d additional keys, d rpb.
   NBHD_RETURN_IF_ERROR(nn(p, {d_scores, t.key, t.additional_keys, t.d_query, scale}, s));
   NBHD_RETURN_IF_ERROR(inverse(p, {d_scores, t.query, t.d_key, scale}, s));
@@ -165,7 +165,7 @@ Status softmax_op(const Problem& p, const SoftmaxTensors& t, const Options& o) {
 Status softmax_backward_op(const Problem& p, const SoftmaxBackwardTensors& t, const Options& o) {
   DeviceGuard guard;
   NBHD_RETURN_IF_ERROR(guard.set(t.probs.device_index));
-  return softmax_backward(p, t.probs, t.d_probs, t.d_attn, stream_of(o));
+  return softmax_backward(p, t.probs, t.d_probs, t.d_attn, TensorRef{}, stream_of(o));
 }
 
 Status av_op(const Problem& p, const AvTensors& t, const Options& o) {

@@ -53,9 +53,10 @@ Status inverse(const Problem& p, const InverseArgs& a, cudaStream_t stream);
 // lse, when defined, gets each row's log-sum-exp.
 Status softmax(const Problem& p, const TensorRef& scores, const TensorRef& probs, const TensorRef& lse,
                cudaStream_t stream);
-// d_scores = probs * (d_probs - sum over slots of probs * d_probs); d_scores may alias d_probs.
+// d_scores = probs * (d_probs - sum over slots of probs * d_probs + d_lse); d_scores
+// may alias d_probs; d_lse (float32, lse's layout) is optional.
 Status softmax_backward(const Problem& p, const TensorRef& probs, const TensorRef& d_probs, const TensorRef& d_scores,
-                        cudaStream_t stream);
+                        const TensorRef& d_lse, cudaStream_t stream);
 
 // out[b, m, hkv] = alpha * sum over tokens q and heads h of hkv's group of
 // weights[b, q, h, W + m] * x[b, q, h]. `scratch` holds extra_grad_scratch floats.

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Row-wise softmax over the W + M slots of each (query, head), and its backward
-// d scores = probs * (d probs - <probs, d probs>). A row belongs to `lanes` lanes
+// d scores = probs * (d probs - <probs, d probs> + d lse) (d lse: the gradient of
+// the row's lse where the loss uses it, else 0). A row belongs to `lanes` lanes
 // (slots strided by `lanes`: a warp's loads are consecutive), reduced with shuffles.
 // Each element is read, then written, by one lane: in place is safe.
 #include <cmath>
@@ -22,7 +23,7 @@ struct RowParams {
   int slots;  // W + M
   In a, b;    // softmax: scores (b unused); backward: probs, d probs
   Out out;    // probs; d scores
-  float* lse;  // softmax only, optional
+  float* lse;  // softmax: the rows' lse out; backward: lse's gradient in; optional
   detail::TokenLayout lse_layout;
 };
 
@@ -63,6 +64,7 @@ __global__ void __launch_bounds__(kBlock) softmax_backward_kernel(const __grid_c
     for (int s = sub; active && s < p.slots; s += lanes)
       dot = fmaf(to_float(probs[s * p_inner]), to_float(d_probs[s * g_inner]), dot);
     dot = group_sum(dot, lanes);
+    if (active && p.lse) dot -= p.lse[p.lse_layout.offset(r.batch, r.token, r.head)];
     for (int s = sub; active && s < p.slots; s += lanes)
       out[s * out_inner] = from_float<A>(to_float(probs[s * p_inner]) * (to_float(d_probs[s * g_inner]) - dot));
   });
@@ -96,11 +98,13 @@ Status softmax(const Problem& p, const TensorRef& scores, const TensorRef& probs
 }
 
 Status softmax_backward(const Problem& p, const TensorRef& probs, const TensorRef& d_probs, const TensorRef& d_scores,
-                        cudaStream_t stream) {
+                        const TensorRef& d_lse, cudaStream_t stream) {
   RowParams k = row_params(p);
   k.a = {probs.data, detail::token_layout(probs, p.rank)};
   k.b = {d_probs.data, detail::token_layout(d_probs, p.rank)};
   k.out = {d_scores.data, detail::token_layout(d_scores, p.rank)};
+  k.lse = static_cast<float*>(d_lse.data);
+  k.lse_layout = detail::token_layout(d_lse, p.rank, /*has_inner=*/false);
   return dispatch_types(p.dtype, probs.dtype, [&](auto, auto w) -> Status {
     softmax_backward_kernel<decltype(w)><<<blocks_for(k.rows * k.group.lanes), kBlock, 0, stream>>>(k);
     return launch_status("naive softmax backward kernel");
