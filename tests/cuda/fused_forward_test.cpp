@@ -329,8 +329,11 @@ TEST(FusedForwardWgmma, TmaLoadsMatchCpAsyncBitwise) {
       c.p.additional_tokens = 0;
       c.p.periodic = {false, false, false};  // a wrapping key box is cp.async's
       if (c.gap && rank == 3) c.p.batch = 1;  // padded heads take a tensor-map dim: 5 with the axes and batch
-      // TMA's traversal stride reaches dilation 8, a box 256 tokens: 64-key 1-D tiles 4.
-      for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
+      // TMA's traversal stride reaches dilation 8, and a box spans at most 256 tokens
+      // (a key tile's extent times the dilation: 1-D tiles of 128 keys take dilation 2).
+      const auto tile = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true)[i].shape;
+      for (int a = 0; a < rank; ++a)
+        c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], std::min(8, 256 / tile.k(kMaxRank - rank + a)));
       std::mt19937_64 same = rng;
       std::vector<double> tma_out, tma_lse, copy_out, copy_lse;
       setenv("NBHD_FUSED_LOADS", "tma", 1);
