@@ -42,9 +42,11 @@ struct Options {
   Allocator allocator;
 };
 
-// Tensors are heads-last: q [B, X..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv],
-// out [B, X..., H, Dv], lse [B, X..., H] (float32), rpb [H, 2k-1 ...],
-// additional_keys [B, M, Hkv, D], additional_values [B, M, Hkv, Dv].
+// Tensors are heads-last: q [B, Q..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv],
+// out [B, Q..., H, Dv], lse [B, Q..., H] (float32), rpb [H, 2k-1 ...],
+// additional_keys [B, M, Hkv, D], additional_values [B, M, Hkv, Dv]. X is the grid,
+// Q the problem's query sub-box (the grid unless one is set); gradients have their
+// input's shape, d_out out's.
 // Optional tensors are left undefined (data == nullptr).
 struct ForwardTensors {
   TensorRef query, key, value;

@@ -60,6 +60,16 @@ Status Problem::validate() const {
                               std::to_string(a) + " periodic or causal, not both");
   }
 
+  for (int a = 0; a < rank; ++a) {
+    const int64_t L = extent[a], begin = query_begin[a], end = query_end[a] ? query_end[a] : L;
+    if (begin < 0 || begin >= L)
+      return invalid_argument(axis_param("query_begin", a, begin) + " is invalid: it must be in [0, extent = " +
+                              std::to_string(L) + ")");
+    if (end <= begin || end > L)
+      return invalid_argument(axis_param("query_end", a, query_end[a]) + " is invalid: it must be in (query_begin = " +
+                              std::to_string(begin) + ", extent = " + std::to_string(L) + "], or 0 for the extent");
+  }
+
   // Every tensor's element count must fit in int64 (offsets are 64-bit everywhere).
   int64_t n = batch, count = 0;
   for (int a = 0; a < rank; ++a)
@@ -80,6 +90,18 @@ int64_t Problem::tokens() const {
   return n;
 }
 
+int64_t Problem::query_tokens() const {
+  int64_t n = 1;
+  for (int a = 0; a < kMaxRank; ++a) n *= padded_query_range(a).size();
+  return n;
+}
+
+bool Problem::has_query_box() const {
+  for (int a = 0; a < kMaxRank; ++a)
+    if (padded_query_range(a).size() != padded_extent(a)) return true;
+  return false;
+}
+
 int64_t Problem::window_size() const {
   int64_t n = 1;
   for (int a = 0; a < rank; ++a) n *= kernel[a];
@@ -95,6 +117,13 @@ int64_t Problem::rpb_size() const {
 int Problem::padded_extent(int a) const {
   const int first = kMaxRank - rank;
   return a < first ? 1 : int(extent[a - first]);
+}
+
+Range Problem::padded_query_range(int a) const {
+  const int first = kMaxRank - rank;
+  if (a < first) return {0, 1};
+  const int u = a - first;
+  return {int(query_begin[u]), int(query_end[u] ? query_end[u] : extent[u])};
 }
 
 Neighborhood Problem::neighborhood() const {
@@ -119,12 +148,14 @@ Neighborhood Problem::neighborhood() const {
 
 int64_t Problem::attended_pairs() const {
   // A token's neighbor count is the product of its per-axis window sizes, so the
-  // sum over the grid factors into per-axis sums.
+  // sum over the query sub-box factors into per-axis sums.
   const Neighborhood nb = neighborhood();
   int64_t pairs = 1;
-  for (const Axis& ax : nb.axis) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const Range queries = padded_query_range(a);
     int64_t axis_sum = 0;
-    for (int i = 0; i < ax.length; ++i) {
+    for (int i = queries.begin; i < queries.end; ++i) {
       const int g = i % ax.dilation;
       axis_sum += ax.window(i / ax.dilation, ax.group_length(g)).size();
     }
@@ -134,14 +165,14 @@ int64_t Problem::attended_pairs() const {
 }
 
 double Problem::forward_flops() const {
-  const double pairs = double(attended_pairs()) + double(tokens()) * double(additional_tokens);
+  const double pairs = double(attended_pairs()) + double(query_tokens()) * double(additional_tokens);
   return 2.0 * double(batch) * double(heads) * pairs * double(dim + value_dim());
 }
 
 double Problem::forward_bytes() const {
-  const double e = size_of(dtype), n = double(batch) * double(tokens());
-  const double q = n * heads * dim, k = n * kv_heads * dim, v = n * kv_heads * value_dim();
-  const double o = n * heads * value_dim(), lse = n * heads * 4.0 / e;
+  const double e = size_of(dtype), n = double(batch) * double(tokens()), nq = double(batch) * double(query_tokens());
+  const double q = nq * heads * dim, k = n * kv_heads * dim, v = n * kv_heads * value_dim();
+  const double o = nq * heads * value_dim(), lse = nq * heads * 4.0 / e;
   const double extra = double(batch) * additional_tokens * kv_heads * (dim + value_dim());
   return e * (q + k + v + o + lse + extra);
 }
@@ -161,6 +192,13 @@ std::string Problem::to_string() const {
   axes(" stride=", [&](int a) { return stride[a]; });
   axes(" causal=", [&](int a) { return int(causal[a]); });
   if (periodic[0] || periodic[1] || periodic[2]) axes(" periodic=", [&](int a) { return int(periodic[a]); });
+  if (has_query_box()) {
+    s += " query_box=";
+    for (int a = 0; a < rank; ++a) {
+      const Range r = padded_query_range(kMaxRank - rank + a);
+      s += (a ? "x" : "") + std::to_string(r.begin) + ":" + std::to_string(r.end);
+    }
+  }
   s += " batch=" + std::to_string(batch) + " heads=" + std::to_string(heads) + " kv_heads=" +
        std::to_string(kv_heads) + " dim=" + std::to_string(dim) + " dim_v=" + std::to_string(value_dim()) +
        " dtype=" + name(dtype);

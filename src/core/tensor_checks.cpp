@@ -30,8 +30,16 @@ std::vector<int64_t> token_shape(const Problem& p, int64_t heads, int64_t dim) {
   return s;
 }
 
+std::vector<int64_t> query_shape(const Problem& p, int64_t heads, int64_t dim) {
+  std::vector<int64_t> s{p.batch};
+  for (int a = kMaxRank - p.rank; a < kMaxRank; ++a) s.push_back(p.padded_query_range(a).size());
+  s.push_back(heads);
+  s.push_back(dim);
+  return s;
+}
+
 std::vector<int64_t> lse_shape(const Problem& p) {
-  std::vector<int64_t> s = token_shape(p, p.heads, 1);
+  std::vector<int64_t> s = query_shape(p, p.heads, 1);
   s.pop_back();
   return s;
 }
@@ -47,7 +55,7 @@ std::vector<int64_t> additional_shape(const Problem& p, int64_t dim) {
 }
 
 std::vector<int64_t> attn_shape(const Problem& p) {
-  return token_shape(p, p.heads, p.window_size() + p.additional_tokens);
+  return query_shape(p, p.heads, p.window_size() + p.additional_tokens);
 }
 
 Status check_tensors(const Problem& p, const std::vector<TensorRule>& rules, Device* device) {

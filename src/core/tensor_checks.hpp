@@ -22,11 +22,14 @@ struct TensorRule {
 };
 
 // Shapes of the tensors of `problem`.
+// Key side (key, value and their gradients): the whole grid. Query side (query, out,
+// lse, d_out, d_query, attention weights): the query sub-box, Q... below.
 std::vector<int64_t> token_shape(const Problem& p, int64_t heads, int64_t dim);  // [B, X..., heads, dim]
-std::vector<int64_t> lse_shape(const Problem& p);                                 // [B, X..., H]
+std::vector<int64_t> query_shape(const Problem& p, int64_t heads, int64_t dim);  // [B, Q..., heads, dim]
+std::vector<int64_t> lse_shape(const Problem& p);                                 // [B, Q..., H]
 std::vector<int64_t> rpb_shape(const Problem& p);                                 // [H, 2k-1 ...]
 std::vector<int64_t> additional_shape(const Problem& p, int64_t dim);             // [B, M, Hkv, dim]
-std::vector<int64_t> attn_shape(const Problem& p);                                // [B, X..., H, W + M]
+std::vector<int64_t> attn_shape(const Problem& p);                                // [B, Q..., H, W + M]
 
 // All rules at once: each tensor present when required, of the right shape and
 // dtype, all on one device. On success *device is that device.

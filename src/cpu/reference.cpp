@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/layout.hpp"
+#include "cpu/box_layout.hpp"
 #include "cpu/element.hpp"
 #include "dispatch/backend.hpp"
 
@@ -46,17 +47,30 @@ void for_each_neighbor(const Neighborhood& nb, const int* query, F&& f) {
       }
 }
 
-// Calls f(b, token) for every token of the grid.
+// Calls f(b, token) for every token of the box `r` (grid coordinates, per padded axis).
 template <class F>
-void for_each_token(const Problem& p, F&& f) {
-  const int e0 = p.padded_extent(0), e1 = p.padded_extent(1), e2 = p.padded_extent(2);
+void for_each_token_in(const Problem& p, const Range* r, F&& f) {
   for (int64_t b = 0; b < p.batch; ++b)
-    for (int x0 = 0; x0 < e0; ++x0)
-      for (int x1 = 0; x1 < e1; ++x1)
-        for (int x2 = 0; x2 < e2; ++x2) {
+    for (int x0 = r[0].begin; x0 < r[0].end; ++x0)
+      for (int x1 = r[1].begin; x1 < r[1].end; ++x1)
+        for (int x2 = r[2].begin; x2 < r[2].end; ++x2) {
           const int t[kMaxRank] = {x0, x1, x2};
           f(b, t);
         }
+}
+
+// Calls f(b, token) for every token of the grid.
+template <class F>
+void for_each_token(const Problem& p, F&& f) {
+  const Range grid[kMaxRank] = {{0, p.padded_extent(0)}, {0, p.padded_extent(1)}, {0, p.padded_extent(2)}};
+  for_each_token_in(p, grid, f);
+}
+
+// Calls f(b, token) for every query of the query sub-box (grid coordinates).
+template <class F>
+void for_each_query(const Problem& p, F&& f) {
+  const Range box[kMaxRank] = {p.padded_query_range(0), p.padded_query_range(1), p.padded_query_range(2)};
+  for_each_token_in(p, box, f);
 }
 
 double dot(const TensorRef& a, int64_t oa, int64_t sa, const TensorRef& b, int64_t ob, int64_t sb, int64_t n) {
@@ -70,13 +84,14 @@ struct Views {
   Neighborhood nb;
   double scale;
   int64_t group;  // query heads per kv head
-  TokenLayout q, k, v, o, lse, ak, av;
+  BoxLayout q;    // the query sub-box's tokens
+  TokenLayout k, v, ak, av;
   RpbLayout rpb;
 
   Views(const Problem& p, const TensorRef& q_, const TensorRef& k_, const TensorRef& v_, const TensorRef& rpb_,
         const TensorRef& ak_, const TensorRef& av_)
       : nb(p.neighborhood()), scale(p.softmax_scale()), group(p.heads_per_kv()) {
-    q = detail::token_layout(q_, p.rank);
+    q = query_layout(q_, p);
     k = detail::token_layout(k_, p.rank);
     v = detail::token_layout(v_, p.rank);
     rpb = detail::rpb_layout(rpb_, p.rank);
@@ -108,8 +123,8 @@ double tf32x3_product(double x, double y) {
 
 Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_low_precision, PlainProducts products) {
   Views s(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
-  const TokenLayout o = detail::token_layout(t.out, p.rank);
-  const TokenLayout lse = detail::token_layout(t.lse, p.rank, /*has_inner=*/false);
+  const BoxLayout o = query_layout(t.out, p);
+  const BoxLayout lse = query_layout(t.lse, p, /*has_inner=*/false);
   const int64_t D = p.dim, Dv = p.value_dim(), M = p.additional_tokens;
   // A plain implementation in a low precision accumulates in float32 (float64 for
   // float64 problems) and stores scores and probabilities in the dtype.
@@ -131,7 +146,7 @@ Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_l
   };
   std::vector<Term> terms;
   std::vector<double> out(Dv);
-  for_each_token(p, [&](int64_t b, const int* x) {
+  for_each_query(p, [&](int64_t b, const int* x) {
     for (int64_t h = 0; h < p.heads; ++h) {
       const int64_t hk = h / s.group;
       const int64_t qo = s.q.offset(b, x, h);
@@ -168,12 +183,13 @@ Status reference_forward(const Problem& p, const ForwardTensors& t, bool plain_l
 
 Status reference_backward(const Problem& p, const BackwardTensors& t) {
   Views s(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
-  const TokenLayout dO = detail::token_layout(t.d_out, p.rank);
-  const TokenLayout d_lse = detail::token_layout(t.d_lse, p.rank, /*has_inner=*/false);
+  const BoxLayout dO = query_layout(t.d_out, p);
+  const BoxLayout d_lse = query_layout(t.d_lse, p, /*has_inner=*/false);
   const int64_t D = p.dim, Dv = p.value_dim(), M = p.additional_tokens;
   const int64_t N = p.tokens(), B = p.batch, H = p.heads, Hkv = p.kv_heads;
 
-  // Gradients accumulate in float64, in dense [B, tokens, heads, dim] buffers.
+  // Gradients accumulate in float64, in dense [B, tokens, heads, dim] buffers over the
+  // grid (dq: only the query sub-box's rows are written).
   const int e1 = p.padded_extent(1), e2 = p.padded_extent(2);
   auto flat = [&](int64_t b, const int* x) { return (b * N + (int64_t(x[0]) * e1 + x[1]) * e2 + x[2]); };
   std::vector<double> dq(B * N * H * D), dk(B * N * Hkv * D), dv(B * N * Hkv * Dv);
@@ -195,7 +211,7 @@ Status reference_backward(const Problem& p, const BackwardTensors& t) {
     int rpb[kMaxRank];
   };
   std::vector<Term> terms;
-  for_each_token(p, [&](int64_t b, const int* x) {
+  for_each_query(p, [&](int64_t b, const int* x) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t hk = h / s.group;
       const int64_t qo = s.q.offset(b, x, h);
@@ -258,11 +274,13 @@ Status reference_backward(const Problem& p, const BackwardTensors& t) {
   });
 
   // Write the float64 sums into the caller's tensors.
-  const TokenLayout dql = detail::token_layout(t.d_query, p.rank), dkl = detail::token_layout(t.d_key, p.rank),
-                    dvl = detail::token_layout(t.d_value, p.rank);
-  for_each_token(p, [&](int64_t b, const int* x) {
+  const BoxLayout dql = query_layout(t.d_query, p);
+  const TokenLayout dkl = detail::token_layout(t.d_key, p.rank), dvl = detail::token_layout(t.d_value, p.rank);
+  for_each_query(p, [&](int64_t b, const int* x) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < D; ++d) store(t.d_query, dql.offset(b, x, h) + d * dql.inner, dq[(flat(b, x) * H + h) * D + d]);
+  });
+  for_each_token(p, [&](int64_t b, const int* x) {
     for (int64_t h = 0; h < Hkv; ++h) {
       for (int64_t d = 0; d < D; ++d) store(t.d_key, dkl.offset(b, x, h) + d * dkl.inner, dk[(flat(b, x) * Hkv + h) * D + d]);
       for (int64_t d = 0; d < Dv; ++d)
@@ -514,7 +532,12 @@ Status reference_av_backward(const Problem& p, const AvBackwardTensors& t) {
 namespace nbhd::detail {
 namespace {
 
-Status reference_supports(const Problem&, Pass) { return Status::Ok(); }
+Status reference_supports(const Problem& p, Pass pass) {
+  if (pass == Pass::kUnfused && p.has_query_box())
+    return unsupported("query sub-box: the unfused operations compute every query of the grid (forward and "
+                       "backward run a sub-box)");
+  return Status::Ok();
+}
 
 Status forward_entry(const Problem& p, const ForwardTensors& t, const Options&) {
   return cpu::reference_forward(p, t, /*plain_low_precision=*/false);

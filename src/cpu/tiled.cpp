@@ -8,12 +8,15 @@
 // Backward: pass 1 over query tiles (delta = <dO, O>, dq, d rpb); pass 2 over key
 // tiles, visiting the queries whose windows hold each key (the inverse
 // neighborhood), for dk and dv; pass 3 for the additional tokens' gradients.
+// Query tiles cover the problem's query sub-box, key tiles the whole grid; pass 2
+// gathers from the sub-box's queries only.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "core/layout.hpp"
+#include "cpu/box_layout.hpp"
 #include "cpu/element.hpp"
 #include "cpu/parallel.hpp"
 #include "dispatch/backend.hpp"
@@ -39,12 +42,18 @@ struct Box {
   }
 };
 
-// Tiles of one axis: every (group, range of group indices) of at most `tile` indices.
-std::vector<std::pair<int, Range>> axis_tiles(const Axis& ax, int tile) {
+// Group indices of dilation group g whose tokens lie in `tokens` (grid coordinates).
+Range group_indices(const Axis& ax, int g, Range tokens) {
+  return {ceil_div(std::max(tokens.begin - g, 0), ax.dilation), ceil_div(std::max(tokens.end - g, 0), ax.dilation)};
+}
+
+// Tiles of one axis over the tokens `tokens`: every (group, range of group indices)
+// of at most `tile` indices.
+std::vector<std::pair<int, Range>> axis_tiles(const Axis& ax, int tile, Range tokens) {
   std::vector<std::pair<int, Range>> tiles;
   for (int g = 0; g < ax.dilation; ++g) {
-    const int lg = ax.group_length(g);
-    for (int j = 0; j < lg; j += tile) tiles.push_back({g, {j, std::min(j + tile, lg)}});
+    const Range r = group_indices(ax, g, tokens);
+    for (int j = r.begin; j < r.end; j += tile) tiles.push_back({g, {j, std::min(j + tile, r.end)}});
   }
   return tiles;
 }
@@ -64,9 +73,10 @@ struct Tiling {
   }
 };
 
-Tiling make_tiling(const Neighborhood& nb) {
+// Tiles of the box `tokens` (per padded axis, grid coordinates).
+Tiling make_tiling(const Neighborhood& nb, const Range* tokens) {
   Tiling t;
-  for (int a = 0; a < kMaxRank; ++a) t.axis[a] = axis_tiles(nb.axis[a], kTile[a]);
+  for (int a = 0; a < kMaxRank; ++a) t.axis[a] = axis_tiles(nb.axis[a], kTile[a], tokens[a]);
   return t;
 }
 
@@ -76,15 +86,16 @@ struct Ctx {
   Neighborhood nb;
   double scale;
   int64_t D, Dv, M, group;
-  TokenLayout q, k, v, ak, av;
+  BoxLayout q, k, v;  // q: the query sub-box's tokens; k, v: the grid's
+  TokenLayout ak, av;
   RpbLayout rpb;
   const TensorRef *tq, *tk, *tv, *trpb, *tak, *tav;
 
   Ctx(const Problem& p_, const TensorRef& q_, const TensorRef& k_, const TensorRef& v_, const TensorRef& rpb_,
       const TensorRef& ak_, const TensorRef& av_)
       : p(p_), nb(p_.neighborhood()), scale(p_.softmax_scale()), D(p_.dim), Dv(p_.value_dim()),
-        M(p_.additional_tokens), group(p_.heads_per_kv()), q(detail::token_layout(q_, p_.rank)),
-        k(detail::token_layout(k_, p_.rank)), v(detail::token_layout(v_, p_.rank)), ak(detail::token_layout(ak_, 1)),
+        M(p_.additional_tokens), group(p_.heads_per_kv()), q(query_layout(q_, p_)), k(key_layout(k_, p_)),
+        v(key_layout(v_, p_)), ak(detail::token_layout(ak_, 1)),
         av(detail::token_layout(av_, 1)), rpb(detail::rpb_layout(rpb_, p_.rank)), tq(&q_), tk(&k_), tv(&v_),
         trpb(&rpb_), tak(&ak_), tav(&av_) {}
 };
@@ -98,8 +109,10 @@ void token_of(const Neighborhood& nb, const int* group, const int* j, int* token
   }
 }
 
+// Rows of the tokens of `box` (zeros for tokens the tensor does not hold: queries
+// outside the query sub-box).
 template <class Acc>
-void pack_box(const Ctx& c, const TensorRef& t, const TokenLayout& l, int64_t b, int64_t h, int64_t n, const Box& box,
+void pack_box(const Ctx& c, const TensorRef& t, const BoxLayout& l, int64_t b, int64_t h, int64_t n, const Box& box,
               Acc* rows, Acc* transposed) {
   const int64_t vol = box.volume();
   std::vector<Acc> one_row(rows ? 0 : n);
@@ -111,7 +124,10 @@ void pack_box(const Ctx& c, const TensorRef& t, const TokenLayout& l, int64_t b,
         int token[kMaxRank];
         token_of(c.nb, box.group, j, token);
         Acc* row = rows ? rows + i * n : one_row.data();
-        load_row(t, l.offset(b, token, h), l.inner, n, row);
+        if (l.holds(token))
+          load_row(t, l.offset(b, token, h), l.inner, n, row);
+        else
+          std::fill(row, row + n, Acc(0));
         if (transposed)
           for (int64_t d = 0; d < n; ++d) transposed[d * vol + i] = row[d];
       }
@@ -207,14 +223,25 @@ Box key_box(const Ctx& c, const Box& qbox) {
   return kb;
 }
 
-// The queries of a key tile: the union of its keys' inverse windows (on a periodic
-// axis unwrapped next to the keys, so the box may reach past either end of the group
-// and its tokens wrap in pack_box).
-Box query_box(const Ctx& c, const Box& kbox) {
+// The queries of `r` (group indices of group g on axis a) that the query sub-box
+// holds. A periodic axis's range is unwrapped and stays whole: there pack_box gives
+// the queries outside the sub-box zero rows, and pass 2 gives them probability 0.
+Range computed_queries(const Ctx& c, int a, int g, Range r) {
+  const Axis& ax = c.nb.axis[a];
+  if (ax.periodic) return r;
+  const Range box = group_indices(ax, g, c.q.box[a]);
+  const int begin = std::max(r.begin, box.begin);
+  return {begin, std::max(begin, std::min(r.end, box.end))};
+}
+
+// The computed queries of a key tile: the union of its keys' inverse windows (on a
+// periodic axis unwrapped next to the keys, so the box may reach past either end of
+// the group and its tokens wrap in pack_box).
+Box queries_of(const Ctx& c, const Box& kbox) {
   Box qb = kbox;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = c.nb.axis[a];
-    qb.r[a] = ax.inverse_window_union(kbox.r[a], ax.group_length(kbox.group[a]));
+    qb.r[a] = computed_queries(c, a, kbox.group[a], ax.inverse_window_union(kbox.r[a], ax.group_length(kbox.group[a])));
   }
   return qb;
 }
@@ -234,8 +261,8 @@ Acc softmax_in_place(Acc* s, int64_t n) {
 template <class Acc>
 Status forward_impl(const Problem& p, const ForwardTensors& t, const Options& o) {
   const Ctx c(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
-  const TokenLayout ol = detail::token_layout(t.out, p.rank), ll = detail::token_layout(t.lse, p.rank, false);
-  const Tiling tiling = make_tiling(c.nb);
+  const BoxLayout ol = query_layout(t.out, p), ll = query_layout(t.lse, p, false);
+  const Tiling tiling = make_tiling(c.nb, c.q.box);
   const int64_t tiles = tiling.per_head(), kv_heads = p.kv_heads, W = p.window_size();
   const int workers = resolve_threads(o.num_threads);
 
@@ -289,19 +316,19 @@ Status forward_impl(const Problem& p, const ForwardTensors& t, const Options& o)
 template <class Acc>
 Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& o) {
   const Ctx c(p, t.query, t.key, t.value, t.rpb, t.additional_keys, t.additional_values);
-  const TokenLayout ol = detail::token_layout(t.out, p.rank), gl = detail::token_layout(t.d_out, p.rank);
-  const TokenLayout ll = detail::token_layout(t.lse, p.rank, false);
-  const TokenLayout dll = detail::token_layout(t.d_lse, p.rank, false);
-  const TokenLayout dql = detail::token_layout(t.d_query, p.rank), dkl = detail::token_layout(t.d_key, p.rank),
-                    dvl = detail::token_layout(t.d_value, p.rank);
-  const Tiling tiling = make_tiling(c.nb);
-  const int64_t tiles = tiling.per_head(), kv_heads = p.kv_heads, W = p.window_size(), H = p.heads;
+  const BoxLayout ol = query_layout(t.out, p), gl = query_layout(t.d_out, p), ll = query_layout(t.lse, p, false);
+  const BoxLayout dll = query_layout(t.d_lse, p, false);
+  const BoxLayout dql = query_layout(t.d_query, p), dkl = key_layout(t.d_key, p), dvl = key_layout(t.d_value, p);
+  const Tiling tiling = make_tiling(c.nb, c.q.box), key_tiling = make_tiling(c.nb, c.k.box);
+  const int64_t tiles = tiling.per_head(), key_tiles = key_tiling.per_head(), kv_heads = p.kv_heads,
+                W = p.window_size(), H = p.heads;
   const int workers = resolve_threads(o.num_threads);
   const int e1 = p.padded_extent(1), e2 = p.padded_extent(2);
   const int64_t N = p.tokens();
   auto flat = [&](int64_t b, const int* x, int64_t h) { return ((b * N + (int64_t(x[0]) * e1 + x[1]) * e2 + x[2]) * H + h); };
 
-  // delta[b, token, h] = <dO, O>, written by pass 1 and read by passes 2 and 3.
+  // delta[b, token, h] = <dO, O>, written by pass 1 (for the query sub-box) and read by
+  // passes 2 and 3.
   std::vector<Acc> delta(p.batch * N * H);
   const int64_t rpb_size = p.has_rpb ? H * p.rpb_size() : 0;
   std::vector<std::vector<Acc>> d_rpb(workers, std::vector<Acc>(t.d_rpb.defined() ? rpb_size : 0));
@@ -390,10 +417,10 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
       std::vector<Acc> q, qt, dO, dOt, lse, delta, kk, vv, sc, dp, dk, dv;
     };
     std::vector<Scratch> scratch(workers);
-    parallel_for(p.batch * kv_heads * tiles, workers, [&](int64_t i, int worker) {
+    parallel_for(p.batch * kv_heads * key_tiles, workers, [&](int64_t i, int worker) {
       Scratch& s = scratch[worker];
-      const int64_t b = i / (kv_heads * tiles), hk = i / tiles % kv_heads;
-      const Box kbox = tiling.box(i % tiles), qbox = query_box(c, kbox);
+      const int64_t b = i / (kv_heads * key_tiles), hk = i / key_tiles % kv_heads;
+      const Box kbox = key_tiling.box(i % key_tiles), qbox = queries_of(c, kbox);
       const int64_t vol = qbox.volume(), G = c.group;
       s.q.resize(G * vol * c.D);
       s.qt.resize(G * vol * c.D);
@@ -409,8 +436,8 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
       s.dv.resize(c.Dv);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
-        pack_box(c, t.query, c.q, b, h, c.D, qbox, &s.q[g * vol * c.D], &s.qt[g * vol * c.D]);
-        pack_box(c, t.d_out, gl, b, h, c.Dv, qbox, &s.dO[g * vol * c.Dv], &s.dOt[g * vol * c.Dv]);
+        pack_box(c, t.query, c.q, b, h, c.D, qbox, s.q.data() + g * vol * c.D, s.qt.data() + g * vol * c.D);
+        pack_box(c, t.d_out, gl, b, h, c.Dv, qbox, s.dO.data() + g * vol * c.Dv, s.dOt.data() + g * vol * c.Dv);
         int64_t x = 0;
         for (int j0 = qbox.r[0].begin; j0 < qbox.r[0].end; ++j0)
           for (int j1 = qbox.r[1].begin; j1 < qbox.r[1].end; ++j1)
@@ -418,8 +445,13 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
               const int j[kMaxRank] = {j0, j1, j2};
               int token[kMaxRank];
               token_of(c.nb, qbox.group, j, token);
-              s.lse[g * vol + x] = Acc(load(t.lse, ll.offset(b, token, h)));
-              s.delta[g * vol + x] = delta[flat(b, token, h)];
+              // A query outside the sub-box (periodic axes, see computed_queries) has
+              // zero q and dO rows; lse +inf makes its probability exactly 0 as well
+              // (its score is the bias alone, whose exp need not be finite).
+              const bool computed = c.q.holds(token);
+              s.lse[g * vol + x] =
+                  computed ? Acc(load(t.lse, ll.offset(b, token, h))) : std::numeric_limits<Acc>::infinity();
+              s.delta[g * vol + x] = computed ? delta[flat(b, token, h)] : Acc(0);
             }
       }
       for (int k0 = kbox.r[0].begin; k0 < kbox.r[0].end; ++k0)
@@ -429,14 +461,18 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
             int token[kMaxRank];
             token_of(c.nb, kbox.group, jk, token);
             Range inv[kMaxRank];
-            for (int a = 0; a < kMaxRank; ++a)
-              inv[a] = c.nb.axis[a].inverse_window(jk[a], c.nb.axis[a].group_length(kbox.group[a]));
+            bool seen = true;  // by a query of the sub-box
+            for (int a = 0; a < kMaxRank; ++a) {
+              const Axis& ax = c.nb.axis[a];
+              inv[a] = computed_queries(c, a, kbox.group[a], ax.inverse_window(jk[a], ax.group_length(kbox.group[a])));
+              seen = seen && inv[a].size() > 0;
+            }
             load_row(t.key, c.k.offset(b, token, hk), c.k.inner, c.D, s.kk.data());
             for (int64_t d = 0; d < c.D; ++d) s.kk[d] *= Acc(c.scale);
             load_row(t.value, c.v.offset(b, token, hk), c.v.inner, c.Dv, s.vv.data());
             std::fill(s.dk.begin(), s.dk.end(), Acc(0));
             std::fill(s.dv.begin(), s.dv.end(), Acc(0));
-            for (int64_t g = 0; g < G; ++g) {
+            for (int64_t g = 0; g < G && seen; ++g) {
               const int64_t h = hk * G + g;
               window_dots(s.kk.data(), &s.qt[g * vol * c.D], qbox, inv, c.D, s.sc.data());
               window_dots(s.vv.data(), &s.dOt[g * vol * c.Dv], qbox, inv, c.Dv, s.dp.data());
@@ -485,9 +521,10 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
       s.dv.assign(c.Dv, Acc(0));
       load_row(t.additional_keys, c.ak.offset(b, mt, hk), c.ak.inner, c.D, s.ak.data());
       load_row(t.additional_values, c.av.offset(b, mt, hk), c.av.inner, c.Dv, s.av.data());
-      for (int x0 = 0; x0 < p.padded_extent(0); ++x0)
-        for (int x1 = 0; x1 < e1; ++x1)
-          for (int x2 = 0; x2 < e2; ++x2) {
+      const Range* box = c.q.box;
+      for (int x0 = box[0].begin; x0 < box[0].end; ++x0)
+        for (int x1 = box[1].begin; x1 < box[1].end; ++x1)
+          for (int x2 = box[2].begin; x2 < box[2].end; ++x2) {
             const int token[kMaxRank] = {x0, x1, x2};
             for (int64_t h = hk * c.group; h < (hk + 1) * c.group; ++h) {
               load_row(t.query, c.q.offset(b, token, h), c.q.inner, c.D, s.q.data());

@@ -82,13 +82,13 @@ std::vector<TensorRule> forward_rules(const Problem& p, const ForwardTensors& t)
   using namespace detail;
   const int64_t Dv = p.value_dim(), M = p.additional_tokens;
   return {
-      {"query", &t.query, token_shape(p, p.heads, p.dim)},
+      {"query", &t.query, query_shape(p, p.heads, p.dim)},
       {"key", &t.key, token_shape(p, p.kv_heads, p.dim)},
       {"value", &t.value, token_shape(p, p.kv_heads, Dv)},
       {"rpb", &t.rpb, rpb_shape(p), p.has_rpb, false, true},
       {"additional_keys", &t.additional_keys, additional_shape(p, p.dim), M > 0},
       {"additional_values", &t.additional_values, additional_shape(p, Dv), M > 0},
-      {"out", &t.out, token_shape(p, p.heads, Dv)},
+      {"out", &t.out, query_shape(p, p.heads, Dv)},
       {"lse", &t.lse, lse_shape(p), false, true},
   };
 }
@@ -97,16 +97,16 @@ std::vector<TensorRule> backward_rules(const Problem& p, const BackwardTensors& 
   using namespace detail;
   const int64_t Dv = p.value_dim(), M = p.additional_tokens;
   return {
-      {"query", &t.query, token_shape(p, p.heads, p.dim)},
+      {"query", &t.query, query_shape(p, p.heads, p.dim)},
       {"key", &t.key, token_shape(p, p.kv_heads, p.dim)},
       {"value", &t.value, token_shape(p, p.kv_heads, Dv)},
       {"rpb", &t.rpb, rpb_shape(p), p.has_rpb, false, true},
       {"additional_keys", &t.additional_keys, additional_shape(p, p.dim), M > 0},
       {"additional_values", &t.additional_values, additional_shape(p, Dv), M > 0},
-      {"out", &t.out, token_shape(p, p.heads, Dv)},
+      {"out", &t.out, query_shape(p, p.heads, Dv)},
       {"lse", &t.lse, lse_shape(p), true, true},
-      {"d_out", &t.d_out, token_shape(p, p.heads, Dv)},
-      {"d_query", &t.d_query, token_shape(p, p.heads, p.dim)},
+      {"d_out", &t.d_out, query_shape(p, p.heads, Dv)},
+      {"d_query", &t.d_query, query_shape(p, p.heads, p.dim)},
       {"d_key", &t.d_key, token_shape(p, p.kv_heads, p.dim)},
       {"d_value", &t.d_value, token_shape(p, p.kv_heads, Dv)},
       {"d_rpb", &t.d_rpb, rpb_shape(p), false, true},
@@ -211,7 +211,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
 Status qk(const Problem& p, const QkTensors& t, const Options& o) {
   using namespace detail;
   std::vector<TensorRule> rules = {
-      {"query", &t.query, token_shape(p, p.heads, p.dim)},
+      {"query", &t.query, query_shape(p, p.heads, p.dim)},
       {"key", &t.key, token_shape(p, p.kv_heads, p.dim)},
       {"rpb", &t.rpb, rpb_shape(p), p.has_rpb, false, true},
       {"additional_keys", &t.additional_keys, additional_shape(p, p.dim), p.additional_tokens > 0},
@@ -226,11 +226,11 @@ Status qk(const Problem& p, const QkTensors& t, const Options& o) {
 Status qk_backward(const Problem& p, const QkBackwardTensors& t, const Options& o) {
   using namespace detail;
   std::vector<TensorRule> rules = {
-      {"query", &t.query, token_shape(p, p.heads, p.dim)},
+      {"query", &t.query, query_shape(p, p.heads, p.dim)},
       {"key", &t.key, token_shape(p, p.kv_heads, p.dim)},
       {"additional_keys", &t.additional_keys, additional_shape(p, p.dim), p.additional_tokens > 0},
       {"d_attn", &t.d_attn, attn_shape(p)},
-      {"d_query", &t.d_query, token_shape(p, p.heads, p.dim)},
+      {"d_query", &t.d_query, query_shape(p, p.heads, p.dim)},
       {"d_key", &t.d_key, token_shape(p, p.kv_heads, p.dim)},
       {"d_rpb", &t.d_rpb, rpb_shape(p), false, true},
       {"d_additional_keys", &t.d_additional_keys, additional_shape(p, p.dim), false},
@@ -262,7 +262,7 @@ Status av(const Problem& p, const AvTensors& t, const Options& o) {
       {"probs", &t.probs, attn_shape(p)},
       {"value", &t.value, token_shape(p, p.kv_heads, Dv)},
       {"additional_values", &t.additional_values, additional_shape(p, Dv), p.additional_tokens > 0},
-      {"out", &t.out, token_shape(p, p.heads, Dv)},
+      {"out", &t.out, query_shape(p, p.heads, Dv)},
   };
   return run_checked(p, Pass::kUnfused, rules, o, [&](const BackendImpl& b) {
     NBHD_RETURN_IF_ERROR(check_presence(p, TensorRef{}, t.additional_values));
@@ -277,7 +277,7 @@ Status av_backward(const Problem& p, const AvBackwardTensors& t, const Options& 
       {"probs", &t.probs, attn_shape(p)},
       {"value", &t.value, token_shape(p, p.kv_heads, Dv)},
       {"additional_values", &t.additional_values, additional_shape(p, Dv), p.additional_tokens > 0},
-      {"d_out", &t.d_out, token_shape(p, p.heads, Dv)},
+      {"d_out", &t.d_out, query_shape(p, p.heads, Dv)},
       {"d_probs", &t.d_probs, attn_shape(p)},
       {"d_value", &t.d_value, token_shape(p, p.kv_heads, Dv)},
       {"d_additional_values", &t.d_additional_values, additional_shape(p, Dv), false},

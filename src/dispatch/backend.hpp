@@ -3,6 +3,7 @@
 // the registry lists those compiled in, in order of preference for Backend::kAuto.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "core/tensor_checks.hpp"
@@ -42,5 +43,13 @@ struct BackendImpl {
 };
 
 const std::vector<const BackendImpl*>& registry();
+
+// The refusal of a backend that computes every query of the grid, for a problem with
+// a query sub-box (Problem::query_begin / query_end); Ok without one.
+inline Status refuse_query_box(const Problem& p, const char* backend) {
+  if (!p.has_query_box()) return Status::Ok();
+  return unsupported(std::string("query sub-box: not implemented in backend ") + backend +
+                     " yet (reference and cpu run it)");
+}
 
 }  // namespace nbhd::detail

@@ -102,6 +102,7 @@ Status fits_device(const Problem& p) {
 }
 
 Status supports(const Problem& p, detail::Pass pass) {
+  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "fused"));
   if (pass == detail::Pass::kUnfused) return unsupported("the unfused operations run on the naive backend");
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
     return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported (float16, bfloat16 and float32 are)");

@@ -31,7 +31,10 @@ cudaStream_t stream_of(const Options& o) { return static_cast<cudaStream_t>(o.st
 int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 float scale_of(const Problem& p) { return float(p.softmax_scale()); }
 
-Status supports(const Problem& p, detail::Pass) { return check_problem(p); }
+Status supports(const Problem& p, detail::Pass) {
+  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "gemm"));
+  return check_problem(p);
+}
 
 // Attention weights [B, X..., H, W + M] of `dtype`, rows padded_slots(p) apart, at `data`.
 TensorRef weights_tensor(const Problem& p, void* data, DType dtype) {

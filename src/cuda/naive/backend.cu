@@ -28,6 +28,7 @@ cudaStream_t stream_of(const Options& o) { return static_cast<cudaStream_t>(o.st
 int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 Status supports(const Problem& p, detail::Pass) {
+  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "naive"));
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
     return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported on CUDA (use float16, bfloat16 or float32)");
   if (weight_slots(p) > INT_MAX)
