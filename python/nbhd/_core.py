@@ -123,6 +123,38 @@ def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False, p
     )
 
 
+def make_query_box(query_box, rank: int) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """The query sub-box as ((begin, end), ...) per axis, or None (every query). Its
+    bounds are checked with the problem (Problem.validate)."""
+    if query_box is None:
+        return None
+    if not isinstance(query_box, (tuple, list)) or len(query_box) != rank:
+        raise ValueError(f"query_box = {query_box!r} must hold one (begin, end) pair per spatial axis ({rank})")
+    box = []
+    for axis, pair in enumerate(query_box):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"query_box[axis {axis}] = {pair!r} must be a (begin, end) pair")
+        for bound in pair:
+            if isinstance(bound, (bool, np.bool_)) or not _is_integer(bound):
+                raise TypeError(f"query_box[axis {axis}] = {pair!r} must hold ints")
+        box.append((operator.index(pair[0]), operator.index(pair[1])))
+    return tuple(box)
+
+
+def query_box_lists(box) -> list:
+    """The custom operators' query_begin, query_end arguments of a query box (None: both None)."""
+    return [None, None] if box is None else [[b for b, _ in box], [e for _, e in box]]
+
+
+def query_box_from_lists(query_begin, query_end) -> Optional[Tuple[Tuple[int, int], ...]]:
+    return None if query_begin is None else tuple((int(b), int(e)) for b, e in zip(query_begin, query_end))
+
+
+def box_index(box) -> tuple:
+    """Index of a query box's tokens in a [B, X..., ...] tensor over the grid."""
+    return (slice(None), *(slice(b, e) for b, e in box))
+
+
 def window_from_lists(kernel_size, stride, dilation, is_causal, periodic) -> Window:
     """The Window of a custom op's list arguments (already normalised)."""
     return Window(tuple(int(k) for k in kernel_size), tuple(int(s) for s in stride),
@@ -194,10 +226,11 @@ def _check_empty(p, **named) -> None:
     (the same messages): every given array has the shape the problem needs."""
     r = p.rank
     grid = [p.batch] + list(p.extent[:r])
+    queries = [p.batch] + [(e or n) - b for b, e, n in zip(p.query_begin[:r], p.query_end[:r], p.extent[:r])]
     slots = math.prod(p.kernel[:r]) + p.additional_tokens
     dv = p.dim_v or p.dim
-    need = {"query": grid + [p.heads, p.dim], "key": grid + [p.kv_heads, p.dim], "value": grid + [p.kv_heads, dv],
-            "out": grid + [p.heads, dv], "d_out": grid + [p.heads, dv], "lse": grid + [p.heads],
+    need = {"query": queries + [p.heads, p.dim], "key": grid + [p.kv_heads, p.dim], "value": grid + [p.kv_heads, dv],
+            "out": queries + [p.heads, dv], "d_out": queries + [p.heads, dv], "lse": queries + [p.heads],
             "rpb": [p.heads] + [2 * k - 1 for k in p.kernel[:r]],
             "additional_keys": [p.batch, p.additional_tokens, p.kv_heads, p.dim],
             "additional_values": [p.batch, p.additional_tokens, p.kv_heads, dv],
@@ -209,13 +242,19 @@ def _check_empty(p, **named) -> None:
 
 
 def attention_problem(window: Window, q_shape, k_shape, v_shape, scale=None, ak_shape=None, av_shape=None,
-                      has_rpb=False) -> "_nbhd.Problem":
-    """The Problem of q [B, X..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv]; validated."""
+                      has_rpb=False, query_box=None) -> "_nbhd.Problem":
+    """The Problem of q [B, X..., H, D], k [B, X..., Hkv, D], v [B, X..., Hkv, Dv]; validated.
+    With a query box ((begin, end) per axis, see make_query_box) the grid is key's and q
+    holds the box's tokens [B, end - begin..., H, D]."""
     r = window.rank
     check_ndim("query", q_shape, r + 3, token_layout(r))
     check_ndim("key", k_shape, r + 3, token_layout(r, heads="kv_heads"))
     check_ndim("value", v_shape, r + 3, token_layout(r, "dim_v", "kv_heads"))
     p = _problem(window, q_shape)
+    if query_box is not None:
+        p.extent = [int(x) for x in k_shape[1:1 + r]] + [1] * (MAX_RANK - r)
+        p.query_begin = [b for b, _ in query_box] + [0] * (MAX_RANK - r)
+        p.query_end = [e for _, e in query_box] + [0] * (MAX_RANK - r)
     p.kv_heads = int(k_shape[-2])
     p.dim = int(q_shape[-1])
     p.dim_v = int(v_shape[-1])
@@ -319,11 +358,13 @@ class NumpyArrays:
         return {"stream": 0, "deterministic": Settings.deterministic, "num_threads": 0}
 
 
-def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None):
-    """(out [B, X..., H, Dv], lse [B, X..., H] float32, float64 for float64 inputs)."""
+def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None, query_box=None):
+    """(out [B, X..., H, Dv], lse [B, X..., H] float32, float64 for float64 inputs); X is
+    the query box's extent when one is given (q holds its tokens)."""
     check_pair(ak, av)
     check_dtypes(query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
-    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
+    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None,
+                          query_box)
     alloc = _alloc(fw, p)
     out = alloc(tuple(q.shape[:-1]) + (v.shape[-1],), q)
     lse = alloc(tuple(q.shape[:-1]), q, fw.accumulator(q))
@@ -335,10 +376,11 @@ def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, back
 
 
 def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=None, av=None, backend=None,
-             d_lse=None):
+             d_lse=None, query_box=None):
     """(dq, dk, dv, d_rpb (lse's dtype) or None, d_ak or None, d_av or None). d_lse: lse's gradient, where the
-    loss uses lse (folded into every backend's score gradients)."""
-    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None)
+    loss uses lse (folded into every backend's score gradients). query_box: as for forward."""
+    p = attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None,
+                          query_box)
     alloc = _alloc(fw, p)
     dq, dk, dv = alloc(q.shape, q), alloc(k.shape, k), alloc(v.shape, v)
     d_rpb = None if rpb is None else alloc(rpb.shape, q, fw.accumulator(q))

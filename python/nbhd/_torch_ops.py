@@ -66,16 +66,20 @@ def _given(t: Tensor, present: bool) -> Optional[Tensor]:
 def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], additional_keys: Optional[Tensor],
                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
                is_causal: List[bool],
-               periodic: List[bool], scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+               periodic: List[bool], scale: Optional[float], backend: Optional[str],
+               query_begin: Optional[List[int]] = None, query_end: Optional[List[int]] = None
+               ) -> Tuple[Tensor, Tensor]:
+    """query_begin, query_end: the query box (_core.query_box_lists), None for every query."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     with _on_device(query):
         return _core.forward(TorchArrays, window, scale,
-                             *_data(query, key, value, rpb, additional_keys, additional_values), backend=backend)
+                             *_data(query, key, value, rpb, additional_keys, additional_values), backend=backend,
+                             query_box=_core.query_box_from_lists(query_begin, query_end))
 
 
 @na_forward.register_fake
 def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, periodic,
-      scale, backend):
+      scale, backend, query_begin=None, query_end=None):
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
     lse = query.new_empty(query.shape[:-1], dtype=TorchArrays.accumulator(query))
     return out, lse
@@ -87,7 +91,8 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
                 rpb: Optional[Tensor], additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
                 kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
                 periodic: List[bool],
-                scale: Optional[float], backend: Optional[str]
+                scale: Optional[float], backend: Optional[str],
+                query_begin: Optional[List[int]] = None, query_end: Optional[List[int]] = None
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty.
     d_lse: lse's gradient or None."""
@@ -96,13 +101,14 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
         dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
             TorchArrays, window, scale,
             *_data(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values), backend=backend,
-            d_lse=None if d_lse is None else d_lse.detach())
+            d_lse=None if d_lse is None else d_lse.detach(),
+            query_box=_core.query_box_from_lists(query_begin, query_end))
     return dq, dk, dv, _or_empty(d_rpb, query), _or_empty(d_ak, query), _or_empty(d_av, query)
 
 
 @na_backward.register_fake
 def _(d_out, query, key, value, out, lse, d_lse, rpb, additional_keys, additional_values, kernel_size, stride,
-      dilation, is_causal, periodic, scale, backend):
+      dilation, is_causal, periodic, scale, backend, query_begin=None, query_end=None):
     def like(t, dtype=None):
         return query.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype)
 
@@ -114,6 +120,7 @@ def _forward_setup(ctx, inputs, output):
     query, key, value, rpb, additional_keys, additional_values = inputs[:6]
     ctx.window_args = inputs[6:11]
     ctx.scale, ctx.backend = inputs[11], inputs[12]
+    ctx.query_box_args = inputs[13:15]
     ctx.save_for_backward(query, key, value, rpb, additional_keys, additional_values, *output)
     # Gradients of unused outputs arrive as None, so an unused lse costs nothing.
     ctx.set_materialize_grads(False)
@@ -128,12 +135,13 @@ def _forward_backward(ctx, d_out, d_lse):
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
         d_lse = None if d_lse is None else d_lse.to(lse.dtype).contiguous()
         dq, dk, dv, d_rpb, d_ak, d_av = torch.ops.nbhd.na_backward(
-            d_out, query, key, value, out, lse, d_lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend)
+            d_out, query, key, value, out, lse, d_lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend,
+            *ctx.query_box_args)
         grads = [dq, dk, dv, _given(d_rpb, rpb is not None), _given(d_ak, ak is not None),
                  _given(d_av, av is not None)]
     if rpb is not None and grads[3] is not None:
         grads[3] = grads[3].to(rpb.dtype)
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_context=_forward_setup)

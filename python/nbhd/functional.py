@@ -52,7 +52,7 @@ def _torch_ops():
 @_core.keywords_after(4, _core.NATTEN_017_ORDER)
 def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            rpb=None, additional_keys=None, additional_values=None, return_lse=False, backend=None,
-                           periodic=False):
+                           periodic=False, query_box=None):
     """Neighborhood attention over a token grid of rank 1, 2 or 3 (taken from query.ndim - 3).
 
     Each query attends to the keys in its window (kernel_size per axis, moved by stride,
@@ -62,7 +62,11 @@ def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1,
     backends); torch in gives torch out, differentiable through query, key, value, rpb,
     additional_keys and additional_values (and lse). backend=None picks the fastest
     built backend that can run the problem; naming one that cannot raises ValueError
-    with the reason."""
+    with the reason.
+
+    query_box=((begin, end), ...) per axis computes only the queries of that box of the
+    grid (key's): query, out and lse hold the box's tokens, key and value the grid's,
+    and every window is the grid's (the CPU backends run it; docs/python.md)."""
     arrays = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": additional_keys,
               "additional_values": additional_values}
     framework = _framework(arrays)
@@ -72,30 +76,32 @@ def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1,
                          f"attention takes [batch, X1..Xr, heads, dim] with r = 1, 2 or 3 spatial axes")
     window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
     return _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values,
-                      return_lse, backend)
+                      return_lse, backend, query_box)
 
 
 def _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values, return_lse,
-               backend):
+               backend, query_box):
     scale = _core.check_scale(scale)
     _core.backend_name(backend)
     _core.check_pair(additional_keys, additional_values)
+    box = _core.make_query_box(query_box, window.rank)
     if framework == "numpy":
         out, lse = _core.forward(_core.NumpyArrays, window, scale, query, key, value, rpb, additional_keys,
-                                 additional_values, backend)
+                                 additional_values, backend, box)
     else:
         _torch_ops()
         import torch
 
         out, lse = torch.ops.nbhd.na_forward(query, key, value, rpb, additional_keys, additional_values,
-                                             *window.lists(), scale, backend)
+                                             *window.lists(), scale, backend, *_core.query_box_lists(box))
     return (out, lse) if return_lse else out
 
 
 def _ranked(rank: int, name: str):
     @_core.keywords_after(4, _core.NATTEN_017_ORDER)
     def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-           additional_keys=None, additional_values=None, return_lse=False, backend=None, periodic=False):
+           additional_keys=None, additional_values=None, return_lse=False, backend=None, periodic=False,
+           query_box=None):
         arrays = {"query": query, "key": key, "value": value, "rpb": rpb, "additional_keys": additional_keys,
                   "additional_values": additional_values}
         framework = _framework(arrays)
@@ -104,7 +110,7 @@ def _ranked(rank: int, name: str):
                              f"shape {list(query.shape)}")
         window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
         return _attention(framework, window, query, key, value, scale, rpb, additional_keys, additional_values,
-                          return_lse, backend)
+                          return_lse, backend, query_box)
 
     na.__name__ = na.__qualname__ = na.__wrapped__.__qualname__ = name
     na.__doc__ = (f"{rank}-D neighborhood attention: query {_core.token_layout(rank)}. Same arguments and "

@@ -166,6 +166,8 @@ NB_MODULE(_nbhd, m) {
       .def_rw("scale", &nbhd::Problem::scale, nb::for_setter(nb::arg("scale").none()))
       .def_rw("additional_tokens", &nbhd::Problem::additional_tokens)
       .def_rw("has_rpb", &nbhd::Problem::has_rpb)
+      .def_rw("query_begin", &nbhd::Problem::query_begin)
+      .def_rw("query_end", &nbhd::Problem::query_end)
       .def_prop_rw(
           "dtype", [](const nbhd::Problem& p) { return std::string(nbhd::name(p.dtype)); },
           [](nbhd::Problem& p, const std::string& text) {
@@ -182,6 +184,7 @@ NB_MODULE(_nbhd, m) {
            "Raise ValueError naming the argument, axis and bound if the problem is invalid.")
       .def("window_size", &nbhd::Problem::window_size)
       .def("softmax_scale", &nbhd::Problem::softmax_scale)
+      .def("has_query_box", &nbhd::Problem::has_query_box)
       .def("attended_pairs", &nbhd::Problem::attended_pairs)
       .def("forward_flops", &nbhd::Problem::forward_flops)
       .def("__repr__", [](const nbhd::Problem& p) { return "Problem(" + p.to_string() + ")"; });
