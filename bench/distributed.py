@@ -14,7 +14,9 @@ median step is reported with:
   plain_ms     the single-device call on one rank's share of the work (weak: --grid;
                strong: --grid at P = 1), measured on rank 0 alone;
   compute_ms   the slowest rank's single-device call on the problem it actually runs
-               (spatial: its extended segment; heads: the whole grid, H/P heads);
+               (spatial: its extended segment, for its own queries where the backend
+               runs a query sub-box (plan.own_queries_only), else for all; heads: the whole
+               grid, H/P heads);
   exchange_ms  ms - compute_ms: communication, assembly and whatever did not overlap;
   bytes_in/out the busiest rank's bytes per forward (nbhd.distributed.plan; the backward
                moves as many again);
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import socket
@@ -141,15 +144,15 @@ def worker(rank, world, port, args, out_path):
     def inputs(grid, heads):
         return [torch.randn(args.batch, *grid, heads, args.dim, dtype=dtype, device=device) for _ in range(3)]
 
-    def plain(q, k, v):
-        return nbhd.neighborhood_attention(q, k, v, **window(args))
+    def plain(q, k, v, query_box=None):
+        return nbhd.neighborhood_attention(q, k, v, query_box=query_box, **window(args))
 
     rows = []
     for scaling in (("weak", "strong") if args.scaling == "both" else (args.scaling,)):
         grid = global_grid(args, scaling, world)
         plan = nbhd.distributed.plan(grid, args.kernel, stride=args.stride, dilation=args.dilation,
                                      is_causal=args.causal, heads=args.heads, dim=args.dim, batch=args.batch,
-                                     dtype=dtype, world_size=world, shard_axes=args.shard_axis)
+                                     dtype=dtype, world_size=world, shard_axes=args.shard_axis, device=args.device)
         # The baseline: one rank's share of the work (weak) or the whole problem (strong) on one device.
         base = args.grid if scaling == "weak" else grid
         plain_ms = None
@@ -162,12 +165,17 @@ def worker(rank, world, port, args, out_path):
             if mode == "heads" and plan.heads is None:
                 continue
             cost = plan.heads if mode == "heads" else plan.spatial
+            query_box = None
             if mode == "heads":
                 local = inputs(grid, args.heads // world)
             else:
-                local = inputs(tuple(s.size for s in _layout.extended_box(plan.partition, plan.window, rank)),
-                               args.heads)
-            compute_ms = group_max(median_step(step(plain, *local), args, sync, this_rank))
+                segment = _layout.extended_box(plan.partition, plan.window, rank)
+                local = inputs(tuple(s.size for s in segment), args.heads)
+                if plan.own_queries_only[rank]:
+                    query_box = _layout.own_queries(segment, box)
+                    local[0] = local[0][(slice(None), *(slice(b, e) for b, e in query_box))].contiguous()
+            compute_ms = group_max(median_step(step(functools.partial(plain, query_box=query_box), *local), args,
+                                               sync, this_rank))
 
             def distributed(q, k, v, mode=mode):
                 return nbhd.distributed.neighborhood_attention(q, k, v, shard_axes=args.shard_axis, mode=mode,

@@ -3,9 +3,12 @@
 size, every case of that size run in the one group), each rank's forward and backward
 against the single-process call on the whole grid: out, lse, dq, dk, dv of its shard and
 the summed gradients of rpb and the additional tokens. Float64 (tight) except one
-float32 case under the repo's tolerance rule. Also: the halo segments against the dense
-reference's windows (no processes), the plan, refusals raised on every rank, and a
-missing peer that gives an error naming the rank and the step instead of a hang."""
+float32 case under the repo's tolerance rule. On the CPU spatial mode computes only each
+rank's queries (a query sub-box); a few cases force the recompute path of the GPU
+backends (nbhd.distributed._USE_QUERY_BOX = False), and every spatial case checks which
+path ran. Also: the halo segments against the dense reference's windows (no processes),
+the plan, refusals raised on every rank, and a missing peer that gives an error naming
+the rank and the step instead of a hang."""
 
 import datetime
 import functools
@@ -18,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import NamedTuple, Tuple
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -62,6 +66,7 @@ class DistCase(NamedTuple):
     problem: Case
     split: Split
     dtype: str = "float64"
+    recompute: bool = False  # spatial mode without the query sub-box
 
 
 def _case(label, extent, kernel, split, dilation=None, stride=None, causal=None, periodic=(), dtype="float64", **kw):
@@ -136,6 +141,17 @@ CASES = {
 }
 
 
+def _recomputed(world, *labels):
+    """The cases of `labels` again, on the recompute path."""
+    return [c._replace(label=f"{c.label} (recompute)", recompute=True) for c in CASES[world]
+            if c.label.startswith(labels)]
+
+
+CASES[2] += _recomputed(2, "1d causal", "1d periodic, length not a multiple", "2d split rows", "3d split axis 0",
+                        "2d float32")
+CASES[4] += _recomputed(4, "1d thin shards", "2d 2x2 mesh")
+
+
 # ----------------------------------------------------------------- worker side
 
 def _tensors(case: DistCase):
@@ -172,8 +188,19 @@ def run_case(case: DistCase, rank: int, world: int, group=None):
     box = case.split.box(rank, case.problem.extent)
     whole = _results(case, tensors, nbhd.neighborhood_attention)
     shard = [t[(slice(None), *box)] if i < 3 else t for i, t in enumerate(tensors)]
-    got = _results(case, shard, nbhd.distributed.neighborhood_attention, box, shard_axes=case.split.axes,
-                   mesh_shape=case.split.mesh, mode=case.split.mode, group=group)
+    sub_box = []  # per local call of spatial mode: whether it computed only this rank's queries
+    local = nbhd.distributed._local
+
+    def spy(*args, query_box=None):
+        sub_box.append(query_box is not None)
+        return local(*args, query_box=query_box)
+
+    with mock.patch.object(nbhd.distributed, "_USE_QUERY_BOX", not case.recompute), \
+            mock.patch.object(nbhd.distributed, "_local", spy):
+        got = _results(case, shard, nbhd.distributed.neighborhood_attention, box, shard_axes=case.split.axes,
+                       mesh_shape=case.split.mesh, mode=case.split.mode, group=group)
+    if case.split.mode == "spatial":
+        assert sub_box == [not case.recompute], sub_box
     # Per-token results compare on this rank's box; the replicated inputs' gradients whole.
     expected = [x if x is None or i >= 5 else x[(slice(None), *box)] for i, x in enumerate(whole)]
     if case.dtype == "float64":
@@ -420,9 +447,22 @@ def test_plan_explains_hunyuan_video():
     assert plan.spatial.bytes_in == 23 * 30 * 48 * 24 * 256 * 2
     assert plan.spatial.computed_tokens == 43 * 30 * 48 and plan.spatial.owned_tokens == 20 * 30 * 48
     assert "MB" in text and "spatial" in text and "heads" in text
+    assert "recomputes the halo's queries" in text  # the GPU backends run no query sub-box yet
     odd = nbhd.distributed.plan((30, 48, 80), (18, 24, 24), heads=6, kv_heads=3, dim=128, world_size=4,
                                 shard_axes=2)
     assert odd.mode == "spatial" and odd.heads is None and "multiples" in str(odd)
+
+
+def test_plan_counts_only_own_queries_where_the_backend_runs_a_query_box():
+    plan = nbhd.distributed.plan((30, 48, 80), (18, 24, 24), heads=24, dim=128, dtype=torch.float32, world_size=4,
+                                 shard_axes=2, device="cpu")
+    assert plan.spatial.computed_tokens == plan.spatial.owned_tokens == 20 * 30 * 48
+    assert "own queries only, by a query sub-box" in str(plan) and "(1.00x)" in str(plan)
+    with mock.patch.object(nbhd.distributed, "_USE_QUERY_BOX", False):
+        recompute = nbhd.distributed.plan((30, 48, 80), (18, 24, 24), heads=24, dim=128, dtype=torch.float32,
+                                          world_size=4, shard_axes=2, device="cpu")
+    assert recompute.spatial.computed_tokens == 43 * 30 * 48
+    assert recompute.spatial.seconds > plan.spatial.seconds
 
 
 def test_plan_refuses_a_bad_partition():

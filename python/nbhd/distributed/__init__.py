@@ -10,8 +10,9 @@ grid, forward and backward.
 
 Two modes: "spatial" (each rank receives the key/value rows its queries' windows reach
 from the ranks that own them, a halo, and runs the ordinary call on its extended
-segment) and "heads" (an all-to-all gives each rank the whole grid for a share of the
-heads). "auto" lets plan() choose from the problem and the group."""
+segment, for its own queries only where the backend runs a query sub-box) and "heads"
+(an all-to-all gives each rank the whole grid for a share of the heads). "auto" lets
+plan() choose from the problem and the group."""
 
 from __future__ import annotations
 
@@ -21,15 +22,20 @@ from typing import Optional, Sequence
 import torch
 from torch.nn import functional as F
 
-from .. import _core
+from .. import _core, _nbhd
 from .. import functional as _functional
 from ._exchange import Group, Route, SummedGradient, transfer
 from ._layout import (Partition, Plan, Problem, even_sizes, extended_box, halo_blocks, head_blocks, heads_refusal,
-                      make_plan, mesh_coords)
+                      make_plan, mesh_coords, own_queries)
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "plan", "Plan"]
 
 MODES = ("auto", "spatial", "heads")
+
+# Spatial mode computes only each rank's own queries where the backend runs a query
+# sub-box; False makes every rank recompute its halo's queries (the path of the GPU
+# backends until they run a sub-box), so that tests keep both paths tested.
+_USE_QUERY_BOX = True
 
 
 def neighborhood_attention(query, key, value, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
@@ -82,15 +88,18 @@ na3d = _ranked(3, "na3d")
 def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=False, periodic=False, heads: int,
          kv_heads: Optional[int] = None, dim: int, dim_v: Optional[int] = None, batch: int = 1,
          dtype=torch.float16, world_size: int, shard_axes=0, mesh_shape=None, shard_sizes=None,
-         link_gbps: float = 450.0, tflops: float = 400.0) -> Plan:
+         link_gbps: float = 450.0, tflops: float = 400.0, device: str = "cuda", backend: Optional[str] = None) -> Plan:
     """How a problem on the global grid `grid` would run over world_size ranks, and why.
 
     Returns a Plan: mode ("spatial" or "heads", the one mode="auto" takes), and per mode
     the busiest rank's bytes received and sent per forward, the query tokens it computes
-    against the ones it owns (spatial recomputes its halo's queries) and an estimated
-    forward time at link_gbps (GB/s per direction per rank; 450 is an H100 SXM's NVLink)
-    and tflops (attention compute rate). str(plan) explains the choice. shard_sizes:
-    per split axis the shard lengths by mesh coordinate (default: even)."""
+    against the ones it owns and an estimated forward time at link_gbps (GB/s per
+    direction per rank; 450 is an H100 SXM's NVLink) and tflops (attention compute
+    rate). str(plan) explains the choice. shard_sizes: per split axis the shard lengths
+    by mesh coordinate (default: even). device ("cuda" or "cpu") and backend: where the
+    local calls run; spatial mode computes only a rank's own queries where that backend
+    runs a query sub-box (the CPU backends), else it recomputes the halo's queries too
+    (the GPU backends, until they run a sub-box)."""
     rank = len(grid)
     window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
     axes = _normalise_axes(shard_axes, rank)
@@ -106,11 +115,14 @@ def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=Fa
                 raise ValueError(f"shard_sizes {list(s)} along axis {a} must be {m} positive lengths summing to "
                                  f"the axis's {grid[a]} tokens")
     partition = Partition(tuple(int(n) for n in grid), axes, mesh, sizes)
-    element_size = torch.empty((), dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype).element_size()
-    problem = Problem(batch, heads, kv_heads or heads, dim, dim_v or dim, element_size)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    problem = Problem(batch, heads, kv_heads or heads, dim, dim_v or dim, element_size,
+                      str(torch_dtype).replace("torch.", ""))
     _core.attention_problem(window, [batch, *grid, heads, dim], [batch, *grid, problem.kv_heads, dim],
                             [batch, *grid, problem.kv_heads, problem.dim_v])
-    return make_plan(partition, window, problem, link_gbps, tflops)
+    return make_plan(partition, window, problem, _own_queries_only(partition, window, problem, device, backend),
+                     link_gbps, tflops)
 
 
 # ----------------------------------------------------------------- one call
@@ -134,7 +146,7 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
         raise refusal
     partition = _check_agreement(descriptions, group.size)
     problem = Problem(query.shape[0], query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1],
-                      query.element_size())
+                      query.element_size(), str(query.dtype).replace("torch.", ""))
     global_shape = [query.shape[0], *partition.grid]
     _core.attention_problem(window, global_shape + list(query.shape[-2:]), global_shape + list(key.shape[-2:]),
                             global_shape + list(value.shape[-2:]), scale, None if ak is None else ak.shape,
@@ -142,14 +154,18 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
     heads_unsplit = heads_refusal(problem.heads, problem.kv_heads, group.size)
     if mode == "heads" and heads_unsplit:
         raise ValueError(f"mode='heads' cannot run: {heads_unsplit}")
+    own_only = [] if mode == "heads" else _own_queries_only(partition, window, problem, query.device.type, backend)
     if mode == "auto":
-        mode = make_plan(partition, window, problem).mode
+        mode = make_plan(partition, window, problem, own_only).mode
     if sum_replicated_grads:
         rpb, ak, av = (x if x is None or not x.requires_grad else
                        SummedGradient.apply(group, f"sum of the {what} gradient over the group", x)
                        for x, what in ((rpb, "rpb"), (ak, "additional_keys"), (av, "additional_values")))
-    run = _heads if mode == "heads" else _spatial
-    out, lse = run(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse)
+    if mode == "heads":
+        out, lse = _heads(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse)
+    else:
+        out, lse = _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, backend,
+                            own_only[group.rank])
     return (out, lse) if return_lse else out
 
 
@@ -281,18 +297,46 @@ def _whole(box) -> tuple:
     return (slice(None), *box, Ellipsis)
 
 
-def _local(query, key, value, window, rpb, ak, av, scale, backend):
+def _local(query, key, value, window, rpb, ak, av, scale, backend, query_box=None):
     return _functional.neighborhood_attention(
         query, key, value, window.kernel_size, stride=window.stride, dilation=window.dilation,
         is_causal=window.is_causal, periodic=window.periodic, scale=scale, rpb=rpb, additional_keys=ak,
-        additional_values=av, return_lse=True, backend=backend)
+        additional_values=av, return_lse=True, backend=backend, query_box=query_box)
 
 
-def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse):
-    """Halo exchange: the ordinary call on this rank's extended segment (its own tokens
-    and the key/value rows its queries' windows reach), keeping its own queries. The
-    extended segment's other query rows are zeros: their outputs are dropped and, with
-    no gradient flowing into them, they add nothing to any gradient."""
+def _segment_window(window, segment) -> "_core.Window":
+    """The window of a rank's local problem on its extended segment: an axis stays
+    periodic only where the segment is the whole axis (see extended_segment)."""
+    return window._replace(periodic=tuple(w and s.whole for w, s in zip(window.periodic, segment)))
+
+
+def _own_queries_only(partition, window, problem, device: str, backend) -> list:
+    """Per rank, whether its local call computes only its own queries: the backend runs
+    the query sub-box of its segment on `device` (nbhd._nbhd.can_run; every rank asks
+    the same of the same gathered shapes, so all agree; an empty batch is refused there
+    and takes the recompute path)."""
+    if not _USE_QUERY_BOX:
+        return [False] * partition.world_size
+    runs = []
+    for r in range(partition.world_size):
+        segment, own = extended_box(partition, window, r), partition.box(r)
+        grid = [problem.batch, *(s.size for s in segment)]
+        p = _core.attention_problem(_segment_window(window, segment),
+                                    [problem.batch, *(hi - lo for lo, hi in own), problem.heads, problem.dim],
+                                    grid + [problem.kv_heads, problem.dim], grid + [problem.kv_heads, problem.dim_v],
+                                    query_box=own_queries(segment, own))
+        p.dtype = problem.dtype
+        runs.append(not _nbhd.can_run(_core.backend_name(backend), p, device))
+    return runs
+
+
+def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, backend, own_queries_only):
+    """Halo exchange, then the ordinary call on this rank's extended segment (its own
+    tokens and the key/value rows its queries' windows reach). With own_queries_only,
+    for this rank's own queries only (a query sub-box of the segment); else for the
+    whole segment, keeping its own queries: the segment's other query rows are zeros,
+    their outputs are dropped and, with no gradient flowing into them, they add nothing
+    to any gradient."""
     me = group.rank
     boxes = [extended_box(partition, window, r) for r in range(partition.world_size)]
     box, own = boxes[me], partition.box(me)
@@ -301,14 +345,16 @@ def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, ba
     extended = [query.shape[0], *(s.size for s in box)]
     key, value = transfer(group, routes, [extended + list(key.shape[-2:]), extended + list(value.shape[-2:])],
                           "halo exchange of key and value rows", key, value)
+    local, mine = _segment_window(window, box), own_queries(box, own)
+    if own_queries_only:
+        return _local(query, key, value, local, rpb, ak, av, scale, backend, query_box=mine)
     pads = [0, 0, 0, 0]  # F.pad lists (before, after) from the last dimension back: dim, heads, then the grid
     for s, (lo, hi) in reversed(list(zip(box, own))):
         pads += [lo - s.start, s.stop - hi]
     query = F.pad(query, pads)
-    local = window._replace(periodic=tuple(w and s.whole for w, s in zip(window.periodic, box)))
     out, lse = _local(query, key, value, local, rpb, ak, av, scale, backend)
-    mine = _whole(tuple(slice(lo - s.start, hi - s.start) for s, (lo, hi) in zip(box, own)))
-    return out[mine].contiguous(), lse[mine].contiguous()
+    index = _core.box_index(mine)
+    return out[index].contiguous(), lse[index].contiguous()
 
 
 def _heads(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse):

@@ -86,6 +86,12 @@ def extended_segment(length: int, kernel: int, stride: int, dilation: int, causa
     return Segment(start, stop, start == 0 and stop == length)
 
 
+def own_queries(segment: Sequence[Segment], own: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
+    """A rank's own tokens `own` ((lo, hi) per axis) as a query box of its segment:
+    (begin, end) per axis."""
+    return tuple((lo - s.start, hi - s.start) for s, (lo, hi) in zip(segment, own))
+
+
 def mesh_coords(rank: int, mesh_shape: Sequence[int]) -> Tuple[int, ...]:
     """The rank's coordinates on the mesh: its rank unravelled row-major."""
     return tuple(int(c) for c in np.unravel_index(rank, tuple(mesh_shape)))
@@ -191,6 +197,7 @@ class Problem(NamedTuple):
     dim: int
     dim_v: int
     element_size: int  # bytes per element of q, k, v
+    dtype: str         # their dtype's name ("float16", ...)
 
 
 class Cost(NamedTuple):
@@ -212,7 +219,9 @@ def _pair_flops(problem: Problem, window: Window) -> int:
 
 
 def spatial_cost(partition: Partition, window: Window, problem: Problem, link_bytes_per_s: float,
-                 flop_per_s: float) -> Cost:
+                 flop_per_s: float, own_queries_only: Sequence[bool]) -> Cost:
+    """own_queries_only[r]: rank r computes only its own queries (a query sub-box of its
+    segment); else it computes the whole segment's and drops the halo's."""
     boxes = [extended_box(partition, window, r) for r in range(partition.world_size)]
     per_token = problem.batch * problem.kv_heads * (problem.dim + problem.dim_v) * problem.element_size
     ranks = range(partition.world_size)
@@ -221,13 +230,16 @@ def spatial_cost(partition: Partition, window: Window, problem: Problem, link_by
         if block.source != block.target:
             bytes_in[block.target] += volume(block.target_box) * per_token
             bytes_out[block.source] += volume(block.source_box) * per_token
-    computed = [math.prod(s.size for s in box) for box in boxes]
+    computed = [partition.tokens(r) if own_queries_only[r] else math.prod(s.size for s in box)
+                for r, box in enumerate(boxes)]
     seconds = [max(bytes_in[r], bytes_out[r]) / link_bytes_per_s
                + computed[r] * _pair_flops(problem, window) / flop_per_s for r in ranks]
     busiest = max(ranks, key=lambda r: seconds[r])
     whole = [a for a in range(len(partition.grid)) if a in partition.shard_axes
              and any(box[a].whole for box in boxes) and partition.world_size > 1]
     note = "the K, V halo; backward returns dK, dV: as many bytes"
+    note += ("; own queries only, by a query sub-box" if own_queries_only[busiest] else
+             "; recomputes the halo's queries, as the backend runs no query sub-box")
     if whole:
         note += f"; axis {', '.join(map(str, whole))} gathered whole by some rank"
     return Cost(max(bytes_in), max(bytes_out), computed[busiest], partition.tokens(busiest), seconds[busiest], note)
@@ -257,11 +269,14 @@ class Plan:
     """How nbhd.distributed runs a problem over a group, and why: the cost of each mode
     on the busiest rank (bytes moved, query tokens computed, an estimated forward time
     at the given link bandwidth and compute rate) and the mode chosen (the faster
-    estimate; spatial on a tie or when heads cannot split evenly). str() explains it."""
+    estimate; spatial on a tie or when heads cannot split evenly). own_queries_only[r]:
+    in spatial mode rank r computes only its own queries (else its whole segment's).
+    str() explains it."""
 
-    def __init__(self, partition: Partition, window: Window, problem: Problem, spatial: Cost,
-                 heads: Optional[Cost], heads_refusal: str, link_gbps: float, tflops: float):
+    def __init__(self, partition: Partition, window: Window, problem: Problem, own_queries_only: Sequence[bool],
+                 spatial: Cost, heads: Optional[Cost], heads_refusal: str, link_gbps: float, tflops: float):
         self.partition, self.window, self.problem = partition, window, problem
+        self.own_queries_only = tuple(own_queries_only)
         self.spatial, self.heads, self.heads_refusal = spatial, heads, heads_refusal
         self.link_gbps, self.tflops = link_gbps, tflops
         self.mode = "heads" if heads is not None and heads.seconds < spatial.seconds else "spatial"
@@ -304,14 +319,16 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
-def make_plan(partition: Partition, window: Window, problem: Problem, link_gbps: float = 450.0,
-              tflops: float = 400.0) -> Plan:
+def make_plan(partition: Partition, window: Window, problem: Problem, own_queries_only: Sequence[bool],
+              link_gbps: float = 450.0, tflops: float = 400.0) -> Plan:
+    """own_queries_only: per rank, whether its local call computes only its own queries
+    (see spatial_cost)."""
     link, rate = link_gbps * 1e9, tflops * 1e12
-    spatial = spatial_cost(partition, window, problem, link, rate)
+    spatial = spatial_cost(partition, window, problem, link, rate, own_queries_only)
     p = partition.world_size
     refusal = heads_refusal(problem.heads, problem.kv_heads, p)
     heads = None if refusal else heads_cost(partition, window, problem, link, rate)
-    return Plan(partition, window, problem, spatial, heads, refusal, link_gbps, tflops)
+    return Plan(partition, window, problem, own_queries_only, spatial, heads, refusal, link_gbps, tflops)
 
 
 def heads_refusal(heads: int, kv_heads: int, world_size: int) -> str:
