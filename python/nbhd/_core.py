@@ -125,7 +125,8 @@ def make_window(rank: int, kernel_size, stride=1, dilation=1, is_causal=False, p
 
 def make_query_box(query_box, rank: int) -> Optional[Tuple[Tuple[int, int], ...]]:
     """The query sub-box as ((begin, end), ...) per axis, or None (every query). Its
-    bounds are checked with the problem (Problem.validate)."""
+    bounds against the grid are checked with the problem (Problem.validate, where an
+    end of 0 would mean the extent: refused here, as end <= begin)."""
     if query_box is None:
         return None
     if not isinstance(query_box, (tuple, list)) or len(query_box) != rank:
@@ -137,7 +138,10 @@ def make_query_box(query_box, rank: int) -> Optional[Tuple[Tuple[int, int], ...]
         for bound in pair:
             if isinstance(bound, (bool, np.bool_)) or not _is_integer(bound):
                 raise TypeError(f"query_box[axis {axis}] = {pair!r} must hold ints")
-        box.append((operator.index(pair[0]), operator.index(pair[1])))
+        begin, end = operator.index(pair[0]), operator.index(pair[1])
+        if end <= begin:
+            raise ValueError(f"query_box[axis {axis}] = {pair!r} is invalid: end must be greater than begin")
+        box.append((begin, end))
     return tuple(box)
 
 

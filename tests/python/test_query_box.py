@@ -106,6 +106,8 @@ def test_query_box_is_keyword_only_and_checked():
         nbhd.na1d(q, k, k, 3, query_box=((3, 11),))
     with pytest.raises(ValueError, match="one \\(begin, end\\) pair per spatial axis \\(1\\)"):
         nbhd.na1d(q, k, k, 3, query_box=(1, 9))
+    with pytest.raises(ValueError, match=r"query_box\[axis 0\] = \(4, 0\) is invalid: end must be greater"):
+        nbhd.na1d(q, k, k, 3, query_box=((4, 0),))
     with pytest.raises(TypeError, match="must hold ints"):
         nbhd.na1d(q, k, k, 3, query_box=((1.0, 9),))
 
