@@ -4,7 +4,7 @@
 // periodic, GQA, rpb, additional tokens, padded strides) and a random sub-box:
 // forward and backward equal the whole problem's restricted to the sub-box. The whole
 // problem runs on the float64 reference with d_out zero outside the sub-box, so its dk,
-// dv, d rpb and additional-token gradients are the sub-box's. Also: validation, the
+// dv, d rpb and additional-token gradients are the sub-box's (d lse likewise). Also: validation, the
 // counts, to_string, and the refusals of the unfused operations.
 //
 // Tolerances: float64 1e-10 (absolute and relative, summation order only, as in
@@ -86,8 +86,10 @@ struct Results {
   HostTensor out, lse, dq, dk, dv, drpb, dak, dav;
 };
 
-// Forward (and, with d_out, backward) of `p` on query `q`, the other inputs from `in`.
-Results run(const Problem& p, const Inputs& in, const HostTensor& q, Backend backend, const HostTensor* d_out = nullptr) {
+// Forward (and, with d_out, backward, with lse's gradient d_lse) of `p` on query `q`,
+// the other inputs from `in`.
+Results run(const Problem& p, const Inputs& in, const HostTensor& q, Backend backend, const HostTensor* d_out = nullptr,
+            const HostTensor* d_lse = nullptr) {
   Results r;
   std::vector<int64_t> out_shape = shape_of(q.ref());
   out_shape.back() = p.value_dim();
@@ -123,6 +125,7 @@ Results run(const Problem& p, const Inputs& in, const HostTensor& q, Backend bac
   b.out = r.out.ref();
   b.lse = r.lse.ref();
   b.d_out = d_out->ref();
+  if (d_lse) b.d_lse = d_lse->ref();
   b.d_query = r.dq.ref();
   b.d_key = r.dk.ref();
   b.d_value = r.dv.ref();
@@ -163,13 +166,16 @@ TEST_P(QueryBox, Float64ForwardAndBackwardEqualTheWholeProblemRestricted) {
       s.back() = whole.value_dim();
       return s;
     }();
-    HostTensor d_out(whole.dtype, box_shape(out_shape, boxed));
+    std::vector<int64_t> lse_shape = shape_of(in.q.ref());
+    lse_shape.pop_back();
+    HostTensor d_out(whole.dtype, box_shape(out_shape, boxed)), d_lse(whole.dtype, box_shape(lse_shape, boxed));
     d_out.fill_random(rng);
-    const HostTensor whole_d_out = embedded(d_out, out_shape, boxed);
-    const Results expected = run(whole, in, in.q, Backend::kReference, &whole_d_out);
+    d_lse.fill_random(rng);
+    const HostTensor whole_d_out = embedded(d_out, out_shape, boxed), whole_d_lse = embedded(d_lse, lse_shape, boxed);
+    const Results expected = run(whole, in, in.q, Backend::kReference, &whole_d_out, &whole_d_lse);
     for (Backend b : {Backend::kReference, Backend::kCpu}) {
       SCOPED_TRACE(name(b));
-      const Results got = run(boxed, in, q, b, &d_out);
+      const Results got = run(boxed, in, q, b, &d_out, &d_lse);
       testing::expect_near("out", got.out.values(),
                            restricted(expected.out.values(), shape_of(expected.out.ref()), boxed), 1e-10, 1e-10);
       testing::expect_near("lse", got.lse.values(),
