@@ -315,7 +315,7 @@ def _own_queries_only(partition, window, problem, device: str, backend) -> list:
     the query sub-box of its segment on `device` (nbhd._nbhd.can_run; every rank asks
     the same of the same gathered shapes, so all agree; an empty batch is refused there
     and takes the recompute path)."""
-    if not _USE_QUERY_BOX:
+    if not _USE_QUERY_BOX or problem.dtype not in _core.SUPPORTED_DTYPES:  # the local call names a bad dtype
         return [False] * partition.world_size
     runs = []
     for r in range(partition.world_size):
