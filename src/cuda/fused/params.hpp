@@ -43,7 +43,8 @@ struct ForwardParams {
   float scale_log2;  // softmax scale * log2(e): scores live in base-2 units
   bool use_tma;      // the producer loads by TMA through `tma`, else by cp.async
   // The warp-specialized kernels' consumer warpgroups take turns to issue their
-  // wgmmas (named barriers; forward_kernel.cuh), else each issues when ready.
+  // wgmmas (named barriers; forward_kernel.cuh), else each issues when ready (the
+  // default for 128-key tiles; backend.cu, pingpong_schedule).
   bool pingpong;
   ForwardTma tma;
 };
