@@ -27,7 +27,9 @@
 //     FlashAttention-3 is: two consumer warpgroups of 64 queries each and a
 //     producer warpgroup that loads K and V into a ring of kStages stages,
 //     synchronised by mbarriers (pipeline.cuh); the consumers never wait for each
-//     other, so one's softmax runs under the other's wgmmas. The producer is one
+//     other, so one's softmax runs under the other's wgmmas, except with ping-pong
+//     (the default for 128-key tiles), where they take turns to issue their
+//     products (named barriers; ForwardParams::pingpong). The producer is one
 //     thread issuing TMA copies of boxes of the token grid where the tensors allow
 //     (ForwardParams::use_tma; plan.hpp, forward_tma_views), else the warpgroup's
 //     cp.async.
