@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nbhd._window import axis_windows
 from problems import Problem, axis_window
 
 BLOCK = 128  # FlexAttention's default sparse block: 128 queries x 128 keys
@@ -38,15 +39,8 @@ def axis_tables(L: int, k: int, d: int, s: int, causal: bool) -> Tuple[np.ndarra
     keys whose code lies in [lo[i], hi[i]]; code[x] = (x mod d) * L + x div d."""
     i = np.arange(L, dtype=np.int64)
     g, j = i % d, i // d
-    group_len = (L - g + d - 1) // d
-    if causal:
-        leader = np.minimum(j // s * s + s - 1, group_len - 1)
-        first, last = np.maximum(leader - k + 1, 0), j
-    else:
-        leader = np.minimum(j // s * s + s // 2, group_len - 1)
-        first = np.clip(leader - k // 2, 0, group_len - k)
-        last = first + k - 1
-    return g * L + first, g * L + last, g * L + j
+    _, first, last = axis_windows(L, k, s, d, causal, False, i)  # token indices
+    return g * L + (first - g) // d, g * L + (last - g) // d, g * L + j
 
 
 def axis_intervals(L: int, k: int, d: int, s: int, causal: bool, periodic: bool = False):

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
+from nbhd._window import axis_windows
+
 PASSES = ("fwd", "fwd+bwd")
 # FLOPs of a pass in forward units: the backward counts 2.5 forwards (spec).
 PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -92,17 +94,9 @@ def axis_window(L: int, k: int, d: int, s: int, causal: bool, i: int, periodic: 
     axis, straight from the spec's steps 1-4 (3' on a periodic axis: centered on the
     leader and unwrapped, so first may be below 0 and last past the group; an entry w
     stands for w mod the group length)."""
-    g, j = i % d, i // d
-    group_len = -(-(L - g) // d)
-    if periodic:
-        leader = min(j // s * s + s // 2, group_len - 1)
-        return g, leader - k // 2, leader - k // 2 + k - 1
-    if causal:
-        leader = min(j // s * s + s - 1, group_len - 1)
-        return g, max(leader - k + 1, 0), j
-    leader = min(j // s * s + s // 2, group_len - 1)
-    first = min(max(leader - k // 2, 0), group_len - k)
-    return g, first, first + k - 1
+    g = i % d
+    _, first, last = axis_windows(L, k, s, d, causal, periodic, [i])  # token indices (nbhd/_window.py)
+    return g, int(first[0] - g) // d, int(last[0] - g) // d
 
 
 def axis_pairs(L: int, k: int, d: int, s: int, causal: bool, periodic: bool = False) -> int:

@@ -16,27 +16,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from .._core import Window
-
-
-def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool, periodic: bool, tokens):
-    """The window definition of this package, written once (spec steps 1-4 and 3'; the
-    library's is include/nbhd/core/window.hpp). For query tokens `tokens` (ints) on one
-    axis: (leader, first, last) as token indices (numpy arrays): the stride-group leader
-    as the spec clamps it, and the window's first and last key. Periodic windows are
-    unwrapped: first may be < 0 and last >= length."""
-    i = np.asarray(tokens, dtype=np.int64)
-    g, j = i % dilation, i // dilation
-    group_length = (length - g + dilation - 1) // dilation
-    if causal:
-        leader = np.minimum(j // stride * stride + stride - 1, group_length - 1)
-        first, last = np.maximum(leader - kernel + 1, 0), j
-    else:
-        leader = np.minimum(j // stride * stride + stride // 2, group_length - 1)
-        first = leader - kernel // 2
-        if not periodic:
-            first = np.maximum(np.minimum(first, group_length - kernel), 0)
-        last = first + kernel - 1
-    return g + dilation * leader, g + dilation * first, g + dilation * last
+from .._window import axis_windows
 
 
 class Segment(NamedTuple):
