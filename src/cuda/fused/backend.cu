@@ -181,10 +181,8 @@ bool pingpong_schedule(const TileConfig& config) {
   return config.block_kv == 128;
 }
 
+// The tensors' rows were checked by supports_tensors, which the dispatcher asks first.
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
-  for (auto [what, tensor] : {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out},
-                              {"additional_keys", &t.additional_keys}, {"additional_values", &t.additional_values}})
-    NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
   // The tensors' GPU, whatever the caller's current one: the plan (wgmma or not), the
   // shared-memory opt-in and the launch all read the current device.
   DeviceGuard guard;

@@ -114,12 +114,7 @@ Status backward_supports(const Problem& p) {
 }
 
 Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
-  for (auto [what, tensor] :
-       {std::pair{"query", &t.query}, {"key", &t.key}, {"value", &t.value}, {"out", &t.out}, {"d_out", &t.d_out},
-        {"d_query", &t.d_query}, {"d_key", &t.d_key}, {"d_value", &t.d_value}, {"additional_keys", &t.additional_keys},
-        {"additional_values", &t.additional_values}, {"d_additional_keys", &t.d_additional_keys},
-        {"d_additional_values", &t.d_additional_values}})
-    NBHD_RETURN_IF_ERROR(check_alignment(what, *tensor));
+  // The tensors' rows were checked by supports_tensors (backend.cu), asked first.
   DeviceGuard guard;  // the tensors' GPU, as the forward
   NBHD_RETURN_IF_ERROR(guard.set(t.query.device_index));
   NBHD_RETURN_IF_ERROR(check_device());
