@@ -7,6 +7,7 @@ sees each operator as one opaque node; its backward is a custom operator as well
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -34,11 +35,17 @@ class TorchArrays:
 
     @staticmethod
     def launch(like) -> dict:
-        stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0
         deterministic = torch.are_deterministic_algorithms_enabled() or _core.Settings.deterministic
-        # The CPU backends use as many threads as torch does (torch.set_num_threads).
-        threads = 0 if like.is_cuda else torch.get_num_threads()
-        return {"stream": stream, "deterministic": deterministic, "num_threads": threads}
+        if not like.is_cuda:
+            # The CPU backends use as many threads as torch does (torch.set_num_threads).
+            return {"stream": 0, "deterministic": deterministic, "num_threads": torch.get_num_threads()}
+        stream = torch.cuda.current_stream(like.device).cuda_stream
+        # Scratch memory (the backward's float32 dq, the unfused backends' weights) from
+        # PyTorch's caching allocator on this device and stream: it reuses blocks torch
+        # holds and shows in torch.cuda.memory_allocated.
+        allocate = functools.partial(torch.cuda.caching_allocator_alloc, device=like.device, stream=stream)
+        workspace = (allocate, torch.cuda.caching_allocator_delete)
+        return {"stream": stream, "deterministic": deterministic, "num_threads": 0, "workspace": workspace}
 
 
 def _on_device(t: Tensor):

@@ -110,14 +110,57 @@ class Arrays {
   std::vector<OutputArray> outputs_;
 };
 
-nbhd::Options make_options(const std::string& backend, uintptr_t stream, bool deterministic, int num_threads) {
-  nbhd::Options o;
-  check(nbhd::parse_backend(backend, &o.backend));
-  o.stream = reinterpret_cast<void*>(stream);
-  o.deterministic = deterministic;
-  o.num_threads = num_threads;
-  return o;
-}
+// The options of one call. `workspace`, when given, is a pair of Python callables
+// (allocate(nbytes) -> device pointer as int, free(pointer)) that the CUDA backends
+// take their scratch memory from: the torch adapter passes PyTorch's caching
+// allocator on the call's device and stream, so the memory shows in
+// torch.cuda.memory_allocated and reuses blocks PyTorch holds. Not copyable: the
+// allocator's context points at this object.
+class CallOptions {
+ public:
+  CallOptions(const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
+              nb::handle workspace) {
+    check(nbhd::parse_backend(backend, &options_.backend));
+    options_.stream = reinterpret_cast<void*>(stream);
+    options_.deterministic = deterministic;
+    options_.num_threads = num_threads;
+    if (workspace.is_none()) return;
+    if (!nb::isinstance<nb::tuple>(workspace) || nb::len(workspace) != 2 ||
+        !PyCallable_Check(workspace[0].ptr()) || !PyCallable_Check(workspace[1].ptr()))
+      raise(PyExc_TypeError, "workspace must be None or a pair of callables (allocate(nbytes), free(pointer))");
+    allocate_ = nb::borrow(workspace[0]);
+    free_ = nb::borrow(workspace[1]);
+    options_.allocator = {&CallOptions::allocate, &CallOptions::deallocate, this};
+  }
+  CallOptions(const CallOptions&) = delete;
+  CallOptions& operator=(const CallOptions&) = delete;
+
+  const nbhd::Options& get() const { return options_; }
+
+ private:
+  // Called by the library with the GIL released. A Python error (PyTorch's
+  // out-of-memory) becomes a null pointer, which the library reports with the
+  // size and purpose of the workspace.
+  static void* allocate(std::size_t bytes, void* context) {
+    nb::gil_scoped_acquire gil;
+    try {
+      return reinterpret_cast<void*>(nb::cast<uintptr_t>(static_cast<CallOptions*>(context)->allocate_(bytes)));
+    } catch (const nb::python_error&) {
+      return nullptr;
+    }
+  }
+  static void deallocate(void* pointer, void* context) {
+    nb::gil_scoped_acquire gil;
+    try {
+      static_cast<CallOptions*>(context)->free_(reinterpret_cast<uintptr_t>(pointer));
+    } catch (nb::python_error& e) {
+      e.discard_as_unraisable("nbhd workspace free");
+    }
+  }
+
+  nbhd::Options options_;
+  nb::object allocate_, free_;
+};
 
 // The problem's dtype is its first tensor's; the library checks the others against it.
 nbhd::Problem typed(nbhd::Problem p, const nbhd::TensorRef& first) {
@@ -141,8 +184,9 @@ void run(F&& call) {
 // nanobind 3, and the GPU machine's nanobind is 3.1 while the pinned one is 2.10.)
 auto optional_array(const char* name) { return nb::arg(name).none() = nb::none(); }
 
-#define NBHD_OPTION_ARGS \
-  "backend"_a = "auto", "stream"_a = 0, "deterministic"_a = false, "num_threads"_a = 0
+#define NBHD_OPTION_ARGS                                                                           \
+  "backend"_a = "auto", "stream"_a = 0, "deterministic"_a = false, "num_threads"_a = 0, \
+      nb::arg("workspace").none() = nb::none()
 
 }  // namespace
 
@@ -212,7 +256,8 @@ NB_MODULE(_nbhd, m) {
 
   m.def("forward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
                       nb::handle lse, nb::handle rpb, nb::handle additional_keys, nb::handle additional_values,
-                      const std::string& backend, uintptr_t stream, bool deterministic, int num_threads) {
+                      const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
+                      nb::handle workspace) {
     Arrays a;
     nbhd::ForwardTensors t;
     t.query = a.input("query", query);
@@ -223,9 +268,9 @@ NB_MODULE(_nbhd, m) {
     t.additional_values = a.input("additional_values", additional_values);
     t.out = a.output("out", out);
     t.lse = a.output("lse", lse);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
-    run([&] { return nbhd::forward(typed_p, t, o); });
+    run([&] { return nbhd::forward(typed_p, t, o.get()); });
   }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, optional_array("lse"), optional_array("rpb"),
      optional_array("additional_keys"), optional_array("additional_values"), NBHD_OPTION_ARGS);
 
@@ -233,7 +278,8 @@ NB_MODULE(_nbhd, m) {
                        nb::handle lse, nb::handle d_out, nb::handle d_query, nb::handle d_key, nb::handle d_value,
                        nb::handle rpb, nb::handle additional_keys, nb::handle additional_values, nb::handle d_rpb,
                        nb::handle d_additional_keys, nb::handle d_additional_values, nb::handle d_lse,
-                       const std::string& backend, uintptr_t stream, bool deterministic, int num_threads) {
+                       const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
+                       nb::handle workspace) {
     Arrays a;
     nbhd::BackwardTensors t;
     t.query = a.input("query", query);
@@ -252,9 +298,9 @@ NB_MODULE(_nbhd, m) {
     t.d_additional_keys = a.output("d_additional_keys", d_additional_keys);
     t.d_additional_values = a.output("d_additional_values", d_additional_values);
     t.d_lse = a.input("d_lse", d_lse);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
-    run([&] { return nbhd::backward(typed_p, t, o); });
+    run([&] { return nbhd::backward(typed_p, t, o.get()); });
   }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "d_query"_a, "d_key"_a, "d_value"_a,
      optional_array("rpb"), optional_array("additional_keys"), optional_array("additional_values"),
      optional_array("d_rpb"), optional_array("d_additional_keys"), optional_array("d_additional_values"),
@@ -262,7 +308,7 @@ NB_MODULE(_nbhd, m) {
 
   m.def("qk", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle attn, nb::handle rpb,
                  nb::handle additional_keys, const std::string& backend, uintptr_t stream, bool deterministic,
-                 int num_threads) {
+                 int num_threads, nb::handle workspace) {
     Arrays a;
     nbhd::QkTensors t;
     t.query = a.input("query", query);
@@ -270,16 +316,16 @@ NB_MODULE(_nbhd, m) {
     t.rpb = a.input("rpb", rpb);
     t.additional_keys = a.input("additional_keys", additional_keys);
     t.attn = a.output("attn", attn);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
-    run([&] { return nbhd::qk(typed_p, t, o); });
+    run([&] { return nbhd::qk(typed_p, t, o.get()); });
   }, "problem"_a, "query"_a, "key"_a, "attn"_a, optional_array("rpb"), optional_array("additional_keys"),
      NBHD_OPTION_ARGS);
 
   m.def("qk_backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle d_attn,
                           nb::handle d_query, nb::handle d_key, nb::handle additional_keys, nb::handle d_rpb,
                           nb::handle d_additional_keys, const std::string& backend, uintptr_t stream,
-                          bool deterministic, int num_threads) {
+                          bool deterministic, int num_threads, nb::handle workspace) {
     Arrays a;
     nbhd::QkBackwardTensors t;
     t.query = a.input("query", query);
@@ -290,53 +336,55 @@ NB_MODULE(_nbhd, m) {
     t.d_key = a.output("d_key", d_key);
     t.d_rpb = a.output("d_rpb", d_rpb);
     t.d_additional_keys = a.output("d_additional_keys", d_additional_keys);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
-    run([&] { return nbhd::qk_backward(typed_p, t, o); });
+    run([&] { return nbhd::qk_backward(typed_p, t, o.get()); });
   }, "problem"_a, "query"_a, "key"_a, "d_attn"_a, "d_query"_a, "d_key"_a, optional_array("additional_keys"),
      optional_array("d_rpb"), optional_array("d_additional_keys"), NBHD_OPTION_ARGS);
 
   m.def("softmax", [](const nbhd::Problem& p, nb::handle attn, nb::handle probs, const std::string& backend,
-                      uintptr_t stream, bool deterministic, int num_threads) {
+                      uintptr_t stream, bool deterministic, int num_threads,
+                      nb::handle workspace) {
     Arrays a;
     nbhd::SoftmaxTensors t;
     t.attn = a.input("attn", attn);
     t.probs = a.output("probs", probs);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.attn);
-    run([&] { return nbhd::softmax(typed_p, t, o); });
+    run([&] { return nbhd::softmax(typed_p, t, o.get()); });
   }, "problem"_a, "attn"_a, "probs"_a, NBHD_OPTION_ARGS);
 
   m.def("softmax_backward", [](const nbhd::Problem& p, nb::handle probs, nb::handle d_probs, nb::handle d_attn,
-                               const std::string& backend, uintptr_t stream, bool deterministic, int num_threads) {
+                               const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
+                               nb::handle workspace) {
     Arrays a;
     nbhd::SoftmaxBackwardTensors t;
     t.probs = a.input("probs", probs);
     t.d_probs = a.input("d_probs", d_probs);
     t.d_attn = a.output("d_attn", d_attn);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.probs);
-    run([&] { return nbhd::softmax_backward(typed_p, t, o); });
+    run([&] { return nbhd::softmax_backward(typed_p, t, o.get()); });
   }, "problem"_a, "probs"_a, "d_probs"_a, "d_attn"_a, NBHD_OPTION_ARGS);
 
   m.def("av", [](const nbhd::Problem& p, nb::handle probs, nb::handle value, nb::handle out,
                  nb::handle additional_values, const std::string& backend, uintptr_t stream, bool deterministic,
-                 int num_threads) {
+                 int num_threads, nb::handle workspace) {
     Arrays a;
     nbhd::AvTensors t;
     t.probs = a.input("probs", probs);
     t.value = a.input("value", value);
     t.additional_values = a.input("additional_values", additional_values);
     t.out = a.output("out", out);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.probs);
-    run([&] { return nbhd::av(typed_p, t, o); });
+    run([&] { return nbhd::av(typed_p, t, o.get()); });
   }, "problem"_a, "probs"_a, "value"_a, "out"_a, optional_array("additional_values"), NBHD_OPTION_ARGS);
 
   m.def("av_backward", [](const nbhd::Problem& p, nb::handle probs, nb::handle value, nb::handle d_out,
                           nb::handle d_probs, nb::handle d_value, nb::handle additional_values,
                           nb::handle d_additional_values, const std::string& backend, uintptr_t stream,
-                          bool deterministic, int num_threads) {
+                          bool deterministic, int num_threads, nb::handle workspace) {
     Arrays a;
     nbhd::AvBackwardTensors t;
     t.probs = a.input("probs", probs);
@@ -346,9 +394,9 @@ NB_MODULE(_nbhd, m) {
     t.d_probs = a.output("d_probs", d_probs);
     t.d_value = a.output("d_value", d_value);
     t.d_additional_values = a.output("d_additional_values", d_additional_values);
-    const nbhd::Options o = make_options(backend, stream, deterministic, num_threads);
+    const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.probs);
-    run([&] { return nbhd::av_backward(typed_p, t, o); });
+    run([&] { return nbhd::av_backward(typed_p, t, o.get()); });
   }, "problem"_a, "probs"_a, "value"_a, "d_out"_a, "d_probs"_a, "d_value"_a, optional_array("additional_values"),
      optional_array("d_additional_values"), NBHD_OPTION_ARGS);
 }

@@ -313,6 +313,45 @@ def test_deterministic_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+def test_workspace_comes_from_the_torch_allocator():
+    # The naive backend keeps the forward's attention weights in workspace: 2 x 1024
+    # queries x 2 heads x 225 float32 weights = 3.7 MB, 28x the outputs (out and lse,
+    # 0.13 MB). Taken by cudaMallocAsync it would not show in torch's peak.
+    if "naive" not in cuda_backends("fused_ops"):
+        pytest.skip("the naive backend is not built")
+    q = torch.randn(2, 32, 32, 2, 16, device="cuda", dtype=torch.float16)
+    weights_bytes = 2 * 32 * 32 * 2 * 15 * 15 * 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = nbhd.na2d(q, q, q, 15, backend="naive")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before >= weights_bytes
+    # Given back: what stays is out (lse is dropped).
+    assert torch.cuda.memory_allocated() - before == out.numel() * out.element_size()
+
+
+def test_workspace_out_of_memory_is_a_clear_error():
+    if "naive" not in cuda_backends("fused_ops"):
+        pytest.skip("the naive backend is not built")
+    q = torch.randn(2, 32, 32, 2, 16, device="cuda", dtype=torch.float16)
+    from nbhd import _torch_ops
+
+    launch = _torch_ops.TorchArrays.launch
+
+    def refusing(like):
+        settings = launch(like)
+        settings["workspace"] = (lambda nbytes: torch.cuda.caching_allocator_alloc(1 << 60), settings["workspace"][1])
+        return settings
+
+    _torch_ops.TorchArrays.launch = staticmethod(refusing)
+    try:
+        with pytest.raises(MemoryError, match="bytes of GPU workspace"):
+            nbhd.na2d(q, q, q, 15, backend="naive")
+    finally:
+        _torch_ops.TorchArrays.launch = staticmethod(launch)
+
+
 # fused loads 16-byte rows, so it cannot take a last dimension of stride 2.
 STRIDED_CASE = Case((9,), (3,), (1,), (1,), (False,), heads=2, kv_heads=2, dim=64, dim_v=64,
                     label="1d, inner stride 2")

@@ -132,3 +132,20 @@ def test_merge_attentions_checks_shapes():
         nbhd.merge_attentions([np.zeros((1, 2, 1, 3))], [])
     with pytest.raises(ValueError, match=r"outs\[1\] has shape"):
         nbhd.merge_attentions([np.zeros((1, 2, 1, 3)), np.zeros((1, 2, 1, 4))], [np.zeros((1, 2, 1))] * 2)
+
+
+def test_a_workspace_that_is_not_a_pair_of_callables_is_refused():
+    from nbhd import _core
+
+    q, k, v = arrays(extent=(6,))
+    p = _core.attention_problem(_core.make_window(1, kernel_size=3), q.shape, k.shape, v.shape, None, None, None,
+                                False)
+    p.dtype = "float32"
+    out, lse = np.empty_like(q), np.empty(q.shape[:-1], np.float32)
+    for bad in (3, (len,), (len, 3)):
+        with pytest.raises(TypeError, match=r"workspace must be None or a pair of callables"):
+            nbhd._nbhd.forward(p, q, k, v, out, lse, workspace=bad)
+    # The CPU backends take no workspace: a valid pair is never called.
+    never = (lambda nbytes: pytest.fail("allocated"), lambda pointer: pytest.fail("freed"))
+    nbhd._nbhd.forward(p, q, k, v, out, lse, backend="cpu", workspace=never)
+    np.testing.assert_array_equal(out, nbhd.na1d(q, k, v, 3, backend="cpu"))
