@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "nbhd/api.hpp"
 #include "testing.hpp"
 
 namespace nbhd::testing {
@@ -13,6 +14,13 @@ namespace nbhd::testing {
 inline bool gpu_available() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// Whether `backend` is compiled into this build.
+inline bool built(Backend backend) {
+  for (const BackendInfo& b : built_backends())
+    if (b.backend == backend) return true;
+  return false;
 }
 
 #define NBHD_REQUIRE_GPU() \

@@ -21,6 +21,7 @@
 namespace nbhd {
 namespace {
 
+using testing::built;
 using testing::DeviceTensor;
 using testing::HostTensor;
 using testing::Inputs;
@@ -447,6 +448,32 @@ TEST(FusedForwardDevice, KernelsOverTheSharedMemoryLimitAreRefused) {
   EXPECT_NE(s.message().find("bytes of shared memory per block; this GPU allows " + std::to_string(limit)),
             std::string::npos)
       << s.message();
+}
+
+// A grid over CUDA's 2^31 - 1 blocks is refused by supports(), with the sizes, so
+// that auto passes the problem on (to naive, whose kernels loop over any size)
+// instead of failing at launch: 2^20 tokens in tiles of at most 128 queries, 256
+// heads and a batch of 1024 need at least 2^31 blocks.
+TEST(FusedForwardDevice, GridsOverTheLaunchLimitAreRefused) {
+  NBHD_REQUIRE_GPU();
+  Problem p;
+  p.rank = 1;
+  p.extent = {1 << 20, 0, 0};
+  p.kernel = {7, 0, 0};
+  p.batch = 1024;
+  p.heads = p.kv_heads = 256;
+  p.dim = 32;
+  p.dtype = DType::kFloat16;
+  ASSERT_TRUE(p.validate().ok()) << p.validate().message();
+  for (const Backend b : {Backend::kFused, Backend::kGemm}) {
+    if (!built(b)) continue;
+    const Status s = can_run(b, p, Device::kCUDA);
+    if (s.message().find("in this build") != std::string::npos) continue;
+    EXPECT_EQ(s.code(), StatusCode::kUnsupported) << name(b) << ": " << s.message();
+    EXPECT_NE(s.message().find("thread blocks; CUDA launches at most 2^31 - 1"), std::string::npos)
+        << name(b) << ": " << s.message();
+  }
+  if (built(Backend::kNaive)) EXPECT_TRUE(can_run(Backend::kNaive, p, Device::kCUDA).ok());
 }
 
 // Tensors on a GPU other than the current one: the backend runs there (the shared-

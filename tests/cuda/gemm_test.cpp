@@ -56,6 +56,7 @@
 namespace nbhd {
 namespace {
 
+using testing::built;
 using testing::DeviceTensor;
 using testing::HostTensor;
 using testing::Inputs;
@@ -70,12 +71,6 @@ std::vector<int64_t> with_last(std::vector<int64_t> s, int64_t last) {
 std::vector<int64_t> without_last(std::vector<int64_t> s) {
   s.pop_back();
   return s;
-}
-
-bool built(Backend backend) {
-  for (const BackendInfo& b : built_backends())
-    if (b.backend == backend) return true;
-  return false;
 }
 
 #define NBHD_REQUIRE_GEMM() \

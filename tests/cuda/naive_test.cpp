@@ -63,14 +63,8 @@ std::vector<int64_t> without_last(std::vector<int64_t> s) {
   return s;
 }
 
-bool naive_built() {
-  for (const BackendInfo& b : built_backends())
-    if (b.backend == Backend::kNaive) return true;
-  return false;
-}
-
 #define NBHD_REQUIRE_NAIVE() \
-  if (!naive_built()) GTEST_SKIP() << "the naive backend is not in this build (NBHD_BACKENDS)"
+  if (!testing::built(Backend::kNaive)) GTEST_SKIP() << "the naive backend is not in this build (NBHD_BACKENDS)"
 
 Options naive_options() {
   Options o;

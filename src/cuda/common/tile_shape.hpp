@@ -5,7 +5,11 @@
 // coordinates with shifts. Host and device.
 #pragma once
 
+#include <cstdint>
+#include <string>
+
 #include "nbhd/core/window.hpp"
+#include "nbhd/status.hpp"
 
 namespace nbhd::cuda {
 
@@ -87,6 +91,39 @@ NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, con
 // A shape from its log2 extents: query tile, warp box, key tile.
 constexpr TileShape log2_shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
   return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};
+}
+
+// The tiles of boxes of 2^log2[a] group indices that cover every dilation group: per
+// axis ceil(group 0's length / box) (group 0 is the longest) times the groups. A
+// tiled kernel's grid is `count` times heads (or kv heads) times batch.
+struct TileGrid {
+  int per_group[kMaxRank];
+  int64_t count;
+};
+
+inline TileGrid tile_grid(const Neighborhood& nb, const int* log2) {
+  TileGrid g{{}, 1};
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const int box = 1 << log2[a];
+    g.per_group[a] = (ax.group_length(0) + box - 1) / box;
+    g.count *= int64_t(g.per_group[a]) * ax.dilation;
+  }
+  return g;
+}
+
+// CUDA launches at most 2^31 - 1 blocks along x (65535 along y and z). Backends check
+// their grids where they decide whether they run a problem (supports), so that auto
+// passes it to another backend and the message gives the sizes, instead of a launch
+// failing with cudaErrorInvalidConfiguration.
+inline constexpr int64_t kMaxGridX = 0x7fffffff;
+inline constexpr int64_t kMaxGridYZ = 65535;
+
+inline Status check_grid(const std::string& kernel, int64_t blocks, int64_t blocks_y = 1) {
+  if (blocks <= kMaxGridX && blocks_y <= kMaxGridYZ) return Status::Ok();
+  return unsupported(kernel + " needs a grid of " + std::to_string(blocks) + " x " + std::to_string(blocks_y) +
+                     " thread blocks; CUDA launches at most 2^31 - 1 x 65535 (fewer batches, heads or tokens per "
+                     "call, or backend naive, whose kernels loop over any size)");
 }
 
 }  // namespace nbhd::cuda

@@ -3,6 +3,7 @@
 // compiled kernel for (dtype, head-dim bucket, warps, key tile).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -123,6 +124,8 @@ Status supports(const Problem& p, detail::Pass pass) {
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
   NBHD_RETURN_IF_ERROR(check_kernel_image("fused"));
   if (pass == detail::Pass::kBackward) return backward_supports(p);
+  NBHD_RETURN_IF_ERROR(check_grid("the fused forward kernel",
+                                  tile_grid(p.neighborhood(), plan(p).shape.q_log2).count * p.heads * p.batch));
   return fits_device(p);
 }
 
@@ -213,12 +216,9 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.rpb_layout = detail::rpb_layout(t.rpb, p.rank);
   fp.nb = p.neighborhood();
   fp.shape = config.shape;
-  fp.tiles = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = fp.nb.axis[a];
-    fp.tiles_per_group[a] = ceil_div(ax.group_length(0), fp.shape.q(a));
-    fp.tiles *= int64_t(fp.tiles_per_group[a]) * ax.dilation;
-  }
+  const TileGrid tiles = tile_grid(fp.nb, fp.shape.q_log2);
+  std::copy(tiles.per_group, tiles.per_group + kMaxRank, fp.tiles_per_group);
+  fp.tiles = tiles.count;
   fp.heads = int(p.heads);
   fp.heads_per_kv = int(p.heads_per_kv());
   fp.dim = int(p.dim);

@@ -110,7 +110,18 @@ Status backward_supports(const Problem& p) {
   if (!kernels().count({p.dtype, bucket}))
     return unsupported(std::string("no fused backward kernel for ") + name(p.dtype) + " head dim " +
                        std::to_string(bucket) + " in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)");
-  return Status::Ok();
+  // The passes' grids (backward_kernel.cuh): a block per key tile and kv head, per
+  // query tile and head, and for the element-wise passes 256 threads over the rows
+  // (4 per row and head in the preprocess, a 16-byte vector each converting dq).
+  const BackwardPlan planned = plan(p);
+  const Neighborhood nb = p.neighborhood();
+  const int64_t rows = p.batch * p.tokens() * p.heads;
+  const int64_t key_blocks = tile_grid(nb, planned.key_pass.shape.q_log2).count * p.kv_heads * p.batch;
+  const int64_t dq_blocks = tile_grid(nb, planned.dq_pass.shape.q_log2).count * p.heads * p.batch;
+  const int64_t row_blocks = (rows * std::max<int64_t>(4, p.dim * size_of(p.dtype) / 16) + 255) / 256;
+  NBHD_RETURN_IF_ERROR(check_grid("the fused backward's key pass", key_blocks));
+  NBHD_RETURN_IF_ERROR(check_grid("the fused backward's dq pass", dq_blocks));
+  return check_grid("the fused backward's preprocess and dq conversion", row_blocks);
 }
 
 Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
@@ -183,14 +194,14 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.key_pass_tma = bp.wgmma_key_pass && key_pass_tma(p, chosen.key_pass, t, &bp).empty();
   bp.kv_shape = GridTile::from(chosen.key_pass.shape);
   bp.dq_shape = GridTile::from(chosen.dq_pass.shape);
-  bp.kv_tiles = bp.dq_tiles = 1;
+  const TileGrid kv_tiles = tile_grid(bp.nb, bp.kv_shape.row_log2), dq_tiles = tile_grid(bp.nb, bp.dq_shape.row_log2);
+  std::copy(kv_tiles.per_group, kv_tiles.per_group + kMaxRank, bp.kv_tiles_per_group);
+  std::copy(dq_tiles.per_group, dq_tiles.per_group + kMaxRank, bp.dq_tiles_per_group);
+  bp.kv_tiles = kv_tiles.count;
+  bp.dq_tiles = dq_tiles.count;
   bp.additional_col_tiles = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = bp.nb.axis[a];
-    bp.kv_tiles_per_group[a] = ceil_div(ax.group_length(0), bp.kv_shape.row(a));
-    bp.kv_tiles *= int64_t(bp.kv_tiles_per_group[a]) * ax.dilation;
-    bp.dq_tiles_per_group[a] = ceil_div(ax.group_length(0), bp.dq_shape.row(a));
-    bp.dq_tiles *= int64_t(bp.dq_tiles_per_group[a]) * ax.dilation;
     bp.additional_col_tiles *= all_groups_tiles(ax, bp.kv_shape.col(a));
     // The widest span of bias indices one key tile's pairs use (deterministic d rpb).
     bp.rpb_span[a] = 1;

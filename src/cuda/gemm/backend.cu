@@ -33,7 +33,15 @@ float scale_of(const Problem& p) { return float(p.softmax_scale()); }
 
 Status supports(const Problem& p, detail::Pass) {
   NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "gemm"));
-  return check_problem(p);
+  NBHD_RETURN_IF_ERROR(check_problem(p));
+  // The grids follow the plan, which reads the device; without a readable one the
+  // call reports that instead.
+  SmemLimits limits;
+  if (!device_limits(&limits).ok()) {
+    cudaGetLastError();  // clear the error of a machine without a GPU
+    return Status::Ok();
+  }
+  return check_grids(p, make_plan(p, limits));
 }
 
 // Attention weights [B, X..., H, W + M] of `dtype`, rows padded_slots(p) apart, at `data`.

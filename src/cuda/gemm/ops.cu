@@ -64,12 +64,9 @@ QueryGrid query_grid(const Problem& p, const TileShape& s) {
   QueryGrid g{};
   g.nb = p.neighborhood();
   g.shape = s;
-  g.tiles = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = g.nb.axis[a];
-    g.tiles_per_group[a] = ceil_div(ax.group_length(0), s.q(a));
-    g.tiles *= int64_t(g.tiles_per_group[a]) * ax.dilation;
-  }
+  const TileGrid tiles = tile_grid(g.nb, s.q_log2);
+  std::copy(tiles.per_group, tiles.per_group + kMaxRank, g.tiles_per_group);
+  g.tiles = tiles.count;
   g.heads = int(p.heads);
   g.heads_per_kv = int(p.heads_per_kv());
   return g;
@@ -104,12 +101,6 @@ Status dispatch(DType problem, DType weights, F&& f) {
                      " attention weights in this build (NBHD_DTYPES)");
 }
 
-Status grid_fits(int64_t blocks, const char* what) {
-  if (blocks <= 0x7fffffff) return Status::Ok();
-  return unsupported(std::string("backend gemm: the ") + what + " grid needs " + std::to_string(blocks) +
-                     " thread blocks, more than 2^31 - 1 (fewer batches, heads or tokens per call)");
-}
-
 // Slab capacity of a kernel at the two-CTAs-per-SM budget, or at the opt-in maximum
 // when that leaves fewer than kMinSlabSlots slots per row. NBHD_GEMM_SLAB_SLOTS=<n>
 // caps it (the tests send small problems through several slabs with it).
@@ -122,6 +113,17 @@ int capacity_for(const SmemLimits& limits, Capacity&& capacity) {
 }
 
 }  // namespace
+
+Status check_grids(const Problem& p, const Plan& plan) {
+  // PN and NN: a block per query tile and head; IN: per key tile and kv head; NN and
+  // IN split the head dim into kCols-column chunks along y.
+  const Neighborhood nb = p.neighborhood();
+  const int64_t chunks = (std::max(p.dim, p.value_dim()) + kCols - 1) / kCols;
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's PN and NN kernels",
+                                  tile_grid(nb, plan.query.shape.q_log2).count * p.heads * p.batch, chunks));
+  return check_grid("backend gemm's IN kernel", tile_grid(nb, plan.inverse.shape.k_log2).count * p.kv_heads * p.batch,
+                    chunks);
+}
 
 Status device_limits(SmemLimits* limits) {
   int device = 0;
@@ -229,7 +231,7 @@ Status pn(const Problem& p, const Plan& plan, const PnArgs& a, cudaStream_t stre
   k.lse = static_cast<float*>(a.lse.data);
   k.lse_layout = detail::token_layout(a.lse, p.rank, /*has_inner=*/false);
   const int64_t blocks = k.grid.tiles * p.heads * p.batch;
-  NBHD_RETURN_IF_ERROR(grid_fits(blocks, "pn"));
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's PN kernel", blocks));
   return dispatch(p.dtype, a.out.dtype, [&](auto t, auto w) -> Status {
     return cuda_status(launch_pn<decltype(t), decltype(w)>(k, blocks, stream), "gemm pn kernel");
   });
@@ -259,7 +261,7 @@ Status nn(const Problem& p, const Plan& plan, const NnArgs& a, cudaStream_t stre
   k.out_layout = detail::token_layout(a.out, p.rank);
   k.out_vec = whole_vectors(a.out);
   const int64_t blocks = k.grid.tiles * p.heads * p.batch;
-  NBHD_RETURN_IF_ERROR(grid_fits(blocks, "nn"));
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's NN kernel", blocks, ceil_div(k.dim, kCols)));
   const int64_t chunks = ceil_div(k.dim, kCols);
   return dispatch(p.dtype, a.weights.dtype, [&](auto t, auto w) -> Status {
     return cuda_status(launch_nn<decltype(t), decltype(w)>(k, blocks, int(chunks), stream), "gemm nn kernel");
@@ -272,12 +274,9 @@ Status in(const Problem& p, const Plan& plan, const InArgs& a, cudaStream_t stre
   InParams k{};
   k.nb = p.neighborhood();
   k.shape = plan.inverse.shape;
-  k.tiles = 1;
-  for (int i = 0; i < kMaxRank; ++i) {
-    const Axis& ax = k.nb.axis[i];
-    k.tiles_per_group[i] = ceil_div(ax.group_length(0), k.shape.k(i));
-    k.tiles *= int64_t(k.tiles_per_group[i]) * ax.dilation;
-  }
+  const TileGrid tiles = tile_grid(k.nb, k.shape.k_log2);
+  std::copy(tiles.per_group, tiles.per_group + kMaxRank, k.tiles_per_group);
+  k.tiles = tiles.count;
   k.kv_heads = int(p.kv_heads);
   k.heads_per_kv = int(p.heads_per_kv());
   k.dim = last_dim(a.out);
@@ -290,7 +289,7 @@ Status in(const Problem& p, const Plan& plan, const InArgs& a, cudaStream_t stre
   k.out_layout = detail::token_layout(a.out, p.rank);
   k.out_vec = whole_vectors(a.out);
   const int64_t blocks = k.tiles * p.kv_heads * p.batch;
-  NBHD_RETURN_IF_ERROR(grid_fits(blocks, "in"));
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's IN kernel", blocks, ceil_div(k.dim, kCols)));
   const int64_t chunks = ceil_div(k.dim, kCols);
   return dispatch(p.dtype, a.weights.dtype, [&](auto t, auto w) -> Status {
     return cuda_status(launch_in<decltype(t), decltype(w)>(k, blocks, int(chunks), stream), "gemm in kernel");

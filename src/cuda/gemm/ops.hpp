@@ -63,4 +63,7 @@ Status pn_slab_plan(const Problem& p, int dim, DType weights, SlabPlan* plan);
 // Why the gemm kernels cannot run `p` (dtype not built, head dim, 32-bit slot codes), or Ok.
 Status check_problem(const Problem& p);
 
+// Whether the planned kernels' grids fit CUDA's launch limits (tile_shape.hpp).
+Status check_grids(const Problem& p, const Plan& plan);
+
 }  // namespace nbhd::cuda::gemm
