@@ -357,6 +357,11 @@ class NumpyArrays:
         return np.float64 if like.dtype == np.float64 else np.float32
 
     @staticmethod
+    def export(*arrays):
+        """The arrays as the extension takes them (numpy's go as they are)."""
+        return arrays
+
+    @staticmethod
     def launch(like) -> dict:
         # numpy arrays: the CPU backends use every hardware thread (docs/python.md).
         return {"stream": 0, "deterministic": Settings.deterministic, "num_threads": 0}
@@ -375,7 +380,7 @@ def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, back
     if _empty(p):
         _check_empty(p, query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     else:
-        _nbhd.forward(p, q, k, v, out, lse, rpb, ak, av, backend=backend_name(backend), **fw.launch(q))
+        _nbhd.forward(p, *fw.export(q, k, v, out, lse, rpb, ak, av), backend=backend_name(backend), **fw.launch(q))
     return out, lse
 
 
@@ -394,7 +399,7 @@ def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=N
         _check_empty(p, query=q, key=k, value=v, out=out, lse=lse, d_out=d_out, rpb=rpb, additional_keys=ak,
                      additional_values=av)
     else:
-        _nbhd.backward(p, q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av, d_lse,
+        _nbhd.backward(p, *fw.export(q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av, d_lse),
                        backend=backend_name(backend), **fw.launch(q))
     return dq, dk, dv, d_rpb, d_ak, d_av
 
@@ -408,7 +413,7 @@ def qk(fw, window: Window, scale, q, k, rpb=None, ak=None, backend=None):
     if _empty(p):
         _check_empty(p, query=q, key=k, rpb=rpb, additional_keys=ak)
     else:
-        _nbhd.qk(p, q, k, attn, rpb, ak, backend=backend_name(backend), **fw.launch(q))
+        _nbhd.qk(p, *fw.export(q, k, attn, rpb, ak), backend=backend_name(backend), **fw.launch(q))
     return attn
 
 
@@ -422,7 +427,7 @@ def qk_backward(fw, window: Window, scale, d_attn, q, k, ak=None, has_rpb=False,
     if _empty(p):
         _check_empty(p, query=q, key=k, d_attn=d_attn, additional_keys=ak)
     else:
-        _nbhd.qk_backward(p, q, k, d_attn, dq, dk, ak, d_rpb, d_ak, backend=backend_name(backend), **fw.launch(q))
+        _nbhd.qk_backward(p, *fw.export(q, k, d_attn, dq, dk, ak, d_rpb, d_ak), backend=backend_name(backend), **fw.launch(q))
     return dq, dk, d_rpb, d_ak
 
 
@@ -432,7 +437,7 @@ def softmax(fw, window: Window, attn, backend=None):
     alloc = _alloc(fw, p)
     probs = alloc(attn.shape, attn)
     if not _empty(p):  # attn's shape made the problem
-        _nbhd.softmax(p, attn, probs, backend=backend_name(backend), **fw.launch(attn))
+        _nbhd.softmax(p, *fw.export(attn, probs), backend=backend_name(backend), **fw.launch(attn))
     return probs
 
 
@@ -443,7 +448,7 @@ def softmax_backward(fw, window: Window, probs, d_probs, backend=None):
     if _empty(p):
         _check_empty(p, d_probs=d_probs)
     else:
-        _nbhd.softmax_backward(p, probs, d_probs, d_attn, backend=backend_name(backend), **fw.launch(probs))
+        _nbhd.softmax_backward(p, *fw.export(probs, d_probs, d_attn), backend=backend_name(backend), **fw.launch(probs))
     return d_attn
 
 
@@ -458,7 +463,7 @@ def av(fw, window: Window, probs, v, av_extra=None, backend=None):
     if _empty(p):
         _check_empty(p, value=v, additional_values=av_extra)
     else:
-        _nbhd.av(p, probs, v, out, av_extra, backend=backend_name(backend), **fw.launch(probs))
+        _nbhd.av(p, *fw.export(probs, v, out, av_extra), backend=backend_name(backend), **fw.launch(probs))
     return out
 
 
@@ -471,7 +476,7 @@ def av_backward(fw, window: Window, d_out, probs, v, av_extra=None, backend=None
     if _empty(p):
         _check_empty(p, value=v, d_out=d_out, additional_values=av_extra)
     else:
-        _nbhd.av_backward(p, probs, v, d_out, d_probs, dv, av_extra, d_av, backend=backend_name(backend),
+        _nbhd.av_backward(p, *fw.export(probs, v, d_out, d_probs, dv, av_extra, d_av), backend=backend_name(backend),
                           **fw.launch(probs))
     return d_probs, dv, d_av
 

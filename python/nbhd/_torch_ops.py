@@ -6,13 +6,13 @@ sees each operator as one opaque node; its backward is a custom operator as well
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _core
 
@@ -34,6 +34,13 @@ class TorchArrays:
         return torch.float64 if like.dtype == torch.float64 else torch.float32
 
     @staticmethod
+    def export(*tensors):
+        # DLPack capsules made in C++ (0.2 us each; Tensor.__dlpack__'s Python checks
+        # take 2 us and want the tensor's GPU current). Inside the operators the tensors
+        # may still say requires_grad, which only __dlpack__ refuses.
+        return tuple(None if t is None else _to_dlpack(t) for t in tensors)
+
+    @staticmethod
     def launch(like) -> dict:
         deterministic = torch.are_deterministic_algorithms_enabled() or _core.Settings.deterministic
         if not like.is_cuda:
@@ -46,16 +53,6 @@ class TorchArrays:
         allocate = functools.partial(torch.cuda.caching_allocator_alloc, device=like.device, stream=stream)
         workspace = (allocate, torch.cuda.caching_allocator_delete)
         return {"stream": stream, "deterministic": deterministic, "num_threads": 0, "workspace": workspace}
-
-
-def _on_device(t: Tensor):
-    # DLPack export of a CUDA tensor needs its device to be the current one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _data(*tensors):
-    # Inside the operator the tensors may still say requires_grad; DLPack refuses those.
-    return [None if t is None else t.detach() for t in tensors]
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -78,10 +75,8 @@ def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
                ) -> Tuple[Tensor, Tensor]:
     """query_begin, query_end: the query box (_core.query_box_lists), None for every query."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(query):
-        return _core.forward(TorchArrays, window, scale,
-                             *_data(query, key, value, rpb, additional_keys, additional_values), backend=backend,
-                             query_box=_core.query_box_from_lists(query_begin, query_end))
+    return _core.forward(TorchArrays, window, scale, query, key, value, rpb, additional_keys, additional_values,
+                         backend=backend, query_box=_core.query_box_from_lists(query_begin, query_end))
 
 
 @na_forward.register_fake
@@ -104,12 +99,9 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
     """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty.
     d_lse: lse's gradient or None."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(query):
-        dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
-            TorchArrays, window, scale,
-            *_data(d_out, query, key, value, out, lse, rpb, additional_keys, additional_values), backend=backend,
-            d_lse=None if d_lse is None else d_lse.detach(),
-            query_box=_core.query_box_from_lists(query_begin, query_end))
+    dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
+        TorchArrays, window, scale, d_out, query, key, value, out, lse, rpb, additional_keys, additional_values,
+        backend=backend, d_lse=d_lse, query_box=_core.query_box_from_lists(query_begin, query_end))
     return dq, dk, dv, _or_empty(d_rpb, query), _or_empty(d_ak, query), _or_empty(d_av, query)
 
 
@@ -161,8 +153,7 @@ def na_qk(query: Tensor, key: Tensor, rpb: Optional[Tensor], additional_keys: Op
           kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool], periodic: List[bool],
           scale: Optional[float], backend: Optional[str]) -> Tensor:
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(query):
-        return _core.qk(TorchArrays, window, scale, *_data(query, key, rpb, additional_keys), backend=backend)
+    return _core.qk(TorchArrays, window, scale, query, key, rpb, additional_keys, backend=backend)
 
 
 @na_qk.register_fake
@@ -178,9 +169,8 @@ def na_qk_backward(d_attn: Tensor, query: Tensor, key: Tensor, additional_keys: 
                    scale: Optional[float], backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d_query, d_key, d_rpb (lse's dtype), d_additional_keys); absent ones empty."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(query):
-        dq, dk, d_rpb, d_ak = _core.qk_backward(TorchArrays, window, scale, *_data(d_attn, query, key, additional_keys),
-                                                has_rpb=has_rpb, backend=backend)
+    dq, dk, d_rpb, d_ak = _core.qk_backward(TorchArrays, window, scale, d_attn, query, key, additional_keys,
+                                            has_rpb=has_rpb, backend=backend)
     return dq, dk, _or_empty(d_rpb, query), _or_empty(d_ak, query)
 
 
@@ -216,8 +206,7 @@ def na_softmax(attn: Tensor, kernel_size: List[int], stride: List[int], dilation
                periodic: List[bool],
                backend: Optional[str]) -> Tensor:
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(attn):
-        return _core.softmax(TorchArrays, window, *_data(attn), backend=backend)
+    return _core.softmax(TorchArrays, window, attn, backend=backend)
 
 
 @na_softmax.register_fake
@@ -230,8 +219,7 @@ def na_softmax_backward(probs: Tensor, d_probs: Tensor, kernel_size: List[int], 
                         dilation: List[int], is_causal: List[bool],
                         periodic: List[bool], backend: Optional[str]) -> Tensor:
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(probs):
-        return _core.softmax_backward(TorchArrays, window, *_data(probs, d_probs), backend=backend)
+    return _core.softmax_backward(TorchArrays, window, probs, d_probs, backend=backend)
 
 
 @na_softmax_backward.register_fake
@@ -258,8 +246,7 @@ def na_av(probs: Tensor, value: Tensor, additional_values: Optional[Tensor], ker
           stride: List[int], dilation: List[int], is_causal: List[bool],
           periodic: List[bool], backend: Optional[str]) -> Tensor:
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(probs):
-        return _core.av(TorchArrays, window, *_data(probs, value, additional_values), backend=backend)
+    return _core.av(TorchArrays, window, probs, value, additional_values, backend=backend)
 
 
 @na_av.register_fake
@@ -274,9 +261,8 @@ def na_av_backward(d_out: Tensor, probs: Tensor, value: Tensor, additional_value
                    backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_probs, d_value, d_additional_values); an absent one empty."""
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    with _on_device(probs):
-        d_probs, dv, d_av = _core.av_backward(TorchArrays, window, *_data(d_out, probs, value, additional_values),
-                                              backend=backend)
+    d_probs, dv, d_av = _core.av_backward(TorchArrays, window, d_out, probs, value, additional_values,
+                                          backend=backend)
     return d_probs, dv, _or_empty(d_av, probs)
 
 
