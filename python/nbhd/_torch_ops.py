@@ -66,8 +66,7 @@ def _given(t: Tensor, present: bool) -> Optional[Tensor]:
 
 # ------------------------------------------------------------------ fused attention
 
-@torch.library.custom_op("nbhd::na_forward", mutates_args=())
-def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], additional_keys: Optional[Tensor],
+def _na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], additional_keys: Optional[Tensor],
                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
                is_causal: List[bool],
                periodic: List[bool], scale: Optional[float], backend: Optional[str],
@@ -79,6 +78,9 @@ def na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
                          backend=backend, query_box=_core.query_box_from_lists(query_begin, query_end))
 
 
+na_forward = torch.library.custom_op("nbhd::na_forward", mutates_args=())(_na_forward)
+
+
 @na_forward.register_fake
 def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, periodic,
       scale, backend, query_begin=None, query_end=None):
@@ -87,8 +89,7 @@ def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, s
     return out, lse
 
 
-@torch.library.custom_op("nbhd::na_backward", mutates_args=())
-def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+def _na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                 d_lse: Optional[Tensor],
                 rpb: Optional[Tensor], additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
                 kernel_size: List[int], stride: List[int], dilation: List[int], is_causal: List[bool],
@@ -103,6 +104,9 @@ def na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: T
         TorchArrays, window, scale, d_out, query, key, value, out, lse, rpb, additional_keys, additional_values,
         backend=backend, d_lse=d_lse, query_box=_core.query_box_from_lists(query_begin, query_end))
     return dq, dk, dv, _or_empty(d_rpb, query), _or_empty(d_ak, query), _or_empty(d_av, query)
+
+
+na_backward = torch.library.custom_op("nbhd::na_backward", mutates_args=())(_na_backward)
 
 
 @na_backward.register_fake
@@ -133,7 +137,8 @@ def _forward_backward(ctx, d_out, d_lse):
         # probs): one pass of the chosen backend, no attention weights.
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
         d_lse = None if d_lse is None else d_lse.to(lse.dtype).contiguous()
-        dq, dk, dv, d_rpb, d_ak, d_av = torch.ops.nbhd.na_backward(
+        backward = _na_backward if getattr(ctx, "eager", False) else torch.ops.nbhd.na_backward
+        dq, dk, dv, d_rpb, d_ak, d_av = backward(
             d_out, query, key, value, out, lse, d_lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend,
             *ctx.query_box_args)
         grads = [dq, dk, dv, _given(d_rpb, rpb is not None), _given(d_ak, ak is not None),
@@ -144,6 +149,43 @@ def _forward_backward(ctx, d_out, d_lse):
 
 
 torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_context=_forward_setup)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """nbhd::na_forward and its gradient without the operator's dispatch: the same
+    functions, called directly (the operator's Python layers cost ~35 us a call, 3x
+    a small problem's kernels). Only for plain tensors outside tracing (eager_call)."""
+
+    # forward(ctx, ...) rather than a setup_context: with one, apply() binds the
+    # arguments through inspect.signature on every call (~15 us).
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _na_forward(*inputs)
+        _forward_setup(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _forward_backward(ctx, d_out, d_lse)
+
+
+def eager_call(tensors) -> bool:
+    """Whether an attention call may skip the operator: plain CPU or CUDA tensors, with
+    no compiler, functorch transform (vmap, grad) or torch function or dispatch mode
+    (fake tensors, tracing) that must see nbhd::na_forward."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or (type(t) is Tensor and t.device.type in ("cpu", "cuda")) for t in tensors)
+
+
+def attention(*inputs):
+    """(out, lse) of nbhd::na_forward's arguments: directly where eager_call allows."""
+    if eager_call(inputs[:6]):
+        return _EagerAttention.apply(*inputs)
+    return torch.ops.nbhd.na_forward(*inputs)
 
 
 # ------------------------------------------------------------------ unfused operations

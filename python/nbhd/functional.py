@@ -89,11 +89,8 @@ def _attention(framework, window, query, key, value, scale, rpb, additional_keys
         out, lse = _core.forward(_core.NumpyArrays, window, scale, query, key, value, rpb, additional_keys,
                                  additional_values, backend, box)
     else:
-        _torch_ops()
-        import torch
-
-        out, lse = torch.ops.nbhd.na_forward(query, key, value, rpb, additional_keys, additional_values,
-                                             *window.lists(), scale, backend, *_core.query_box_lists(box))
+        out, lse = _torch_ops().attention(query, key, value, rpb, additional_keys, additional_values,
+                                          *window.lists(), scale, backend, *_core.query_box_lists(box))
     return (out, lse) if return_lse else out
 
 

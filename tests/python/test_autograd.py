@@ -3,6 +3,7 @@
 lse's gradient against a dense torch reference, and torch.library.opcheck of every
 operator."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -141,6 +142,45 @@ def test_only_some_inputs_require_grad():
     v.requires_grad_()
     nbhd.na2d(q, k, v, rpb=rpb, additional_keys=ak, additional_values=av, **case.window_kwargs()).sum().backward()
     assert v.grad is not None and q.grad is None
+
+
+class _Watching(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: code under it must reach the operator."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_path_and_operator_agree():
+    # Plain tensors skip nbhd::na_forward's dispatch (_torch_ops.eager_call); under a
+    # torch function mode (as under tracing) the operator runs. Same results, bitwise,
+    # values and gradients, lse's gradient included.
+    from nbhd import _torch_ops
+
+    case = GRAD_CASES[1]
+    results = []
+    for watched in (False, True):
+        inputs = leaves(case, torch.float32)
+        with _Watching() if watched else contextlib.nullcontext():
+            assert _torch_ops.eager_call(inputs) is not watched
+            out, lse = fused(case, return_lse=True)(*inputs)
+            (out.square().sum() + lse.sum()).backward()
+        results.append([out, lse] + [x.grad for x in inputs])
+    for eager, operator in zip(*results):
+        assert torch.equal(eager, operator)
+
+
+def test_eager_path_is_refused_where_the_operator_must_run():
+    from nbhd import _torch_ops
+
+    q = torch.zeros(1, 4, 1, 2)
+    assert _torch_ops.eager_call([q, q, q, None])
+    assert not _torch_ops.eager_call([q.to("meta"), q, q])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not _torch_ops.eager_call([torch.zeros(1, 4, 1, 2)])
+    assert not torch.vmap(lambda x: torch.tensor(_torch_ops.eager_call([x])))(torch.zeros(3, 1, 4, 1, 2)).any()
 
 
 # ---------------------------------------------------------------------------- opcheck
