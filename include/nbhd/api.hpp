@@ -71,6 +71,13 @@ struct BackwardTensors {
 Status forward(const Problem& problem, const ForwardTensors& tensors, const Options& options = {});
 Status backward(const Problem& problem, const BackwardTensors& tensors, const Options& options = {});
 
+// The checks forward() and backward() make before they run (the problem, every
+// tensor's shape, dtype and device, the optional ones' presence), without running:
+// for a framework tracing shapes with tensors that have no memory. The tensors' data
+// only has to be non-null; it is not read.
+Status check_forward(const Problem& problem, const ForwardTensors& tensors);
+Status check_backward(const Problem& problem, const BackwardTensors& tensors);
+
 // Unfused operations. Attention weights are laid out per query by window slot:
 // attn [B, X..., H, W + M] with W = prod(kernel) slots in row-major order over the
 // axes (slot offset = key index in group - window begin) and the M additional tokens

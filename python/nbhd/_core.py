@@ -355,7 +355,11 @@ def backend_name(backend: Optional[str]) -> str:
 # ----------------------------------------------------------------- framework adapters
 
 class NumpyArrays:
-    """Allocation and launch settings for numpy arrays (CPU, no stream)."""
+    """Allocation and launch settings for numpy arrays (CPU, no stream). An adapter
+    whose checks_only is true (torch's fakes) has forward and backward check their
+    arguments instead of running."""
+
+    checks_only = False
 
     @staticmethod
     def empty(shape, like, dtype=None):
@@ -394,7 +398,11 @@ def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, back
     if _empty(p):
         _check_empty(p, query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     else:
-        _nbhd.forward(p, *fw.export(q, k, v, out, lse, rpb, ak, av), backend=backend_name(backend), **fw.launch(q))
+        arrays = fw.export(q, k, v, out, lse, rpb, ak, av)
+        if fw.checks_only:
+            _nbhd.check_forward(p, *arrays)
+        else:
+            _nbhd.forward(p, *arrays, backend=backend_name(backend), **fw.launch(q))
     return out, lse
 
 
@@ -413,8 +421,11 @@ def backward(fw, window: Window, scale, d_out, q, k, v, out, lse, rpb=None, ak=N
         _check_empty(p, query=q, key=k, value=v, out=out, lse=lse, d_out=d_out, rpb=rpb, additional_keys=ak,
                      additional_values=av)
     else:
-        _nbhd.backward(p, *fw.export(q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av, d_lse),
-                       backend=backend_name(backend), **fw.launch(q))
+        arrays = fw.export(q, k, v, out, lse, d_out, dq, dk, dv, rpb, ak, av, d_rpb, d_ak, d_av, d_lse)
+        if fw.checks_only:
+            _nbhd.check_backward(p, *arrays)
+        else:
+            _nbhd.backward(p, *arrays, backend=backend_name(backend), **fw.launch(q))
     return dq, dk, dv, d_rpb, d_ak, d_av
 
 

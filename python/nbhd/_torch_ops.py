@@ -20,6 +20,8 @@ from . import _core
 class TorchArrays:
     """Allocation and launch settings for torch tensors (see _core.NumpyArrays)."""
 
+    checks_only = False
+
     @staticmethod
     def empty(shape, like, dtype=None):
         return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
@@ -55,6 +57,28 @@ class TorchArrays:
         return {"stream": stream, "deterministic": deterministic, "num_threads": 0, "workspace": workspace}
 
 
+class TorchFakes(TorchArrays):
+    """TorchArrays for the fake implementations (torch.compile's tracing, meta tensors):
+    tensors without memory, so the library makes its checks (shapes, dtypes, devices:
+    the messages of an eager call) on their descriptions instead of running."""
+
+    checks_only = True
+
+    @staticmethod
+    def export(*tensors):
+        return tuple(None if t is None else
+                     (list(t.shape), str(t.dtype).replace("torch.", ""), t.device.type, t.device.index or 0)
+                     for t in tensors)
+
+
+def _concrete(*tensors) -> bool:
+    """Whether every shape is known (static-shape tracing, meta tensors): then the fake
+    implementations check their arguments as an eager call would. With symbolic sizes
+    (dynamic shapes) checking would specialise them: shapes only, and the eager call's
+    checks run when the compiled code does."""
+    return all(t is None or all(type(n) is int for n in t.shape) for t in tensors)
+
+
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Operators cannot return None: an absent gradient is an empty tensor.
     return like.new_empty(0) if t is None else t
@@ -73,8 +97,14 @@ def _na_forward(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor]
                query_begin: Optional[List[int]] = None, query_end: Optional[List[int]] = None
                ) -> Tuple[Tensor, Tensor]:
     """query_begin, query_end: the query box (_core.query_box_lists), None for every query."""
+    return _forward_with(TorchArrays, query, key, value, rpb, additional_keys, additional_values, kernel_size, stride,
+                         dilation, is_causal, periodic, scale, backend, query_begin, query_end)
+
+
+def _forward_with(fw, query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+                  is_causal, periodic, scale, backend, query_begin=None, query_end=None):
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
-    return _core.forward(TorchArrays, window, scale, query, key, value, rpb, additional_keys, additional_values,
+    return _core.forward(fw, window, scale, query, key, value, rpb, additional_keys, additional_values,
                          backend=backend, query_box=_core.query_box_from_lists(query_begin, query_end))
 
 
@@ -84,6 +114,9 @@ na_forward = torch.library.custom_op("nbhd::na_forward", mutates_args=())(_na_fo
 @na_forward.register_fake
 def _(query, key, value, rpb, additional_keys, additional_values, kernel_size, stride, dilation, is_causal, periodic,
       scale, backend, query_begin=None, query_end=None):
+    if _concrete(query, key, value, rpb, additional_keys, additional_values):
+        return _forward_with(TorchFakes, query, key, value, rpb, additional_keys, additional_values, kernel_size,
+                             stride, dilation, is_causal, periodic, scale, backend, query_begin, query_end)
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
     lse = query.new_empty(query.shape[:-1], dtype=TorchArrays.accumulator(query))
     return out, lse
@@ -99,9 +132,16 @@ def _na_backward(d_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: 
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_query, d_key, d_value, d_rpb (lse's dtype), d_additional_keys, d_additional_values); absent ones empty.
     d_lse: lse's gradient or None."""
+    return _backward_with(TorchArrays, d_out, query, key, value, out, lse, d_lse, rpb, additional_keys,
+                          additional_values, kernel_size, stride, dilation, is_causal, periodic, scale, backend,
+                          query_begin, query_end)
+
+
+def _backward_with(fw, d_out, query, key, value, out, lse, d_lse, rpb, additional_keys, additional_values, kernel_size,
+                   stride, dilation, is_causal, periodic, scale, backend, query_begin=None, query_end=None):
     window = _core.window_from_lists(kernel_size, stride, dilation, is_causal, periodic)
     dq, dk, dv, d_rpb, d_ak, d_av = _core.backward(
-        TorchArrays, window, scale, d_out, query, key, value, out, lse, rpb, additional_keys, additional_values,
+        fw, window, scale, d_out, query, key, value, out, lse, rpb, additional_keys, additional_values,
         backend=backend, d_lse=d_lse, query_box=_core.query_box_from_lists(query_begin, query_end))
     return dq, dk, dv, _or_empty(d_rpb, query), _or_empty(d_ak, query), _or_empty(d_av, query)
 
@@ -112,6 +152,11 @@ na_backward = torch.library.custom_op("nbhd::na_backward", mutates_args=())(_na_
 @na_backward.register_fake
 def _(d_out, query, key, value, out, lse, d_lse, rpb, additional_keys, additional_values, kernel_size, stride,
       dilation, is_causal, periodic, scale, backend, query_begin=None, query_end=None):
+    if _concrete(d_out, query, key, value, out, lse, d_lse, rpb, additional_keys, additional_values):
+        return _backward_with(TorchFakes, d_out, query, key, value, out, lse, d_lse, rpb, additional_keys,
+                              additional_values, kernel_size, stride, dilation, is_causal, periodic, scale, backend,
+                              query_begin, query_end)
+
     def like(t, dtype=None):
         return query.new_empty(0) if t is None else t.new_empty(t.shape, dtype=dtype)
 

@@ -7,8 +7,10 @@
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -55,12 +57,33 @@ nbhd::DType to_dtype(const char* name, nb::dlpack::dtype t) {
                              " bits); nbhd takes float16, bfloat16, float32 and float64");
 }
 
+// The DType named `text` ("float16", ...); false when none is.
+bool dtype_named(const std::string& text, nbhd::DType* out) {
+  for (nbhd::DType t : {nbhd::DType::kFloat16, nbhd::DType::kBFloat16, nbhd::DType::kFloat32, nbhd::DType::kFloat64})
+    if (text == nbhd::name(t)) {
+      *out = t;
+      return true;
+    }
+  return false;
+}
+
 // Holds the imported arrays alive while the library reads their memory.
 class Arrays {
  public:
+  Arrays() = default;
+  // Arrays described by (shape, dtype name, device type, device index) instead of
+  // imported: tensors with no memory (a framework's fake tensors while it traces
+  // shapes), for the checks, which read no data.
+  static Arrays described() {
+    Arrays a;
+    a.described_ = true;
+    return a;
+  }
+
   // An input, or an undefined TensorRef when `h` is None.
   nbhd::TensorRef input(const char* name, nb::handle h) {
     if (h.is_none()) return {};
+    if (described_) return describe(name, h);
     InputArray a;
     if (!nb::try_cast(h, a, /*convert=*/false))
       raise(PyExc_TypeError, std::string(name) + " must be an array with DLPack support (numpy, torch), got " +
@@ -72,6 +95,7 @@ class Arrays {
 
   nbhd::TensorRef output(const char* name, nb::handle h) {
     if (h.is_none()) return {};
+    if (described_) return describe(name, h);
     OutputArray a;
     if (!nb::try_cast(h, a, /*convert=*/false))
       raise(PyExc_TypeError,
@@ -81,6 +105,30 @@ class Arrays {
   }
 
  private:
+  static nbhd::TensorRef describe(const char* name, nb::handle h) {
+    const auto [shape, dtype, device, index] =
+        nb::cast<std::tuple<std::vector<int64_t>, std::string, std::string, int>>(h);
+    nbhd::TensorRef t;
+    // Never read: check_forward / check_backward only need it non-null.
+    t.data = reinterpret_cast<void*>(uintptr_t(256));
+    if (!dtype_named(dtype, &t.dtype))
+      raise(PyExc_TypeError, std::string(name) + " has dtype " + dtype +
+                                 "; nbhd takes float16, bfloat16, float32 and float64");
+    t.device = device == "cuda" ? nbhd::Device::kCUDA : nbhd::Device::kCPU;
+    t.device_index = index;
+    if (shape.size() > size_t(nbhd::kMaxTensorRank))
+      raise(PyExc_ValueError, std::string(name) + " has " + std::to_string(shape.size()) + " dimensions; at most " +
+                                  std::to_string(nbhd::kMaxTensorRank) + " are supported");
+    t.ndim = int(shape.size());
+    int64_t stride = 1;
+    for (int i = t.ndim - 1; i >= 0; --i) {
+      t.shape[i] = shape[size_t(i)];
+      t.stride[i] = stride;
+      stride *= std::max<int64_t>(shape[size_t(i)], 1);
+    }
+    return t;
+  }
+
   template <class Array>
   static nbhd::TensorRef to_ref(const char* name, const void* data, const Array& a) {
     nbhd::TensorRef t;
@@ -106,6 +154,7 @@ class Arrays {
     return t;
   }
 
+  bool described_ = false;
   std::vector<InputArray> inputs_;
   std::vector<OutputArray> outputs_;
 };
@@ -184,6 +233,47 @@ void run(F&& call) {
 // nanobind 3, and the GPU machine's nanobind is 3.1 while the pinned one is 2.10.)
 auto optional_array(const char* name) { return nb::arg(name).none() = nb::none(); }
 
+nbhd::ForwardTensors forward_tensors(Arrays& a, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
+                                     nb::handle lse, nb::handle rpb, nb::handle additional_keys,
+                                     nb::handle additional_values) {
+  nbhd::ForwardTensors t;
+  t.query = a.input("query", query);
+  t.key = a.input("key", key);
+  t.value = a.input("value", value);
+  t.rpb = a.input("rpb", rpb);
+  t.additional_keys = a.input("additional_keys", additional_keys);
+  t.additional_values = a.input("additional_values", additional_values);
+  t.out = a.output("out", out);
+  t.lse = a.output("lse", lse);
+  return t;
+}
+
+nbhd::BackwardTensors backward_tensors(Arrays& a, nb::handle query, nb::handle key, nb::handle value,
+                                       nb::handle out, nb::handle lse, nb::handle d_out, nb::handle d_query,
+                                       nb::handle d_key, nb::handle d_value, nb::handle rpb,
+                                       nb::handle additional_keys, nb::handle additional_values, nb::handle d_rpb,
+                                       nb::handle d_additional_keys, nb::handle d_additional_values,
+                                       nb::handle d_lse) {
+  nbhd::BackwardTensors t;
+  t.query = a.input("query", query);
+  t.key = a.input("key", key);
+  t.value = a.input("value", value);
+  t.out = a.input("out", out);
+  t.lse = a.input("lse", lse);
+  t.d_out = a.input("d_out", d_out);
+  t.rpb = a.input("rpb", rpb);
+  t.additional_keys = a.input("additional_keys", additional_keys);
+  t.additional_values = a.input("additional_values", additional_values);
+  t.d_query = a.output("d_query", d_query);
+  t.d_key = a.output("d_key", d_key);
+  t.d_value = a.output("d_value", d_value);
+  t.d_rpb = a.output("d_rpb", d_rpb);
+  t.d_additional_keys = a.output("d_additional_keys", d_additional_keys);
+  t.d_additional_values = a.output("d_additional_values", d_additional_values);
+  t.d_lse = a.input("d_lse", d_lse);
+  return t;
+}
+
 #define NBHD_OPTION_ARGS                                                                           \
   "backend"_a = "auto", "stream"_a = 0, "deterministic"_a = false, "num_threads"_a = 0, \
       nb::arg("workspace").none() = nb::none()
@@ -215,13 +305,8 @@ NB_MODULE(_nbhd, m) {
       .def_prop_rw(
           "dtype", [](const nbhd::Problem& p) { return std::string(nbhd::name(p.dtype)); },
           [](nbhd::Problem& p, const std::string& text) {
-            for (nbhd::DType t : {nbhd::DType::kFloat16, nbhd::DType::kBFloat16, nbhd::DType::kFloat32,
-                                  nbhd::DType::kFloat64})
-              if (text == nbhd::name(t)) {
-                p.dtype = t;
-                return;
-              }
-            raise(PyExc_ValueError, "dtype = '" + text + "' is not one of float16, bfloat16, float32, float64");
+            if (!dtype_named(text, &p.dtype))
+              raise(PyExc_ValueError, "dtype = '" + text + "' is not one of float16, bfloat16, float32, float64");
           },
           "Element type of q, k, v and out; the array functions set it from the query.")
       .def("validate", [](const nbhd::Problem& p) { check(p.validate()); },
@@ -259,20 +344,24 @@ NB_MODULE(_nbhd, m) {
                       const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
                       nb::handle workspace) {
     Arrays a;
-    nbhd::ForwardTensors t;
-    t.query = a.input("query", query);
-    t.key = a.input("key", key);
-    t.value = a.input("value", value);
-    t.rpb = a.input("rpb", rpb);
-    t.additional_keys = a.input("additional_keys", additional_keys);
-    t.additional_values = a.input("additional_values", additional_values);
-    t.out = a.output("out", out);
-    t.lse = a.output("lse", lse);
+    const nbhd::ForwardTensors t =
+        forward_tensors(a, query, key, value, out, lse, rpb, additional_keys, additional_values);
     const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::forward(typed_p, t, o.get()); });
   }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, optional_array("lse"), optional_array("rpb"),
      optional_array("additional_keys"), optional_array("additional_values"), NBHD_OPTION_ARGS);
+
+  m.def("check_forward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value,
+                            nb::handle out, nb::handle lse, nb::handle rpb, nb::handle additional_keys,
+                            nb::handle additional_values) {
+    Arrays a = Arrays::described();
+    const nbhd::ForwardTensors t =
+        forward_tensors(a, query, key, value, out, lse, rpb, additional_keys, additional_values);
+    check(nbhd::check_forward(typed(p, t.query), t));
+  }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, optional_array("lse"), optional_array("rpb"),
+     optional_array("additional_keys"), optional_array("additional_values"),
+     "forward's checks on tensors described as (shape, dtype, device type, device index): raises as forward would.");
 
   m.def("backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
                        nb::handle lse, nb::handle d_out, nb::handle d_query, nb::handle d_key, nb::handle d_value,
@@ -281,23 +370,9 @@ NB_MODULE(_nbhd, m) {
                        const std::string& backend, uintptr_t stream, bool deterministic, int num_threads,
                        nb::handle workspace) {
     Arrays a;
-    nbhd::BackwardTensors t;
-    t.query = a.input("query", query);
-    t.key = a.input("key", key);
-    t.value = a.input("value", value);
-    t.out = a.input("out", out);
-    t.lse = a.input("lse", lse);
-    t.d_out = a.input("d_out", d_out);
-    t.rpb = a.input("rpb", rpb);
-    t.additional_keys = a.input("additional_keys", additional_keys);
-    t.additional_values = a.input("additional_values", additional_values);
-    t.d_query = a.output("d_query", d_query);
-    t.d_key = a.output("d_key", d_key);
-    t.d_value = a.output("d_value", d_value);
-    t.d_rpb = a.output("d_rpb", d_rpb);
-    t.d_additional_keys = a.output("d_additional_keys", d_additional_keys);
-    t.d_additional_values = a.output("d_additional_values", d_additional_values);
-    t.d_lse = a.input("d_lse", d_lse);
+    const nbhd::BackwardTensors t =
+        backward_tensors(a, query, key, value, out, lse, d_out, d_query, d_key, d_value, rpb, additional_keys,
+                         additional_values, d_rpb, d_additional_keys, d_additional_values, d_lse);
     const CallOptions o(backend, stream, deterministic, num_threads, workspace);
     const nbhd::Problem typed_p = typed(p, t.query);
     run([&] { return nbhd::backward(typed_p, t, o.get()); });
@@ -305,6 +380,22 @@ NB_MODULE(_nbhd, m) {
      optional_array("rpb"), optional_array("additional_keys"), optional_array("additional_values"),
      optional_array("d_rpb"), optional_array("d_additional_keys"), optional_array("d_additional_values"),
      optional_array("d_lse"), NBHD_OPTION_ARGS);
+
+  m.def("check_backward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value,
+                             nb::handle out, nb::handle lse, nb::handle d_out, nb::handle d_query, nb::handle d_key,
+                             nb::handle d_value, nb::handle rpb, nb::handle additional_keys,
+                             nb::handle additional_values, nb::handle d_rpb, nb::handle d_additional_keys,
+                             nb::handle d_additional_values, nb::handle d_lse) {
+    Arrays a = Arrays::described();
+    const nbhd::BackwardTensors t =
+        backward_tensors(a, query, key, value, out, lse, d_out, d_query, d_key, d_value, rpb, additional_keys,
+                         additional_values, d_rpb, d_additional_keys, d_additional_values, d_lse);
+    check(nbhd::check_backward(typed(p, t.query), t));
+  }, "problem"_a, "query"_a, "key"_a, "value"_a, "out"_a, "lse"_a, "d_out"_a, "d_query"_a, "d_key"_a, "d_value"_a,
+     optional_array("rpb"), optional_array("additional_keys"), optional_array("additional_values"),
+     optional_array("d_rpb"), optional_array("d_additional_keys"), optional_array("d_additional_values"),
+     optional_array("d_lse"),
+     "backward's checks on tensors described as (shape, dtype, device type, device index): raises as backward would.");
 
   m.def("qk", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle attn, nb::handle rpb,
                  nb::handle additional_keys, const std::string& backend, uintptr_t stream, bool deterministic,

@@ -192,6 +192,22 @@ Status can_run(Backend backend, const Problem& p, Device device) {
   });
 }
 
+Status check_forward(const Problem& p, const ForwardTensors& t) {
+  return guarded([&]() -> Status {
+    NBHD_RETURN_IF_ERROR(p.validate());
+    NBHD_RETURN_IF_ERROR(detail::check_tensors(p, forward_rules(p, t), nullptr));
+    return check_presence(p, t.rpb, t.additional_keys);
+  });
+}
+
+Status check_backward(const Problem& p, const BackwardTensors& t) {
+  return guarded([&]() -> Status {
+    NBHD_RETURN_IF_ERROR(p.validate());
+    NBHD_RETURN_IF_ERROR(detail::check_tensors(p, backward_rules(p, t), nullptr));
+    return check_presence(p, t.rpb, t.additional_keys);
+  });
+}
+
 Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   return run_checked(p, Pass::kForward, forward_rules(p, t), o, [&](const BackendImpl& b) {
     NBHD_RETURN_IF_ERROR(check_presence(p, t.rpb, t.additional_keys));

@@ -2,6 +2,8 @@
 """Every class of bad input raises ValueError or TypeError with a message that names the
 argument (and the axis and bound where there is one); nothing crashes."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -115,8 +117,50 @@ def test_torch_errors_keep_their_class():
         nbhd.na2d(q, k.numpy(), v, 3)
     with pytest.raises(TypeError, match="query has dtype complex64; nbhd takes"):
         nbhd.na2d(q.to(torch.complex64), k, v, 3)
-    # Meta tensors run the fake implementation: shapes only, no data, no error.
+    # Meta tensors run the fake implementation: the library's checks, no data.
     assert nbhd.na2d(q.to("meta"), k.to("meta"), v.to("meta"), 3).shape == q.shape
+
+
+TRACE_ERRORS = [
+    ("key's dim", lambda q, k, v: (q, k[..., :2], v), ValueError, r"key has shape \[1, 6, 5, 1, 2\] but the problem "
+     r"needs \[1, 6, 5, 1, 4\]"),
+    ("value's dtype", lambda q, k, v: (q, k, v.double()), TypeError, "value has dtype float64 but must be float32"),
+    ("window", lambda q, k, v: (q, k, v), ValueError, r"kernel_size\[axis 1\] = 7"),
+]
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("label,make,error,message", TRACE_ERRORS, ids=[e[0] for e in TRACE_ERRORS])
+def test_tracing_raises_what_eager_raises(label, make, error, message):
+    # The fake implementation (meta tensors, torch.compile's tracing) makes the eager
+    # call's checks: the same error, raised before any kernel could run.
+    q, k, v = make(*(torch.from_numpy(a) for a in arrays()))
+    kernel = (3, 7) if label == "window" else 3
+    with pytest.raises(error, match=message):
+        nbhd.na2d(q, k, v, kernel)
+    with pytest.raises(error, match=message):
+        nbhd.na2d(q.to("meta"), k.to("meta"), v.to("meta"), kernel)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    compiled = torch.compile(lambda q, k, v: nbhd.na2d(q, k, v, kernel).sum(), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=message) as raised:
+        compiled(q, k, v)
+    chain, e = [], raised.value  # dynamo wraps what the fake implementation raised
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert any(isinstance(e, error) and re.search(message, str(e)) for e in chain), chain
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_tracing_checks_the_backward():
+    # The backward's fake implementation checks as well: d_out of the wrong shape.
+    from nbhd import _torch_ops  # noqa: F401
+
+    q, k, v = (torch.from_numpy(a).to("meta") for a in arrays())
+    window = [[3, 3], [1, 1], [1, 1], [False, False], [False, False]]
+    out, lse = torch.ops.nbhd.na_forward(q, k, v, None, None, None, *window, None, None)
+    with pytest.raises(ValueError, match=r"d_out has shape \[1, 6, 5, 2, 3\] but the problem needs \[1, 6, 5, 2, 4\]"):
+        torch.ops.nbhd.na_backward(out[..., :3], q, k, v, out, lse, None, None, None, None, *window, None, None)
 
 
 @pytest.mark.skipif(torch is None, reason="needs torch")
