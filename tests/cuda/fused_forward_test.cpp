@@ -465,15 +465,18 @@ TEST(FusedForwardDevice, GridsOverTheLaunchLimitAreRefused) {
   p.dim = 32;
   p.dtype = DType::kFloat16;
   ASSERT_TRUE(p.validate().ok()) << p.validate().message();
+  int checked = 0;
   for (const Backend b : {Backend::kFused, Backend::kGemm}) {
     if (!built(b)) continue;
     const Status s = can_run(b, p, Device::kCUDA);
     if (s.message().find("in this build") != std::string::npos) continue;
+    ++checked;
     EXPECT_EQ(s.code(), StatusCode::kUnsupported) << name(b) << ": " << s.message();
     EXPECT_NE(s.message().find("thread blocks; CUDA launches at most 2^31 - 1"), std::string::npos)
         << name(b) << ": " << s.message();
   }
   if (built(Backend::kNaive)) EXPECT_TRUE(can_run(Backend::kNaive, p, Device::kCUDA).ok());
+  if (checked == 0) GTEST_SKIP() << "neither fused nor gemm runs float16 head dim 32 in this build";
 }
 
 // Tensors on a GPU other than the current one: the backend runs there (the shared-
