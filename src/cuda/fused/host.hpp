@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
@@ -43,11 +44,21 @@ inline Status check_alignment(const char* what, const TensorRef& t) {
 // The current device's compute capability. Attributes, not cudaGetDeviceProperties:
 // its struct grows between CUDA releases, and a runtime newer than the headers wrote
 // past it on the stack (crash under torch, H200).
+// Read once per device (a call asks several times: supports, plan, launch), as
+// 10 * major + minor; 0 until known.
 inline Status current_capability(int* major, int* minor) {
   int device = 0;
   NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  static std::array<std::atomic<int>, 64> known{};
+  std::atomic<int>* slot = device >= 0 && device < int(known.size()) ? &known[size_t(device)] : nullptr;
+  if (const int cc = slot ? slot->load(std::memory_order_relaxed) : 0; cc > 0) {
+    *major = cc / 10;
+    *minor = cc % 10;
+    return Status::Ok();
+  }
   NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device));
   NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (slot) slot->store(10 * *major + *minor, std::memory_order_relaxed);
   return Status::Ok();
 }
 
