@@ -18,21 +18,9 @@ namespace {
 
 using testing::HostTensor;
 using testing::Inputs;
+using testing::with_random_box;
 
 std::vector<int64_t> shape_of(const TensorRef& t) { return {t.shape, t.shape + t.ndim}; }
-
-// p with a random query sub-box: per axis a random [begin, end), sometimes the whole
-// axis, sometimes with end left 0 (the extent).
-Problem with_random_box(Problem p, std::mt19937_64& rng) {
-  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
-  for (int a = 0; a < p.rank; ++a) {
-    if (uniform(0, 4) == 0) continue;  // the whole axis
-    p.query_begin[a] = uniform(0, p.extent[a] - 1);
-    p.query_end[a] = uniform(p.query_begin[a] + 1, p.extent[a]);
-    if (p.query_end[a] == p.extent[a] && uniform(0, 1)) p.query_end[a] = 0;
-  }
-  return p;
-}
 
 // Logical index in a [B, X..., trailing...] tensor of `whole` shape of logical index i
 // of the same tensor restricted to the query sub-box of `boxed`.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "core/tensor_checks.hpp"
 #include "cpu/element.hpp"
 
 namespace nbhd::testing {
@@ -14,6 +15,17 @@ void HostTensor::set(int64_t i, double v) { cpu::store(ref_, offset(i), v); }
 void HostTensor::fill_random(std::mt19937_64& rng, double scale) {
   std::normal_distribution<double> dist(0.0, scale);
   for (int64_t i = 0; i < numel(); ++i) set(i, dist(rng));
+}
+
+Problem with_random_box(Problem p, std::mt19937_64& rng) {
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  for (int a = 0; a < p.rank; ++a) {
+    if (uniform(0, 4) == 0) continue;  // the whole axis
+    p.query_begin[a] = uniform(0, p.extent[a] - 1);
+    p.query_end[a] = uniform(p.query_begin[a] + 1, p.extent[a]);
+    if (p.query_end[a] == p.extent[a] && uniform(0, 1)) p.query_end[a] = 0;
+  }
+  return p;
 }
 
 Problem random_problem(std::mt19937_64& rng, const RandomOptions& o) {
@@ -55,7 +67,7 @@ std::vector<int64_t> token_shape(const Problem& p, int64_t heads, int64_t dim) {
 }  // namespace
 
 Inputs::Inputs(const Problem& p, std::mt19937_64& rng, int64_t gap)
-    : q(p.dtype, token_shape(p, p.heads, p.dim), gap),
+    : q(p.dtype, detail::query_shape(p, p.heads, p.dim), gap),
       k(p.dtype, token_shape(p, p.kv_heads, p.dim), gap),
       v(p.dtype, token_shape(p, p.kv_heads, p.value_dim()), gap) {
   q.fill_random(rng);

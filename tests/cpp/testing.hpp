@@ -77,7 +77,12 @@ struct RandomOptions {
 
 Problem random_problem(std::mt19937_64& rng, const RandomOptions& o);
 
-// Inputs of a problem, random, with padded strides when `gap` > 0.
+// p with a random query sub-box: per axis a random [begin, end), sometimes the whole
+// axis, sometimes with end left 0 (the extent).
+Problem with_random_box(Problem p, std::mt19937_64& rng);
+
+// Inputs of a problem, random, with padded strides when `gap` > 0; the query has the
+// query sub-box's shape.
 struct Inputs {
   HostTensor q, k, v, rpb, ak, av;
   Inputs(const Problem& p, std::mt19937_64& rng, int64_t gap = 0);

@@ -472,6 +472,26 @@ def test_plan_counts_only_own_queries_where_the_backend_runs_a_query_box():
     assert recompute.spatial.seconds > plan.spatial.seconds
 
 
+def test_a_query_box_is_used_only_on_the_backend_that_runs_the_whole_segment():
+    # On CUDA, naive runs query sub-boxes and fused (auto's choice) does not yet: auto
+    # must not trade fused's whole segment for naive's box.
+    backends = [{"name": "fused", "device": "cuda", "fused_ops": True},
+                {"name": "naive", "device": "cuda", "fused_ops": True},
+                {"name": "cpu", "device": "cpu", "fused_ops": True}]
+    box, whole = object(), object()
+
+    def can_run(name, problem, device):
+        runs = {("fused", whole), ("naive", whole), ("naive", box), ("cpu", whole), ("cpu", box)}
+        return "" if (name, problem) in runs else "no"
+
+    same = nbhd.distributed._box_runs_on_the_same_backend
+    with mock.patch.object(nbhd._nbhd, "built_backends", lambda: backends), \
+            mock.patch.object(nbhd._nbhd, "can_run", can_run):
+        assert not same(None, box, whole, "cuda")
+        assert same("naive", box, whole, "cuda")
+        assert same(None, box, whole, "cpu")
+
+
 def test_plan_refuses_a_bad_partition():
     with pytest.raises(ValueError, match="shard_sizes"):
         nbhd.distributed.plan((10,), 3, heads=2, dim=4, world_size=2, shard_sizes=[(4, 5)])

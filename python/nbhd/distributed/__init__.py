@@ -321,13 +321,28 @@ def _own_queries_only(partition, window, problem, device: str, backend) -> list:
     for r in range(partition.world_size):
         segment, own = extended_box(partition, window, r), partition.box(r)
         grid = [problem.batch, *(s.size for s in segment)]
-        p = _core.attention_problem(_segment_window(window, segment),
-                                    [problem.batch, *(hi - lo for lo, hi in own), problem.heads, problem.dim],
-                                    grid + [problem.kv_heads, problem.dim], grid + [problem.kv_heads, problem.dim_v],
-                                    query_box=own_queries(segment, own))
-        p.dtype = problem.dtype
-        runs.append(not _nbhd.can_run(_core.backend_name(backend), p, device))
+        shapes = (grid + [problem.kv_heads, problem.dim], grid + [problem.kv_heads, problem.dim_v])
+        boxed = _core.attention_problem(_segment_window(window, segment),
+                                        [problem.batch, *(hi - lo for lo, hi in own), problem.heads, problem.dim],
+                                        *shapes, query_box=own_queries(segment, own))
+        whole = _core.attention_problem(_segment_window(window, segment), grid + [problem.heads, problem.dim],
+                                        *shapes)
+        boxed.dtype = whole.dtype = problem.dtype
+        runs.append(_box_runs_on_the_same_backend(backend, boxed, whole, device))
     return runs
+
+
+def _box_runs_on_the_same_backend(backend, boxed, whole, device: str) -> bool:
+    """Whether the backend that would run the whole segment (the named one, or auto's
+    choice) runs its query sub-box too: auto would otherwise pass the box to a slower
+    backend (naive runs boxes on CUDA; fused does not yet), costing more than the
+    halo queries it saves."""
+    if backend is not None:
+        return not _nbhd.can_run(_core.backend_name(backend), boxed, device)
+    for b in _nbhd.built_backends():
+        if b["device"] == device and b["fused_ops"] and not _nbhd.can_run(b["name"], whole, device):
+            return not _nbhd.can_run(b["name"], boxed, device)
+    return False
 
 
 def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, backend, own_queries_only):

@@ -27,8 +27,10 @@ constexpr int64_t kAlign = 256;  // bytes between workspace regions, cudaMalloc'
 cudaStream_t stream_of(const Options& o) { return static_cast<cudaStream_t>(o.stream); }
 int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-Status supports(const Problem& p, detail::Pass) {
-  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "naive"));
+Status supports(const Problem& p, detail::Pass pass) {
+  // The unfused operations with a query sub-box are not defined (the reference
+  // refuses them too); forward and backward walk the box's rows (walk.hpp).
+  if (pass == detail::Pass::kUnfused) NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "naive"));
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat32)
     return unsupported(std::string("dtype ") + name(p.dtype) + " is not supported on CUDA (use float16, bfloat16 or float32)");
   if (weight_slots(p) > INT_MAX)
@@ -39,7 +41,8 @@ Status supports(const Problem& p, detail::Pass) {
   return check_kernel_image("naive");
 }
 
-// Attention weights [B, X..., H, W + M], float32, packed, at `data`.
+// Attention weights [B, Q..., H, W + M] (Q the query sub-box, or the grid), float32,
+// packed, at `data`.
 TensorRef weights_tensor(const Problem& p, void* data) {
   TensorRef t;
   t.data = data;
@@ -47,7 +50,7 @@ TensorRef weights_tensor(const Problem& p, void* data) {
   t.device = Device::kCUDA;
   t.ndim = p.rank + 3;
   t.shape[0] = p.batch;
-  for (int a = 0; a < p.rank; ++a) t.shape[1 + a] = p.extent[a];
+  for (int a = 0; a < p.rank; ++a) t.shape[1 + a] = p.padded_query_range(kMaxRank - p.rank + a).size();
   t.shape[p.rank + 1] = p.heads;
   t.shape[p.rank + 2] = weight_slots(p);
   int64_t stride = 1;

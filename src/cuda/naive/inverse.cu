@@ -14,7 +14,8 @@ namespace {
 struct InverseParams {
   Neighborhood nb;
   int64_t rows;    // batch * tokens * kv_heads
-  int64_t tokens;  // of the grid
+  TokenBox grid;   // the key rows
+  TokenBox box;    // the queries (weights and x are the box's tensors)
   int64_t kv_heads, heads_per_kv;
   LaneGroup group;
   int dim, chunks;  // elements of x and out per row, and their chunks
@@ -33,7 +34,7 @@ __global__ void __launch_bounds__(kBlock) inverse_kernel(const __grid_constant__
   T* out = static_cast<T*>(p.out.data);
 
   for_each_row(p.rows, p.group, [&](int64_t row, int sub) {
-    const RowIndex r = decode_row(row, p.nb, p.tokens, p.kv_heads);  // r.token is the key, r.head its kv head
+    const RowIndex r = decode_row(row, p.grid, p.kv_heads);  // r.token is the key, r.head its kv head
     const int64_t first_head = r.head * p.heads_per_kv;
     T* out_row = out + p.out.layout.offset(r.batch, r.token, r.head);
 
@@ -41,11 +42,14 @@ __global__ void __launch_bounds__(kBlock) inverse_kernel(const __grid_constant__
       const int n = chunk_size(c, p.dim);
       float acc[kChunk] = {};
       for_each_inverse_neighbor(p.nb, r.token, [&](const int* query, int slot) {
+        if (!p.box.contains(query)) return;  // a query outside the sub-box: not computed
+        int q[kMaxRank];
+        for (int a = 0; a < kMaxRank; ++a) q[a] = query[a] - p.box.begin[a];
         for (int64_t h = first_head; h < first_head + p.heads_per_kv; ++h) {
           const float weight =
-              to_float(weights[p.weights.layout.offset(r.batch, query, h) + slot * p.weights.layout.inner]);
+              to_float(weights[p.weights.layout.offset(r.batch, q, h) + slot * p.weights.layout.inner]);
           float v[kChunk];
-          load_chunk(x + p.x.layout.offset(r.batch, query, h), p.x.layout.inner, c, n, p.vectorized, v);
+          load_chunk(x + p.x.layout.offset(r.batch, q, h), p.x.layout.inner, c, n, p.vectorized, v);
 #pragma unroll
           for (int i = 0; i < kChunk; ++i) acc[i] = fmaf(weight, v[i], acc[i]);
         }
@@ -63,7 +67,8 @@ Status inverse(const Problem& p, const InverseArgs& a, cudaStream_t stream) {
   InverseParams k{};
   k.nb = p.neighborhood();
   k.rows = p.batch * p.tokens() * p.kv_heads;
-  k.tokens = p.tokens();
+  k.grid = whole_grid(k.nb);
+  k.box = query_box(p);
   k.kv_heads = p.kv_heads;
   k.heads_per_kv = p.heads_per_kv();
   k.dim = int(a.out.shape[a.out.ndim - 1]);

@@ -12,8 +12,8 @@ namespace {
 
 struct NnParams {
   Neighborhood nb;
-  int64_t rows;    // batch * tokens * heads
-  int64_t tokens;  // of the grid
+  int64_t rows;   // batch * query tokens * heads
+  TokenBox box;   // the query rows (weights and out are the box's tensors)
   int64_t heads, heads_per_kv;
   LaneGroup group;
   int dim, chunks;  // output elements per row, and their chunks
@@ -36,11 +36,11 @@ __global__ void __launch_bounds__(kBlock) nn_kernel(const __grid_constant__ NnPa
   T* out = static_cast<T*>(p.out.data);
 
   for_each_row(p.rows, p.group, [&](int64_t row, int sub) {
-    const RowIndex r = decode_row(row, p.nb, p.tokens, p.heads);
+    const RowIndex r = decode_row(row, p.box, p.heads);
     const int64_t hk = divide(r.head, p.heads_per_kv);
-    const A* w_row = weights + p.weights.layout.offset(r.batch, r.token, r.head);
+    const A* w_row = weights + p.weights.layout.offset(r.batch, r.box_token, r.head);
     const int64_t w_inner = p.weights.layout.inner;
-    T* out_row = out + p.out.layout.offset(r.batch, r.token, r.head);
+    T* out_row = out + p.out.layout.offset(r.batch, r.box_token, r.head);
     const Neighborhood::Windows win = p.nb.windows(r.token);
 
     for (int c = sub; c < p.chunks; c += p.group.lanes) {
@@ -73,7 +73,7 @@ Status nn(const Problem& p, const NnArgs& a, cudaStream_t stream) {
   NnParams k{};
   k.nb = p.neighborhood();
   k.rows = weight_rows(p);
-  k.tokens = p.tokens();
+  k.box = query_box(p);
   k.heads = p.heads;
   k.heads_per_kv = p.heads_per_kv();
   k.dim = int(a.out.shape[a.out.ndim - 1]);

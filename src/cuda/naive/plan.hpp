@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/naive/walk.hpp"
 #include "nbhd/problem.hpp"
 #include "nbhd/tensor.hpp"
 
@@ -68,9 +69,20 @@ inline Split plan_split(int64_t items, int64_t outputs, int64_t min_per_split = 
   return {ceil_div64(items, per_split), per_split};
 }
 
-// Rows of the attention weights (batch * tokens * heads) and slots per row (window +
+// Rows of the attention weights (batch * query tokens * heads) and slots per row (window +
 // additional tokens).
-inline int64_t weight_rows(const Problem& p) { return p.batch * p.tokens() * p.heads; }
+inline int64_t weight_rows(const Problem& p) { return p.batch * p.query_tokens() * p.heads; }
+// The query rows the kernels walk: the problem's query sub-box, or the grid.
+inline TokenBox query_box(const Problem& p) {
+  TokenBox box{};
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Range r = p.padded_query_range(a);
+    box.begin[a] = r.begin;
+    box.extent[a] = r.size();
+  }
+  return box;
+}
+
 inline int64_t weight_slots(const Problem& p) { return p.window_size() + p.additional_tokens; }
 
 // Bytes of float32 attention weights; false when the count overflows 64 bits.

@@ -14,8 +14,8 @@ namespace {
 
 struct PnParams {
   Neighborhood nb;
-  int64_t rows;    // batch * tokens * heads
-  int64_t tokens;  // of the grid
+  int64_t rows;   // batch * query tokens * heads
+  TokenBox box;   // the query rows (x and out are the box's tensors)
   int64_t heads, heads_per_kv;
   LaneGroup group;
   int dim, chunks;    // elements of the dot product, and their kChunk-element chunks
@@ -46,9 +46,9 @@ __global__ void __launch_bounds__(kBlock, 2) pn_kernel(const __grid_constant__ P
   const int lanes = p.group.lanes;
 
   for_each_row_uniform(p.rows, p.group, [&](int64_t row, int sub, bool active) {
-    const RowIndex r = decode_row(row, p.nb, p.tokens, p.heads);
+    const RowIndex r = decode_row(row, p.box, p.heads);
     const int64_t hk = divide(r.head, p.heads_per_kv);
-    const T* x_row = x + p.x.layout.offset(r.batch, r.token, r.head);
+    const T* x_row = x + p.x.layout.offset(r.batch, r.box_token, r.head);
     const int64_t x_inner = p.x.layout.inner;
 
     float xr[kChunk] = {};  // this lane's first chunk of x, for the whole window
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kBlock, 2) pn_kernel(const __grid_constant__ P
       return s;
     };
 
-    A* out_row = out + p.out.layout.offset(r.batch, r.token, r.head);
+    A* out_row = out + p.out.layout.offset(r.batch, r.box_token, r.head);
     const int64_t out_inner = p.out.layout.inner;
     float kept = 0.f;
     // Every lane of the group calls emit with the same slot and value.
@@ -116,7 +116,7 @@ Status pn(const Problem& p, const PnArgs& a, cudaStream_t stream) {
   PnParams k{};
   k.nb = p.neighborhood();
   k.rows = weight_rows(p);
-  k.tokens = p.tokens();
+  k.box = query_box(p);
   k.heads = p.heads;
   k.heads_per_kv = p.heads_per_kv();
   k.dim = int(a.x.shape[a.x.ndim - 1]);

@@ -14,8 +14,9 @@ namespace {
 // ---- additional tokens: out[b, m, hkv, d] = alpha * sum over q, h of w[b, q, h, W + m] * x[b, q, h, d]
 
 struct ExtraParams {
-  Neighborhood nb;
-  int64_t tokens, extra, kv_heads, heads_per_kv;
+  TokenBox box;  // the query rows summed over (weights and x are the box's tensors)
+  int64_t tokens;  // of the box
+  int64_t extra, kv_heads, heads_per_kv;
   int64_t dim;
   int64_t outputs;  // batch * extra * kv_heads * dim
   Split split;      // over the tokens of one batch
@@ -44,12 +45,13 @@ __global__ void __launch_bounds__(kBlock) extra_partial_kernel(const __grid_cons
     const int64_t b = rest / p.extra;
     const int64_t first = s * p.split.per_split;
     const int64_t last = min(first + p.split.per_split, p.tokens);
-    RowIndex q = decode_row(first, p.nb, p.tokens, 1);
+    RowIndex q = decode_row(first, p.box, 1);
     float acc = 0.f;
-    for (int64_t t = first; t < last; ++t, next_token(q.token, p.nb)) {
+    for (int64_t t = first; t < last; ++t, next_token(q.box_token, p.box)) {
       for (int64_t h = hk * p.heads_per_kv; h < (hk + 1) * p.heads_per_kv; ++h) {
-        const float weight = to_float(weights[p.weights.layout.offset(b, q.token, h) + (p.window + m) * p.weights.layout.inner]);
-        acc = fmaf(weight, to_float(x[p.x.layout.offset(b, q.token, h) + d * p.x.layout.inner]), acc);
+        const float weight =
+            to_float(weights[p.weights.layout.offset(b, q.box_token, h) + (p.window + m) * p.weights.layout.inner]);
+        acc = fmaf(weight, to_float(x[p.x.layout.offset(b, q.box_token, h) + d * p.x.layout.inner]), acc);
       }
     }
     p.partial[i] = acc;
@@ -73,14 +75,15 @@ __global__ void __launch_bounds__(kBlock) extra_finish_kernel(const __grid_const
 }
 
 Split extra_split(const Problem& p, int64_t dim) {
-  return plan_split(p.tokens(), p.batch * p.additional_tokens * p.kv_heads * dim);
+  return plan_split(p.query_tokens(), p.batch * p.additional_tokens * p.kv_heads * dim);
 }
 
 // ---- d rpb[h, delta] = sum over b, q of w[b, q, h, rpb_slot(q, delta)]
 
 struct RpbParams {
   Neighborhood nb;
-  int64_t batch, tokens, heads;
+  TokenBox box;  // the query rows summed over (weights are the box's tensor)
+  int64_t batch, tokens, heads;  // tokens of the box
   int64_t bias_size;          // prod over axes of (2k - 1), padded axes 1
   int bias_extent[kMaxRank];  // 2k - 1 per padded axis
   int64_t outputs;            // heads * bias_size
@@ -112,12 +115,14 @@ __global__ void __launch_bounds__(kBlock) rpb_partial_kernel(const __grid_consta
     bias_delta(p, o - h * p.bias_size, delta);
     const int64_t first = s * p.split.per_split;
     const int64_t last = min(first + p.split.per_split, p.batch * p.tokens);
-    RowIndex q = decode_row(first, p.nb, p.tokens, 1);  // batch and token of query `first`
+    RowIndex q = decode_row(first, p.box, 1);  // batch and token of query `first`
     float acc = 0.f;
     for (int64_t t = first; t < last; ++t) {
       const int slot = rpb_slot(p.nb, q.token, delta);
-      if (slot >= 0) acc += to_float(weights[p.weights.layout.offset(q.batch, q.token, h) + slot * p.weights.layout.inner]);
-      if (next_token(q.token, p.nb)) ++q.batch;
+      if (slot >= 0)
+        acc += to_float(weights[p.weights.layout.offset(q.batch, q.box_token, h) + slot * p.weights.layout.inner]);
+      if (next_token(q.box_token, p.box)) ++q.batch;
+      grid_token(p.box, q.box_token, q.token);
     }
     p.partial[i] = acc;
   }
@@ -134,7 +139,7 @@ __global__ void __launch_bounds__(kBlock) rpb_finish_kernel(const __grid_constan
   }
 }
 
-Split rpb_split(const Problem& p) { return plan_split(p.batch * p.tokens(), p.heads * p.rpb_size()); }
+Split rpb_split(const Problem& p) { return plan_split(p.batch * p.query_tokens(), p.heads * p.rpb_size()); }
 
 }  // namespace
 
@@ -145,8 +150,8 @@ int64_t extra_grad_scratch(const Problem& p, int64_t dim) {
 
 Status extra_grad(const Problem& p, const ExtraGradArgs& a, cudaStream_t stream) {
   ExtraParams k{};
-  k.nb = p.neighborhood();
-  k.tokens = p.tokens();
+  k.box = query_box(p);
+  k.tokens = p.query_tokens();
   k.extra = p.additional_tokens;
   k.kv_heads = p.kv_heads;
   k.heads_per_kv = p.heads_per_kv();
@@ -174,8 +179,9 @@ Status rpb_grad(const Problem& p, const TensorRef& d_scores, const TensorRef& d_
                 cudaStream_t stream) {
   RpbParams k{};
   k.nb = p.neighborhood();
+  k.box = query_box(p);
   k.batch = p.batch;
-  k.tokens = p.tokens();
+  k.tokens = p.query_tokens();
   k.heads = p.heads;
   k.bias_size = p.rpb_size();
   for (int a = 0; a < kMaxRank; ++a) k.bias_extent[a] = 2 * k.nb.axis[a].kernel - 1;

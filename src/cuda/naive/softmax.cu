@@ -15,9 +15,8 @@ namespace nbhd::cuda::naive {
 namespace {
 
 struct RowParams {
-  Neighborhood nb;
-  int64_t rows;    // batch * tokens * heads
-  int64_t tokens;  // of the grid
+  int64_t rows;  // batch * query tokens * heads
+  TokenBox box;  // the query rows (every tensor here is the box's)
   int64_t heads;
   LaneGroup group;
   int slots;  // W + M
@@ -31,9 +30,9 @@ template <class A>
 __global__ void __launch_bounds__(kBlock) softmax_kernel(const __grid_constant__ RowParams p) {
   const int lanes = p.group.lanes;
   for_each_row_uniform(p.rows, p.group, [&](int64_t row, int sub, bool active) {
-    const RowIndex r = decode_row(row, p.nb, p.tokens, p.heads);
-    const A* in = static_cast<const A*>(p.a.data) + p.a.layout.offset(r.batch, r.token, r.head);
-    A* out = static_cast<A*>(p.out.data) + p.out.layout.offset(r.batch, r.token, r.head);
+    const RowIndex r = decode_row(row, p.box, p.heads);
+    const A* in = static_cast<const A*>(p.a.data) + p.a.layout.offset(r.batch, r.box_token, r.head);
+    A* out = static_cast<A*>(p.out.data) + p.out.layout.offset(r.batch, r.box_token, r.head);
     const int64_t in_inner = p.a.layout.inner, out_inner = p.out.layout.inner;
 
     float mx = -INFINITY;
@@ -46,7 +45,7 @@ __global__ void __launch_bounds__(kBlock) softmax_kernel(const __grid_constant__
     // score (a query always sees at least itself), so mx is finite.
     for (int s = sub; active && s < p.slots; s += lanes)
       out[s * out_inner] = from_float<A>(expf(to_float(in[s * in_inner]) - mx) / sum);
-    if (active && sub == 0 && p.lse) p.lse[p.lse_layout.offset(r.batch, r.token, r.head)] = mx + logf(sum);
+    if (active && sub == 0 && p.lse) p.lse[p.lse_layout.offset(r.batch, r.box_token, r.head)] = mx + logf(sum);
   });
 }
 
@@ -54,17 +53,17 @@ template <class A>
 __global__ void __launch_bounds__(kBlock) softmax_backward_kernel(const __grid_constant__ RowParams p) {
   const int lanes = p.group.lanes;
   for_each_row_uniform(p.rows, p.group, [&](int64_t row, int sub, bool active) {
-    const RowIndex r = decode_row(row, p.nb, p.tokens, p.heads);
-    const A* probs = static_cast<const A*>(p.a.data) + p.a.layout.offset(r.batch, r.token, r.head);
-    const A* d_probs = static_cast<const A*>(p.b.data) + p.b.layout.offset(r.batch, r.token, r.head);
-    A* out = static_cast<A*>(p.out.data) + p.out.layout.offset(r.batch, r.token, r.head);
+    const RowIndex r = decode_row(row, p.box, p.heads);
+    const A* probs = static_cast<const A*>(p.a.data) + p.a.layout.offset(r.batch, r.box_token, r.head);
+    const A* d_probs = static_cast<const A*>(p.b.data) + p.b.layout.offset(r.batch, r.box_token, r.head);
+    A* out = static_cast<A*>(p.out.data) + p.out.layout.offset(r.batch, r.box_token, r.head);
     const int64_t p_inner = p.a.layout.inner, g_inner = p.b.layout.inner, out_inner = p.out.layout.inner;
 
     float dot = 0.f;
     for (int s = sub; active && s < p.slots; s += lanes)
       dot = fmaf(to_float(probs[s * p_inner]), to_float(d_probs[s * g_inner]), dot);
     dot = group_sum(dot, lanes);
-    if (active && p.lse) dot -= p.lse[p.lse_layout.offset(r.batch, r.token, r.head)];
+    if (active && p.lse) dot -= p.lse[p.lse_layout.offset(r.batch, r.box_token, r.head)];
     for (int s = sub; active && s < p.slots; s += lanes)
       out[s * out_inner] = from_float<A>(to_float(probs[s * p_inner]) * (to_float(d_probs[s * g_inner]) - dot));
   });
@@ -72,9 +71,8 @@ __global__ void __launch_bounds__(kBlock) softmax_backward_kernel(const __grid_c
 
 RowParams row_params(const Problem& p) {
   RowParams k{};
-  k.nb = p.neighborhood();
   k.rows = weight_rows(p);
-  k.tokens = p.tokens();
+  k.box = query_box(p);
   k.heads = p.heads;
   k.slots = int(weight_slots(p));
   const int lanes = lanes_for(k.slots);

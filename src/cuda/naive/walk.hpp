@@ -17,37 +17,65 @@ NBHD_HOST_DEVICE int64_t divide(int64_t a, int64_t b) {
   return ((a | b) >> 32) == 0 ? int64_t(uint32_t(a) / uint32_t(b)) : a / b;
 }
 
-// Row `row` of a [B, X..., heads, ...] tensor walked in memory order (head fastest,
-// then the token grid row-major, then the batch).
+// The tokens whose rows a kernel walks: the problem's query sub-box (begin and
+// extent per padded axis; the whole grid without one) or, for key rows, the grid.
+// Tensors of the box (queries, outputs, weights, lse) hold only its tokens and are
+// indexed by box coordinates (token - begin).
+struct TokenBox {
+  int begin[kMaxRank];
+  int extent[kMaxRank];
+
+  NBHD_HOST_DEVICE int64_t tokens() const { return int64_t(extent[0]) * extent[1] * extent[2]; }
+  NBHD_HOST_DEVICE bool contains(const int* token) const {
+    bool in = true;
+    for (int a = 0; a < kMaxRank; ++a) in &= token[a] >= begin[a] && token[a] < begin[a] + extent[a];
+    return in;
+  }
+};
+
+NBHD_HOST_DEVICE TokenBox whole_grid(const Neighborhood& nb) {
+  return {{0, 0, 0}, {nb.axis[0].length, nb.axis[1].length, nb.axis[2].length}};
+}
+
+// Row `row` of a [B, box..., heads, ...] tensor walked in memory order (head fastest,
+// then the box's tokens row-major, then the batch): `token` on the grid, `box_token`
+// in the box's tensors.
 struct RowIndex {
   int64_t batch;
   int token[kMaxRank];
+  int box_token[kMaxRank];
   int64_t head;
 };
 
-NBHD_HOST_DEVICE RowIndex decode_row(int64_t row, const Neighborhood& nb, int64_t tokens, int64_t heads) {
+NBHD_HOST_DEVICE RowIndex decode_row(int64_t row, const TokenBox& box, int64_t heads) {
   RowIndex r{};
   const int64_t bt = divide(row, heads);
   r.head = row - bt * heads;
-  r.batch = divide(bt, tokens);
-  int64_t t = bt - r.batch * tokens;
+  r.batch = divide(bt, box.tokens());
+  int64_t t = bt - r.batch * box.tokens();
   for (int a = kMaxRank - 1; a > 0; --a) {
-    const int64_t rest = divide(t, nb.axis[a].length);
-    r.token[a] = int(t - rest * nb.axis[a].length);
+    const int64_t rest = divide(t, box.extent[a]);
+    r.box_token[a] = int(t - rest * box.extent[a]);
     t = rest;
   }
-  r.token[0] = int(t);
+  r.box_token[0] = int(t);
+  for (int a = 0; a < kMaxRank; ++a) r.token[a] = box.begin[a] + r.box_token[a];
   return r;
 }
 
-// Advances `token` to the next token of the grid in row-major order; returns true
+// Advances `box_token` to the next token of the box in row-major order; returns true
 // when it wrapped around to the first token (the walk enters the next batch).
-NBHD_HOST_DEVICE bool next_token(int* token, const Neighborhood& nb) {
+NBHD_HOST_DEVICE bool next_token(int* box_token, const TokenBox& box) {
   for (int a = kMaxRank - 1; a >= 0; --a) {
-    if (++token[a] < nb.axis[a].length) return false;
-    token[a] = 0;
+    if (++box_token[a] < box.extent[a]) return false;
+    box_token[a] = 0;
   }
   return true;
+}
+
+// The grid token of a box token.
+NBHD_HOST_DEVICE void grid_token(const TokenBox& box, const int* box_token, int* token) {
+  for (int a = 0; a < kMaxRank; ++a) token[a] = box.begin[a] + box_token[a];
 }
 
 NBHD_HOST_DEVICE int window_slots(const Neighborhood& nb) {
