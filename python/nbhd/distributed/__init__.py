@@ -24,9 +24,9 @@ from torch.nn import functional as F
 
 from .. import _core, _nbhd
 from .. import functional as _functional
-from ._exchange import Group, Route, SummedGradient, transfer
+from ._exchange import Group, Route, SummedGradient, start_transfer, transfer
 from ._layout import (Partition, Plan, Problem, even_sizes, extended_box, halo_blocks, head_blocks, heads_refusal,
-                      make_plan, mesh_coords, own_queries)
+                      interior_box, make_plan, mesh_coords, own_queries)
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "plan", "Plan"]
 
@@ -358,18 +358,71 @@ def _spatial(group, partition, window, query, key, value, rpb, ak, av, scale, ba
     routes = [Route(b.source, b.target, (_whole(b.source_box),) * 2, (_whole(b.target_box),) * 2)
               for b in halo_blocks(partition, boxes) if me in (b.source, b.target)]
     extended = [query.shape[0], *(s.size for s in box)]
-    key, value = transfer(group, routes, [extended + list(key.shape[-2:]), extended + list(value.shape[-2:])],
-                          "halo exchange of key and value rows", key, value)
     local, mine = _segment_window(window, box), own_queries(box, own)
+    shapes = [extended + list(key.shape[-2:]), extended + list(value.shape[-2:])]
+    step = "halo exchange of key and value rows"
+    inner = interior_box(partition, window, me) if own_queries_only else None
+    # With no border (a causal axis's first shard reaches no halo), the transfer's
+    # outputs would feed no call: its backward, which returns the peers' dK, dV halo,
+    # would never run on this rank while the peers wait for it. One call then.
+    if inner is not None and inner != tuple(own):
+        return _overlapped(group, routes, shapes, step, box, own, inner, local, query, key, value, rpb, ak, av,
+                           scale, backend)
+    key, value = transfer(group, routes, shapes, step, key, value)
     if own_queries_only:
         return _local(query, key, value, local, rpb, ak, av, scale, backend, query_box=mine)
-    pads = [0, 0, 0, 0]  # F.pad lists (before, after) from the last dimension back: dim, heads, then the grid
-    for s, (lo, hi) in reversed(list(zip(box, own))):
-        pads += [lo - s.start, s.stop - hi]
-    query = F.pad(query, pads)
+    query = F.pad(query, _segment_pads(box, own))
     out, lse = _local(query, key, value, local, rpb, ak, av, scale, backend)
     index = _core.box_index(mine)
     return out[index].contiguous(), lse[index].contiguous()
+
+
+def _segment_pads(box, own) -> list:
+    """F.pad's list that places a [B, own..., heads, dim] tensor in its segment: (before,
+    after) from the last dimension back (dim, heads, then the grid axes)."""
+    pads = [0, 0, 0, 0]
+    for s, (lo, hi) in reversed(list(zip(box, own))):
+        pads += [lo - s.start, s.stop - hi]
+    return pads
+
+
+def _overlapped(group, routes, shapes, step, box, own, inner, local, query, key, value, rpb, ak, av, scale, backend):
+    """The spatial path with the halo exchange under the interior's computation: the
+    messages are posted, the interior queries (whose windows hold only own tokens) run
+    on the own rows zero-padded to the segment, then, once the halo is in, the border
+    queries run as the boxes own minus interior (two slabs per axis, outermost axis
+    first), and the pieces are concatenated back into the own box. The same local
+    problem every time, so the windows are those of the single call."""
+    posted = start_transfer(group, routes, shapes, step, key, value)
+    pads = _segment_pads(box, own)
+    interior = _piece(query, F.pad(key, pads), F.pad(value, pads), inner, box, own, local, rpb, ak, av, scale,
+                      backend)
+    key, value = transfer(group, routes, shapes, step, key, value, posted=posted)
+
+    def assemble(axis, current):
+        if axis == len(own):
+            return interior
+        (lo, hi), (ilo, ihi) = current[axis], inner[axis]
+        parts = []
+        if lo < ilo:
+            parts.append(_piece(query, key, value, current[:axis] + ((lo, ilo),) + current[axis + 1:], box, own,
+                                local, rpb, ak, av, scale, backend))
+        parts.append(assemble(axis + 1, current[:axis] + ((ilo, ihi),) + current[axis + 1:]))
+        if ihi < hi:
+            parts.append(_piece(query, key, value, current[:axis] + ((ihi, hi),) + current[axis + 1:], box, own,
+                                local, rpb, ak, av, scale, backend))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=1 + axis), torch.cat([p[1] for p in parts], dim=1 + axis)
+
+    return assemble(0, tuple(own))
+
+
+def _piece(query, key, value, piece, box, own, local, rpb, ak, av, scale, backend):
+    """(out, lse) of the own queries in `piece` ((lo, hi) per axis, global) on the
+    segment's keys."""
+    rows = (slice(None), *(slice(lo - o_lo, hi - o_lo) for (lo, hi), (o_lo, _) in zip(piece, own)))
+    return _local(query[rows], key, value, local, rpb, ak, av, scale, backend, query_box=own_queries(box, piece))
 
 
 def _heads(group, partition, window, query, key, value, rpb, ak, av, scale, backend, return_lse):

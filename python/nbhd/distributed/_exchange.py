@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -62,9 +62,29 @@ class Route(NamedTuple):
     target_index: Tuple[tuple, ...]
 
 
-def _send_and_receive(group: Group, routes: Sequence[Route], inputs: Sequence[torch.Tensor],
-                      outputs: Sequence[torch.Tensor], step: str, accumulate: bool) -> None:
-    """Move inputs[t][source_index] of this rank's routes as source into
+class _Exchange:
+    """One posted exchange (_start): the messages in flight, this rank's own blocks
+    already copied; finish() waits for the messages and places them."""
+
+    def __init__(self, group: Group, ops: list, receives: dict, places: dict, step: str, accumulate: bool):
+        self.group, self.ops, self.receives, self.places = group, ops, receives, places
+        self.step, self.accumulate = step, accumulate
+
+    def finish(self) -> None:
+        with self.group.step(self.step):
+            for work in self.ops:
+                work.wait()
+        for peer, buffer in self.receives.items():
+            offset = 0
+            for y, i in self.places[peer]:
+                n = y[i].numel()
+                _place(y, i, buffer[offset:offset + n].view(y[i].shape), self.accumulate)
+                offset += n
+
+
+def _start(group: Group, routes: Sequence[Route], inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+           step: str, accumulate: bool) -> _Exchange:
+    """Start moving inputs[t][source_index] of this rank's routes as source into
     outputs[t][target_index] of their targets (added there when accumulate): one
     message per peer, packed in route order, which both sides know. The rank's routes
     to itself are copied while the messages travel."""
@@ -80,20 +100,17 @@ def _send_and_receive(group: Group, routes: Sequence[Route], inputs: Sequence[to
                 for peer, where in places.items() if peer != me}
     sends = {peer: buffer for peer, buffer in sends.items() if buffer.numel()}
     receives = {peer: buffer for peer, buffer in receives.items() if buffer.numel()}
-    # Post everything, copy this rank's own blocks, then wait. On NCCL the copies run
-    # while the messages move; on gloo the exchange is done by the time it returns.
+    # Post everything, then copy this rank's own blocks: on NCCL the copies run while
+    # the messages move; on gloo the exchange is done by the time the wait returns.
     ops = _post(group, sends, receives, step)
     for (y, i), x in zip(places.get(me, []), pieces.get(me, [])):
         _place(y, i, x, accumulate)
-    with group.step(step):
-        for work in ops:
-            work.wait()
-    for peer, buffer in receives.items():
-        offset = 0
-        for y, i in places[peer]:
-            n = y[i].numel()
-            _place(y, i, buffer[offset:offset + n].view(y[i].shape), accumulate)
-            offset += n
+    return _Exchange(group, ops, receives, places, step, accumulate)
+
+
+def _send_and_receive(group: Group, routes: Sequence[Route], inputs: Sequence[torch.Tensor],
+                      outputs: Sequence[torch.Tensor], step: str, accumulate: bool) -> None:
+    _start(group, routes, inputs, outputs, step, accumulate).finish()
 
 
 def _post(group: Group, sends: dict, receives: dict, step: str) -> list:
@@ -116,15 +133,17 @@ def _place(y: torch.Tensor, index: tuple, x: torch.Tensor, accumulate: bool) -> 
 class Transfer(torch.autograd.Function):
     """Tensors moved between ranks along routes into new buffers of out_shapes; the
     backward moves the buffers' gradients back along the same routes, summed where a
-    token went to several ranks. All tensors of one transfer share a dtype."""
+    token went to several ranks. All tensors of one transfer share a dtype. `posted`:
+    the same transfer already started (start_transfer), to be finished here."""
 
     @staticmethod
-    def forward(ctx, group: Group, routes: List[Route], out_shapes: List[tuple], step: str, *inputs):
+    def forward(ctx, group: Group, routes: List[Route], out_shapes: List[tuple], step: str, posted, *inputs):
         ctx.group, ctx.routes, ctx.step = group, routes, step
         ctx.in_shapes = [x.shape for x in inputs]
-        outputs = [inputs[0].new_empty(shape) for shape in out_shapes]
-        _send_and_receive(group, routes, inputs, outputs, f"{step} (forward)", accumulate=False)
-        return tuple(outputs)
+        if posted is None:
+            posted = start_transfer(group, routes, out_shapes, step, *inputs)
+        posted.exchange.finish()
+        return tuple(posted.outputs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -132,11 +151,25 @@ class Transfer(torch.autograd.Function):
         grads = [g.contiguous() for g in grads]
         inputs = [grads[0].new_zeros(shape) for shape in ctx.in_shapes]
         _send_and_receive(ctx.group, reverse, grads, inputs, f"{ctx.step} (backward)", accumulate=True)
-        return (None, None, None, None, *inputs)
+        return (None, None, None, None, None, *inputs)
 
 
-def transfer(group: Group, routes: List[Route], out_shapes: List[tuple], step: str, *inputs) -> tuple:
-    return Transfer.apply(group, routes, out_shapes, step, *inputs)
+class PostedTransfer(NamedTuple):
+    outputs: List[torch.Tensor]
+    exchange: _Exchange
+
+
+def start_transfer(group: Group, routes: List[Route], out_shapes: List[tuple], step: str, *inputs) -> PostedTransfer:
+    """The forward messages of transfer(...) posted now, to overlap them with work that
+    does not need them; transfer(..., posted=) finishes them (and is what autograd sees)."""
+    inputs = [x.detach() for x in inputs]
+    outputs = [inputs[0].new_empty(shape) for shape in out_shapes]
+    return PostedTransfer(outputs, _start(group, routes, inputs, outputs, f"{step} (forward)", accumulate=False))
+
+
+def transfer(group: Group, routes: List[Route], out_shapes: List[tuple], step: str, *inputs,
+             posted: Optional[PostedTransfer] = None) -> tuple:
+    return Transfer.apply(group, routes, out_shapes, step, posted, *inputs)
 
 
 class SummedGradient(torch.autograd.Function):

@@ -114,6 +114,35 @@ def extended_box(partition: Partition, window: Window, rank: int) -> Tuple[Segme
                                          window.periodic), partition.box(rank)))
 
 
+def interior_box(partition: Partition, window: Window, rank: int) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """The rank's interior: a box of its own queries whose windows hold only its own
+    tokens, so that they can be computed before the halo arrives ((lo, hi) per grid
+    axis, global), or None where some axis has none. Per axis, the longest run of own
+    queries whose first and last keys are own (with dilation, the queries of one run
+    may belong to different groups; any query left out goes with the border)."""
+    box = []
+    for n, params, (lo, hi), segment in zip(partition.grid, zip(window.kernel_size, window.stride, window.dilation,
+                                                                  window.is_causal, window.periodic),
+                                            partition.box(rank), extended_box(partition, window, rank)):
+        if segment.whole and (lo, hi) == (0, n):
+            box.append((lo, hi))
+            continue
+        _, first, last = axis_windows(n, *params, np.arange(lo, hi))
+        inside = (first >= lo) & (last < hi)
+        best, run_start = (0, 0), None
+        for i, ok in enumerate(list(inside) + [False]):
+            if ok and run_start is None:
+                run_start = i
+            elif not ok and run_start is not None:
+                if i - run_start > best[1] - best[0]:
+                    best = (run_start, i)
+                run_start = None
+        if best[1] == best[0]:
+            return None
+        box.append((lo + best[0], lo + best[1]))
+    return tuple(box)
+
+
 class Block(NamedTuple):
     """Tokens that move from `source` to `target`: a box given as slices per grid axis,
     in the source's own shard and in the target's buffer."""
