@@ -7,6 +7,8 @@ Neighborhood Attention" (Tables 5 and 8) do.
     python examples/nat.py                                     # nat-tiny, 224x224, batch 128, fp16, every CUDA backend
     python examples/nat.py --model dinat-small --backends fused,naive --dtype bfloat16
     python examples/nat.py --model dinat-ci --device cpu --batch 2 --steps 1 --warmup 0   # the CI run
+    python examples/nat.py --model dinat-tiny --backends fused --compile both           # eager, then torch.compile
+    python examples/nat.py --model dinat-tiny-512 --batch 16 --backends fused           # 128x128 tokens at stage 1
 
 The model: a convolutional tokenizer (two 3x3 stride-2 convolutions, 4x down), four
 stages of blocks x + attn(norm(x)), x + mlp(norm(x)) with NeighborhoodAttention2D (7x7
@@ -61,6 +63,10 @@ CONFIGS = {
     # two stages on 32x32 images: a CPU run in seconds (CI)
     "nat-ci": Config((2, 1), (1, 2), 16, 2.0, kernel=3, image=32, classes=10),
 }
+# Segmentation and detection resolution: the Tiny backbone on 512x512 images, 128x128
+# tokens at stage 1 (DiNAT's dilations 18, 9, 4, 2), as the NAT/DiNAT dense-prediction
+# heads run it.
+CONFIGS["nat-tiny-512"] = Config(**{**CONFIGS["nat-tiny"].__dict__, "image": 512})
 CONFIGS.update({"di" + name: Config(**{**c.__dict__, "dilated": True}) for name, c in list(CONFIGS.items())})
 
 
@@ -217,17 +223,25 @@ IMAGENET_IMAGES = 1_281_167
 
 
 def run(model_name: str, backends: Sequence[Optional[str]], device: str, dtype_name: str, batch: int, steps: int,
-        warmup: int, rpb: bool, train: bool = True, infer: bool = True, seed: int = 0) -> list:
-    """One result dict per backend: inference and training images/s, or why not."""
+        warmup: int, rpb: bool, train: bool = True, infer: bool = True, seed: int = 0,
+        compile_modes: Sequence[bool] = (False,)) -> list:
+    """One result dict per backend and compile mode: inference and training images/s,
+    or why not. A compiled model is torch.compile(model, fullgraph=True): its first
+    (warm-up) calls compile, which is not timed; at least one warm-up call runs."""
     c = CONFIGS[model_name]
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(seed)
     images = torch.randn(batch, 3, c.image, c.image, device=device)
     labels = torch.randint(0, c.classes, (batch,), device=device)
     results = []
-    for backend in backends:
+    for backend, compiled in [(b, m) for b in backends for m in compile_modes]:
         r = {"model": model_name, "backend": backend or "auto", "device": device, "dtype": dtype_name, "batch": batch,
-             "image": c.image, "rpb": rpb}
+             "image": c.image, "rpb": rpb, "compiled": compiled}
+        runs = max(warmup, 1) if compiled else warmup
+
+        def prepared(model):
+            return torch.compile(model, fullgraph=True) if compiled else model
+
         with use_backend(backend):
             if infer:
                 torch.manual_seed(seed)
@@ -236,7 +250,7 @@ def run(model_name: str, backends: Sequence[Optional[str]], device: str, dtype_n
                 model = model.to(dtype) if device == "cuda" else model
                 x = images.to(next(model.parameters()).dtype)
                 try:
-                    r["inference_images_per_s"] = time_inference(model, x, steps, warmup, device)
+                    r["inference_images_per_s"] = time_inference(prepared(model), x, steps, runs, device)
                 except (ValueError, RuntimeError, MemoryError) as e:
                     r["inference_error"] = short(e)
                 del model
@@ -244,8 +258,8 @@ def run(model_name: str, backends: Sequence[Optional[str]], device: str, dtype_n
                 torch.manual_seed(seed)
                 model = NAT(c, rpb).to(device)
                 try:
-                    ips, loss = time_training(model, images, labels, dtype if device == "cuda" else torch.float32,
-                                              steps, warmup, device)
+                    ips, loss = time_training(prepared(model), images, labels,
+                                              dtype if device == "cuda" else torch.float32, steps, runs, device)
                     r["train_images_per_s"], r["train_loss"] = ips, loss
                     r["train_hours_300_epochs"] = 300 * IMAGENET_IMAGES / ips / 3600
                 except (ValueError, RuntimeError, MemoryError) as e:
@@ -258,13 +272,15 @@ def run(model_name: str, backends: Sequence[Optional[str]], device: str, dtype_n
 
 
 def table(results: list) -> str:
-    lines = ["| model | backend | dtype | batch | inference images/s | training images/s | 300 epochs (h, 1 device) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | backend | compiled | dtype | batch | inference images/s | training images/s | "
+             "300 epochs (h, 1 device) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         inf = f"{r['inference_images_per_s']:.4g}" if "inference_images_per_s" in r else r.get("inference_error", "—")
         tr = f"{r['train_images_per_s']:.4g}" if "train_images_per_s" in r else r.get("train_error", "—")
         hours = f"{r['train_hours_300_epochs']:.1f}" if "train_hours_300_epochs" in r else "—"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['dtype']} | {r['batch']} | {inf} | {tr} | {hours} |")
+        compiled = "yes" if r.get("compiled") else "no"
+        lines.append(f"| {r['model']} | {r['backend']} | {compiled} | {r['dtype']} | {r['batch']} | {inf} | {tr} | "
+                     f"{hours} |")
     return "\n".join(lines)
 
 
@@ -281,6 +297,8 @@ def main(argv=None) -> list:
     ap.add_argument("--no-rpb", action="store_true", help="no relative positional bias (the paper's Table 8)")
     ap.add_argument("--no-train", action="store_true", help="time inference only")
     ap.add_argument("--no-inference", action="store_true", help="time training only")
+    ap.add_argument("--compile", choices=("no", "yes", "both"), default="no",
+                    help="time the model under torch.compile(fullgraph=True): yes, no (default), or both in turn")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -290,7 +308,8 @@ def main(argv=None) -> list:
     backends = [None if x == "auto" else x for x in names]
     dtype = a.dtype or ("float16" if a.device == "cuda" else "float32")
     results = run(a.model, backends, a.device, dtype, a.batch, a.steps, a.warmup, rpb=not a.no_rpb,
-                  train=not a.no_train, infer=not a.no_inference)
+                  train=not a.no_train, infer=not a.no_inference,
+                  compile_modes={"no": (False,), "yes": (True,), "both": (False, True)}[a.compile])
     print(table(results))
     if a.json:
         with open(a.json, "w") as f:

@@ -56,6 +56,21 @@ def test_one_step_on_the_cpu(tmp_path):
     assert json.loads(out.read_text()) == results
 
 
+def test_segmentation_resolution_configs():
+    # 512x512 images: 128x128 tokens at stage 1, DiNAT's dilations 18, 9, 4, 2.
+    c = nat.CONFIGS["dinat-tiny-512"]
+    assert c.image // 4 == 128 and c.dilated
+    assert [max(d) for d in nat.NAT(c).dilations] == [18, 9, 4, 2]
+
+
+def test_one_compiled_step_on_the_cpu():
+    results = nat.main(["--model", "dinat-ci", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
+                        "--backends", "cpu", "--compile", "both"])
+    assert [(r["backend"], r["compiled"]) for r in results] == [("cpu", False), ("cpu", True)]
+    for r in results:
+        assert r["inference_images_per_s"] > 0 and r["train_images_per_s"] > 0 and math.isfinite(r["train_loss"])
+
+
 def test_use_backend_reaches_every_layer():
     """A backend that cannot run on CPU tensors fails every pass with nbhd's reason."""
     results = nat.run("nat-ci", ["naive"], "cpu", "float32", batch=1, steps=1, warmup=0, rpb=True)
