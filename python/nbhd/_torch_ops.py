@@ -210,7 +210,11 @@ class _EagerAttention(torch.autograd.Function):
         ctx.eager = True
         return output
 
+    # The backward's own gradient is not defined (as for the operator, whose backward
+    # has no autograd formula): a second derivative raises instead of treating the
+    # first one's result as a constant.
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_lse):
         return _forward_backward(ctx, d_out, d_lse)
 

@@ -170,6 +170,19 @@ def test_eager_path_and_operator_agree():
         assert torch.equal(eager, operator)
 
 
+def test_second_derivatives_raise_on_both_paths():
+    case = GRAD_CASES[3]
+    for watched in (False, True):
+        q, k, v, _, _, _ = leaves(case)
+        with _Watching() if watched else contextlib.nullcontext():
+            out = fused(case)(q, k, v, None, None, None)
+            (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+            # With another term that does carry a graph, a dq without one would be
+            # dropped silently from the second derivative.
+            with pytest.raises(RuntimeError):
+                (dq.sum() + q.square().sum()).backward()
+
+
 def test_eager_path_is_refused_where_the_operator_must_run():
     from nbhd import _torch_ops
 
