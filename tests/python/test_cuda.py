@@ -410,6 +410,27 @@ def test_compile_reduce_overhead():
         torch.testing.assert_close(compiled(*plain), f(*plain)[0], rtol=0, atol=0)
 
 
+def test_query_box_runs_on_cuda_under_auto():
+    # fused and gemm refuse a query sub-box; auto passes it to naive rather than
+    # failing. Forward and gradients against the CPU path on the same box (float64:
+    # exact; float32 CPU: the plain one).
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 13, 11, 2, 32)) for _ in range(3))
+    box = ((3, 9), (0, 7))
+    q = q[:, 3:9, 0:7]
+
+    def run(dtype, device, backend):
+        xs = [torch.from_numpy(x).to(dtype).to(device).requires_grad_() for x in (q, k, v)]
+        out, lse = nbhd.na2d(*xs, (5, 3), dilation=(2, 1), query_box=box, return_lse=True, backend=backend)
+        (out.square().sum() + lse.sum()).backward()
+        return [out, lse] + [x.grad for x in xs]
+
+    got = run(torch.float32, "cuda", None)
+    exact, plain = run(torch.float64, "cpu", "cpu"), run(torch.float32, "cpu", "cpu")
+    for name, a, e, p in zip(["out", "lse", "d query", "d key", "d value"], got, exact, plain):
+        assert_flash_close(a, e, p, torch.float32, name)
+
+
 # fused loads 16-byte rows, so it cannot take a last dimension of stride 2.
 STRIDED_CASE = Case((9,), (3,), (1,), (1,), (False,), heads=2, kv_heads=2, dim=64, dim_v=64,
                     label="1d, inner stride 2")
