@@ -517,6 +517,19 @@ def test_a_query_box_is_used_only_on_the_backend_that_runs_the_whole_segment():
         assert same(None, box, whole, "cpu")
 
 
+def test_plan_counts_the_interior_computed_under_the_exchange():
+    # 80 columns per rank, a 24-column window: a middle rank's columns 12..68 (57 of
+    # 80) read no halo and run while it travels; the estimate hides the exchange.
+    plan = nbhd.distributed.plan((30, 48, 320), (18, 24, 24), heads=24, dim=128, dtype=torch.float32, world_size=4,
+                                 shard_axes=2, device="cpu")
+    assert plan.spatial.overlapped_tokens in (30 * 48 * 57, 30 * 48 * 69)  # a middle or a border rank (0..68)
+    assert "of them while the halo travels" in str(plan)
+    # 20 columns per rank: no query's window fits in its shard, nothing overlaps.
+    thin = nbhd.distributed.plan((30, 48, 80), (18, 24, 24), heads=24, dim=128, dtype=torch.float32, world_size=4,
+                                 shard_axes=2, device="cpu")
+    assert thin.spatial.overlapped_tokens == 0 and "while the halo travels" not in str(thin)
+
+
 def test_plan_refuses_a_bad_partition():
     with pytest.raises(ValueError, match="shard_sizes"):
         nbhd.distributed.plan((10,), 3, heads=2, dim=4, world_size=2, shard_sizes=[(4, 5)])

@@ -211,7 +211,8 @@ class Problem(NamedTuple):
 
 class Cost(NamedTuple):
     """One mode's forward on the busiest rank: bytes it receives and sends, the query
-    tokens it computes against the ones it owns, and an estimated time."""
+    tokens it computes against the ones it owns (of them, the interior computed while
+    the halo travels), and an estimated time."""
 
     bytes_in: int
     bytes_out: int
@@ -219,6 +220,7 @@ class Cost(NamedTuple):
     owned_tokens: int
     seconds: float
     note: str
+    overlapped_tokens: int = 0
 
 
 def _pair_flops(problem: Problem, window: Window) -> int:
@@ -241,8 +243,12 @@ def spatial_cost(partition: Partition, window: Window, problem: Problem, link_by
             bytes_out[block.source] += volume(block.source_box) * per_token
     computed = [partition.tokens(r) if own_queries_only[r] else math.prod(s.size for s in box)
                 for r, box in enumerate(boxes)]
-    seconds = [max(bytes_in[r], bytes_out[r]) / link_bytes_per_s
-               + computed[r] * _pair_flops(problem, window) / flop_per_s for r in ranks]
+    overlapped = [_overlapped_tokens(partition, window, r) if own_queries_only[r] else 0 for r in ranks]
+    per_query = _pair_flops(problem, window) / flop_per_s
+    # The interior's compute hides the exchange (or the other way round); the border
+    # waits for both.
+    seconds = [max(max(bytes_in[r], bytes_out[r]) / link_bytes_per_s, overlapped[r] * per_query)
+               + (computed[r] - overlapped[r]) * per_query for r in ranks]
     busiest = max(ranks, key=lambda r: seconds[r])
     whole = [a for a in range(len(partition.grid)) if a in partition.shard_axes
              and any(box[a].whole for box in boxes) and partition.world_size > 1]
@@ -251,7 +257,17 @@ def spatial_cost(partition: Partition, window: Window, problem: Problem, link_by
              "; recomputes the halo's queries, as the backend runs no query sub-box")
     if whole:
         note += f"; axis {', '.join(map(str, whole))} gathered whole by some rank"
-    return Cost(max(bytes_in), max(bytes_out), computed[busiest], partition.tokens(busiest), seconds[busiest], note)
+    return Cost(max(bytes_in), max(bytes_out), computed[busiest], partition.tokens(busiest), seconds[busiest], note,
+                overlapped[busiest])
+
+
+def _overlapped_tokens(partition: Partition, window: Window, rank: int) -> int:
+    """The own queries nbhd.distributed computes while the halo travels: the interior,
+    where the rank has a border too (else it makes one call after the exchange)."""
+    inner = interior_box(partition, window, rank)
+    if inner is None or inner == partition.box(rank):
+        return 0
+    return math.prod(hi - lo for lo, hi in inner)
 
 
 def heads_cost(partition: Partition, window: Window, problem: Problem, link_bytes_per_s: float,
@@ -312,9 +328,10 @@ class Plan:
 
 
 def _describe(name: str, cost: Cost) -> str:
+    overlap = f", {cost.overlapped_tokens} of them while the halo travels" if cost.overlapped_tokens else ""
     return (f"  {name + ':':8} busiest rank receives {_bytes(cost.bytes_in)}, sends {_bytes(cost.bytes_out)} per forward "
             f"({cost.note}); computes {cost.computed_tokens} query tokens for its {cost.owned_tokens} "
-            f"({cost.computed_tokens / cost.owned_tokens:.2f}x); est. {_ms(cost.seconds)}")
+            f"({cost.computed_tokens / cost.owned_tokens:.2f}x{overlap}); est. {_ms(cost.seconds)}")
 
 
 def _bytes(n: int) -> str:
