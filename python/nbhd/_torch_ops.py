@@ -198,8 +198,9 @@ torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_con
 
 class _EagerAttention(torch.autograd.Function):
     """nbhd::na_forward and its gradient without the operator's dispatch: the same
-    functions, called directly (the operator's Python layers cost ~35 us a call, 3x
-    a small problem's kernels). Only for plain tensors outside tracing (eager_call)."""
+    functions, called directly (the operator's Python layers cost ~35 us a call,
+    measured on the CPU: docs/performance.md, "Host path"). Only for plain tensors
+    outside tracing (eager_call)."""
 
     # forward(ctx, ...) rather than a setup_context: with one, apply() binds the
     # arguments through inspect.signature on every call (~15 us).
