@@ -261,8 +261,8 @@ Status nn(const Problem& p, const Plan& plan, const NnArgs& a, cudaStream_t stre
   k.out_layout = detail::token_layout(a.out, p.rank);
   k.out_vec = whole_vectors(a.out);
   const int64_t blocks = k.grid.tiles * p.heads * p.batch;
-  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's NN kernel", blocks, ceil_div(k.dim, kCols)));
   const int64_t chunks = ceil_div(k.dim, kCols);
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's NN kernel", blocks, chunks));
   return dispatch(p.dtype, a.weights.dtype, [&](auto t, auto w) -> Status {
     return cuda_status(launch_nn<decltype(t), decltype(w)>(k, blocks, int(chunks), stream), "gemm nn kernel");
   });
@@ -289,8 +289,8 @@ Status in(const Problem& p, const Plan& plan, const InArgs& a, cudaStream_t stre
   k.out_layout = detail::token_layout(a.out, p.rank);
   k.out_vec = whole_vectors(a.out);
   const int64_t blocks = k.tiles * p.kv_heads * p.batch;
-  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's IN kernel", blocks, ceil_div(k.dim, kCols)));
   const int64_t chunks = ceil_div(k.dim, kCols);
+  NBHD_RETURN_IF_ERROR(check_grid("backend gemm's IN kernel", blocks, chunks));
   return dispatch(p.dtype, a.weights.dtype, [&](auto t, auto w) -> Status {
     return cuda_status(launch_in<decltype(t), decltype(w)>(k, blocks, int(chunks), stream), "gemm in kernel");
   });
