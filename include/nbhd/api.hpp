@@ -124,7 +124,8 @@ struct BackendInfo {
 };
 std::vector<BackendInfo> built_backends();
 
-// Whether `backend` can run `problem` on `device`; the reason when it cannot.
-Status can_run(Backend backend, const Problem& problem, Device device);
+// Whether `backend` can run `problem`'s forward (with `backward`, its backward) on
+// `device`; the reason when it cannot.
+Status can_run(Backend backend, const Problem& problem, Device device, bool backward = false);
 
 }  // namespace nbhd

@@ -331,13 +331,14 @@ NB_MODULE(_nbhd, m) {
     return out;
   }, "Backends compiled in, best first: dicts with name, device, fused_ops, unfused_ops.");
 
-  m.def("can_run", [](const std::string& backend, const nbhd::Problem& p, const std::string& device) {
+  m.def("can_run", [](const std::string& backend, const nbhd::Problem& p, const std::string& device, bool backward) {
     nbhd::Backend b;
     check(nbhd::parse_backend(backend, &b));
     if (device != "cpu" && device != "cuda") raise(PyExc_ValueError, "device = '" + device + "' is not cpu or cuda");
-    const nbhd::Status s = nbhd::can_run(b, p, device == "cpu" ? nbhd::Device::kCPU : nbhd::Device::kCUDA);
+    const nbhd::Status s = nbhd::can_run(b, p, device == "cpu" ? nbhd::Device::kCPU : nbhd::Device::kCUDA, backward);
     return s.ok() ? std::string() : s.message();
-  }, "backend"_a, "problem"_a, "device"_a, "Empty string if the backend can run the forward, else why not.");
+  }, "backend"_a, "problem"_a, "device"_a, "backward"_a = false,
+     "Empty string if the backend can run the forward (with backward=True, the backward), else why not.");
 
   m.def("forward", [](const nbhd::Problem& p, nb::handle query, nb::handle key, nb::handle value, nb::handle out,
                       nb::handle lse, nb::handle rpb, nb::handle additional_keys, nb::handle additional_values,

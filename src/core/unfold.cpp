@@ -57,6 +57,9 @@ std::vector<UnfoldedPart> unfold_short_groups(const Problem& p, bool single_part
     int axis;
     int64_t group_length;
   };
+  // The query-side tensors of a sub-box hold the box's tokens only, which the
+  // unfolded parts' views (strides over the whole grid) do not describe.
+  if (p.has_query_box()) return {};
   int64_t group_tokens = 1;  // of the largest dilation group
   for (int a = 0; a < p.rank; ++a) group_tokens *= (p.extent[a] + p.dilation[a] - 1) / p.dilation[a];
   if (group_tokens >= kSmallGroup) return {};

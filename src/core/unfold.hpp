@@ -39,9 +39,9 @@ struct UnfoldedPart {
 };
 
 // The parts to run instead of `p`, or an empty list when unfolding does not apply:
-// a dilation group holds kSmallGroup tokens or more, no axis has dilation > 1 with
-// groups shorter than kShortGroup, or the rank has no room (rank + unfolded axes <= 3;
-// the shortest groups go first). With
+// `p` has a query sub-box, a dilation group holds kSmallGroup tokens or more, no axis
+// has dilation > 1 with groups shorter than kShortGroup, or the rank has no room
+// (rank + unfolded axes <= 3; the shortest groups go first). With
 // `single_part_only`, only unfoldings that leave one part (L % d == 0 on every
 // unfolded axis): gradients that sum over all queries (d rpb, additional tokens)
 // would otherwise be split between parts.

@@ -184,11 +184,11 @@ std::vector<BackendInfo> built_backends() {
   return out;
 }
 
-Status can_run(Backend backend, const Problem& p, Device device) {
+Status can_run(Backend backend, const Problem& p, Device device, bool backward) {
   return guarded([&]() -> Status {
     NBHD_RETURN_IF_ERROR(p.validate());
     const BackendImpl* chosen = nullptr;
-    return choose(p, Pass::kForward, device, backend, &chosen);
+    return choose(p, backward ? Pass::kBackward : Pass::kForward, device, backend, &chosen);
   });
 }
 

@@ -49,7 +49,7 @@ const std::vector<const BackendImpl*>& registry();
 inline Status refuse_query_box(const Problem& p, const char* backend) {
   if (!p.has_query_box()) return Status::Ok();
   return unsupported(std::string("query sub-box: not implemented in backend ") + backend +
-                     " yet (reference and cpu run it)");
+                     " yet (reference, cpu and naive run it)");
 }
 
 }  // namespace nbhd::detail

@@ -262,6 +262,73 @@ TEST(FusedForwardSmoke, SmallProblems) {
   SKIP_IF_NO_CASE_RAN(before);
 }
 
+// A query sub-box (the distributed path's interior and border calls): tiles over the
+// box only, q, out and lse holding its tokens. Per rank, head dims 32 (mma.sync), 64
+// and 128 (wgmma on sm_90), periodic axes among the draws; then the TMA producer,
+// which a box turns back to cp.async.
+TEST(FusedForwardQuerySubBox, MatchesReference) {
+  NBHD_REQUIRE_GPU();
+  const int before = cases_run;
+  int boxed = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 6; ++seed) {
+      std::mt19937_64 rng(31000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 120 : rank == 2 ? 16 : 7;
+      o.allow_periodic = true;
+      Case c{testing::with_random_box(testing::random_problem(rng, o), rng), seed == 1 ? 8 : 0};
+      c.p.dim = 32 << (seed % 3);
+      c.p.dim_v = 0;
+      boxed += c.p.has_query_box();
+      check_forward(c, rng);
+      if (HasFatalFailure()) return;
+    }
+  EXPECT_GE(boxed, 12) << "the seeds drew too few sub-boxes";
+  {
+    // Groups of 4 tokens, which fused runs unfolded without a box (core/unfold.hpp;
+    // the parts' views cover the grid): with one, the problem runs as it is.
+    Case c{Problem{}, 0};
+    c.p.rank = 2;
+    c.p.extent = {60, 5, 1};
+    c.p.kernel = {3, 3, 1};
+    c.p.dilation = {15, 1, 1};
+    c.p.batch = 2;
+    c.p.heads = c.p.kv_heads = 2;
+    c.p.dim = 64;
+    c.p.dtype = DType::kFloat16;
+    c.p.query_begin = {7, 1, 0};
+    c.p.query_end = {50, 0, 0};
+    std::mt19937_64 rng(31050);
+    check_forward(c, rng);
+  }
+  if (cuda::fused::hopper_device()) {
+    const auto configs = cuda::fused::candidate_configs(DType::kFloat16, 2, 64, /*hopper=*/true);
+    size_t i = 0;
+    while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8)) ++i;
+    ASSERT_LT(i, configs.size()) << "no warp-specialized entry for rank 2";
+    setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+    setenv("NBHD_FUSED_LOADS", "tma", 1);
+    std::mt19937_64 rng(31100);
+    testing::RandomOptions o;
+    o.rank = 2;
+    o.dtype = DType::kFloat16;
+    o.max_extent = 20;
+    Case c{testing::random_problem(rng, o), 0};
+    c.p.extent[0] = std::max<int64_t>(c.p.extent[0], 8);
+    c.p.query_begin = {3, 0, 0};
+    c.p.query_end = {c.p.extent[0], 0, 0};
+    c.p.dim = 64;
+    c.p.dim_v = 0;
+    c.p.additional_tokens = 0;
+    check_forward(c, rng, -1, "cp.async: the query holds a sub-box");
+    unsetenv("NBHD_FUSED_LOADS");
+    unsetenv("NBHD_FUSED_TILE");
+  }
+  SKIP_IF_NO_CASE_RAN(before);
+}
+
 // Every entry of the tile table, forced through NBHD_FUSED_TILE, on random problems
 // of its rank and head-dim bucket (the planner alone would leave some untested).
 TEST(FusedForwardConfigs, EveryTableEntry) {

@@ -498,23 +498,43 @@ def test_plan_counts_only_own_queries_where_the_backend_runs_a_query_box():
 
 
 def test_a_query_box_is_used_only_on_the_backend_that_runs_the_whole_segment():
-    # On CUDA, naive runs query sub-boxes and fused (auto's choice) does not yet: auto
-    # must not trade fused's whole segment for naive's box.
+    # On CUDA, naive runs query sub-boxes forward and backward, fused (auto's choice)
+    # the forward's only: auto must not trade fused's whole segment for naive's box,
+    # and a box used for training must run backward on the same backend too.
     backends = [{"name": "fused", "device": "cuda", "fused_ops": True},
                 {"name": "naive", "device": "cuda", "fused_ops": True},
                 {"name": "cpu", "device": "cpu", "fused_ops": True}]
     box, whole = object(), object()
 
-    def can_run(name, problem, device):
+    def can_run(name, problem, device, backward=False):
         runs = {("fused", whole), ("naive", whole), ("naive", box), ("cpu", whole), ("cpu", box)}
-        return "" if (name, problem) in runs else "no"
+        return "" if (name, problem) in runs or (name, problem, backward) == ("fused", box, False) else "no"
 
     same = nbhd.distributed._box_runs_on_the_same_backend
     with mock.patch.object(nbhd._nbhd, "built_backends", lambda: backends), \
             mock.patch.object(nbhd._nbhd, "can_run", can_run):
-        assert not same(None, box, whole, "cuda")
-        assert same("naive", box, whole, "cuda")
-        assert same(None, box, whole, "cpu")
+        assert same(None, box, whole, "cuda", False) and not same(None, box, whole, "cuda", True)
+        assert same("fused", box, whole, "cuda", False) and not same("fused", box, whole, "cuda", True)
+        assert same("naive", box, whole, "cuda", True)
+        assert same(None, box, whole, "cpu", True)
+
+
+def test_the_plan_for_inference_and_for_training_ask_different_passes():
+    # The same problem on a backend that runs the box's forward only: inference
+    # computes own queries only, training recomputes the halo's queries.
+    calls = []
+
+    def can_run(name, problem, device, backward=False):
+        calls.append(backward)
+        return "no" if backward and problem.has_query_box() else ""
+
+    with mock.patch.object(nbhd._nbhd, "can_run", can_run):
+        kwargs = dict(heads=4, dim=32, dtype=torch.float32, world_size=2, shard_axes=0, device="cpu", backend="cpu")
+        inference = nbhd.distributed.plan((64,), 7, backward=False, **kwargs)
+        training = nbhd.distributed.plan((64,), 7, **kwargs)
+    assert inference.spatial.computed_tokens == inference.spatial.owned_tokens == 32
+    assert training.spatial.computed_tokens > training.spatial.owned_tokens
+    assert True in calls
 
 
 def test_plan_counts_the_interior_computed_under_the_exchange():

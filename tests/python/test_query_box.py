@@ -112,14 +112,21 @@ def test_query_box_is_keyword_only_and_checked():
         nbhd.na1d(q, k, k, 3, query_box=((1.0, 9),))
 
 
-def test_the_problem_carries_the_box_and_only_the_cpu_backends_run_it():
+def test_the_problem_carries_the_box_and_the_cpu_backends_run_it_both_ways():
     p = nbhd._nbhd.Problem()
     p.rank, p.extent, p.kernel, p.dim = 1, [10, 1, 1], [3, 1, 1], 4
     p.query_begin, p.query_end = [1, 0, 0], [9, 0, 0]
     p.validate()
     assert p.has_query_box() and "query_box=1:9" in repr(p)
-    assert nbhd._nbhd.can_run("cpu", p, "cpu") == "" and nbhd._nbhd.can_run("reference", p, "cpu") == ""
+    for backward in (False, True):
+        assert nbhd._nbhd.can_run("cpu", p, "cpu", backward) == ""
+        assert nbhd._nbhd.can_run("reference", p, "cpu", backward=backward) == ""
     reason = nbhd._nbhd.can_run("auto", p, "cuda")
-    assert reason
-    if any(b["device"] == "cuda" for b in nbhd._nbhd.built_backends()):
-        assert "query sub-box: not implemented in backend" in reason
+    cuda = {b["name"] for b in nbhd._nbhd.built_backends() if b["device"] == "cuda"}
+    if not cuda:
+        assert "no backend can run the forward" in reason
+    else:  # naive runs both passes of a box; fused the forward only
+        assert reason == "" and nbhd._nbhd.can_run("auto", p, "cuda", backward=True) == ""
+        if "fused" in cuda:
+            assert "query sub-box: not implemented in backend fused (backward)" in nbhd._nbhd.can_run(
+                "fused", p, "cuda", backward=True)

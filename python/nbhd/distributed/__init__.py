@@ -88,7 +88,8 @@ na3d = _ranked(3, "na3d")
 def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=False, periodic=False, heads: int,
          kv_heads: Optional[int] = None, dim: int, dim_v: Optional[int] = None, batch: int = 1,
          dtype=torch.float16, world_size: int, shard_axes=0, mesh_shape=None, shard_sizes=None,
-         link_gbps: float = 450.0, tflops: float = 400.0, device: str = "cuda", backend: Optional[str] = None) -> Plan:
+         link_gbps: float = 450.0, tflops: float = 400.0, device: str = "cuda", backend: Optional[str] = None,
+         backward: bool = True) -> Plan:
     """How a problem on the global grid `grid` would run over world_size ranks, and why.
 
     Returns a Plan: mode ("spatial" or "heads", the one mode="auto" takes), and per mode
@@ -98,8 +99,9 @@ def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=Fa
     rate). str(plan) explains the choice. shard_sizes: per split axis the shard lengths
     by mesh coordinate (default: even). device ("cuda" or "cpu") and backend: where the
     local calls run; spatial mode computes only a rank's own queries where that backend
-    runs a query sub-box (the CPU backends), else it recomputes the halo's queries too
-    (the GPU backends, until they run a sub-box)."""
+    runs a query sub-box (the CPU backends; on GPUs fused's forward, not yet its
+    backward), else it recomputes the halo's queries too. backward: plan for training
+    (the sub-box must run backward too); False for inference."""
     rank = len(grid)
     window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
     axes = _normalise_axes(shard_axes, rank)
@@ -121,8 +123,8 @@ def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=Fa
                       str(torch_dtype).replace("torch.", ""))
     _core.attention_problem(window, [batch, *grid, heads, dim], [batch, *grid, problem.kv_heads, dim],
                             [batch, *grid, problem.kv_heads, problem.dim_v])
-    return make_plan(partition, window, problem, _own_queries_only(partition, window, problem, device, backend),
-                     link_gbps, tflops)
+    return make_plan(partition, window, problem,
+                     _own_queries_only(partition, window, problem, device, backend, backward), link_gbps, tflops)
 
 
 # ----------------------------------------------------------------- one call
@@ -154,7 +156,10 @@ def _attention(rank, name, query, key, value, kernel_size, stride, dilation, is_
     heads_unsplit = heads_refusal(problem.heads, problem.kv_heads, group.size)
     if mode == "heads" and heads_unsplit:
         raise ValueError(f"mode='heads' cannot run: {heads_unsplit}")
-    own_only = [] if mode == "heads" else _own_queries_only(partition, window, problem, query.device.type, backend)
+    backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                               for x in (query, key, value, rpb, ak, av))
+    own_only = [] if mode == "heads" else _own_queries_only(partition, window, problem, query.device.type, backend,
+                                                            backward)
     if mode == "auto":
         mode = make_plan(partition, window, problem, own_only).mode
     if sum_replicated_grads:
@@ -310,11 +315,11 @@ def _segment_window(window, segment) -> "_core.Window":
     return window._replace(periodic=tuple(w and s.whole for w, s in zip(window.periodic, segment)))
 
 
-def _own_queries_only(partition, window, problem, device: str, backend) -> list:
+def _own_queries_only(partition, window, problem, device: str, backend, backward: bool) -> list:
     """Per rank, whether its local call computes only its own queries: the backend runs
-    the query sub-box of its segment on `device` (nbhd._nbhd.can_run; every rank asks
-    the same of the same gathered shapes, so all agree; an empty batch is refused there
-    and takes the recompute path)."""
+    the query sub-box of its segment on `device`, forward and, when gradients flow,
+    backward (nbhd._nbhd.can_run; every rank asks the same of the same gathered shapes,
+    so all agree; an empty batch is refused there and takes the recompute path)."""
     if not _USE_QUERY_BOX or problem.dtype not in _core.SUPPORTED_DTYPES:  # the local call names a bad dtype
         return [False] * partition.world_size
     runs = []
@@ -328,20 +333,22 @@ def _own_queries_only(partition, window, problem, device: str, backend) -> list:
         whole = _core.attention_problem(_segment_window(window, segment), grid + [problem.heads, problem.dim],
                                         *shapes)
         boxed.dtype = whole.dtype = problem.dtype
-        runs.append(_box_runs_on_the_same_backend(backend, boxed, whole, device))
+        runs.append(all(_box_runs_on_the_same_backend(backend, boxed, whole, device, p)
+                        for p in ((False, True) if backward else (False,))))
     return runs
 
 
-def _box_runs_on_the_same_backend(backend, boxed, whole, device: str) -> bool:
-    """Whether the backend that would run the whole segment (the named one, or auto's
-    choice) runs its query sub-box too: auto would otherwise pass the box to a slower
-    backend (naive runs boxes on CUDA; fused does not yet), costing more than the
-    halo queries it saves."""
+def _box_runs_on_the_same_backend(backend, boxed, whole, device: str, backward: bool) -> bool:
+    """Whether the backend that would run the whole segment's forward (with backward,
+    its backward; the named backend, or auto's choice) runs its query sub-box too: auto
+    would otherwise pass the box to a slower backend (naive runs boxes on CUDA; fused
+    runs the forward's only), costing more than the halo queries it saves, and a named
+    backend would refuse it."""
     if backend is not None:
-        return not _nbhd.can_run(_core.backend_name(backend), boxed, device)
+        return not _nbhd.can_run(_core.backend_name(backend), boxed, device, backward)
     for b in _nbhd.built_backends():
-        if b["device"] == device and b["fused_ops"] and not _nbhd.can_run(b["name"], whole, device):
-            return not _nbhd.can_run(b["name"], boxed, device)
+        if b["device"] == device and b["fused_ops"] and not _nbhd.can_run(b["name"], whole, device, backward):
+            return not _nbhd.can_run(b["name"], boxed, device, backward)
     return False
 
 

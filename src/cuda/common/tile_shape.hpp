@@ -95,18 +95,21 @@ constexpr TileShape log2_shape(int q0, int q1, int q2, int w0, int w1, int w2, i
 
 // The tiles of boxes of 2^log2[a] group indices that cover every dilation group: per
 // axis ceil(group 0's length / box) (group 0 is the longest) times the groups. A
-// tiled kernel's grid is `count` times heads (or kv heads) times batch.
+// tiled kernel's grid is `count` times heads (or kv heads) times batch. With
+// `extent` (a query sub-box's tokens per axis), the tiles cover the box instead: a
+// group holds at most ceil(extent / dilation) of its tokens.
 struct TileGrid {
   int per_group[kMaxRank];
   int64_t count;
 };
 
-inline TileGrid tile_grid(const Neighborhood& nb, const int* log2) {
+inline TileGrid tile_grid(const Neighborhood& nb, const int* log2, const int* extent = nullptr) {
   TileGrid g{{}, 1};
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = nb.axis[a];
     const int box = 1 << log2[a];
-    g.per_group[a] = (ax.group_length(0) + box - 1) / box;
+    const int longest = extent ? (extent[a] + ax.dilation - 1) / ax.dilation : ax.group_length(0);
+    g.per_group[a] = (longest + box - 1) / box;
     g.count *= int64_t(g.per_group[a]) * ax.dilation;
   }
   return g;

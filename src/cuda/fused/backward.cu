@@ -21,6 +21,7 @@
 #include "cuda/common/workspace.hpp"
 #include "cuda/fused/backward_plan.hpp"
 #include "cuda/fused/host.hpp"
+#include "dispatch/backend.hpp"
 
 namespace nbhd::cuda::fused {
 namespace {
@@ -103,6 +104,7 @@ std::string key_pass_loads(const Problem& p, const BackwardTensors& t) {
 }
 
 Status backward_supports(const Problem& p) {
+  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "fused (backward)"));
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   if (backward_candidates(p.dtype, p.rank, bucket).empty())
     return unsupported("the fused backward runs max(dim, dim_v) <= 128 (a warp keeps dK and dV of 16 keys in "

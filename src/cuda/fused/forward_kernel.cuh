@@ -204,17 +204,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   const int64_t b = linear / p.heads;
   const int hk = h / p.heads_per_kv;
 
-  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank];
+  // The tile's group indices start at q_origin; the group's queries end at q_end (the
+  // group length, or where the query sub-box ends), the windows are the group's (lg).
+  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank], q_end[kMaxRank];
   {
     int64_t rest = tile;
     for (int a = kMaxRank - 1; a >= 0; --a) {
-      const int per_axis = p.tiles_per_group[a] * p.nb.axis[a].dilation;
+      const int d = p.nb.axis[a].dilation;
+      const int per_axis = p.tiles_per_group[a] * d;
       const int ta = int(rest % per_axis);
       rest /= per_axis;
       group[a] = ta / p.tiles_per_group[a];
-      q_origin[a] = (ta % p.tiles_per_group[a]) << shape.q_log2[a];
       lg[a] = p.nb.axis[a].group_length(group[a]);
-      if (q_origin[a] >= lg[a]) return;  // the shorter groups have fewer tiles
+      // The group's first and last-plus-one index in [query_begin, query_end).
+      const int first = (p.query_begin[a] - group[a] + d - 1) / d;
+      q_end[a] = (p.query_end[a] - group[a] + d - 1) / d;
+      q_origin[a] = first + ((ta % p.tiles_per_group[a]) << shape.q_log2[a]);
+      if (q_origin[a] >= q_end[a]) return;  // the shorter groups have fewer tiles
     }
   }
 
@@ -222,7 +228,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   Box kbox;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = p.nb.axis[a];
-    const int last = imin(q_origin[a] + shape.q(a), lg[a]) - 1;
+    const int last = imin(q_origin[a] + shape.q(a), q_end[a]) - 1;
     kbox.r[a] = {ax.window(q_origin[a], lg[a]).begin, ax.window(last, lg[a]).end};
   }
   int key_tiles_axis[kMaxRank];
@@ -262,7 +268,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       bool valid = c * Cfg::kVec < p.dim;
       for (int a = 0; a < kMaxRank; ++a) {
         j[a] = q_origin[a] + off[a];
-        valid &= j[a] < lg[a];
+        valid &= j[a] < q_end[a];
       }
       const T* src = q_base;
       if (valid) {
@@ -466,7 +472,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         int off[kMaxRank];
         shape.query_offset(my_row[m][i], off);
         bool valid = true;
-        for (int a = 0; a < kMaxRank; ++a) valid &= q_origin[a] + off[a] < lg[a];
+        for (int a = 0; a < kMaxRank; ++a) valid &= q_origin[a] + off[a] < q_end[a];
         for (int a = 0; a < kMaxRank; ++a) {
           const int j = q_origin[a] + off[a];
           const Range w = valid ? p.nb.axis[a].window(j, lg[a]) : Range{0, 0};
@@ -484,11 +490,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     int off[kMaxRank];
     shape.warp_offset(box, off);
     box_idle[m] = !owns_queries;
-    for (int a = 0; a < kMaxRank; ++a) box_idle[m] |= q_origin[a] + off[a] >= lg[a];
+    for (int a = 0; a < kMaxRank; ++a) box_idle[m] |= q_origin[a] + off[a] >= q_end[a];
     for (int a = 0; a < kMaxRank && lane == 0 && owns_queries; ++a) {
       const Axis& ax = p.nb.axis[a];
       const int first = q_origin[a] + off[a];
-      const int last = imin(first + shape.w(a), lg[a]) - 1;
+      const int last = imin(first + shape.w(a), q_end[a]) - 1;
       const Range wf = ax.window(first, lg[a]), wl = ax.window(imax(last, first), lg[a]);
       smem.box_windows[box][a] = box_idle[m] ? make_int4(0, 0, 0, 0) : make_int4(wf.begin, wl.end, wl.begin, wf.end);
     }
@@ -939,7 +945,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     bool valid = c * Cfg::kVec < p.dim_v;
     for (int a = 0; a < kMaxRank; ++a) {
       j[a] = q_origin[a] + off[a];
-      valid &= j[a] < lg[a];
+      valid &= j[a] < q_end[a];
     }
     if (!valid) continue;
     token_of(j, token);

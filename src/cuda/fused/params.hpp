@@ -35,6 +35,11 @@ struct ForwardParams {
 
   Neighborhood nb;
   TileShape shape;
+  // The queries computed: tokens [query_begin, query_end) per axis (the problem's
+  // query sub-box, else the grid). q, out and lse hold the box's tokens only; their
+  // pointers are moved back by the box origin's offset, so that grid tokens index
+  // them (backend.cu, box_base).
+  int query_begin[kMaxRank], query_end[kMaxRank];
   int tiles_per_group[kMaxRank];  // query tiles along each axis in every dilation group
   int64_t tiles;                  // query tiles per (batch, head)
   int heads, heads_per_kv;

@@ -332,6 +332,7 @@ std::string forward_tma_views(const Problem& p, const TileConfig& c, const detai
                               const detail::TokenLayout& k, const detail::TokenLayout& v, TmaView* views) {
   if (!c.wgmma || c.warps != 8) return "the TMA producer is the warp-specialized wgmma kernels' (8 warps)";
   if (p.additional_tokens > 0) return "additional tokens load by cp.async";
+  if (p.has_query_box()) return "the query holds a sub-box's tokens, and the query's tensor map covers the grid";
   const TileShape& s = c.shape;
   return plan_tma_operands(p, c,
                            {{"query", q, p.heads, p.dim, {s.w(0), s.w(1), s.w(2)}},
