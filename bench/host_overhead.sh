@@ -7,8 +7,12 @@
 #   3. examples/nat.py on NAT-Tiny and DiNAT-Tiny (fused), each twice in a row, so
 #      that run-to-run noise shows beside any difference between the models,
 #   4. tests/python/test_cuda.py (the CUDA graph, reduce-overhead and workspace tests
-#      among them; its float32 and bfloat16 cases skip in this build).
-# Writes pip.log, host_overhead.json and nat-*.json into $OUT (else ./host-overhead-out).
+#      among them; its float32 and bfloat16 cases skip in this build),
+#   5. bench/distributed.py at world size 1 (issue 21: the distributed path's overhead
+#      over the plain call; HunyuanVideo's grid and window at head dim 64, 8 heads),
+#      forward and forward+backward.
+# Writes pip.log, host_overhead.json, nat-*.json and distributed-*.json into $OUT
+# (else ./host-overhead-out).
 #
 #   bench/host_overhead.sh [--skip-nat]
 set -uo pipefail
@@ -36,4 +40,8 @@ if [ "$skip_nat" = 0 ]; then
   done
 fi
 python3 -m pytest -q -p no:cacheprovider -rs tests/python/test_cuda.py 2>&1 | tail -15
+for pass_ in fwd fwd+bwd; do
+  python3 bench/distributed.py --world-sizes 1 --modes spatial --heads 8 --dim 64 --pass "$pass_" \
+    --json "$out/distributed-1gpu-${pass_/+/-}.json" 2>&1 | tail -4
+done
 echo "done ($SECONDS s)"
