@@ -5,11 +5,40 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <vector>
 
 #include "cuda/fused/plan.hpp"
 
 namespace nbhd::cuda::fused {
 namespace {
+
+// A query sub-box's tiles (tile_grid over the box's extents, group_indices per
+// group): on small axes, every dilation group's indices are exactly its tokens in
+// the box, and the tiles of the longest group cover them.
+TEST(FusedPlan, QuerySubBoxTilesCoverTheBoxOfEveryGroup) {
+  for (int length = 1; length <= 24; ++length)
+    for (int dilation = 1; dilation <= length; ++dilation)
+      for (int first = 0; first < length; ++first)
+        for (int last = first + 1; last <= length; ++last)
+          for (int log2 = 0; log2 <= 3; ++log2) {
+            Neighborhood nb{};
+            nb.axis[2].length = length;
+            nb.axis[2].dilation = dilation;
+            nb.axis[2].kernel = 1;
+            const int tile[kMaxRank] = {0, 0, log2}, extent[kMaxRank] = {1, 1, last - first};
+            const TileGrid grid = tile_grid(nb, tile, extent);
+            for (int g = 0; g < dilation; ++g) {
+              const Range r = group_indices(first, last, g, dilation);
+              std::vector<int> tokens, expected;
+              for (int j = r.begin; j < r.end; ++j) tokens.push_back(g + dilation * j);
+              for (int t = first; t < last; ++t)
+                if (t % dilation == g) expected.push_back(t);
+              ASSERT_EQ(tokens, expected) << "length " << length << " dilation " << dilation << " box [" << first
+                                          << ", " << last << ") group " << g;
+              EXPECT_LE(r.size(), grid.per_group[2] << log2);
+            }
+          }
+}
 
 TEST(FusedPlan, TableEntriesAreValidTilings) {
   ASSERT_TRUE(wgmma_kernels_built()) << "this test is built with the sm_90a kernels in the table";

@@ -88,6 +88,12 @@ NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, con
   token_of(nb, group, j, token);
 }
 
+// The indices [begin, end) of dilation group g's tokens (token = g + dilation * index)
+// among the tokens [first, last) of an axis: a query sub-box's part of the group.
+NBHD_HOST_DEVICE constexpr Range group_indices(int first, int last, int g, int dilation) {
+  return {(first - g + dilation - 1) / dilation, (last - g + dilation - 1) / dilation};  // ceil; first - g > -dilation
+}
+
 // A shape from its log2 extents: query tile, warp box, key tile.
 constexpr TileShape log2_shape(int q0, int q1, int q2, int w0, int w1, int w2, int k0, int k1, int k2) {
   return TileShape{{q0, q1, q2}, {w0, w1, w2}, {k0, k1, k2}};

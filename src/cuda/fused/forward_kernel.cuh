@@ -216,10 +216,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       rest /= per_axis;
       group[a] = ta / p.tiles_per_group[a];
       lg[a] = p.nb.axis[a].group_length(group[a]);
-      // The group's first and last-plus-one index in [query_begin, query_end).
-      const int first = (p.query_begin[a] - group[a] + d - 1) / d;
-      q_end[a] = (p.query_end[a] - group[a] + d - 1) / d;
-      q_origin[a] = first + ((ta % p.tiles_per_group[a]) << shape.q_log2[a]);
+      const Range in_box = group_indices(p.query_begin[a], p.query_end[a], group[a], d);
+      q_end[a] = in_box.end;
+      q_origin[a] = in_box.begin + ((ta % p.tiles_per_group[a]) << shape.q_log2[a]);
       if (q_origin[a] >= q_end[a]) return;  // the shorter groups have fewer tiles
     }
   }
