@@ -5,6 +5,7 @@
 // pass's waste estimate on the anchor problems.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 #include <set>
 
@@ -119,7 +120,9 @@ Axis random_axis(std::mt19937_64& rng, int max_length) {
 }
 
 // query_tile(it) walks the same tiles, in the same order, as an odometer over heads,
-// then axes 0..2 (innermost last), each axis over its groups in order.
+// then axes 0..2 (innermost last), each axis over its groups in order: one group's
+// box, or every group's part of the tokens [first, last) (a query sub-box, or the
+// axis), groups from the first token's.
 TEST(FusedBackwardPlan, QueryWalkMatchesAStatefulWalk) {
   std::mt19937_64 rng(11);
   for (int trial = 0; trial < 400; ++trial) {
@@ -132,14 +135,20 @@ TEST(FusedBackwardPlan, QueryWalkMatchesAStatefulWalk) {
     const bool all_groups = trial % 2 == 0;
     WalkAxis walk[kMaxRank];
     int group[kMaxRank];
-    Range box[kMaxRank];
+    Range box[kMaxRank], tokens[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = nb.axis[a];
       group[a] = std::uniform_int_distribution<int>(0, ax.dilation - 1)(rng);
       const int lg = ax.group_length(group[a]);
       const int b = std::uniform_int_distribution<int>(0, lg - 1)(rng);
       box[a] = {b, std::uniform_int_distribution<int>(b + 1, lg)(rng)};
-      walk[a] = all_groups ? WalkAxis{0, 0, all_groups_tiles(ax, shape.col(a)), -1}
+      tokens[a] = {0, ax.length};
+      if (trial % 4 == 2) {
+        tokens[a].begin = std::uniform_int_distribution<int>(0, ax.length - 1)(rng);
+        tokens[a].end = std::uniform_int_distribution<int>(tokens[a].begin + 1, ax.length)(rng);
+      }
+      walk[a] = all_groups ? WalkAxis{tokens[a].begin, tokens[a].end,
+                                      all_groups_tiles(ax, shape.col(a), tokens[a].begin, tokens[a].end), -1}
                            : WalkAxis{box[a].begin, box[a].end, ceil_div(box[a].size(), shape.col(a)), group[a]};
     }
     // The stateful walk, per axis a list of (group, origin, end).
@@ -149,9 +158,15 @@ TEST(FusedBackwardPlan, QueryWalkMatchesAStatefulWalk) {
     std::vector<Step> steps[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = nb.axis[a];
-      for (int g = 0; g < ax.dilation; ++g) {
+      for (int k = 0; k < ax.dilation; ++k) {
+        const int g = all_groups ? (tokens[a].begin + k) % ax.dilation : k;
         if (!all_groups && g != group[a]) continue;
-        const Range r = all_groups ? Range{0, ax.group_length(g)} : box[a];
+        Range r = box[a];
+        if (all_groups) {  // group g's tokens in [begin, end), by brute force
+          r = {ax.length, 0};
+          for (int t = tokens[a].begin; t < tokens[a].end; ++t)
+            if (t % ax.dilation == g) r = {std::min(r.begin, t / ax.dilation), t / ax.dilation + 1};
+        }
         for (int o = r.begin; o < r.end; o += shape.col(a)) steps[a].push_back({g, o, r.end});
       }
       ASSERT_EQ(int(steps[a].size()), walk[a].tiles) << "axis " << a;

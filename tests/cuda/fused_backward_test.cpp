@@ -104,7 +104,7 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
   auto mul = [&](double x, double y) { return tf32x3 ? cpu::tf32x3_product(x, y) : x * y; };
   auto accumulate = [&](double& sum, double term) { sum = f32(sum + term); };
   Gradients g;
-  g.dq.assign(size_t(p.batch) * p.tokens() * H * D, 0);
+  g.dq.assign(size_t(p.batch) * p.query_tokens() * H * D, 0);
   g.dk.assign(size_t(p.batch) * p.tokens() * Hkv * D, 0);
   g.dv.assign(size_t(p.batch) * p.tokens() * Hkv * Dv, 0);
   g.drpb.assign(p.has_rpb ? size_t(H) * p.rpb_size() : 0, 0);
@@ -115,25 +115,30 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
     for (int a = kMaxRank - p.rank; a < kMaxRank; ++a) i = i * (2 * nb.axis[a].kernel - 1) + idx[a];
     return i;
   };
-  const int e0 = p.padded_extent(0), e1 = p.padded_extent(1), e2 = p.padded_extent(2);
+  // The query side (q, out, lse, their gradients) holds the query sub-box's tokens.
+  const Range r0 = p.padded_query_range(0), r1 = p.padded_query_range(1), r2 = p.padded_query_range(2);
+  auto query_index = [&](int64_t b, const int* t, int64_t h, int64_t n, int64_t d) {
+    const int64_t flat = ((b * r0.size() + t[0] - r0.begin) * r1.size() + t[1] - r1.begin) * r2.size() + t[2] - r2.begin;
+    return (flat * H + h) * n + d;
+  };
   for (int64_t b = 0; b < p.batch; ++b)
-    for (int x0 = 0; x0 < e0; ++x0)
-      for (int x1 = 0; x1 < e1; ++x1)
-        for (int x2 = 0; x2 < e2; ++x2)
+    for (int x0 = r0.begin; x0 < r0.end; ++x0)
+      for (int x1 = r1.begin; x1 < r1.end; ++x1)
+        for (int x2 = r2.begin; x2 < r2.end; ++x2)
           for (int64_t h = 0; h < H; ++h) {
             const int t[kMaxRank] = {x0, x1, x2};
             const int64_t hk = h / G;
-            auto Q = [&](int64_t d) { return in.q.get(row_index(p, b, t, h, H, D, d)); };
-            auto dO = [&](int64_t d) { return d_out.get(row_index(p, b, t, h, H, Dv, d)); };
-            const float lse2_t = float(lse.get(row_index(p, b, t, h, H, 1, 0))) * kLog2e;
+            auto Q = [&](int64_t d) { return in.q.get(query_index(b, t, h, D, d)); };
+            auto dO = [&](int64_t d) { return d_out.get(query_index(b, t, h, Dv, d)); };
+            const float lse2_t = float(lse.get(query_index(b, t, h, 1, 0))) * kLog2e;
             double delta = 0, delta_mag = 0;
             for (int64_t d = 0; d < Dv; ++d) {
-              const double term = dO(d) * out.get(row_index(p, b, t, h, H, Dv, d));
+              const double term = dO(d) * out.get(query_index(b, t, h, Dv, d));
               delta = f32(delta + term);
               delta_mag += std::abs(term);
             }
             if (d_lse.ref().defined()) {  // dS = P (dP - delta + d lse)
-              const double g = d_lse.get(row_index(p, b, t, h, H, 1, 0));
+              const double g = d_lse.get(query_index(b, t, h, 1, 0));
               delta = f32(delta - g);
               delta_mag += std::abs(g);
             }
@@ -159,7 +164,7 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
                 const double p_mag = prob * (1 + 0.6931471805599453 * x_mag);
                 const double ds_mag = p_mag * std::abs(dp - delta) + prob * (dp_mag + delta_mag + std::abs(dp - delta));
                 for (int64_t d = 0; d < D; ++d) {
-                  g.dq[row_index(p, b, t, h, H, D, d)] += ds_mag * std::abs(K(d)) + std::abs(ds * K(d));
+                  g.dq[query_index(b, t, h, D, d)] += ds_mag * std::abs(K(d)) + std::abs(ds * K(d));
                   dk_row[d] += ds_mag * std::abs(Q(d)) + std::abs(ds * Q(d));
                 }
                 for (int64_t d = 0; d < Dv; ++d) dv_row[d] += p_mag * std::abs(dO(d)) + std::abs(prob * dO(d));
@@ -167,7 +172,7 @@ Gradients plain_backward(const Problem& p, const Inputs& in, const HostTensor& o
                 return;
               }
               for (int64_t d = 0; d < D; ++d) {
-                accumulate(g.dq[row_index(p, b, t, h, H, D, d)], mul(ds_low, K(d)));
+                accumulate(g.dq[query_index(b, t, h, D, d)], mul(ds_low, K(d)));
                 accumulate(dk_row[d], mul(ds_low, Q(d)));
               }
               for (int64_t d = 0; d < Dv; ++d) accumulate(dv_row[d], mul(prob_low, dO(d)));
@@ -454,6 +459,72 @@ TEST(FusedBackwardSmoke, WgmmaKeyPass) {
       if (HasFailure()) return;
     }
   if (ran == 0) GTEST_SKIP() << "no wgmma key pass in this build (NBHD_HEAD_DIMS / NBHD_DTYPES)";
+}
+
+// A query sub-box (the distributed path's pieces): the key pass walks only the box's
+// queries (each key's inverse window clipped to it), the dq pass and the row passes
+// its tiles and rows, q, out, d_out, lse and dq hold its tokens. Per rank, the
+// planner's choice (rpb, GQA, additional tokens, lse's gradient among the draws;
+// atomics, the dq pass and deterministic mode each run) and the wgmma key pass
+// forced; periodic axes with the box spanning them.
+TEST(FusedBackwardQuerySubBox, MatchesReference) {
+  NBHD_REQUIRE_GPU();
+  int ran = 0, boxed = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 4; ++seed) {
+      std::mt19937_64 rng(33000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 100 : rank == 2 ? 14 : 6;
+      o.allow_periodic = true;
+      const bool wgmma = seed >= 2 && cuda::fused::hopper_device();
+      o.allow_rpb = !wgmma;  // d rpb problems run the mma.sync key pass
+      Case c{testing::with_random_box(testing::random_problem(rng, o), rng), seed == 1 ? 8 : 0};
+      for (int a = 0; a < rank; ++a)
+        if (c.p.periodic[a]) c.p.query_begin[a] = c.p.query_end[a] = 0;  // backward_supports
+      c.p.dim = 64 << (seed % 2);
+      c.p.dim_v = 0;
+      c.p.heads = c.p.kv_heads * (1 + seed % 2);
+      c.lse_gradient = seed == 1;
+      boxed += c.p.has_query_box();
+      if (wgmma) {
+        const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
+        const auto entry = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
+        ASSERT_NE(entry, configs.end());
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(entry - configs.begin()).c_str(), 1);
+      }
+      ran += check_backward(c, rng, wgmma ? "cp.async" : nullptr);
+      unsetenv("NBHD_FUSED_BACKWARD_TILE");
+      if (HasFailure()) return;
+    }
+  EXPECT_GE(boxed, 8) << "the seeds drew too few sub-boxes";
+  if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
+}
+
+// A sub-box that does not span a periodic axis is refused by the fused backward (its
+// key pass keeps a periodic axis's inverse windows unwrapped), which names the axis;
+// the forward runs it.
+TEST(FusedBackwardQuerySubBox, APartialBoxOnAPeriodicAxisIsRefused) {
+  NBHD_REQUIRE_GPU();
+  Problem p;
+  p.rank = 2;
+  p.extent = {12, 20, 1};
+  p.kernel = {3, 5, 1};
+  p.periodic = {false, true, false};
+  p.dim = 64;
+  p.dtype = DType::kFloat16;
+  p.query_begin = {2, 4, 0};
+  p.query_end = {10, 16, 0};
+  const Status s = can_run(Backend::kFused, p, Device::kCUDA, /*backward=*/true);
+  if (!s.ok() && s.message().find("in this build") != std::string::npos) GTEST_SKIP() << s.message();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("query sub-box [4, 16) on periodic axis 1 of length 20"), std::string::npos)
+      << s.message();
+  EXPECT_TRUE(can_run(Backend::kFused, p, Device::kCUDA).ok());
+  p.query_begin[1] = 0;
+  p.query_end[1] = 0;
+  EXPECT_TRUE(can_run(Backend::kFused, p, Device::kCUDA, /*backward=*/true).ok());
 }
 
 // Every backward tile entry, forced through NBHD_FUSED_BACKWARD_TILE (both passes), on

@@ -411,9 +411,9 @@ def test_compile_reduce_overhead():
 
 
 def test_query_box_runs_on_cuda_under_auto():
-    # fused runs a query sub-box's forward; its backward and gemm refuse one, and auto
-    # passes those to naive rather than failing. Forward and gradients against the
-    # CPU path on the same box (float64: exact; float32 CPU: the plain one).
+    # fused (float32: its 3xTF32 kernels) and naive run a query sub-box, gemm refuses
+    # one. Forward and gradients against the CPU path on the same box (float64: exact;
+    # float32 CPU: the plain one).
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((2, 13, 11, 2, 32)) for _ in range(3))
     box = ((3, 9), (0, 7))
@@ -431,22 +431,24 @@ def test_query_box_runs_on_cuda_under_auto():
         assert_flash_close(a, e, p, torch.float32, name)
 
 
-def test_fused_runs_a_query_box_forward():
+def test_fused_runs_a_query_box_forward_and_backward():
     if "fused" not in cuda_backends("fused_ops"):
         pytest.skip("fused is not built")
     rng = np.random.default_rng(6)
-    q, k, v = (rng.standard_normal((2, 21, 19, 4, 64)) for _ in range(3))
+    # Values float16 holds: the float64 run is then exact on the same inputs.
+    q, k, v = (rng.standard_normal((2, 21, 19, 4, 64)).astype(np.float16).astype(np.float64) for _ in range(3))
     box = ((5, 17), (2, 19))
     q = q[:, 5:17, 2:19]
 
     def run(dtype, device, backend):
-        xs = [torch.from_numpy(x).to(dtype).to(device) for x in (q, k, v)]
-        with torch.no_grad():
-            return nbhd.na2d(*xs, (7, 5), dilation=(2, 3), query_box=box, return_lse=True, backend=backend)
+        xs = [torch.from_numpy(x).to(dtype).to(device).requires_grad_() for x in (q, k, v)]
+        out, lse = nbhd.na2d(*xs, (7, 5), dilation=(2, 3), query_box=box, return_lse=True, backend=backend)
+        (out.float().square().sum() + lse.sum()).backward()
+        return [out, lse] + [x.grad for x in xs]
 
     got = run(torch.float16, "cuda", "fused")
     exact, plain = run(torch.float64, "cpu", "cpu"), run(torch.float16, "cpu", "cpu")
-    for name, a, e, p in zip(["out", "lse"], got, exact, plain):
+    for name, a, e, p in zip(["out", "lse", "d query", "d key", "d value"], got, exact, plain):
         assert_flash_close(a, e, p, torch.float16, name)
 
 

@@ -498,9 +498,10 @@ def test_plan_counts_only_own_queries_where_the_backend_runs_a_query_box():
 
 
 def test_a_query_box_is_used_only_on_the_backend_that_runs_the_whole_segment():
-    # On CUDA, naive runs query sub-boxes forward and backward, fused (auto's choice)
-    # the forward's only: auto must not trade fused's whole segment for naive's box,
-    # and a box used for training must run backward on the same backend too.
+    # A backend (here fused, auto's choice) that runs a box's forward but not its
+    # backward (as fused did, and gemm does): auto must not trade fused's whole segment
+    # for naive's box, and a box used for training must run backward on the same
+    # backend too.
     backends = [{"name": "fused", "device": "cuda", "fused_ops": True},
                 {"name": "naive", "device": "cuda", "fused_ops": True},
                 {"name": "cpu", "device": "cpu", "fused_ops": True}]

@@ -125,8 +125,7 @@ def test_the_problem_carries_the_box_and_the_cpu_backends_run_it_both_ways():
     cuda = {b["name"] for b in nbhd._nbhd.built_backends() if b["device"] == "cuda"}
     if not cuda:
         assert "no backend can run the forward" in reason
-    else:  # naive runs both passes of a box; fused the forward only
+    else:  # naive and fused run both passes of a box, gemm neither
         assert reason == "" and nbhd._nbhd.can_run("auto", p, "cuda", backward=True) == ""
-        if "fused" in cuda:
-            assert "query sub-box: not implemented in backend fused (backward)" in nbhd._nbhd.can_run(
-                "fused", p, "cuda", backward=True)
+        if "gemm" in cuda:
+            assert "query sub-box: not implemented in backend gemm" in nbhd._nbhd.can_run("gemm", p, "cuda")

@@ -99,9 +99,10 @@ def plan(grid: Sequence[int], kernel_size, *, stride=1, dilation=1, is_causal=Fa
     rate). str(plan) explains the choice. shard_sizes: per split axis the shard lengths
     by mesh coordinate (default: even). device ("cuda" or "cpu") and backend: where the
     local calls run; spatial mode computes only a rank's own queries where that backend
-    runs a query sub-box (the CPU backends; on GPUs fused's forward, not yet its
-    backward), else it recomputes the halo's queries too. backward: plan for training
-    (the sub-box must run backward too); False for inference."""
+    runs a query sub-box (the CPU backends, naive and fused; fused's backward not on a
+    periodic axis the box splits), else it recomputes the halo's queries too.
+    backward: plan for training (the sub-box must run backward too); False for
+    inference."""
     rank = len(grid)
     window = _core.make_window(rank, kernel_size, stride, dilation, is_causal, periodic)
     axes = _normalise_axes(shard_axes, rank)
@@ -341,9 +342,9 @@ def _own_queries_only(partition, window, problem, device: str, backend, backward
 def _box_runs_on_the_same_backend(backend, boxed, whole, device: str, backward: bool) -> bool:
     """Whether the backend that would run the whole segment's forward (with backward,
     its backward; the named backend, or auto's choice) runs its query sub-box too: auto
-    would otherwise pass the box to a slower backend (naive runs boxes on CUDA; fused
-    runs the forward's only), costing more than the halo queries it saves, and a named
-    backend would refuse it."""
+    would otherwise pass the box to a slower backend (naive, where fused refuses a
+    box: its backward on a periodic axis the box splits), costing more than the halo
+    queries it saves, and a named backend would refuse it."""
     if backend is not None:
         return not _nbhd.can_run(_core.backend_name(backend), boxed, device, backward)
     for b in _nbhd.built_backends():

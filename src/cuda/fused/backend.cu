@@ -83,24 +83,6 @@ const Kernel* kernel_for(DType dtype, const TileConfig& c) {
   return it == kernels().end() ? nullptr : &it->second;
 }
 
-// The query tiles of the forward's grid: over the query sub-box (a box plans as its
-// grid does: the plan cache's key is the geometry).
-TileGrid query_tiles(const Problem& p, const TileConfig& c) {
-  int extent[kMaxRank];
-  for (int a = 0; a < kMaxRank; ++a) extent[a] = p.padded_query_range(a).size();
-  return tile_grid(p.neighborhood(), c.shape.q_log2, extent);
-}
-
-// A query-side tensor (q, out, lse: the sub-box's tokens) as the kernel indexes it,
-// by grid tokens: its base moved back by the offset of the box's first token. Only
-// tokens inside the box are read or written, so every address stays in the tensor.
-void* box_base(const TensorRef& t, int rank, const int* begin) {
-  if (!t.defined()) return t.data;
-  int64_t offset = 0;
-  for (int a = 0; a < rank; ++a) offset += int64_t(begin[kMaxRank - rank + a]) * t.stride[1 + a];
-  return static_cast<char*>(t.data) - offset * int64_t(size_of(t.dtype));
-}
-
 // The planned kernel's shared memory against the current device's per-CTA limit:
 // head dim 256 (16-bit) takes 164.5 KB, over sm_80's 163 KB (the H100 allows 227).
 // Without a readable device the launch reports what is wrong instead.
@@ -141,7 +123,8 @@ Status supports(const Problem& p, detail::Pass pass) {
   if (p.additional_tokens > 0x7fffffff) return unsupported("more than 2^31 additional tokens");
   NBHD_RETURN_IF_ERROR(check_kernel_image("fused"));
   if (pass == detail::Pass::kBackward) return backward_supports(p);
-  NBHD_RETURN_IF_ERROR(check_grid("the fused forward kernel", query_tiles(p, plan(p)).count * p.heads * p.batch));
+  const int64_t blocks = query_tile_grid(p, plan(p).shape.q_log2).count * p.heads * p.batch;
+  NBHD_RETURN_IF_ERROR(check_grid("the fused forward kernel", blocks));
   return fits_device(p);
 }
 
@@ -213,21 +196,16 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   if (!kernel) return Status(StatusCode::kInternal, "planned a fused kernel that is not built");
 
   ForwardParams fp{};
-  int box_begin[kMaxRank];
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Range r = p.padded_query_range(a);
-    fp.query_begin[a] = box_begin[a] = r.begin;
-    fp.query_end[a] = r.end;
-  }
-  fp.q = box_base(t.query, p.rank, box_begin);
+  query_ranges(p, fp.query_begin, fp.query_end);
+  fp.q = box_base(t.query, p);
   fp.k = t.key.data;
   fp.v = t.value.data;
   fp.additional_k = t.additional_keys.data;
   fp.additional_v = t.additional_values.data;
   fp.rpb = t.rpb.data;
   fp.rpb_is_float32 = t.rpb.defined() && t.rpb.dtype == DType::kFloat32;
-  fp.out = box_base(t.out, p.rank, box_begin);
-  fp.lse = static_cast<float*>(box_base(t.lse, p.rank, box_begin));
+  fp.out = box_base(t.out, p);
+  fp.lse = static_cast<float*>(box_base(t.lse, p));
   fp.q_layout = detail::token_layout(t.query, p.rank);
   fp.k_layout = detail::token_layout(t.key, p.rank);
   fp.v_layout = detail::token_layout(t.value, p.rank);
@@ -238,7 +216,7 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.rpb_layout = detail::rpb_layout(t.rpb, p.rank);
   fp.nb = p.neighborhood();
   fp.shape = config.shape;
-  const TileGrid tiles = query_tiles(p, config);
+  const TileGrid tiles = query_tile_grid(p, config.shape.q_log2);
   std::copy(tiles.per_group, tiles.per_group + kMaxRank, fp.tiles_per_group);
   fp.tiles = tiles.count;
   fp.heads = int(p.heads);

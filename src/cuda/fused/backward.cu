@@ -21,7 +21,6 @@
 #include "cuda/common/workspace.hpp"
 #include "cuda/fused/backward_plan.hpp"
 #include "cuda/fused/host.hpp"
-#include "dispatch/backend.hpp"
 
 namespace nbhd::cuda::fused {
 namespace {
@@ -104,7 +103,15 @@ std::string key_pass_loads(const Problem& p, const BackwardTensors& t) {
 }
 
 Status backward_supports(const Problem& p) {
-  NBHD_RETURN_IF_ERROR(detail::refuse_query_box(p, "fused (backward)"));
+  // A periodic axis's inverse windows stay unwrapped in the key pass (tile_shape.hpp),
+  // so only the whole axis can be clipped to (detail_bwd::computed_queries).
+  for (int a = 0; a < p.rank; ++a) {
+    const Range r = p.padded_query_range(kMaxRank - p.rank + a);
+    if (p.periodic[a] && r.size() != p.extent[a])
+      return unsupported("query sub-box [" + std::to_string(r.begin) + ", " + std::to_string(r.end) +
+                         ") on periodic axis " + std::to_string(a) + " of length " + std::to_string(p.extent[a]) +
+                         ": the fused backward runs a sub-box only where it spans every periodic axis (naive runs it)");
+  }
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   if (backward_candidates(p.dtype, p.rank, bucket).empty())
     return unsupported("the fused backward runs max(dim, dim_v) <= 128 (a warp keeps dK and dV of 16 keys in "
@@ -117,9 +124,9 @@ Status backward_supports(const Problem& p) {
   // (4 per row and head in the preprocess, a 16-byte vector each converting dq).
   const BackwardPlan planned = plan(p);
   const Neighborhood nb = p.neighborhood();
-  const int64_t rows = p.batch * p.tokens() * p.heads;
+  const int64_t rows = p.batch * p.query_tokens() * p.heads;
   const int64_t key_blocks = tile_grid(nb, planned.key_pass.shape.q_log2).count * p.kv_heads * p.batch;
-  const int64_t dq_blocks = tile_grid(nb, planned.dq_pass.shape.q_log2).count * p.heads * p.batch;
+  const int64_t dq_blocks = query_tile_grid(p, planned.dq_pass.shape.q_log2).count * p.heads * p.batch;
   const int64_t row_blocks = (rows * std::max<int64_t>(4, p.dim * size_of(p.dtype) / 16) + 255) / 256;
   NBHD_RETURN_IF_ERROR(check_grid("the fused backward's key pass", key_blocks));
   NBHD_RETURN_IF_ERROR(check_grid("the fused backward's dq pass", dq_blocks));
@@ -146,18 +153,18 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
                                              " kernels " + std::to_string(cols));
 
   BackwardParams bp{};
-  bp.q = t.query.data;
+  bp.q = box_base(t.query, p);
   bp.k = t.key.data;
   bp.v = t.value.data;
   bp.additional_k = t.additional_keys.data;
   bp.additional_v = t.additional_values.data;
   bp.rpb = t.rpb.data;
   bp.rpb_is_float32 = t.rpb.defined() && t.rpb.dtype == DType::kFloat32;
-  bp.out = t.out.data;
-  bp.d_out = t.d_out.data;
-  bp.lse = static_cast<const float*>(t.lse.data);
-  bp.d_lse = static_cast<const float*>(t.d_lse.data);
-  bp.d_q = t.d_query.data;
+  bp.out = box_base(t.out, p);
+  bp.d_out = box_base(t.d_out, p);
+  bp.lse = static_cast<const float*>(box_base(t.lse, p));
+  bp.d_lse = static_cast<const float*>(box_base(t.d_lse, p));
+  bp.d_q = box_base(t.d_query, p);
   bp.d_k = t.d_key.data;
   bp.d_v = t.d_value.data;
   bp.d_additional_k = t.d_additional_keys.data;
@@ -181,7 +188,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.drpb_layout = detail::rpb_layout(t.d_rpb, p.rank);
 
   bp.nb = p.neighborhood();
-  bp.tokens = p.tokens();
+  query_ranges(p, bp.query_begin, bp.query_end);
+  bp.tokens = p.query_tokens();
   bp.batch = int(p.batch);
   bp.heads = int(p.heads);
   bp.kv_heads = int(p.kv_heads);
@@ -196,15 +204,16 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.key_pass_tma = bp.wgmma_key_pass && key_pass_tma(p, chosen.key_pass, t, &bp).empty();
   bp.kv_shape = GridTile::from(chosen.key_pass.shape);
   bp.dq_shape = GridTile::from(chosen.dq_pass.shape);
-  const TileGrid kv_tiles = tile_grid(bp.nb, bp.kv_shape.row_log2), dq_tiles = tile_grid(bp.nb, bp.dq_shape.row_log2);
+  const TileGrid kv_tiles = tile_grid(bp.nb, bp.kv_shape.row_log2);
+  const TileGrid query_tiles = query_tile_grid(p, bp.dq_shape.row_log2);
   std::copy(kv_tiles.per_group, kv_tiles.per_group + kMaxRank, bp.kv_tiles_per_group);
-  std::copy(dq_tiles.per_group, dq_tiles.per_group + kMaxRank, bp.dq_tiles_per_group);
+  std::copy(query_tiles.per_group, query_tiles.per_group + kMaxRank, bp.dq_tiles_per_group);
   bp.kv_tiles = kv_tiles.count;
-  bp.dq_tiles = dq_tiles.count;
+  bp.dq_tiles = query_tiles.count;
   bp.additional_col_tiles = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = bp.nb.axis[a];
-    bp.additional_col_tiles *= all_groups_tiles(ax, bp.kv_shape.col(a));
+    bp.additional_col_tiles *= all_groups_tiles(ax, bp.kv_shape.col(a), bp.query_begin[a], bp.query_end[a]);
     // The widest span of bias indices one key tile's pairs use (deterministic d rpb).
     bp.rpb_span[a] = 1;
     for (int g = 0; g < ax.dilation; ++g)
@@ -217,8 +226,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   // Workspace: lse_delta, then the dq sums (atomic dQ) or the d rpb partial sums
   // (deterministic, with d rpb).
   const bool dq_atomics = !o.deterministic && !chosen.dq_by_pass;
-  const size_t lse_delta_bytes = align_up(size_t(p.batch) * p.tokens() * p.heads * 2 * sizeof(float));
-  const size_t dq_bytes = dq_atomics ? align_up(size_t(p.batch) * p.tokens() * p.heads * p.dim * sizeof(float)) : 0;
+  const size_t lse_delta_bytes = align_up(size_t(p.batch) * p.query_tokens() * p.heads * 2 * sizeof(float));
+  const size_t dq_bytes = dq_atomics ? align_up(size_t(p.batch) * p.query_tokens() * p.heads * p.dim * sizeof(float)) : 0;
   const size_t slot_floats = size_t(bp.rpb_span[0]) * bp.rpb_span[1] * bp.rpb_span[2];
   const size_t rpb_bytes = o.deterministic && bp.d_rpb
                                ? align_up(size_t(p.batch) * p.kv_heads * bp.kv_tiles * bp.heads_per_kv * slot_floats *

@@ -160,10 +160,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   Box qbox{};  // the queries of this key tile (neighborhood CTAs)
   if (!additional) {
     if (!detail_bwd::decode_tile(nb, p.kv_tiles_per_group, shape.row_log2, tile, group, k_origin, lg)) return;
-    for (int a = 0; a < kMaxRank; ++a) {
-      const int last = imin(k_origin[a] + shape.row(a), lg[a]) - 1;
-      qbox.r[a] = nb.axis[a].inverse_window_union({k_origin[a], last + 1}, lg[a]);
-    }
+    qbox = detail_bwd::key_tile_queries(p, group, k_origin, lg);
   }
 
   int tiles_per_head = p.additional_col_tiles;
@@ -177,7 +174,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   detail_bwd::fill_col_tables(p, smem, kCols, tid, Cfg::kThreads);
   if (tid == 0)
     for (int a = 0; a < kMaxRank; ++a)
-      smem.walk[a] = additional ? WalkAxis{0, 0, all_groups_tiles(nb.axis[a], shape.col(a)), -1}
+      smem.walk[a] = additional ? WalkAxis{p.query_begin[a], p.query_end[a],
+                                           all_groups_tiles(nb.axis[a], shape.col(a), p.query_begin[a], p.query_end[a]), -1}
                                 : WalkAxis{qbox.r[a].begin, qbox.r[a].end, ceil_div(qbox.r[a].size(), shape.col(a)), group[a]};
   const bool rpb_grad = p.d_rpb != nullptr && !additional;
   float* rpb_slot = nullptr;  // deterministic d rpb: this CTA's partial sums, all heads of the group
@@ -243,7 +241,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     key_warp.idle = m0 + 16 * warp >= p.additional_tokens;
     key_warp.partial = m0 + 16 * warp + 16 > p.additional_tokens;
   } else {
-    key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
+    key_warp = detail_bwd::neighborhood_key_warp(p, smem, group, k_origin, lg, warp, lane);
   }
 
   // ---- column tiles: loads ----------------------------------------------------------
@@ -322,7 +320,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   };
 
   __syncthreads();  // the per-CTA tables
-  load_cols(query_tile(nb, shape, smem.walk, 0), 0);  // with K and V: group 0
+  // A key tile no computed query reaches (a query sub-box) walks nothing: dK = dV = 0.
+  if (total_tiles > 0) load_cols(query_tile(nb, shape, smem.walk, 0), 0);  // with K and V: group 0
   ptx::cp_async_commit();
 
   for (int it = 0; it < total_tiles; ++it) {
@@ -540,6 +539,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   }
 
   // ---- epilogue: dK = scale * sum dS^T Q and dV, staged through this warp's rows ----
+  if (total_tiles == 0) ptx::cp_async_wait<0>();  // K and V, loaded with no query tile
   __syncthreads();  // every warp's last dQ product has read K
   for (int d = 0; d < kDBlocks; ++d)
     for (int i = 0; i < 2; ++i) {
@@ -630,13 +630,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   const int64_t b = linear / p.heads;
   const int hk = h / p.heads_per_kv;
 
-  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank];
-  if (!detail_bwd::decode_tile(nb, p.dq_tiles_per_group, shape.row_log2, tile, group, q_origin, lg)) return;
+  // Group indices from q_origin, computed up to q_end; windows of the group (lg).
+  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank], q_end[kMaxRank];
+  if (!detail_bwd::decode_query_tile(p, p.dq_tiles_per_group, shape.row_log2, tile, group, q_origin, q_end, lg)) return;
 
   // Key box: union of the tile's queries' windows; walked in key tiles by an odometer.
   Box kbox;
   for (int a = 0; a < kMaxRank; ++a) {
-    const int last = imin(q_origin[a] + shape.row(a), lg[a]) - 1;
+    const int last = imin(q_origin[a] + shape.row(a), q_end[a]) - 1;
     kbox.r[a] = nb.axis[a].window_union({q_origin[a], last + 1}, lg[a]);
   }
   int neighbor_tiles = 1;
@@ -660,7 +661,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     bool valid = true;
     for (int a = 0; a < kMaxRank; ++a) {
       j[a] = q_origin[a] + off[a];
-      valid &= j[a] < lg[a];
+      valid &= j[a] < q_end[a];
     }
     detail_bwd::token_of(nb, group, j, token);
     return valid;
@@ -685,7 +686,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     int j[kMaxRank], token[kMaxRank];
     const bool valid = query_row(my_row[i], j, token);
     const float2 ld = valid ? reinterpret_cast<const float2*>(p.lse_delta)[(b * p.heads + h) * p.tokens +
-                                                                           detail_bwd::flat_token(nb, token)]
+                                                                           detail_bwd::flat_token(p, token)]
                             : make_float2(0.f, 0.f);
     row_lse[i] = ld.x;
     row_delta[i] = ld.y;
@@ -702,7 +703,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     for (int a = 0; a < kMaxRank; ++a) {
       const Axis& ax = nb.axis[a];
       const int first = q_origin[a] + off[a];
-      const int last = imin(first + shape.warp(a), lg[a]) - 1;
+      const int last = imin(first + shape.warp(a), q_end[a]) - 1;
       warp_idle |= first > last;
       const Range wf = ax.window(imin(first, lg[a] - 1), lg[a]), wl = ax.window(imax(last, 0), lg[a]);
       if (lane == 0) smem.warp_box[warp][a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
@@ -1026,9 +1027,7 @@ __global__ void fused_backward_preprocess_kernel(const __grid_constant__ Backwar
   const int h = int(row % p.heads);
   const int64_t flat = row / p.heads % p.tokens, b = row / p.heads / p.tokens;
   int token[kMaxRank];
-  token[2] = int(flat % p.nb.axis[2].length);
-  token[1] = int(flat / p.nb.axis[2].length % p.nb.axis[1].length);
-  token[0] = int(flat / p.nb.axis[2].length / p.nb.axis[1].length);
+  detail_bwd::token_of_flat(p, flat, token);
   float sum = 0.f;
   if (valid) {
     const T* o = static_cast<const T*>(p.out) + p.out_layout.offset(b, token, h);
@@ -1063,9 +1062,7 @@ __global__ void fused_backward_convert_dq_kernel(const __grid_constant__ Backwar
   const int h = int(row % p.heads);
   const int64_t flat = row / p.heads % p.tokens, b = row / p.heads / p.tokens;
   int token[kMaxRank];
-  token[2] = int(flat % p.nb.axis[2].length);
-  token[1] = int(flat / p.nb.axis[2].length % p.nb.axis[1].length);
-  token[0] = int(flat / p.nb.axis[2].length / p.nb.axis[1].length);
+  detail_bwd::token_of_flat(p, flat, token);
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * p.dim + c * kVec);
   T* dst = static_cast<T*>(p.d_q) + p.dq_layout.offset(b, token, h) + c * kVec;
   if constexpr (kVec == 4) {

@@ -87,20 +87,31 @@ NBHD_HOST_DEVICE constexpr Range key_tile_rpb_span(const Axis& ax, int lg, int o
 
 // The key pass's walk over query tiles: every query head of the GQA group; per head,
 // per axis, the tiles of the query box (a neighborhood CTA: one dilation group) or of
-// every dilation group's whole range, groups in order (an additional-token CTA). Tile
-// `it` is decoded from its index (a few divisions per tile) rather than carried from
-// tile to tile: two walk states (the loads run a tile ahead) cost ~14 registers
-// across the main loop.
+// every dilation group's part of the axis's computed queries (an additional-token
+// CTA: the problem's query sub-box, else the axis). Tile `it` is decoded from its
+// index (a few divisions per tile) rather than carried from tile to tile: two walk
+// states (the loads run a tile ahead) cost ~14 registers across the main loop.
 struct WalkAxis {
-  int begin, end;  // the query box on this axis (group >= 0)
+  int begin, end;  // group >= 0: the query box's group indices; -1: the computed tokens
   int tiles;       // tiles along the axis
   int group;       // the CTA's dilation group, or -1: every group
 };
 
-// Tiles of extent `col` along an axis when every dilation group is walked.
-NBHD_HOST_DEVICE constexpr int all_groups_tiles(const Axis& ax, int col) {
-  const int longest = ax.group_length(0), n_long = ax.length - (longest - 1) * ax.dilation;
-  return n_long * ceil_div(longest, col) + (ax.dilation - n_long) * ceil_div(longest - 1, col);
+// Every dilation group's part of the tokens [first, last) of an axis: the groups
+// (first + k) % dilation for k < n_long hold `longest` of them, the others one less.
+struct GroupsOfTokens {
+  int longest, n_long;
+};
+NBHD_HOST_DEVICE constexpr GroupsOfTokens groups_of_tokens(const Axis& ax, int first, int last) {
+  const int longest = ceil_div(last - first, ax.dilation);
+  return {longest, last - first - (longest - 1) * ax.dilation};
+}
+
+// Tiles of extent `col` along an axis when every dilation group's part of the tokens
+// [first, last) is walked.
+NBHD_HOST_DEVICE constexpr int all_groups_tiles(const Axis& ax, int col, int first, int last) {
+  const GroupsOfTokens gt = groups_of_tokens(ax, first, last);
+  return gt.n_long * ceil_div(gt.longest, col) + (ax.dilation - gt.n_long) * ceil_div(gt.longest - 1, col);
 }
 
 struct QueryTile {
@@ -110,6 +121,9 @@ struct QueryTile {
   int end[kMaxRank];  // of the walk on each axis: the query box's end or the group length
 };
 
+// kEveryGroup = false: a walk of one group's box only (the wgmma key pass, whose
+// CTAs are all neighborhood ones), without the every-group decode's registers.
+template <bool kEveryGroup = true>
 NBHD_HOST_DEVICE constexpr QueryTile query_tile(const Neighborhood& nb, const GridTile& shape, const WalkAxis* walk,
                                                 int it) {
   QueryTile t{};
@@ -120,29 +134,31 @@ NBHD_HOST_DEVICE constexpr QueryTile query_tile(const Neighborhood& nb, const Gr
     const WalkAxis w = walk[a];
     const int ta = rest % w.tiles;
     rest /= w.tiles;
-    if (w.group >= 0) {
+    if (!kEveryGroup || w.group >= 0) {
       t.group[a] = w.group;
       t.origin[a] = w.begin + ta * shape.col(a);
       t.end[a] = w.end;
       continue;
     }
-    // Groups g < n_long have the longest length, the others one less (none when
-    // n_long == dilation); ceil(length / col) tiles each.
+    // The k-th group from the first token's, k < n_long, has the longest part, the
+    // others one less (none when n_long == dilation); ceil(part / col) tiles each.
     const Axis& ax = nb.axis[a];
-    const int longest = ax.group_length(0), n_long = ax.length - (longest - 1) * ax.dilation;
-    const int c_long = ceil_div(longest, shape.col(a));
-    int g = 0, i = 0;
-    if (ta < n_long * c_long) {
-      g = ta / c_long;
-      i = ta - g * c_long;
+    const GroupsOfTokens gt = groups_of_tokens(ax, w.begin, w.end);
+    const int c_long = ceil_div(gt.longest, shape.col(a));
+    int k = 0, i = 0;
+    if (ta < gt.n_long * c_long) {
+      k = ta / c_long;
+      i = ta - k * c_long;
     } else {
-      const int c_short = ceil_div(longest - 1, shape.col(a)), u = ta - n_long * c_long;
-      g = n_long + u / c_short;
-      i = u - (g - n_long) * c_short;
+      const int c_short = ceil_div(gt.longest - 1, shape.col(a)), u = ta - gt.n_long * c_long;
+      k = gt.n_long + u / c_short;
+      i = u - (k - gt.n_long) * c_short;
     }
+    const int g = (w.begin + k) % ax.dilation;
+    const Range part = group_indices(w.begin, w.end, g, ax.dilation);
     t.group[a] = g;
-    t.origin[a] = i * shape.col(a);
-    t.end[a] = ax.group_length(g);
+    t.origin[a] = part.begin + i * shape.col(a);
+    t.end[a] = part.end;
   }
   return t;
 }
@@ -179,7 +195,13 @@ struct BackwardParams {
   int rpb_span[kMaxRank];  // span extent per axis (max over key-pass CTAs of key_tile_rpb_span)
 
   Neighborhood nb;
-  int64_t tokens;  // per batch and head: the product of the (padded) extents
+  // The queries computed: tokens [query_begin, query_end) per axis (the problem's
+  // query sub-box, else the grid). q, out, d_out, lse, d_lse and d_q hold the box's
+  // tokens only, their pointers moved back by the box origin's offset so that grid
+  // tokens index them (host.hpp, box_base); the workspaces hold its rows, row-major
+  // over the box (flat_token).
+  int query_begin[kMaxRank], query_end[kMaxRank];
+  int64_t tokens;  // per batch and head: the query tokens (the box's)
   int batch, heads, kv_heads, heads_per_kv;
   int dim, dim_v;
   int additional_tokens;

@@ -36,9 +36,54 @@ using nbhd::cuda::packed_token;
 using nbhd::cuda::tile_wraps;
 using nbhd::cuda::token_of;
 
-// Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces.
-__device__ __forceinline__ int64_t flat_token(const Neighborhood& nb, const int* token) {
-  return (int64_t(token[0]) * nb.axis[1].length + token[1]) * nb.axis[2].length + token[2];
+// Index of a token in the dense [B, H, tokens] / [B, tokens, ...] workspaces: row-major
+// over the computed queries (the query sub-box, else the grid). Affine in the token.
+__device__ __forceinline__ int64_t flat_token(const BackwardParams& p, const int* token) {
+  const int e1 = p.query_end[1] - p.query_begin[1], e2 = p.query_end[2] - p.query_begin[2];
+  return (int64_t(token[0] - p.query_begin[0]) * e1 + (token[1] - p.query_begin[1])) * e2 + (token[2] - p.query_begin[2]);
+}
+
+// The token of workspace row `flat` (flat_token's inverse).
+__device__ __forceinline__ void token_of_flat(const BackwardParams& p, int64_t flat, int* token) {
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int extent = p.query_end[a] - p.query_begin[a];
+    token[a] = p.query_begin[a] + int(flat % extent);
+    flat /= extent;
+  }
+}
+
+// The queries of group g on axis a that this call computes and a key of inverse
+// window `w` may see: w clipped to the query sub-box's part of the group (empty,
+// never negative, where they miss each other). A periodic axis's sub-box is the
+// whole axis (backward_supports), where a window stays unwrapped.
+__device__ __forceinline__ Range computed_queries(const BackwardParams& p, int a, int g, Range w) {
+  if (p.nb.axis[a].periodic) return w;
+  const Range box = group_indices(p.query_begin[a], p.query_end[a], g, p.nb.axis[a].dilation);
+  const int begin = imax(w.begin, box.begin);
+  return {begin, imax(begin, imin(w.end, box.end))};
+}
+
+// A query-tile CTA `tile` (the dq pass; tiles over the query sub-box, tile_grid):
+// dilation group, origin (group indices) and the group's end of computed queries per
+// axis, and the group length lg (the windows'). False for the empty tiles past a
+// shorter group's end.
+__device__ __forceinline__ bool decode_query_tile(const BackwardParams& p, const int* tiles_per_group,
+                                                  const int* row_log2, int64_t tile, int* group, int* origin, int* end,
+                                                  int* lg) {
+  bool inside = true;
+#pragma unroll
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int d = p.nb.axis[a].dilation, per_axis = tiles_per_group[a] * d;
+    const int ta = int(tile % per_axis);
+    tile /= per_axis;
+    group[a] = ta / tiles_per_group[a];
+    const Range part = group_indices(p.query_begin[a], p.query_end[a], group[a], d);
+    origin[a] = part.begin + ((ta % tiles_per_group[a]) << row_log2[a]);
+    end[a] = part.end;
+    lg[a] = p.nb.axis[a].group_length(group[a]);
+    inside &= origin[a] < end[a];
+  }
+  return inside;
 }
 
 // The key-pass CTA `tile` of one (batch, kv head): dilation group and origin of its
@@ -69,7 +114,8 @@ __device__ void fill_col_tables(const BackwardParams& p, Smem& smem, int n_cols,
     p.kv_shape.col_offset(n, off);
     int64_t dq = 0, ddo = 0;
     int dt = 0;
-    const int token_stride[kMaxRank] = {nb.axis[1].length * nb.axis[2].length, nb.axis[2].length, 1};
+    const int e1 = p.query_end[1] - p.query_begin[1], e2 = p.query_end[2] - p.query_begin[2];
+    const int token_stride[kMaxRank] = {e1 * e2, e2, 1};  // flat_token's
     for (int a = 0; a < kMaxRank; ++a) {
       const int step_a = off[a] * nb.axis[a].dilation;
       dq += int64_t(step_a) * p.q_layout.axis[a];
@@ -122,7 +168,7 @@ __device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, cons
   src.q = static_cast<const T*>(p.q) + p.q_layout.offset(b, token, src.h);
   src.dout = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, src.h);
   src.lse_delta =
-      reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + src.h) * p.tokens + flat_token(p.nb, token);
+      reinterpret_cast<const float2*>(p.lse_delta) + (b * p.heads + src.h) * p.tokens + flat_token(p, token);
   return src;
 }
 
@@ -140,7 +186,8 @@ __device__ __forceinline__ ColOffsets col_offsets(const BackwardParams& p, const
   packed_token(p.nb, src.group, src.origin, smem.col_offset[n], token);
   const int zero[kMaxRank] = {0, 0, 0};
   return {p.q_layout.offset(0, token, 0) - p.q_layout.offset(0, zero, 0),
-          p.dout_layout.offset(0, token, 0) - p.dout_layout.offset(0, zero, 0), int(flat_token(p.nb, token))};
+          p.dout_layout.offset(0, token, 0) - p.dout_layout.offset(0, zero, 0),
+          int(flat_token(p, token) - flat_token(p, zero))};
 }
 
 // The dense workspace row (b * tokens + token) of query-tile column n.
@@ -152,10 +199,10 @@ __device__ __forceinline__ int64_t col_workspace_row(const BackwardParams& p, co
   for (int a = 0; a < kMaxRank; ++a) extent[a] = p.kv_shape.col(a);
   if (tile_wraps(p.nb, t.group, t.origin, extent)) {
     packed_token(p.nb, t.group, t.origin, smem.col_offset[n], token);
-    return b * p.tokens + flat_token(p.nb, token);
+    return b * p.tokens + flat_token(p, token);
   }
   token_of(p.nb, t.group, t.origin, token);
-  return b * p.tokens + flat_token(p.nb, token) + smem.token_col_delta[n];
+  return b * p.tokens + flat_token(p, token) + smem.token_col_delta[n];
 }
 
 // Copies a query tile's lse and delta into `stage` by kLoadThreads threads. Columns
@@ -220,9 +267,21 @@ __device__ __forceinline__ void neighborhood_key_row_axis(const BackwardParams& 
   int j[kMaxRank], token[kMaxRank];
   const bool valid = neighborhood_key_row(p, group, k_origin, lg, r, j, token);
   for (int a = 0; a < kMaxRank; ++a) {
-    const Range w = valid ? p.nb.axis[a].inverse_window(j[a], lg[a]) : Range{0, 0};
+    const Range w = valid ? computed_queries(p, a, group[a], p.nb.axis[a].inverse_window(j[a], lg[a])) : Range{0, 0};
     smem.row_axis[r][a] = make_int4(j[a], w.begin, w.end, 0);
   }
+}
+
+// The queries a key-pass CTA walks: the inverse-window union of its keys (first
+// `row(a)` from k_origin, clipped to the group length), of those the computed ones.
+__device__ __forceinline__ Box key_tile_queries(const BackwardParams& p, const int* group, const int* k_origin,
+                                                const int* lg) {
+  Box qbox;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int last = imin(k_origin[a] + p.kv_shape.row(a), lg[a]) - 1;
+    qbox.r[a] = computed_queries(p, a, group[a], p.nb.axis[a].inverse_window_union({k_origin[a], last + 1}, lg[a]));
+  }
+  return qbox;
 }
 
 // Warp `warp`'s keys: whether it has none (past the grid) or some past the grid, and
@@ -234,8 +293,8 @@ struct KeyWarp {
   bool idle, partial;
 };
 template <class Smem>
-__device__ KeyWarp neighborhood_key_warp(const BackwardParams& p, Smem& smem, const int* k_origin, const int* lg,
-                                         int warp, int lane) {
+__device__ KeyWarp neighborhood_key_warp(const BackwardParams& p, Smem& smem, const int* group, const int* k_origin,
+                                         const int* lg, int warp, int lane) {
   KeyWarp kw{false, false};
   int off[kMaxRank];
   p.kv_shape.warp_offset(warp, off);
@@ -247,7 +306,9 @@ __device__ KeyWarp neighborhood_key_warp(const BackwardParams& p, Smem& smem, co
     kw.idle |= first > last;
     kw.partial |= first + p.kv_shape.warp(a) > lg[a];
     const Range wf = ax.inverse_window(imin(first, lg[a] - 1), lg[a]), wl = ax.inverse_window(imax(last, 0), lg[a]);
-    box[a] = make_int4(wf.begin, wl.end, wl.begin, wf.end);
+    const Range uni = computed_queries(p, a, group[a], {wf.begin, wl.end});
+    const Range both = computed_queries(p, a, group[a], {wl.begin, wf.end});
+    box[a] = make_int4(uni.begin, uni.end, both.begin, both.end);
   }
   if (lane == 0)
     for (int a = 0; a < kMaxRank; ++a) smem.warp_box[warp][a] = kw.idle ? make_int4(0, 0, 0, 0) : box[a];

@@ -119,13 +119,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   const int64_t b = linear / p.kv_heads;
   int group[kMaxRank], lg[kMaxRank], k_origin[kMaxRank];
   if (!detail_bwd::decode_tile(nb, p.kv_tiles_per_group, shape.row_log2, tile, group, k_origin, lg)) return;
-  detail_bwd::Box qbox;  // the queries of this key tile: the inverse-window union
+  // The queries of this key tile: the inverse-window union's computed ones.
+  const detail_bwd::Box qbox = detail_bwd::key_tile_queries(p, group, k_origin, lg);
   int tiles_per_head = 1;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const int last = imin(k_origin[a] + shape.row(a), lg[a]) - 1;
-    qbox.r[a] = nb.axis[a].inverse_window_union({k_origin[a], last + 1}, lg[a]);
-    tiles_per_head *= ceil_div(qbox.r[a].size(), shape.col(a));
-  }
+  for (int a = 0; a < kMaxRank; ++a) tiles_per_head *= ceil_div(qbox.r[a].size(), shape.col(a));
   const int total_tiles = tiles_per_head * p.heads_per_kv;
 
   // ---- per-CTA tables -----------------------------------------------------------------
@@ -148,7 +145,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   if (consumer) {
     if (t4 == 0)
       for (int i = 0; i < 2; ++i) detail_bwd::neighborhood_key_row_axis(p, smem, group, k_origin, lg, my_row[i]);
-    key_warp = detail_bwd::neighborhood_key_warp(p, smem, k_origin, lg, warp, lane);
+    key_warp = detail_bwd::neighborhood_key_warp(p, smem, group, k_origin, lg, warp, lane);
   }
   __syncthreads();  // tables, windows, mbarriers
 
@@ -205,7 +202,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     for (int it = 0; it < total_tiles; ++it) {
       const int stage = it % kStages;
       pipeline::wait(&smem.empty[stage], ((it / kStages) & 1) ^ 1);
-      const QueryTile qtile = query_tile(nb, shape, smem.walk, it);
+      const QueryTile qtile = query_tile<false>(nb, shape, smem.walk, it);
       const detail_bwd::ColSource<T> src = detail_bwd::col_source<T>(p, qtile, b, hk);
       if (p.key_pass_tma) {
         if (load_tid == 0) copy_query_rows_by_tma(qtile, stage);
@@ -242,7 +239,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     // cp.async wrote (generic proxy) what wgmma reads (async proxy).
     wgmma::fence_proxy_async();
 
-    const QueryTile qtile = query_tile(nb, shape, smem.walk, it);
+    const QueryTile qtile = query_tile<false>(nb, shape, smem.walk, it);
     const int h = hk * p.heads_per_kv + qtile.head;
     int limit[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) limit[a] = qtile.end[a] - qtile.origin[a];

@@ -99,6 +99,34 @@ inline std::string encode_tensor_maps(DType dtype, std::initializer_list<TmaMapR
   return "";
 }
 
+// A query-side tensor (q, out, lse and their gradients: the query sub-box's tokens)
+// as the kernels index it, by grid tokens: its base moved back by the offset of the
+// box's first token. Only tokens inside the box are read or written, so every address
+// stays in the tensor.
+inline void* box_base(const TensorRef& t, const Problem& p) {
+  if (!t.defined()) return t.data;
+  int64_t offset = 0;
+  for (int a = 0; a < p.rank; ++a) offset += p.query_begin[a] * t.stride[1 + a];
+  return static_cast<char*>(t.data) - offset * int64_t(size_of(t.dtype));
+}
+
+// The query sub-box's tokens per padded axis, [begin, end) (the grid without one).
+inline void query_ranges(const Problem& p, int* begin, int* end) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Range r = p.padded_query_range(a);
+    begin[a] = r.begin;
+    end[a] = r.end;
+  }
+}
+
+// The query tiles of boxes of 2^log2[a] group indices (the forward's, the dq pass's):
+// over the query sub-box (tile_grid).
+inline TileGrid query_tile_grid(const Problem& p, const int* log2) {
+  int extent[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) extent[a] = p.padded_query_range(a).size();
+  return tile_grid(p.neighborhood(), log2, extent);
+}
+
 // How the fused forward loads q, k and v for these tensors, and the backward's wgmma
 // key pass Q and dO: "TMA", or "cp.async: " and why (plan.hpp, forward_tma_views and
 // key_pass_tma_views; a base address TMA cannot take). backend.cu, backward.cu.

@@ -344,6 +344,7 @@ std::string forward_tma_views(const Problem& p, const TileConfig& c, const detai
 std::string key_pass_tma_views(const Problem& p, const TileConfig& c, const detail::TokenLayout& q,
                                const detail::TokenLayout& dout, TmaView* views) {
   if (!c.wgmma) return "the TMA producer is the wgmma key pass's";
+  if (p.has_query_box()) return "the query and d_out hold a sub-box's tokens, and their tensor maps cover the grid";
   const TileShape& s = c.shape;  // k_log2: the key pass's query tiles
   return plan_tma_operands(p, c,
                            {{"query", q, p.heads, p.dim, {s.k(0), s.k(1), s.k(2)}},
