@@ -132,4 +132,17 @@ void parallel_for(int64_t n, int workers, F&& f) {
   if (error) std::rethrow_exception(error);
 }
 
+// f(i, worker, block) for every i in [0, n), cut into min(n, blocks) blocks of
+// consecutive i, each walked in order by one worker: sums kept per block and added
+// in block order give the same bits for any thread count and schedule (the dynamic
+// hand-out of parallel_for gives each worker's partial sums different terms from
+// run to run).
+template <class F>
+void parallel_for_blocks(int64_t n, int64_t blocks, int workers, F&& f) {
+  blocks = std::max<int64_t>(1, std::min(n, blocks));
+  parallel_for(blocks, workers, [&](int64_t block, int worker) {
+    for (int64_t i = block * n / blocks, end = (block + 1) * n / blocks; i < end; ++i) f(i, worker, block);
+  });
+}
+
 }  // namespace nbhd::cpu

@@ -31,6 +31,11 @@ using detail::TokenLayout;
 // innermost axis the box is contiguous in the packed arrays.
 constexpr int kTile[kMaxRank] = {2, 4, 8};
 
+// Blocks of query tiles whose d rpb sums are kept apart (parallel_for_blocks): 128
+// keeps 128 workers busy and costs 128 partial tables of H x (2k - 1)^rank doubles
+// (3.3 MB at 16 heads and a 13x13 window).
+constexpr int64_t kRpbBlocks = 128;
+
 // A box of one dilation group: per axis the group and a range of group indices.
 struct Box {
   int group[kMaxRank];
@@ -331,7 +336,12 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
   // passes 2 and 3.
   std::vector<Acc> delta(p.batch * N * H);
   const int64_t rpb_size = p.has_rpb ? H * p.rpb_size() : 0;
-  std::vector<std::vector<Acc>> d_rpb(workers, std::vector<Acc>(t.d_rpb.defined() ? rpb_size : 0));
+  // d rpb: partial sums per block of query tiles (parallel_for_blocks), so that the
+  // gradient has the same bits on every run and thread count (per worker it did not:
+  // torch.equal failed on a 16-core machine).
+  const int64_t query_items = p.batch * kv_heads * tiles;
+  const int64_t rpb_blocks = std::min<int64_t>(query_items, kRpbBlocks);
+  std::vector<std::vector<Acc>> d_rpb(rpb_blocks, std::vector<Acc>(t.d_rpb.defined() ? rpb_size : 0));
   const int r0 = 2 * c.nb.axis[0].kernel - 1, r1 = 2 * c.nb.axis[1].kernel - 1, r2 = 2 * c.nb.axis[2].kernel - 1;
 
   // Pass 1: query tiles.
@@ -340,7 +350,7 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
       std::vector<Acc> k, kt, v, vt, ak, av, qs, dO, scores, dp, dq;
     };
     std::vector<Scratch> scratch(workers);
-    parallel_for(p.batch * kv_heads * tiles, workers, [&](int64_t i, int worker) {
+    parallel_for_blocks(query_items, rpb_blocks, workers, [&](int64_t i, int worker, int64_t block) {
       Scratch& s = scratch[worker];
       const int64_t b = i / (kv_heads * tiles), hk = i / tiles % kv_heads;
       const Box qbox = tiling.box(i % tiles), kbox = key_box(c, qbox);
@@ -396,7 +406,7 @@ Status backward_impl(const Problem& p, const BackwardTensors& t, const Options& 
               for (int64_t d = 0; d < c.D; ++d) s.dq[d] *= Acc(c.scale);
               store_row(t.d_query, dql.offset(b, token, h), dql.inner, c.D, s.dq.data());
               if (t.d_rpb.defined()) {
-                Acc* acc = d_rpb[worker].data() + h * r0 * r1 * r2;
+                Acc* acc = d_rpb[block].data() + h * r0 * r1 * r2;
                 int64_t x = 0;
                 for (int k0 = w.win[0].begin; k0 < w.win[0].end; ++k0)
                   for (int k1 = w.win[1].begin; k1 < w.win[1].end; ++k1)

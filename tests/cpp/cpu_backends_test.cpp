@@ -65,7 +65,7 @@ struct Grads {
 };
 
 Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const HostTensor& d_out, Backend backend,
-                   const HostTensor& d_lse = HostTensor()) {
+                   const HostTensor& d_lse = HostTensor(), int threads = 3) {
   Grads g{HostTensor(p.dtype, shape_of(in.q.ref())), HostTensor(p.dtype, shape_of(in.k.ref())),
           HostTensor(p.dtype, shape_of(in.v.ref())), HostTensor(), HostTensor(), HostTensor()};
   BackwardTensors t;
@@ -94,7 +94,7 @@ Grads run_backward(const Problem& p, const Inputs& in, const Outputs& fwd, const
   }
   Options opt;
   opt.backend = backend;
-  opt.num_threads = 3;
+  opt.num_threads = threads;
   const Status s = backward(p, t, opt);
   EXPECT_TRUE(s.ok()) << s.message();
   return g;
@@ -236,6 +236,36 @@ TEST_P(CpuBackends, BackwardCpuMatchesReferenceInFloat32) {
     if (p.additional_tokens) {
       testing::expect_near("dak", got.dak.values(), ref.dak.values(), 1e-4, 1e-4);
       testing::expect_near("dav", got.dav.values(), ref.dav.values(), 1e-4, 1e-4);
+    }
+  }
+}
+
+// The cpu backend's gradients have the same bits for every thread count and run
+// (d rpb sums per block of query tiles, not per worker: per worker, the dynamic
+// hand-out of tiles put different terms in each partial sum from run to run).
+TEST_P(CpuBackends, BackwardIsBitwiseTheSameForEveryThreadCount) {
+  const int rank = GetParam();
+  for (int seed = 0; seed < 4; ++seed) {
+    std::mt19937_64 rng(5600 * rank + seed);
+    testing::RandomOptions o;
+    o.rank = rank;
+    o.dtype = DType::kFloat32;
+    o.max_extent = rank == 1 ? 300 : rank == 2 ? 24 : 9;
+    Problem p = testing::random_problem(rng, o);
+    p.has_rpb = true;
+    SCOPED_TRACE("seed " + std::to_string(seed) + ": " + p.to_string());
+    const Inputs in(p, rng);
+    const Outputs fwd = run_forward(p, in, Backend::kCpu);
+    HostTensor d_out(p.dtype, shape_of(fwd.out.ref()));
+    d_out.fill_random(rng);
+    const Grads one = run_backward(p, in, fwd, d_out, Backend::kCpu, HostTensor(), 1);
+    for (int threads : {2, 5, 16, 16}) {
+      const Grads many = run_backward(p, in, fwd, d_out, Backend::kCpu, HostTensor(), threads);
+      SCOPED_TRACE(std::to_string(threads) + " threads");
+      EXPECT_EQ(many.dq.values(), one.dq.values());
+      EXPECT_EQ(many.dk.values(), one.dk.values());
+      EXPECT_EQ(many.dv.values(), one.dv.values());
+      EXPECT_EQ(many.drpb.values(), one.drpb.values());
     }
   }
 }
