@@ -87,9 +87,8 @@ const Kernel* kernel_for(DType dtype, const TileConfig& c) {
 // head dim 256 (16-bit) takes 164.5 KB, over sm_80's 163 KB (the H100 allows 227).
 // Without a readable device the launch reports what is wrong instead.
 Status fits_device(const Problem& p) {
-  int device = 0, limit = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+  int limit = 0;
+  if (!shared_memory_limit(&limit).ok()) {
     cudaGetLastError();  // clear the sticky error of a machine without a GPU
     return Status::Ok();
   }

@@ -62,6 +62,22 @@ inline Status current_capability(int* major, int* minor) {
   return Status::Ok();
 }
 
+// The current device's dynamic shared memory limit per block (the opt-in one), read
+// once per device like the capability; 0 and the error when unreadable.
+inline Status shared_memory_limit(int* bytes) {
+  int device = 0;
+  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  static std::array<std::atomic<int>, 64> known{};
+  std::atomic<int>* slot = device >= 0 && device < int(known.size()) ? &known[size_t(device)] : nullptr;
+  if (const int limit = slot ? slot->load(std::memory_order_relaxed) : 0; limit > 0) {
+    *bytes = limit;
+    return Status::Ok();
+  }
+  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (slot) slot->store(*bytes, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
 // Compute capability 8.0 or newer (mma.sync m16n8k16, cp.async).
 inline Status check_device() {
   int major = 0, minor = 0;
