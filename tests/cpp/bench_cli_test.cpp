@@ -6,6 +6,7 @@
 
 #include <sys/wait.h>
 
+#include <array>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -129,6 +130,25 @@ TEST(BenchArgs, BadFlagsNameTheFlagAndTheValue) {
   has(parse_error({"--extent", "56x56", "--kernel", "7", "--sol-tflops", "-1"}), "--sol-tflops = '-1'");
   has(parse_error({"--extent", "56x56", "--kernel", "7", "--scale", "nan"}), "--scale = 'nan'");
   has(parse_error({"56x56"}), "unknown argument '56x56'");
+  has(parse_error({"--extent", "56x56", "--kernel", "7", "--query-box", "0-8"}), "'begin:end'");
+  has(parse_error({"--extent", "56x56", "--kernel", "7", "--query-box", "0:8x0:8x0:8"}), "rank 2");
+  has(parse_error({"--extent", "56x56", "--kernel", "7", "--query-box", "0:8xa:9"}), "--query-box = 'a'");
+}
+
+TEST(BenchArgs, QueryBoxIsOnePairPerAxisOrOneForAll) {
+  const Args a = parse_ok({"--extent", "56x40", "--kernel", "7", "--query-box", "8:48x0:20"});
+  EXPECT_EQ(a.problem.query_begin[0], 8);
+  EXPECT_EQ(a.problem.query_end[0], 48);
+  EXPECT_EQ(a.problem.query_begin[1], 0);
+  EXPECT_EQ(a.problem.query_end[1], 20);
+  EXPECT_TRUE(a.problem.validate().ok());
+  const Args b = parse_ok({"--extent", "56x40", "--kernel", "7", "--query-box", "2:30"});
+  EXPECT_EQ(b.problem.query_begin, (std::array<int64_t, 3>{2, 2, 0}));
+  EXPECT_EQ(b.problem.query_end, (std::array<int64_t, 3>{30, 30, 0}));
+  // Out of bounds parses; the library's validation names the axis and the bound.
+  const Args c = parse_ok({"--extent", "56x40", "--kernel", "7", "--query-box", "2:50"});
+  const Status s = c.problem.validate();
+  EXPECT_NE(s.message().find("query_end[axis 1] = 50"), std::string::npos) << s.message();
 }
 
 TEST(BenchArgs, InvalidProblemsParseAndAreLeftToTheLibrarysValidation) {

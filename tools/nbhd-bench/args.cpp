@@ -35,6 +35,9 @@ the rank is the number of extents):
   --stride S          default 1
   --causal C          0 or 1 per axis, default 0
   --periodic P        0 or 1 per axis, default 0: the axis wraps around (never causal)
+  --query-box B       compute only the queries of a box of the grid, 'begin:end' per
+                      axis (e.g. 0:56x8:48; one pair for every axis): the call a
+                      distributed rank makes for its own queries (docs/python.md)
   --batch N           default 1
   --heads N           query heads, default 1
   --kv-heads N        key/value heads (GQA), default = --heads
@@ -134,8 +137,26 @@ constexpr int64_t kAnyInt = INT64_MIN;  // problem values: Problem::validate giv
 
 // The per-axis flags are kept as text until the rank (from --extent) is known.
 struct AxisFlags {
-  std::string extent, kernel, dilation = "1", stride = "1", causal = "0", periodic = "0";
+  std::string extent, kernel, dilation = "1", stride = "1", causal = "0", periodic = "0", query_box;
 };
+
+// --query-box: 'begin:end' per axis (or one pair for every axis) into the problem's
+// query_begin / query_end; Problem::validate checks the bounds.
+Status parse_query_box(const std::string& text, Problem* p) {
+  const std::vector<std::string> parts = split_x(text);
+  if (parts.size() != 1 && int(parts.size()) != p->rank)
+    return bad_value("--query-box", text,
+                     "it has " + std::to_string(parts.size()) + " ranges but --extent has rank " +
+                         std::to_string(p->rank) + " (give 1 range or " + std::to_string(p->rank) + ")");
+  for (int a = 0; a < p->rank; ++a) {
+    const std::string& range = parts[parts.size() == 1 ? 0 : a];
+    const size_t colon = range.find(':');
+    if (colon == std::string::npos) return bad_value("--query-box", text, "each axis must be 'begin:end'");
+    NBHD_RETURN_IF_ERROR(parse_int("--query-box", range.substr(0, colon), kAnyInt, INT64_MAX, &p->query_begin[a]));
+    NBHD_RETURN_IF_ERROR(parse_int("--query-box", range.substr(colon + 1), kAnyInt, INT64_MAX, &p->query_end[a]));
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 
@@ -173,6 +194,7 @@ Status parse_args(int argc, const char* const* argv, Args* out) {
       {"--stride", [&](auto&, auto& v) { axes.stride = v; return Status::Ok(); }},
       {"--causal", [&](auto&, auto& v) { axes.causal = v; return Status::Ok(); }},
       {"--periodic", [&](auto&, auto& v) { axes.periodic = v; return Status::Ok(); }},
+      {"--query-box", [&](auto&, auto& v) { axes.query_box = v; return Status::Ok(); }},
       // Problem values take any integer: the library's validation states the rules.
       {"--batch", integer(&args.problem.batch, kAnyInt)},
       {"--heads", integer(&args.problem.heads, kAnyInt)},
@@ -274,6 +296,7 @@ Status parse_args(int argc, const char* const* argv, Args* out) {
     p.causal[a] = causal[a] == 1;
     p.periodic[a] = periodic[a] == 1;
   }
+  if (!axes.query_box.empty()) NBHD_RETURN_IF_ERROR(parse_query_box(axes.query_box, &p));
   p.kv_heads = kv_heads ? *kv_heads : p.heads;
   p.dim_v = dim_v;  // 0 means "same as dim" in Problem too
   args.warmup = int(warmup);

@@ -85,7 +85,7 @@ void print_dry_run(const Problem& p, std::ostream& os) {
   os << "problem  " << p.to_string() << "\n";
   const double pairs = double(p.attended_pairs());
   std::snprintf(line, sizeof line, "work     %.0f attended pairs (%.1f keys per query), forward %.4g GFLOP, %.4g MB\n",
-                pairs, pairs / double(p.tokens()), p.forward_flops() * 1e-9, p.forward_bytes() * 1e-6);
+                pairs, pairs / double(p.query_tokens()), p.forward_flops() * 1e-9, p.forward_bytes() * 1e-6);
   os << line;
   std::string why_not;
   os << "gpu      " << (gpu_available(&why_not) ? device_name(Device::kCUDA) : "none (" + why_not + ")") << "\n";

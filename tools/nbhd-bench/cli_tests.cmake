@@ -27,6 +27,7 @@ set(nbhd_bench_smoke
   "fwd_bwd_cpu|--backend cpu --extent 20x24 --kernel 5x7 --causal 1x0 --heads 4 --kv-heads 2 --dim 16 --pass fwd+bwd"
   "bwd_cpu_float64|--backend cpu --extent 40 --kernel 9 --dilation 2 --heads 2 --dim 16 --dtype float64 --additional 2 --pass bwd"
   "fwd_bwd_reference|--backend reference --extent 6x7x8 --kernel 3 --heads 2 --dim 8 --pass fwd+bwd --rpb"
+  "query_box_cpu|--backend cpu --extent 20x16 --kernel 5x3 --dilation 2x1 --query-box 3:17x2:16 --rpb --heads 2 --dim 16 --pass fwd+bwd"
   "periodic_auto|--backend auto --extent 12x20 --kernel 5x7 --dilation 1x2 --stride 1x2 --periodic 0x1 --rpb --heads 2 --dim 16 --pass fwd+bwd"
   "sol_measured_bandwidth|--backend cpu --extent 20x24 --kernel 5 --heads 2 --dim 16 --sol-tflops 1 --sol-gbps measure"
 )

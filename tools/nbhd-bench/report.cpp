@@ -2,6 +2,7 @@
 #include "report.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -19,9 +20,11 @@ double pass_flops(const Problem& p, Pass pass) {
 }
 
 double pass_bytes(const Problem& p, Pass pass) {
+  // The query side (q, out, lse and their gradients) holds the query sub-box's tokens.
   const double e = size_of(p.dtype), n = double(p.batch) * double(p.tokens());
+  const double nq = double(p.batch) * double(p.query_tokens());
   const double D = double(p.dim), Dv = double(p.value_dim()), H = double(p.heads), Hkv = double(p.kv_heads);
-  const double q = n * H * D, k = n * Hkv * D, v = n * Hkv * Dv, o = n * H * Dv, lse_bytes = n * H * 4.0;
+  const double q = nq * H * D, k = n * Hkv * D, v = n * Hkv * Dv, o = nq * H * Dv, lse_bytes = nq * H * 4.0;
   const double extra = double(p.batch) * double(p.additional_tokens) * Hkv * (D + Dv);
   // inputs q, k, v, out, d_out, lse (+ additional k/v); outputs dq, dk, dv (+ theirs).
   const double backward = e * (2 * (q + k + v) + 2 * o + 2 * extra) + lse_bytes;
@@ -214,6 +217,16 @@ std::string to_json(const Report& r) {
   axes(j, "stride", p, p.stride);
   axes(j, "causal", p, p.causal);
   axes(j, "periodic", p, p.periodic);
+  if (p.has_query_box()) {
+    std::array<int64_t, 3> begin{}, end{};
+    for (int a = 0; a < p.rank; ++a) {
+      const Range r = p.padded_query_range(kMaxRank - p.rank + a);
+      begin[a] = r.begin;
+      end[a] = r.end;
+    }
+    axes(j, "query_begin", p, begin);
+    axes(j, "query_end", p, end);
+  }
   j.key("batch").value(p.batch).key("heads").value(p.heads).key("kv_heads").value(p.kv_heads);
   j.key("dim").value(p.dim).key("dim_v").value(p.value_dim());
   j.key("additional_tokens").value(p.additional_tokens).key("rpb").value(p.has_rpb);

@@ -49,7 +49,7 @@ int64_t group_size(const Problem& p) { return p.heads / p.kv_heads; }
 // Multiply-adds the reference spends on one slice: exact + plain forward, and for a
 // backward pass the exact backward (about twice a forward).
 double slice_cost(const Problem& p, Pass pass) {
-  const double pairs = double(p.attended_pairs()) + double(p.tokens()) * double(p.additional_tokens);
+  const double pairs = double(p.attended_pairs()) + double(p.query_tokens()) * double(p.additional_tokens);
   const double forward = pairs * double(group_size(p)) * double(p.dim + p.value_dim());
   return pass == Pass::kForward ? 2 * forward : 4 * forward;
 }

@@ -67,6 +67,13 @@ std::vector<int64_t> token_shape(const Problem& p, int64_t heads, int64_t dim) {
   return s;
 }
 
+// The query side (q, out, lse, d out, d q): the query sub-box's tokens.
+std::vector<int64_t> query_shape(const Problem& p, int64_t heads, int64_t dim) {
+  std::vector<int64_t> s = token_shape(p, heads, dim);
+  for (int a = 0; a < p.rank; ++a) s[1 + a] = p.padded_query_range(kMaxRank - p.rank + a).size();
+  return s;
+}
+
 // Every tensor gets its own stream of random numbers.
 uint64_t tensor_seed(uint64_t seed, int which) { return seed * 1000003ull + uint64_t(which) * 0x632be59bd9b4e019ull; }
 
@@ -79,7 +86,7 @@ Status Workload::create(const Problem& p, Device device, bool with_backward, uin
   auto make = [&](Tensor* t, DType dtype, const std::vector<int64_t>& shape) {
     return Tensor::allocate(device, dtype, shape, t);
   };
-  NBHD_RETURN_IF_ERROR(make(&w.q, dt, token_shape(p, H, D)));
+  NBHD_RETURN_IF_ERROR(make(&w.q, dt, query_shape(p, H, D)));
   NBHD_RETURN_IF_ERROR(make(&w.k, dt, token_shape(p, Hkv, D)));
   NBHD_RETURN_IF_ERROR(make(&w.v, dt, token_shape(p, Hkv, Dv)));
   NBHD_RETURN_IF_ERROR(fill_normal(w.q, tensor_seed(seed, 0), 1.0));
@@ -98,14 +105,14 @@ Status Workload::create(const Problem& p, Device device, bool with_backward, uin
     NBHD_RETURN_IF_ERROR(fill_normal(w.additional_values, tensor_seed(seed, 5), 1.0));
   }
   // Outputs start as NaN (all bits set is a NaN in every float format).
-  NBHD_RETURN_IF_ERROR(make(&w.out, dt, token_shape(p, H, Dv)));
-  NBHD_RETURN_IF_ERROR(make(&w.lse, accumulator_dtype(dt), token_shape(p, H, 0)));
+  NBHD_RETURN_IF_ERROR(make(&w.out, dt, query_shape(p, H, Dv)));
+  NBHD_RETURN_IF_ERROR(make(&w.lse, accumulator_dtype(dt), query_shape(p, H, 0)));
   NBHD_RETURN_IF_ERROR(w.out.buffer.fill_bytes(0xff));
   NBHD_RETURN_IF_ERROR(w.lse.buffer.fill_bytes(0xff));
   if (with_backward) {
-    NBHD_RETURN_IF_ERROR(make(&w.d_out, dt, token_shape(p, H, Dv)));
+    NBHD_RETURN_IF_ERROR(make(&w.d_out, dt, query_shape(p, H, Dv)));
     NBHD_RETURN_IF_ERROR(fill_normal(w.d_out, tensor_seed(seed, 6), 1.0));
-    NBHD_RETURN_IF_ERROR(make(&w.d_q, dt, token_shape(p, H, D)));
+    NBHD_RETURN_IF_ERROR(make(&w.d_q, dt, query_shape(p, H, D)));
     NBHD_RETURN_IF_ERROR(make(&w.d_k, dt, token_shape(p, Hkv, D)));
     NBHD_RETURN_IF_ERROR(make(&w.d_v, dt, token_shape(p, Hkv, Dv)));
     for (Tensor* g : {&w.d_q, &w.d_k, &w.d_v}) NBHD_RETURN_IF_ERROR(g->buffer.fill_bytes(0xff));
