@@ -63,29 +63,6 @@ __device__ __forceinline__ Range computed_queries(const BackwardParams& p, int a
   return {begin, imax(begin, imin(w.end, box.end))};
 }
 
-// A query-tile CTA `tile` (the dq pass; tiles over the query sub-box, tile_grid):
-// dilation group, origin (group indices) and the group's end of computed queries per
-// axis, and the group length lg (the windows'). False for the empty tiles past a
-// shorter group's end.
-__device__ __forceinline__ bool decode_query_tile(const BackwardParams& p, const int* tiles_per_group,
-                                                  const int* row_log2, int64_t tile, int* group, int* origin, int* end,
-                                                  int* lg) {
-  bool inside = true;
-#pragma unroll
-  for (int a = kMaxRank - 1; a >= 0; --a) {
-    const int d = p.nb.axis[a].dilation, per_axis = tiles_per_group[a] * d;
-    const int ta = int(tile % per_axis);
-    tile /= per_axis;
-    group[a] = ta / tiles_per_group[a];
-    const Range part = group_indices(p.query_begin[a], p.query_end[a], group[a], d);
-    origin[a] = part.begin + ((ta % tiles_per_group[a]) << row_log2[a]);
-    end[a] = part.end;
-    lg[a] = p.nb.axis[a].group_length(group[a]);
-    inside &= origin[a] < end[a];
-  }
-  return inside;
-}
-
 // The key-pass CTA `tile` of one (batch, kv head): dilation group and origin of its
 // key tile per axis. False for the empty tiles past a shorter group's end.
 __device__ __forceinline__ bool decode_tile(const Neighborhood& nb, const int* tiles_per_group, const int* row_log2,
@@ -100,6 +77,24 @@ __device__ __forceinline__ bool decode_tile(const Neighborhood& nb, const int* t
     origin[a] = (ta % tiles_per_group[a]) << row_log2[a];
     lg[a] = nb.axis[a].group_length(group[a]);
     inside &= origin[a] < lg[a];
+  }
+  return inside;
+}
+
+// A query-tile CTA `tile` (the dq pass; tiles over the query sub-box, tile_grid):
+// decode_tile's group, origin and group length lg (the windows'), the origin moved to
+// the box's part of the group, and that part's end per axis. False for the empty
+// tiles past a shorter group's end.
+__device__ __forceinline__ bool decode_query_tile(const BackwardParams& p, const int* tiles_per_group,
+                                                  const int* row_log2, int64_t tile, int* group, int* origin, int* end,
+                                                  int* lg) {
+  bool inside = decode_tile(p.nb, tiles_per_group, row_log2, tile, group, origin, lg);
+#pragma unroll
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Range part = group_indices(p.query_begin[a], p.query_end[a], group[a], p.nb.axis[a].dilation);
+    origin[a] += part.begin;
+    end[a] = part.end;
+    inside &= origin[a] < end[a];
   }
   return inside;
 }

@@ -41,41 +41,50 @@ inline Status check_alignment(const char* what, const TensorRef& t) {
   return Status::Ok();
 }
 
+// A positive value of the current device, kept per device (devices 0-63; others read
+// every time) after `read(device, &value)` gives it on the first call.
+template <class Read>
+Status once_per_device(std::array<std::atomic<int>, 64>& known, int* value, Read&& read) {
+  int device = 0;
+  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  std::atomic<int>* slot = device >= 0 && device < int(known.size()) ? &known[size_t(device)] : nullptr;
+  if (const int v = slot ? slot->load(std::memory_order_relaxed) : 0; v > 0) {
+    *value = v;
+    return Status::Ok();
+  }
+  NBHD_RETURN_IF_ERROR(read(device, value));
+  if (slot) slot->store(*value, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
 // The current device's compute capability. Attributes, not cudaGetDeviceProperties:
 // its struct grows between CUDA releases, and a runtime newer than the headers wrote
 // past it on the stack (crash under torch, H200).
 // Read once per device (a call asks several times: supports, plan, launch), as
-// 10 * major + minor; 0 until known.
+// 10 * major + minor.
 inline Status current_capability(int* major, int* minor) {
-  int device = 0;
-  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   static std::array<std::atomic<int>, 64> known{};
-  std::atomic<int>* slot = device >= 0 && device < int(known.size()) ? &known[size_t(device)] : nullptr;
-  if (const int cc = slot ? slot->load(std::memory_order_relaxed) : 0; cc > 0) {
-    *major = cc / 10;
-    *minor = cc % 10;
+  int cc = 0;
+  NBHD_RETURN_IF_ERROR(once_per_device(known, &cc, [](int device, int* value) {
+    int ma = 0, mi = 0;
+    NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&ma, cudaDevAttrComputeCapabilityMajor, device));
+    NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&mi, cudaDevAttrComputeCapabilityMinor, device));
+    *value = 10 * ma + mi;
     return Status::Ok();
-  }
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device));
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (slot) slot->store(10 * *major + *minor, std::memory_order_relaxed);
+  }));
+  *major = cc / 10;
+  *minor = cc % 10;
   return Status::Ok();
 }
 
 // The current device's dynamic shared memory limit per block (the opt-in one), read
-// once per device like the capability; 0 and the error when unreadable.
+// once per device like the capability.
 inline Status shared_memory_limit(int* bytes) {
-  int device = 0;
-  NBHD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   static std::array<std::atomic<int>, 64> known{};
-  std::atomic<int>* slot = device >= 0 && device < int(known.size()) ? &known[size_t(device)] : nullptr;
-  if (const int limit = slot ? slot->load(std::memory_order_relaxed) : 0; limit > 0) {
-    *bytes = limit;
+  return once_per_device(known, bytes, [](int device, int* value) {
+    NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     return Status::Ok();
-  }
-  NBHD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (slot) slot->store(*bytes, std::memory_order_relaxed);
-  return Status::Ok();
+  });
 }
 
 // Compute capability 8.0 or newer (mma.sync m16n8k16, cp.async).
