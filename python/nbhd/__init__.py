@@ -11,6 +11,9 @@
 
 Torch is optional: it is imported only by nbhd.nn, nbhd.distributed and for torch inputs."""
 
+import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 from . import _nbhd, ops
@@ -28,17 +31,48 @@ def backends() -> list:
     return _nbhd.built_backends()
 
 
+class _ThenRegister(importlib.abc.Loader):
+    """torch's own loader, then the registration of the torch.ops.nbhd operators."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        from . import _torch_ops  # noqa: F401
+
+    def __getattr__(self, name):  # get_source, get_resource_reader, ...: torch's loader's
+        return getattr(self._loader, name)
+
+
+class _RegisterWhenTorchLoads(importlib.abc.MetaPathFinder):
+    """Finds torch for the other finders and wraps its loader in _ThenRegister, once."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+# The torch.ops.nbhd operators exist whatever the import order, so that graphs which
+# name them (torch.export, a saved compiled program) load without a call to nbhd
+# first: registered now if torch is loaded (cheap), else as soon as torch has loaded.
 if sys.modules.get("torch") is not None:
-    # torch is loaded already: register the torch.ops.nbhd operators now (cheap), so
-    # that graphs which name them directly load without a call to nbhd first.
     from . import _torch_ops  # noqa: F401
+elif not any(isinstance(finder, _RegisterWhenTorchLoads) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTorchLoads())
 
 
 def __getattr__(name):
     # nbhd.nn and nbhd.distributed need torch; load them on first use so that numpy-only
     # installs import nbhd.
     if name in ("nn", "distributed"):
-        import importlib
-
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

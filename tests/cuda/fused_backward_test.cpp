@@ -436,6 +436,65 @@ TEST(FusedBackwardSmoke, SmallProblems) {
     }
 }
 
+// A launch that fails in the middle of the backward's chain (d rpb zeroed,
+// preprocess, key pass, dq, d rpb reduced) ends the call with its error and queues
+// nothing after it: a later kernel would read what the failed one should have
+// written. Only the CPU emulator can make a chosen launch fail (emu::failing_launch);
+// elsewhere skipped.
+TEST(FusedBackwardLaunches, AFailedLaunchStopsTheChain) {
+  NBHD_REQUIRE_GPU();
+#ifndef NBHD_CUDA_EMULATOR
+  GTEST_SKIP() << "making one launch of a chain fail needs the CPU emulator (emu::failing_launch)";
+#else
+  std::mt19937_64 rng(34000);
+  Problem p;
+  p.rank = 2;
+  p.extent = {9, 11, 0};
+  p.kernel = {3, 5, 0};
+  p.dim = 64;
+  p.heads = p.kv_heads = 2;
+  p.dtype = DType::kFloat16;
+  p.has_rpb = true;
+  ASSERT_TRUE(p.validate().ok());
+  const Inputs in(p, rng, 0);
+  auto out_shape = shape_of(in.q.ref());
+  auto lse_shape = out_shape;
+  lse_shape.pop_back();
+  HostTensor out(p.dtype, out_shape), lse(DType::kFloat32, lse_shape), d_out(p.dtype, out_shape);
+  d_out.fill_random(rng);
+  ASSERT_TRUE(cpu::reference_forward(p, {in.q.ref(), in.k.ref(), in.v.ref(), in.rpb.ref(), in.ak.ref(), in.av.ref(),
+                                         out.ref(), lse.ref()},
+                                     false)
+                  .ok());
+  HostTensor dq(p.dtype, shape_of(in.q.ref())), dk(p.dtype, shape_of(in.k.ref())),
+      dv(p.dtype, shape_of(in.v.ref())), drpb(DType::kFloat32, shape_of(in.rpb.ref()));
+  DeviceTensor q(in.q), k(in.k), v(in.v), rpb(in.rpb), dev_out(out), dev_lse(lse), dev_dout(d_out), dev_dq(dq),
+      dev_dk(dk), dev_dv(dv), dev_drpb(drpb);
+  const BackwardTensors tensors{q.ref(),       k.ref(),       v.ref(),        rpb.ref(),      {},
+                                {},            dev_out.ref(), dev_lse.ref(),  dev_dout.ref(), dev_dq.ref(),
+                                dev_dk.ref(),  dev_dv.ref(),  dev_drpb.ref(), {},             {}};
+  Options o;
+  o.backend = Backend::kFused;
+  for (const bool deterministic : {false, true}) {  // atomics and convert, or the dq pass
+    SCOPED_TRACE(deterministic ? "deterministic" : "atomics");
+    o.deterministic = deterministic;
+    const long before = emu::launches;
+    ASSERT_TRUE(backward(p, tensors, o).ok());
+    const long chain = emu::launches - before;
+    ASSERT_GE(chain, 4) << "d rpb, preprocess, key pass and dq are separate launches";
+    for (long failing = 1; failing <= chain; ++failing) {
+      SCOPED_TRACE("launch " + std::to_string(failing) + " of " + std::to_string(chain) + " fails");
+      const long start = emu::launches;
+      emu::failing_launch = start + failing;
+      const Status s = backward(p, tensors, o);
+      emu::failing_launch = 0;
+      EXPECT_EQ(s.code(), StatusCode::kDeviceError) << s.message();
+      EXPECT_EQ(emu::launches - start, failing) << "launches queued after the failed one";
+    }
+  }
+#endif
+}
+
 // The wgmma key pass on small problems, forced (its first entry of each rank): every
 // rank, GQA, additional tokens, Dv != D.
 TEST(FusedBackwardSmoke, WgmmaKeyPass) {

@@ -548,6 +548,33 @@ TEST(FusedForwardDevice, GridsOverTheLaunchLimitAreRefused) {
   if (checked == 0) GTEST_SKIP() << "neither fused nor gemm runs float16 head dim 64 in this build";
 }
 
+// A GPU newer than every architecture of the build (an sm_90a-only build on an
+// sm_120 card) has no kernel image: supports() refuses it with the reason, so `auto`
+// passes the problem on instead of failing every launch. Only the CPU emulator can be
+// that GPU (EMU_DEVICE=sm120, which scripts/test runs); elsewhere skipped.
+TEST(FusedForwardDevice, AGpuWithoutAKernelImageIsRefused) {
+  NBHD_REQUIRE_GPU();
+#ifndef NBHD_CUDA_EMULATOR
+  GTEST_SKIP() << "needs a GPU this build has no kernel image for: the CPU emulator's EMU_DEVICE=sm120";
+#else
+  if (emu::device_model().kernel_image) GTEST_SKIP() << "the emulated GPU has an image; run with EMU_DEVICE=sm120";
+  Problem p;
+  p.rank = 1;
+  p.extent = {100, 0, 0};
+  p.kernel = {7, 0, 0};
+  p.dim = 64;
+  p.dtype = DType::kFloat16;
+  ASSERT_TRUE(p.validate().ok());
+  for (const bool backward : {false, true}) {
+    const Status s = can_run(Backend::kFused, p, Device::kCUDA, backward);
+    EXPECT_EQ(s.code(), StatusCode::kUnsupported) << s.message();
+    EXPECT_NE(s.message().find("backend fused has no kernel image for this GPU (compute capability 12.0)"),
+              std::string::npos)
+        << s.message();
+  }
+#endif
+}
+
 // Tensors on a GPU other than the current one: the backend runs there (the shared-
 // memory opt-in, above 48 KB at head dim 128, is per device), leaves the caller's
 // current device as it was, and matches the reference. Runs first on the current

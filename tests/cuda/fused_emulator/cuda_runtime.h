@@ -666,8 +666,41 @@ void check_devices_of(const A& arg) {
   }
 }
 
+// The emulated device: an H100 (sm_90, 227 KB of shared memory per block); with
+// EMU_DEVICE=a100 an A100 (sm_80, 163 KB), for the paths an sm_80 device takes; with
+// EMU_DEVICE=sm120 a GPU newer than every architecture of the build (compute
+// capability 12.0), which has no kernel image: launches and cudaFuncGetAttributes
+// fail with cudaErrorNoKernelImageForDevice, as an sm_90a-only build's do there.
+struct DeviceModel {
+  int major, minor, shared_optin;
+  bool kernel_image = true;
+};
+inline const DeviceModel& device_model() {
+  static const DeviceModel model = [] {
+    const std::string v = std::getenv("EMU_DEVICE") ? std::getenv("EMU_DEVICE") : "";
+    if (v == "a100") return DeviceModel{8, 0, 163 << 10};
+    if (v == "sm120") return DeviceModel{12, 0, 99 << 10, false};
+    return DeviceModel{9, 0, 227 << 10};
+  }();
+  return model;
+}
+
+// Kernel launches of the process so far, and the one (1-based) that is to fail with
+// cudaErrorLaunchFailure, running no block (0: none): a test's way to make a launch in
+// the middle of a chain fail, as a faulting kernel would.
+inline long launches = 0;
+inline long failing_launch = 0;
+
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, cudaStream_t, A&&... args) {
+  if (++launches == failing_launch) {
+    last_error = cudaErrorLaunchFailure;
+    return;
+  }
+  if (!device_model().kernel_image) {
+    last_error = cudaErrorNoKernelImageForDevice;
+    return;
+  }
   check_dim(grid, "only 1-D grids are emulated");
   check_dim(dims, "only 1-D blocks are emulated");
   // Above 48 KB the kernel must have opted in on this device (cudaFuncSetAttribute);
@@ -694,19 +727,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 dims, std::size_t smem, int, A
 
 // One counted "device" for cudaMemGetInfo.
 inline std::size_t device_bytes = std::size_t(8) << 30;
-
-// The emulated device: an H100 (sm_90, 227 KB of shared memory per block), or with
-// EMU_DEVICE=a100 an A100 (sm_80, 163 KB), for the paths an sm_80 device takes.
-struct DeviceModel {
-  int major, minor, shared_optin;
-};
-inline const DeviceModel& device_model() {
-  static const DeviceModel model = [] {
-    const char* v = std::getenv("EMU_DEVICE");
-    return v && std::string(v) == "a100" ? DeviceModel{8, 0, 163 << 10} : DeviceModel{9, 0, 227 << 10};
-  }();
-  return model;
-}
 
 }  // namespace emu
 
@@ -885,4 +905,9 @@ inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) 
   if (value > emu::device_model().shared_optin) return cudaErrorInvalidValue;
   emu::shared_optins()[{reinterpret_cast<const void*>(kernel), emu::current_device}] = value;
   return cudaSuccess;
+}
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, F) {
+  std::memset(attributes, 0, sizeof *attributes);
+  return emu::device_model().kernel_image ? cudaSuccess : cudaErrorNoKernelImageForDevice;
 }

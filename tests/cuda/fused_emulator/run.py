@@ -30,7 +30,7 @@ LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfol
            "src/dispatch/registry.cpp",
            "src/cpu/reference.cpp", "src/cpu/tiled.cpp", "tests/cpp/testing.cpp", "src/cuda/fused/backend.cu",
            "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp",
-           "src/cuda/common/tensor_map.cpp"]
+           "src/cuda/common/tensor_map.cpp", "src/cuda/common/kernel_image.cu"]
 KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/backward_kernel.cuh",
                   "src/cuda/fused/backward_wgmma_kernel.cuh"]
 # Kernels of the tests themselves (rewritten like the headers, compiled into the tests).
@@ -159,6 +159,7 @@ def main():
     tests = args.tests.split(",")
 
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fopenmp-simd", "-DNBHD_BACKEND_FUSED=1", "-DNBHD_WITH_CUDA=1", "-DNBHD_FUSED_WGMMA=1",
+             "-DNBHD_CUDA_EMULATOR=1", '-DNBHD_CUDA_ARCHS_BUILT="emulated"',
              "-I", override, "-I", HERE, "-I", gen, "-I", os.path.join(ROOT, "include"), "-I", os.path.join(ROOT, "src"),
              "-I", os.path.join(ROOT, "tests", "cpp"), "-I", os.path.join(ROOT, "tests", "cuda"),
              "-isystem", args.cuda_include, "-Wno-unknown-pragmas", "-Wno-attributes"]
