@@ -537,14 +537,19 @@ TEST(FusedForwardDevice, GridsOverTheLaunchLimitAreRefused) {
   int checked = 0;
   for (const Backend b : {Backend::kFused, Backend::kGemm}) {
     if (!built(b)) continue;
-    const Status s = can_run(b, p, Device::kCUDA);
-    if (s.message().find("in this build") != std::string::npos) continue;
-    ++checked;
-    EXPECT_EQ(s.code(), StatusCode::kUnsupported) << name(b) << ": " << s.message();
-    EXPECT_NE(s.message().find("thread blocks; CUDA launches at most 2^31 - 1"), std::string::npos)
-        << name(b) << ": " << s.message();
+    for (const bool backward : {false, true}) {
+      const Status s = can_run(b, p, Device::kCUDA, backward);
+      if (s.message().find("in this build") != std::string::npos) continue;
+      ++checked;
+      EXPECT_EQ(s.code(), StatusCode::kUnsupported) << name(b) << (backward ? " backward: " : ": ") << s.message();
+      EXPECT_NE(s.message().find("thread blocks; CUDA launches at most 2^31 - 1"), std::string::npos)
+          << name(b) << (backward ? " backward: " : ": ") << s.message();
+    }
   }
-  if (built(Backend::kNaive)) EXPECT_TRUE(can_run(Backend::kNaive, p, Device::kCUDA).ok());
+  if (built(Backend::kNaive)) {
+    EXPECT_TRUE(can_run(Backend::kNaive, p, Device::kCUDA).ok());
+    EXPECT_TRUE(can_run(Backend::kNaive, p, Device::kCUDA, /*backward=*/true).ok());
+  }
   if (checked == 0) GTEST_SKIP() << "neither fused nor gemm runs float16 head dim 64 in this build";
 }
 

@@ -536,3 +536,16 @@ def test_case_sizes_are_valid():
         for L, k, d in zip(case.extent, case.kernel, case.dilation):
             assert k * d <= L, case.label
         assert math.prod(case.extent) > 0
+
+
+def test_tracing_raises_a_device_mismatch_as_eager_does():
+    # Tensors on two devices: the eager call and the fake implementation (torch.compile's
+    # tracing) raise the same error, naming both devices, before any kernel.
+    q = torch.randn(1, 6, 5, 2, 32, device="cuda")
+    k, v = q.clone(), q.cpu()
+    message = r"value is on cpu:0 but query is on cuda:0; all tensors must be on one device"
+    with pytest.raises(TypeError, match=message):
+        nbhd.na2d(q, k, v, 3)
+    compiled = torch.compile(lambda q, k, v: nbhd.na2d(q, k, v, 3), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=message):
+        compiled(q, k, v)
