@@ -148,6 +148,28 @@ TEST(FusedPlan, WgmmaEstimateCountsWholeKeyTiles) {
   EXPECT_TRUE(listed_wgmma);
 }
 
+// With a query sub-box the planner estimates the box's own tiles (from its corner,
+// with the windows of its queries), not the grid's: 1-D, 1000 tokens, causal window
+// 7, box [500, 628): at most 8 tiles, so every one is sampled, and each of the 128
+// queries needs 7 keys (the grid's first queries need fewer). A box that is the
+// whole grid is estimated as the grid.
+TEST(FusedPlan, AQuerySubBoxIsEstimatedOverItsOwnTiles) {
+  Problem p = anchor(1, {1000, 0, 0}, {7, 0, 0}, 128);
+  p.causal = {true, false, false};
+  Problem box = p, whole = p;
+  box.query_begin = {500, 0, 0};
+  box.query_end = {628, 0, 0};
+  whole.query_end = {1000, 0, 0};
+  ASSERT_TRUE(box.validate().ok() && whole.validate().ok());
+  for (const bool hopper : {false, true})
+    for (const TileConfig& c : candidate_configs(DType::kFloat16, 1, 128, hopper)) {
+      SCOPED_TRACE(c.why);
+      EXPECT_EQ(estimate(box, c).needed_pairs, 128 * 7);
+      EXPECT_EQ(estimate(whole, c).cost, estimate(p, c).cost);
+      EXPECT_EQ(estimate(whole, c).needed_pairs, estimate(p, c).needed_pairs);
+    }
+}
+
 // On an sm_90 device the planner picks the wgmma configuration measured fastest
 // (H200 sweep of commit 2145f1f, docs/performance.md) on the compute-bound anchors.
 TEST(FusedPlan, WgmmaChoicesMatchTheMeasuredBest) {

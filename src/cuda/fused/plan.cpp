@@ -135,14 +135,53 @@ std::vector<TileConfig> candidate_configs(DType dtype, int rank, int head_dim, b
   return out;
 }
 
-void sample_tile_origins(const Neighborhood& nb, const TileShape& s, std::vector<int> (&origins)[kMaxRank]) {
+namespace {
+
+// Per axis, the group the estimate samples and its query indices: group 0, all of
+// it, or with a query sub-box the group of the box's first token and its part of
+// the box (tiles start at the box's corner). A box holds the grid's middle queries,
+// whose windows slide, so its tiles are masked more than the grid's clamped edges.
+struct SampledQueries {
+  int group[kMaxRank];
+  Range indices[kMaxRank];
+};
+
+SampledQueries sampled_queries(const Problem& p, const Neighborhood& nb) {
+  SampledQueries q;
+  const int first = kMaxRank - p.rank;  // the problem's axis u is the neighborhood's first + u
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    q.group[a] = 0;
+    q.indices[a] = {0, ax.group_length(0)};
+    if (!p.has_query_box() || a < first) continue;
+    const int u = a - first;
+    const int begin = int(p.query_begin[u]), end = p.query_end[u] ? int(p.query_end[u]) : int(p.extent[u]);
+    q.group[a] = begin % ax.dilation;
+    q.indices[a] = group_indices(begin, end, q.group[a], ax.dilation);
+  }
+  return q;
+}
+
+void sample_tile_origins(const SampledQueries& q, const TileShape& s, std::vector<int> (&origins)[kMaxRank]) {
   for (int a = 0; a < kMaxRank; ++a) {
     origins[a].clear();
-    const int tiles = ceil_div(nb.axis[a].group_length(0), s.q(a));
+    const int tiles = ceil_div(q.indices[a].size(), s.q(a));
     const int step = std::max(1, tiles / 8);
-    for (int t = 0; t < tiles; t += step) origins[a].push_back(t * s.q(a));
-    if (origins[a].back() != (tiles - 1) * s.q(a)) origins[a].push_back((tiles - 1) * s.q(a));
+    for (int t = 0; t < tiles; t += step) origins[a].push_back(q.indices[a].begin + t * s.q(a));
+    if (origins[a].back() != q.indices[a].begin + (tiles - 1) * s.q(a))
+      origins[a].push_back(q.indices[a].begin + (tiles - 1) * s.q(a));
   }
+}
+
+}  // namespace
+
+void sample_tile_origins(const Neighborhood& nb, const TileShape& s, std::vector<int> (&origins)[kMaxRank]) {
+  SampledQueries whole;
+  for (int a = 0; a < kMaxRank; ++a) {
+    whole.group[a] = 0;
+    whole.indices[a] = {0, nb.axis[a].group_length(0)};
+  }
+  sample_tile_origins(whole, s, origins);
 }
 
 void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, PlanEstimate* e) {
@@ -173,18 +212,20 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   e.config = c;
   const Neighborhood nb = p.neighborhood();
   const TileShape& s = c.shape;
+  const SampledQueries sampled = sampled_queries(p, nb);
   std::vector<int> origins[kMaxRank];  // of query tiles
-  sample_tile_origins(nb, s, origins);
+  sample_tile_origins(sampled, s, origins);
   const int boxes = c.warps * c.m_tiles;  // 16-query boxes per CTA
   for (int o0 : origins[0])
     for (int o1 : origins[1])
       for (int o2 : origins[2]) {
         const int origin[kMaxRank] = {o0, o1, o2};
-        int lg[kMaxRank];
+        int lg[kMaxRank], end[kMaxRank];  // group length, end of the sampled indices
         Range kbox[kMaxRank];
         for (int a = 0; a < kMaxRank; ++a) {
-          lg[a] = nb.axis[a].group_length(0);
-          const int last = std::min(origin[a] + s.q(a), lg[a]) - 1;
+          lg[a] = nb.axis[a].group_length(sampled.group[a]);
+          end[a] = sampled.indices[a].end;
+          const int last = std::min(origin[a] + s.q(a), end[a]) - 1;
           kbox[a] = {nb.axis[a].window(origin[a], lg[a]).begin, nb.axis[a].window(last, lg[a]).end};
         }
         Range group_keys[2][kMaxRank] = {};  // wgmma: per warpgroup, the bounding box of its boxes' unions
@@ -195,7 +236,7 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           double needed = 1;
           bool idle = false;
           for (int a = 0; a < kMaxRank; ++a) {
-            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), end[a]) - 1;
             if (first > last) {
               idle = true;
               break;
@@ -218,7 +259,7 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
           // inside the intersection of its queries' windows (or past the key box).
           double tiles = 1, unmasked = 1;
           for (int a = 0; a < kMaxRank; ++a) {
-            const int first = origin[a] + off[a], last = std::min(first + s.w(a), lg[a]) - 1;
+            const int first = origin[a] + off[a], last = std::min(first + s.w(a), end[a]) - 1;
             const Range inter{nb.axis[a].window(last, lg[a]).begin, nb.axis[a].window(first, lg[a]).end};
             int axis_tiles = 0, axis_inside = 0;
             for (int k = kbox[a].begin; k < kbox[a].end; k += s.k(a)) {
