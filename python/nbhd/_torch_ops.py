@@ -48,13 +48,21 @@ class TorchArrays:
         if not like.is_cuda:
             # The CPU backends use as many threads as torch does (torch.set_num_threads).
             return {"stream": 0, "deterministic": deterministic, "num_threads": torch.get_num_threads()}
-        stream = torch.cuda.current_stream(like.device).cuda_stream
-        # Scratch memory (the backward's float32 dq, the unfused backends' weights) from
-        # PyTorch's caching allocator on this device and stream: it reuses blocks torch
-        # holds and shows in torch.cuda.memory_allocated.
-        allocate = functools.partial(torch.cuda.caching_allocator_alloc, device=like.device, stream=stream)
-        workspace = (allocate, torch.cuda.caching_allocator_delete)
-        return {"stream": stream, "deterministic": deterministic, "num_threads": 0, "workspace": workspace}
+        # The raw handle, not torch.cuda.current_stream's Stream object (a few us a call).
+        index = like.device.index
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        return {"stream": stream, "deterministic": deterministic, "num_threads": 0,
+                "workspace": _workspace(index, stream)}
+
+
+@functools.lru_cache(maxsize=64)
+def _workspace(device_index: int, stream: int) -> tuple:
+    """Scratch memory (the backward's float32 dq, the unfused backends' weights) from
+    PyTorch's caching allocator on this device and stream: it reuses blocks torch holds
+    and shows in torch.cuda.memory_allocated. Cached per (device, stream) as a call's
+    other settings are not: building it took a few us a call."""
+    allocate = functools.partial(torch.cuda.caching_allocator_alloc, device=device_index, stream=stream)
+    return allocate, torch.cuda.caching_allocator_delete
 
 
 class TorchFakes(TorchArrays):
@@ -174,42 +182,53 @@ def _forward_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _forward_backward(ctx, d_out, d_lse):
-    query, key, value, rpb, ak, av, out, lse = ctx.saved_tensors
-    grads = [None] * 6  # query, key, value, rpb, additional_keys, additional_values
-    if d_out is not None or d_lse is not None:
-        # lse's gradient folds into the backward's score gradients (d lse / d score =
-        # probs): one pass of the chosen backend, no attention weights.
-        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        d_lse = None if d_lse is None else d_lse.to(lse.dtype).contiguous()
-        backward = _na_backward if getattr(ctx, "eager", False) else torch.ops.nbhd.na_backward
-        dq, dk, dv, d_rpb, d_ak, d_av = backward(
-            d_out, query, key, value, out, lse, d_lse, rpb, ak, av, *ctx.window_args, ctx.scale, ctx.backend,
-            *ctx.query_box_args)
-        grads = [dq, dk, dv, _given(d_rpb, rpb is not None), _given(d_ak, ak is not None),
-                 _given(d_av, av is not None)]
-    if rpb is not None and grads[3] is not None:
+def _gradients(saved, d_out, d_lse, run_backward) -> list:
+    """The gradients of (query, key, value, rpb, additional_keys, additional_values)
+    from those of (out, lse), by run_backward(d_out, query, key, value, out, lse,
+    d_lse, rpb, additional_keys, additional_values) (the operator or the library)."""
+    query, key, value, rpb, ak, av, out, lse = saved
+    if d_out is None and d_lse is None:
+        return [None] * 6
+    # lse's gradient folds into the backward's score gradients (d lse / d score =
+    # probs): one pass of the chosen backend, no attention weights.
+    d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+    d_lse = None if d_lse is None else d_lse.to(lse.dtype).contiguous()
+    dq, dk, dv, d_rpb, d_ak, d_av = run_backward(d_out, query, key, value, out, lse, d_lse, rpb, ak, av)
+    grads = [dq, dk, dv, _given(d_rpb, rpb is not None), _given(d_ak, ak is not None), _given(d_av, av is not None)]
+    if rpb is not None:
         grads[3] = grads[3].to(rpb.dtype)
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return grads
+
+
+def _forward_backward(ctx, d_out, d_lse):
+    def run_backward(*tensors):
+        return torch.ops.nbhd.na_backward(*tensors, *ctx.window_args, ctx.scale, ctx.backend, *ctx.query_box_args)
+
+    return (*_gradients(ctx.saved_tensors, d_out, d_lse, run_backward), None, None, None, None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("nbhd::na_forward", _forward_backward, setup_context=_forward_setup)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """nbhd::na_forward and its gradient without the operator's dispatch: the same
-    functions, called directly (the operator's Python layers cost ~35 us a call,
-    measured on the CPU: docs/performance.md, "Host path"). Only for plain tensors
-    outside tracing (eager_call)."""
+    """nbhd::na_forward and its gradient without the operator's dispatch: the library
+    called on nbhd's own window and query box, not the operator's lists (the
+    operator's Python layers cost ~35 us a call, and the lists' round trip and
+    apply()'s per-argument checks ~10 more, measured on the CPU: docs/performance.md,
+    "Host path"). Only for plain tensors outside tracing (eager_call)."""
 
     # forward(ctx, ...) rather than a setup_context: with one, apply() binds the
     # arguments through inspect.signature on every call (~15 us).
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _na_forward(*inputs)
-        _forward_setup(ctx, inputs, output)
-        ctx.eager = True
-        return output
+    def forward(ctx, query, key, value, rpb, additional_keys, additional_values, call):
+        window, scale, backend, box = call
+        out, lse = _core.forward(TorchArrays, window, scale, query, key, value, rpb, additional_keys,
+                                 additional_values, backend=backend, query_box=box)
+        ctx.call = call
+        ctx.save_for_backward(query, key, value, rpb, additional_keys, additional_values, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     # The backward's own gradient is not defined (as for the operator, whose backward
     # has no autograd formula): a second derivative raises instead of treating the
@@ -217,7 +236,13 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_lse):
-        return _forward_backward(ctx, d_out, d_lse)
+        window, scale, backend, box = ctx.call
+
+        def run_backward(d_out, query, key, value, out, lse, d_lse, rpb, ak, av):
+            return _core.backward(TorchArrays, window, scale, d_out, query, key, value, out, lse, rpb, ak, av,
+                                  backend=backend, d_lse=d_lse, query_box=box)
+
+        return (*_gradients(ctx.saved_tensors, d_out, d_lse, run_backward), None)
 
 
 def eager_call(tensors) -> bool:
@@ -228,14 +253,20 @@ def eager_call(tensors) -> bool:
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type in ("cpu", "cuda")) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or t.device.type not in ("cpu", "cuda")):
+            return False
+    return True
 
 
-def attention(*inputs):
-    """(out, lse) of nbhd::na_forward's arguments: directly where eager_call allows."""
-    if eager_call(inputs[:6]):
-        return _EagerAttention.apply(*inputs)
-    return torch.ops.nbhd.na_forward(*inputs)
+def attention(query, key, value, rpb, additional_keys, additional_values, window, scale, backend, box):
+    """(out, lse) of neighborhood attention (window: _core.Window, scale: float or None,
+    backend: str or None, box: _core.make_query_box's or None): the library directly
+    where eager_call allows, else the operator nbhd::na_forward."""
+    tensors = (query, key, value, rpb, additional_keys, additional_values)
+    if eager_call(tensors):
+        return _EagerAttention.apply(*tensors, (window, scale, backend, box))
+    return torch.ops.nbhd.na_forward(*tensors, *window.lists(), scale, backend, *_core.query_box_lists(box))
 
 
 # ------------------------------------------------------------------ unfused operations

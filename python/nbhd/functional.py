@@ -19,6 +19,14 @@ __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "merge_attentions"]
 
 def _framework(named: dict) -> str:
     """'numpy' or 'torch': every given array must come from the same one."""
+    # The common case first (a small call's budget is microseconds): every given array
+    # of the first one's exact type (query's, attn's, ...), numpy or plain torch.
+    lead = next(iter(named.values()))
+    if all(x is None or type(x) is type(lead) for x in named.values()):
+        if type(lead) is np.ndarray:
+            return "numpy"
+        if _is_torch_tensor(lead):
+            return "torch"
     kinds = {}
     for name, x in named.items():
         if x is None:
@@ -89,8 +97,8 @@ def _attention(framework, window, query, key, value, scale, rpb, additional_keys
         out, lse = _core.forward(_core.NumpyArrays, window, scale, query, key, value, rpb, additional_keys,
                                  additional_values, backend, box)
     else:
-        out, lse = _torch_ops().attention(query, key, value, rpb, additional_keys, additional_values,
-                                          *window.lists(), scale, backend, *_core.query_box_lists(box))
+        out, lse = _torch_ops().attention(query, key, value, rpb, additional_keys, additional_values, window, scale,
+                                          backend, box)
     return (out, lse) if return_lse else out
 
 
