@@ -586,6 +586,92 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   };
   pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && warpgroup == 1, kTurnBarrier);
 
+  // ---- per-tile decisions --------------------------------------------------------
+  // Which chunks of tile `it` (origin: its first key's group indices) each box of
+  // this warp may attend (active), which boxes must mask it element by element, and
+  // (warp-specialized) whether this warpgroup computes it at all. They depend only
+  // on the tile's origin and the boxes' windows, not on its data.
+  struct TileDecisions {
+    uint32_t active[kM];  // bit j: n8 chunk j has keys box m may attend
+    bool needs_mask[kM];
+    uint32_t any_active;
+    bool compute;  // warp-specialized: some box of this warpgroup reaches the tile
+  };
+  auto decide = [&](int it, const int* origin) {
+    TileDecisions d;
+    const bool additional = it >= neighbor_tiles;
+    d.any_active = 0;
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      d.active[m] = 0;
+      d.needs_mask[m] = true;
+      if (box_idle[m]) continue;
+      const int box = warp * kM + m;
+      if (!additional) {
+        if constexpr (Cfg::kSpecialized) {
+          // wgmma computes every chunk of a tile it computes, and the element mask
+          // tests each row's window, which holds only keys of active chunks: no ballot.
+          d.active[m] = ~0u;
+        } else {
+          // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
+          // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
+          bool lane_active = false;
+          if (lane < kNBlocks) {
+            int off[kMaxRank];
+            shape.key_offset(lane * 8, off);
+            lane_active = true;
+            for (int a = 0; a < kMaxRank; ++a) {
+              const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
+              const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
+              lane_active &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
+            }
+          }
+          d.active[m] = __ballot_sync(0xffffffffu, lane_active);
+        }
+        // Inside every window of the box and inside the key box: no element mask.
+        d.needs_mask[m] = has_rpb;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int4 w = smem.box_windows[box][a];  // {..., intersection begin, end}
+          const int lo = origin[a], hi = origin[a] + shape.k(a);
+          d.needs_mask[m] |= lo < w.z || hi > w.w || hi > kbox.r[a].end;
+        }
+      } else {
+        const int m0 = (it - neighbor_tiles) * kBlockKV;
+        d.active[m] = __ballot_sync(0xffffffffu, lane < kNBlocks && m0 + lane * 8 < p.additional_tokens);
+        d.needs_mask[m] = m0 + kBlockKV > p.additional_tokens;
+      }
+      d.any_active |= d.active[m];
+    }
+    d.compute = additional;
+    if constexpr (Cfg::kSpecialized) {
+      for (int box = 4 * warpgroup; box < 4 * warpgroup + 4 && !d.compute; ++box) {
+        bool hit = true;
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
+          hit &= origin[a] < imin(w.y, kbox.r[a].end) && origin[a] + shape.k(a) > w.x;
+        }
+        d.compute = hit;
+      }
+    }
+    return d;
+  };
+  // Warp-specialized: tile it + 1's decisions are made while tile it's P V product
+  // runs (or right away when it is skipped), off the path between two products
+  // (the consumers wait on their own wgmmas: docs/performance.md, Nsight Compute).
+  TileDecisions next_decisions{};
+  Odometer decide_tile = compute_tile;  // tile it + 1's origin
+  auto decide_next = [&](int it) {
+    if constexpr (Cfg::kSpecialized) {
+      if (it >= total_tiles) return;
+      int origin[kMaxRank] = {0, 0, 0};
+      if (it < neighbor_tiles)
+        for (int a = 0; a < kMaxRank; ++a) origin[a] = decide_tile.origin[a];
+      next_decisions = decide(it, origin);
+      if (it < neighbor_tiles) decide_tile.advance(kbox, shape);
+    }
+  };
+  decide_next(0);
+
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
     if constexpr (Cfg::kSpecialized) {
@@ -605,60 +691,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     int origin[kMaxRank] = {0, 0, 0};
     if (!additional)
       for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
-    uint32_t active[kM];  // bit j: n8 chunk j has keys box m may attend
-    bool needs_mask[kM];
-#pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      active[m] = 0;
-      needs_mask[m] = true;
-      if (box_idle[m]) continue;
-      const int box = warp * kM + m;
-      if (!additional) {
-        // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
-        // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
-        bool lane_active = false;
-        if (lane < kNBlocks) {
-          int off[kMaxRank];
-          shape.key_offset(lane * 8, off);
-          lane_active = true;
-          for (int a = 0; a < kMaxRank; ++a) {
-            const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
-            const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-            lane_active &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
-          }
-        }
-        active[m] = __ballot_sync(0xffffffffu, lane_active);
-        // Inside every window of the box and inside the key box: no element mask.
-        needs_mask[m] = has_rpb;
-        for (int a = 0; a < kMaxRank; ++a) {
-          const int4 w = smem.box_windows[box][a];  // {..., intersection begin, end}
-          const int lo = origin[a], hi = origin[a] + shape.k(a);
-          needs_mask[m] |= lo < w.z || hi > w.w || hi > kbox.r[a].end;
-        }
-      } else {
-        const int m0 = (it - neighbor_tiles) * kBlockKV;
-        active[m] = __ballot_sync(0xffffffffu, lane < kNBlocks && m0 + lane * 8 < p.additional_tokens);
-        needs_mask[m] = m0 + kBlockKV > p.additional_tokens;
-      }
+    TileDecisions decided;
+    if constexpr (Cfg::kSpecialized) {
+      decided = next_decisions;
+    } else {
+      decided = decide(it, origin);
     }
-    uint32_t any_active = 0;
-#pragma unroll
-    for (int m = 0; m < kM; ++m) any_active |= active[m];
+    const uint32_t(&active)[kM] = decided.active;
+    const bool(&needs_mask)[kM] = decided.needs_mask;
+    const uint32_t any_active = decided.any_active;
     // The barrier: this tile (and Q) landed. A warpgroup instruction needs every
     // warp, so the wgmma path computes the tile when any warp of the warpgroup needs
-    // it; the warp-specialized one decides from the boxes' windows (the same test as
-    // the chunks' above, per tile), with no barrier.
+    // it; the warp-specialized one decided from the boxes' windows, with no barrier.
     bool compute_tile_now;
     if constexpr (Cfg::kSpecialized) {
-      compute_tile_now = additional;
-      for (int box = 4 * warpgroup; box < 4 * warpgroup + 4 && !compute_tile_now; ++box) {
-        bool hit = true;
-        for (int a = 0; a < kMaxRank; ++a) {
-          const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
-          hit &= origin[a] < imin(w.y, kbox.r[a].end) && origin[a] + shape.k(a) > w.x;
-        }
-        compute_tile_now = hit;
-      }
+      compute_tile_now = decided.compute;
     } else if constexpr (Cfg::kWgmma) {
       compute_tile_now = __syncthreads_or(any_active != 0);
     } else {
@@ -848,6 +895,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
                                           /*accumulate=*/true);
         wgmma::commit_group();
         pass_turn(it + 1 == total_tiles);
+        decide_next(it + 1);
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else if constexpr (Cfg::kTf32) {
@@ -908,6 +956,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       take_turn();
       pass_turn(it + 1 == total_tiles);
     }
+    if (!compute_tile_now) decide_next(it + 1);
     if (!additional) compute_tile.advance(kbox, shape);
     if constexpr (Cfg::kSpecialized) {
       __syncwarp();  // every lane's wgmmas on this stage completed
