@@ -264,6 +264,59 @@ TEST(FusedForwardSmoke, SmallProblems) {
   SKIP_IF_NO_CASE_RAN(before);
 }
 
+// Periodic axes: the key tiles at a seam load the ordinary row deltas less one
+// period where a row passes the group's end, or, on an axis shorter than the key
+// tile, wrap each row's token. Per rank, head dims 32 (mma.sync), 64 and 128
+// (warp-specialized wgmma on sm_90), every draw with a periodic axis, short and long
+// ones (extents from 3 up), with dilation, stride, rpb, GQA and additional tokens.
+TEST(FusedForwardPeriodic, SeamTilesMatchReference) {
+  NBHD_REQUIRE_GPU();
+  const int before = cases_run;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 3; ++seed) {
+      std::mt19937_64 rng(31500 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 150 : rank == 2 ? 20 : 9;
+      o.allow_periodic = true;
+      Problem p = testing::random_problem(rng, o);
+      while (!p.any_periodic()) p = testing::random_problem(rng, o);
+      Case c{p, seed == 1 ? 8 : 0};
+      c.p.dim = 32 << seed;
+      c.p.dim_v = 0;
+      check_forward(c, rng);
+      if (HasFatalFailure()) return;
+    }
+  // The warp-specialized kernels, whose producer warpgroup loads the seam tiles
+  // (forced: the planner gives these small problems to the 4-warp kernels), 64- and
+  // 128-key tiles.
+  if (cuda::fused::hopper_device())
+    for (int rank = 1; rank <= 3; ++rank)
+      for (const int block_kv : {64, 128}) {
+        const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 128, /*hopper=*/true);
+        size_t i = 0;
+        while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8 && configs[i].block_kv == block_kv)) ++i;
+        if (i == configs.size()) continue;  // 128-key tiles: not every rank has them
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        std::mt19937_64 rng(31600 + 10 * rank + block_kv);
+        testing::RandomOptions o;
+        o.rank = rank;
+        o.dtype = DType::kFloat16;
+        o.max_extent = rank == 1 ? 300 : rank == 2 ? 24 : 10;
+        o.allow_periodic = true;
+        Problem p = testing::random_problem(rng, o);
+        while (!p.any_periodic()) p = testing::random_problem(rng, o);
+        Case c{p, 0};
+        c.p.dim = 128;
+        c.p.dim_v = 0;
+        check_forward(c, rng);
+        unsetenv("NBHD_FUSED_TILE");
+        if (HasFatalFailure()) return;
+      }
+  SKIP_IF_NO_CASE_RAN(before);
+}
+
 // A query sub-box (the distributed path's interior and border calls): tiles over the
 // box only, q, out and lse holding its tokens. Per rank, head dims 32 (mma.sync), 64
 // and 128 (wgmma on sm_90), periodic axes among the draws; then the TMA producer,

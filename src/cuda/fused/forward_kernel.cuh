@@ -338,23 +338,52 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return src;
   };
-  // A tile that wraps: each row's token from its unwrapped group indices (the key
-  // box's rows past its end read nothing, as in load_kv). Only the tiles at a
-  // periodic axis's seam take this path.
+  // A tile that wraps (the key box's rows past its end read nothing, as in load_kv).
+  // Row n is the wrapped origin's row (src.k, src.v) moved by the row's offsets, less
+  // one period on each periodic axis where the wrapped origin plus the offset passes
+  // the group's end: the ordinary row deltas and a compare per axis. That holds while
+  // the tile spans at most one period (its extent at most the group's length); a
+  // longer one, on a short periodic axis, wraps each row's token on its own. Only
+  // the tiles at a periodic axis's seam take this path. (Wrapping each row's indices,
+  // two integer remainders per axis, made the seam tiles' loads several times the
+  // ordinary ones: docs/performance.md, "Periodic axes".)
   auto load_wrapped_kv = [&](const TileSource& src, T* k_dst, T* v_dst) {
+    int seam[kMaxRank];  // offsets from here on are past the group's end
+    bool one_period = true;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const Axis& ax = p.nb.axis[a];
+      seam[a] = 1 << 30;
+      if (!ax.periodic) continue;
+      one_period &= shape.k(a) <= lg[a];
+      seam[a] = lg[a] - ax.wrap(src.origin[a], lg[a]);
+    }
     for (int i = 0; i < kBlockKV / kRowStep; ++i) {
       const int n = load_row + i * kRowStep;
       const int packed = smem.key_row_offset[n];
-      const bool valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
-                         (packed >> 20) < src.limit[2];
-      int token[kMaxRank];
-      packed_token(p.nb, group, src.origin, packed, token);
+      const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
+      const bool valid = off[0] < src.limit[0] && off[1] < src.limit[1] && off[2] < src.limit[2];
+      const T* k_row;
+      const T* v_row;
+      if (one_period) {
+        int64_t dk = smem.k_row_delta[n], dv = smem.v_row_delta[n];
+        for (int a = 0; a < kMaxRank; ++a)
+          if (off[a] >= seam[a]) {  // one period back (the producer's few registers hold no table of them)
+            const int64_t period = int64_t(lg[a]) * p.nb.axis[a].dilation;
+            dk -= period * p.k_layout.axis[a];
+            dv -= period * p.v_layout.axis[a];
+          }
+        k_row = src.k + dk;
+        v_row = src.v + dv;
+      } else {
+        int token[kMaxRank];
+        packed_token(p.nb, group, src.origin, packed, token);
+        k_row = k_base + p.k_layout.offset(b, token, hk);
+        v_row = v_base + p.v_layout.offset(b, token, hk);
+      }
       const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
       const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_base + p.k_layout.offset(b, token, hk) + chunk_col : src.k,
-                       k_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), v_ok ? v_base + p.v_layout.offset(b, token, hk) + chunk_col : src.v,
-                       v_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_row + chunk_col : src.k, k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), v_ok ? v_row + chunk_col : src.v, v_ok ? 16 : 0);
     }
   };
   // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
