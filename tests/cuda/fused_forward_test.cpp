@@ -61,6 +61,17 @@ int cases_run = 0;
 #define SKIP_IF_NO_CASE_RAN(before) \
   if (cases_run == (before)) GTEST_SKIP() << "no case of this test runs in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)"
 
+// Index, in the candidate list of float16 `rank` at head dim `dim`, of the first
+// warp-specialized wgmma entry (with `block_kv`-key tiles, 0: any), -1 where there is
+// none. NBHD_FUSED_TILE takes it to force that entry.
+int warp_specialized_entry(int rank, int dim, int block_kv = 0) {
+  const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, dim, /*hopper=*/true);
+  for (size_t i = 0; i < configs.size(); ++i)
+    if (configs[i].wgmma && configs[i].warps == 8 && (block_kv == 0 || configs[i].block_kv == block_kv))
+      return int(i);
+  return -1;
+}
+
 // Calls f(rank, bucket, entry) for every wgmma entry of the tile table with `warps`
 // warps (0: any), ranks 1-3 and head dims 64 and 128, the entry forced through
 // NBHD_FUSED_TILE while f runs; stops at the first failure.
@@ -205,10 +216,8 @@ TEST(FusedForwardSmoke, SmallProblems) {
   // The warp-specialized kernels with their TMA producer (NBHD_FUSED_LOADS=tma; dim = dim_v = 64), per rank.
   if (cuda::fused::hopper_device())
     for (int rank = 1; rank <= 3; ++rank) {
-      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 64, /*hopper=*/true);
-      size_t i = 0;
-      while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8)) ++i;
-      ASSERT_LT(i, configs.size()) << "no warp-specialized entry for rank " << rank;
+      const int i = warp_specialized_entry(rank, 64);
+      ASSERT_GE(i, 0) << "no warp-specialized entry for rank " << rank;
       setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
       setenv("NBHD_FUSED_LOADS", "tma", 1);
       std::mt19937_64 rng(30200 + rank);
@@ -230,10 +239,8 @@ TEST(FusedForwardSmoke, SmallProblems) {
   // the turn barriers.
   if (cuda::fused::hopper_device())
     for (int rank = 1; rank <= 3; ++rank) {
-      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 128, /*hopper=*/true);
-      size_t i = 0;
-      while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8 && configs[i].block_kv == 128)) ++i;
-      ASSERT_LT(i, configs.size()) << "no 128-key warp-specialized entry for rank " << rank;
+      const int i = warp_specialized_entry(rank, 128, 128);
+      ASSERT_GE(i, 0) << "no 128-key warp-specialized entry for rank " << rank;
       setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
       setenv("NBHD_FUSED_SCHEDULE", "pingpong", 1);
       std::mt19937_64 rng(30300 + rank);
@@ -294,10 +301,8 @@ TEST(FusedForwardPeriodic, SeamTilesMatchReference) {
   if (cuda::fused::hopper_device())
     for (int rank = 1; rank <= 3; ++rank)
       for (const int block_kv : {64, 128}) {
-        const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, 128, /*hopper=*/true);
-        size_t i = 0;
-        while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8 && configs[i].block_kv == block_kv)) ++i;
-        if (i == configs.size()) continue;  // 128-key tiles: not every rank has them
+        const int i = warp_specialized_entry(rank, 128, block_kv);
+        if (i < 0) continue;  // 128-key tiles: not every rank has them
         setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
         std::mt19937_64 rng(31600 + 10 * rank + block_kv);
         testing::RandomOptions o;
@@ -359,10 +364,8 @@ TEST(FusedForwardQuerySubBox, MatchesReference) {
     check_forward(c, rng);
   }
   if (cuda::fused::hopper_device()) {
-    const auto configs = cuda::fused::candidate_configs(DType::kFloat16, 2, 64, /*hopper=*/true);
-    size_t i = 0;
-    while (i < configs.size() && !(configs[i].wgmma && configs[i].warps == 8)) ++i;
-    ASSERT_LT(i, configs.size()) << "no warp-specialized entry for rank 2";
+    const int i = warp_specialized_entry(2, 64);
+    ASSERT_GE(i, 0) << "no warp-specialized entry for rank 2";
     setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
     setenv("NBHD_FUSED_LOADS", "tma", 1);
     std::mt19937_64 rng(31100);

@@ -146,14 +146,21 @@ struct SampledQueries {
   Range indices[kMaxRank];
 };
 
-SampledQueries sampled_queries(const Problem& p, const Neighborhood& nb) {
+SampledQueries whole_group_0(const Neighborhood& nb) {
   SampledQueries q;
-  const int first = kMaxRank - p.rank;  // the problem's axis u is the neighborhood's first + u
   for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = nb.axis[a];
     q.group[a] = 0;
-    q.indices[a] = {0, ax.group_length(0)};
-    if (!p.has_query_box() || a < first) continue;
+    q.indices[a] = {0, nb.axis[a].group_length(0)};
+  }
+  return q;
+}
+
+SampledQueries sampled_queries(const Problem& p, const Neighborhood& nb) {
+  SampledQueries q = whole_group_0(nb);
+  if (!p.has_query_box()) return q;
+  const int first = kMaxRank - p.rank;  // the problem's axis u is the neighborhood's first + u
+  for (int a = first; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
     const int u = a - first;
     const int begin = int(p.query_begin[u]), end = p.query_end[u] ? int(p.query_end[u]) : int(p.extent[u]);
     q.group[a] = begin % ax.dilation;
@@ -176,12 +183,7 @@ void sample_tile_origins(const SampledQueries& q, const TileShape& s, std::vecto
 }  // namespace
 
 void sample_tile_origins(const Neighborhood& nb, const TileShape& s, std::vector<int> (&origins)[kMaxRank]) {
-  SampledQueries whole;
-  for (int a = 0; a < kMaxRank; ++a) {
-    whole.group[a] = 0;
-    whole.indices[a] = {0, nb.axis[a].group_length(0)};
-  }
-  sample_tile_origins(whole, s, origins);
+  sample_tile_origins(whole_group_0(nb), s, origins);
 }
 
 void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, PlanEstimate* e) {
