@@ -121,6 +121,8 @@ problems=(
   "3d-16x48x80-k16x24x40|--extent 16x48x80 --kernel 16x24x40 --heads 4 --dim 128"
   "flux-256-k80-s16|--extent 256x256 --kernel 80 --stride 16 --heads 4 --dim 128"
   "2d-56-k7-d64|--extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 64"
+  "2d-128-k31-p01|--extent 128x128 --kernel 31 --periodic 0x1 --heads 6 --dim 128"
+  "2d-128-k31-p11|--extent 128x128 --kernel 31 --periodic 1x1 --heads 6 --dim 128"
 )
 : > "$out/sweep.jsonl"
 printf '%-24s %-9s %-8s %10s %9s\n' problem pass variant median_ms TFLOP/s | tee "$out/sweep.txt"

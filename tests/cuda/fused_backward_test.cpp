@@ -570,6 +570,42 @@ TEST(FusedBackwardQuerySubBox, MatchesReference) {
   if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
 }
 
+// Periodic axes: the key pass's query tiles and the dq pass's key tiles at a seam load
+// their rows from the ordinary offsets less a period (one-period tiles) or row by row
+// (tiles longer than a short group). Per rank, random periodic draws (both kinds of
+// tile among them) with the planner's kernels, then the wgmma key pass forced.
+TEST(FusedBackwardPeriodic, SeamTilesMatchReference) {
+  NBHD_REQUIRE_GPU();
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int seed = 0; seed < 3; ++seed) {
+      std::mt19937_64 rng(34000 + 10 * rank + seed);
+      testing::RandomOptions o;
+      o.rank = rank;
+      o.dtype = seed % 2 ? DType::kBFloat16 : DType::kFloat16;
+      o.max_extent = rank == 1 ? 150 : rank == 2 ? 20 : 8;
+      o.allow_periodic = true;
+      const bool wgmma = seed == 2 && cuda::fused::hopper_device();
+      o.allow_rpb = !wgmma;  // d rpb problems run the mma.sync key pass
+      Problem p = testing::random_problem(rng, o);
+      while (!p.any_periodic()) p = testing::random_problem(rng, o);
+      Case c{p, seed == 1 ? 8 : 0};
+      c.p.dim = 64 << (seed % 2);
+      c.p.dim_v = 0;
+      c.p.heads = c.p.kv_heads * (1 + seed % 2);
+      if (wgmma) {
+        const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
+        const auto entry = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
+        ASSERT_NE(entry, configs.end());
+        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(entry - configs.begin()).c_str(), 1);
+      }
+      ran += check_backward(c, rng, wgmma ? "cp.async" : nullptr);
+      unsetenv("NBHD_FUSED_BACKWARD_TILE");
+      if (HasFailure()) return;
+    }
+  if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
+}
+
 // A sub-box that does not span a periodic axis is refused by the fused backward (its
 // key pass keeps a periodic axis's inverse windows unwrapped), which names the axis;
 // the forward runs it.

@@ -338,42 +338,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return src;
   };
-  // A tile that wraps (the key box's rows past its end read nothing, as in load_kv).
-  // Row n is the wrapped origin's row (src.k, src.v) moved by the row's offsets, less
-  // one period on each periodic axis where the wrapped origin plus the offset passes
-  // the group's end: the ordinary row deltas and a compare per axis. That holds while
-  // the tile spans at most one period (its extent at most the group's length); a
-  // longer one, on a short periodic axis, wraps each row's token on its own. Only
-  // the tiles at a periodic axis's seam take this path. (Wrapping each row's indices,
-  // two integer remainders per axis, made the seam tiles' loads several times the
-  // ordinary ones: docs/performance.md, "Periodic axes".)
+  // A tile that wraps (the key box's rows past its end read nothing, as in load_kv):
+  // the tiles at a periodic axis's seam. Rows from the ordinary row deltas less a
+  // period where they pass the seam (tile_seam), else each row's token on its own.
   auto load_wrapped_kv = [&](const TileSource& src, T* k_dst, T* v_dst) {
-    int seam[kMaxRank];  // offsets from here on are past the group's end
-    bool one_period = true;
-    for (int a = 0; a < kMaxRank; ++a) {
-      const Axis& ax = p.nb.axis[a];
-      seam[a] = 1 << 30;
-      if (!ax.periodic) continue;
-      one_period &= shape.k(a) <= lg[a];
-      seam[a] = lg[a] - ax.wrap(src.origin[a], lg[a]);
-    }
+    const Seam seam = tile_seam(p.nb, group, src.origin, key_extent);
     for (int i = 0; i < kBlockKV / kRowStep; ++i) {
       const int n = load_row + i * kRowStep;
       const int packed = smem.key_row_offset[n];
-      const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
-      const bool valid = off[0] < src.limit[0] && off[1] < src.limit[1] && off[2] < src.limit[2];
+      const bool valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
+                         (packed >> 20) < src.limit[2];
       const T* k_row;
       const T* v_row;
-      if (one_period) {
-        int64_t dk = smem.k_row_delta[n], dv = smem.v_row_delta[n];
-        for (int a = 0; a < kMaxRank; ++a)
-          if (off[a] >= seam[a]) {  // one period back (the producer's few registers hold no table of them)
-            const int64_t period = int64_t(lg[a]) * p.nb.axis[a].dilation;
-            dk -= period * p.k_layout.axis[a];
-            dv -= period * p.v_layout.axis[a];
-          }
-        k_row = src.k + dk;
-        v_row = src.v + dv;
+      if (seam.one_period) {
+        k_row = src.k + smem.k_row_delta[n] + seam_shift(p.nb, group, seam, packed, p.k_layout.axis);
+        v_row = src.v + smem.v_row_delta[n] + seam_shift(p.nb, group, seam, packed, p.v_layout.axis);
       } else {
         int token[kMaxRank];
         packed_token(p.nb, group, src.origin, packed, token);
