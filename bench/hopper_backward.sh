@@ -24,7 +24,10 @@
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
 #                            [--overlay DIR] [--ab-env VAR=VALUE] [--variant NAME:VAR=VALUE,...]
-#                            [--skip-mma-sync] [--pass fwd|bwd]
+#                            [--skip-mma-sync] [--pass fwd|bwd] [--repeat N]
+# --repeat N runs each row's variants N times, odd rounds in reverse order, and
+# writes summary.txt: the median over rounds per variant and its speed relative to
+# wgmma (above 1: faster).
 # --pass fwd times the forward instead of the backward in the A/B rows, --pass fwd,bwd
 # both (with
 # --with-forward, the overlay build runs the forward's tests too, and the sanitizers
@@ -37,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
-skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" ab_env="" skip_mma_sync=0 ab_pass=bwd
+skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" ab_env="" skip_mma_sync=0 ab_pass=bwd repeat=1
 variants=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -50,6 +53,7 @@ while [ $# -gt 0 ]; do
     --variant) variants+=("$2"); shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
     --pass) ab_pass="$2"; shift ;;
+    --repeat) repeat="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -57,7 +61,8 @@ done
 build=build-hopper
 start=$SECONDS
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | tee "$out/device.txt"
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo "${NBHD_GIT_COMMIT:-unknown}")"
+# A snapshot (no .git of its own) names its commit: NBHD_GIT_COMMIT first.
+commit="${NBHD_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 echo "commit $commit"
 
 configure_and_build() {  # source build log
@@ -150,7 +155,7 @@ run() {  # name variant pass flags...
   local json
   json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
-  echo "{\"name\": \"$name\", \"variant\": \"$variant\", \"env\": \"${env[*]}\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
+  echo "{\"name\": \"$name\", \"pass\": \"$pass\", \"variant\": \"$variant\", \"env\": \"${env[*]}\", \"commit\": \"$commit\", \"run\": $json}" >> "$out/sweep.jsonl"
   python3 - "$name" "$pass" "$variant" "$json" <<'EOF' | tee -a "$out/sweep.txt"
 import json, sys
 r = json.loads(sys.argv[4])
@@ -165,16 +170,40 @@ for entry in "${problems[@]}"; do
   # shellcheck disable=SC2086  # the flags are words
   {
     for pass in ${ab_pass//,/ }; do
-      run "$name" wgmma "$pass" $flags
-      [ -n "$overlay" ] && run "$name" overlay "$pass" $flags
-      [ -n "$ab_env" ] && run "$name" env "$pass" $flags
-      for spec in "${variants[@]}"; do run "$name" "${spec%%:*}" "$pass" $flags; done
-      [ "$skip_mma_sync" = 0 ] && run "$name" mma.sync "$pass" $flags
+      order=(wgmma)
+      [ -n "$overlay" ] && order+=(overlay)
+      [ -n "$ab_env" ] && order+=(env)
+      for spec in "${variants[@]}"; do order+=("${spec%%:*}"); done
+      [ "$skip_mma_sync" = 0 ] && order+=(mma.sync)
+      for ((round = 0; round < repeat; ++round)); do
+        # Odd rounds run the variants in reverse: a variant that always ran second
+        # was up to 5% faster in one A/B of identical code paths (H100, e61c788).
+        if ((round % 2)); then
+          for ((i = ${#order[@]} - 1; i >= 0; --i)); do run "$name" "${order[$i]}" "$pass" $flags; done
+        else
+          for variant in "${order[@]}"; do run "$name" "$variant" "$pass" $flags; done
+        fi
+      done
     done
     [ "${HOPPER_FWD_BWD:-1}" = 1 ] && run "$name" wgmma fwd+bwd $flags
   }
 done
 echo "sweep: $((SECONDS - t)) s"
+if [ "$repeat" -gt 1 ]; then  # the median over rounds of each variant's median, and its speed relative to wgmma
+  python3 - "$out/sweep.jsonl" <<'EOF' | tee "$out/summary.txt"
+import collections, json, statistics, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[(r["name"], r["pass"], r["variant"])].append(r["run"]["time_ms"]["median"])
+print(f"{'problem':<24} {'pass':<9} {'variant':<8} {'median_ms':>10} {'spread':>7} {'vs wgmma':>8}")
+for (name, pass_, variant), times in rows.items():
+    base = rows.get((name, pass_, "wgmma"))
+    m = statistics.median(times)
+    ratio = f"{statistics.median(base) / m:8.3f}" if base else ""
+    print(f"{name:<24} {pass_:<9} {variant:<8} {m:10.3f} {(max(times) - min(times)) / m:7.1%} {ratio}")
+EOF
+fi
 if [ "$skip_sanitizer" = 0 ]; then
   t=$SECONDS
   : > "$out/sanitizer.log"
