@@ -92,11 +92,10 @@ NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, con
 // most the group's length) keeps the ordinary row offsets with one correction: row
 // `packed` lies at the wrapped origin's token moved by the row's offsets, less one
 // period (group length x dilation tokens) on each periodic axis where the wrapped
-// origin plus the offset passes the group's end. A compare per axis per row, where
-// packed_token costs two integer remainders per axis and the row's address from
-// scratch (the seam tiles' loads were several times the ordinary ones with it:
-// docs/performance.md, "Periodic axes"). A longer tile, on a short periodic axis,
-// wraps each row on its own.
+// origin plus the offset passes the group's end (offset >= at[a]). A compare per axis
+// per row, where packed_token costs two integer remainders per axis and the row's
+// address from scratch. A longer tile, on a short periodic axis, wraps each row on
+// its own.
 struct Seam {
   int at[kMaxRank];  // offsets from here on are one period back (1 << 30: never)
   bool one_period;   // else packed_token per row
@@ -114,23 +113,6 @@ NBHD_HOST_DEVICE Seam tile_seam(const Neighborhood& nb, const int* group, const 
     s.at[a] = lg - ax.wrap(origin[a], lg);
   }
   return s;
-}
-
-// What moves row `packed` of a one-period seam tile back onto its group, in elements
-// of a tensor with per-axis token strides `stride` (0 for rows inside the group).
-// The period (group length x dilation tokens) is found where a row needs it: the
-// producers that call this keep 24 registers (setmaxnreg).
-template <class Stride>
-NBHD_HOST_DEVICE int64_t seam_shift(const Neighborhood& nb, const int* group, const Seam& s, int packed,
-                                    const Stride* stride) {
-  const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
-  int64_t shift = 0;
-  for (int a = 0; a < kMaxRank; ++a)
-    if (off[a] >= s.at[a]) {
-      const Axis& ax = nb.axis[a];
-      shift -= int64_t(ax.group_length(group[a])) * ax.dilation * stride[a];
-    }
-  return shift;
 }
 
 // The indices [begin, end) of dilation group g's tokens (token = g + dilation * index)

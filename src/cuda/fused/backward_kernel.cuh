@@ -736,8 +736,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const T* v;
     int limit[kMaxRank];
     int first_additional;  // -1 for a neighborhood tile
-    bool wraps;            // a periodic axis's key tile past its group's end (tile_seam)
-    Seam seam;             // where wraps
+    bool wraps;            // a periodic axis's key tile past its group's end: rows by token
     int origin[kMaxRank];
   };
   const int col_extent[kMaxRank] = {shape.col(0), shape.col(1), shape.col(2)};
@@ -747,8 +746,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     if (it < neighbor_tiles) {
       int token[kMaxRank] = {0, 0, 0};
       src.wraps = detail_bwd::tile_wraps(nb, group, load_tile.origin, col_extent);
-      if (src.wraps) src.seam = detail_bwd::tile_seam(nb, group, load_tile.origin, col_extent);
-      if (!src.wraps || src.seam.one_period) detail_bwd::token_of(nb, group, load_tile.origin, token);  // wrapped
+      if (!src.wraps) detail_bwd::token_of(nb, group, load_tile.origin, token);
       for (int a = 0; a < kMaxRank; ++a) {
         src.limit[a] = kbox.r[a].end - load_tile.origin[a];
         src.origin[a] = load_tile.origin[a];
@@ -778,10 +776,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
                 (packed >> 20) < src.limit[2];
         dk = smem.k_col_delta[n];
         dv = smem.v_col_delta[n];
-        if (src.wraps && src.seam.one_period) {
-          dk += detail_bwd::seam_shift(nb, group, src.seam, packed, p.k_layout.axis);
-          dv += detail_bwd::seam_shift(nb, group, src.seam, packed, p.v_layout.axis);
-        } else if (src.wraps) {  // offsets from the bases of (b, token 0, hk)
+        if (src.wraps) {  // offsets from the bases of (b, token 0, hk)
           int token[kMaxRank];
           const int zero[kMaxRank] = {0, 0, 0};
           detail_bwd::packed_token(nb, group, src.origin, packed, token);

@@ -33,9 +33,6 @@ __host__ __device__ constexpr int swizzle(int chunks, int r) { return chunks >= 
 
 // Tile tokens, shared with the forward (tile_shape.hpp).
 using nbhd::cuda::packed_token;
-using nbhd::cuda::Seam;
-using nbhd::cuda::seam_shift;
-using nbhd::cuda::tile_seam;
 using nbhd::cuda::tile_wraps;
 using nbhd::cuda::token_of;
 
@@ -44,14 +41,6 @@ using nbhd::cuda::token_of;
 __device__ __forceinline__ int64_t flat_token(const BackwardParams& p, const int* token) {
   const int e1 = p.query_end[1] - p.query_begin[1], e2 = p.query_end[2] - p.query_begin[2];
   return (int64_t(token[0] - p.query_begin[0]) * e1 + (token[1] - p.query_begin[1])) * e2 + (token[2] - p.query_begin[2]);
-}
-
-// flat_token's step per axis.
-__device__ __forceinline__ void flat_token_strides(const BackwardParams& p, int* stride) {
-  const int e1 = p.query_end[1] - p.query_begin[1], e2 = p.query_end[2] - p.query_begin[2];
-  stride[0] = e1 * e2;
-  stride[1] = e2;
-  stride[2] = 1;
 }
 
 // The token of workspace row `flat` (flat_token's inverse).
@@ -120,8 +109,8 @@ __device__ void fill_col_tables(const BackwardParams& p, Smem& smem, int n_cols,
     p.kv_shape.col_offset(n, off);
     int64_t dq = 0, ddo = 0;
     int dt = 0;
-    int token_stride[kMaxRank];
-    flat_token_strides(p, token_stride);
+    const int e1 = p.query_end[1] - p.query_begin[1], e2 = p.query_end[2] - p.query_begin[2];
+    const int token_stride[kMaxRank] = {e1 * e2, e2, 1};  // flat_token's
     for (int a = 0; a < kMaxRank; ++a) {
       const int step_a = off[a] * nb.axis[a].dilation;
       dq += int64_t(step_a) * p.q_layout.axis[a];
@@ -142,9 +131,8 @@ __device__ __forceinline__ bool col_valid(int packed, const int* limit) {
 
 // Where a query tile's rows come from: the tile origin's row in q and dO and in the
 // lse/delta workspace, and the tile's extent inside the walk per axis. A tile that
-// wraps (tile_wraps) starts at its wrapped origin's row and moves its columns back a
-// period past the seam (tile_seam); one longer than a period keeps the bases of batch
-// b and head h instead, and its columns' offsets come from their tokens.
+// wraps (tile_wraps) keeps the bases of batch b and head h instead, and its columns'
+// offsets come from their tokens (col_offsets).
 template <class T>
 struct ColSource {
   const T* q;
@@ -152,7 +140,6 @@ struct ColSource {
   const float2* lse_delta;
   int limit[kMaxRank];
   bool wraps;
-  Seam seam;  // where wraps
   int group[kMaxRank], origin[kMaxRank];
   int64_t b;
   int h;
@@ -171,9 +158,8 @@ __device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, cons
     extent[a] = p.kv_shape.col(a);
   }
   src.wraps = tile_wraps(p.nb, w.group, w.origin, extent);
-  if (src.wraps) src.seam = tile_seam(p.nb, w.group, w.origin, extent);
-  if (src.wraps && !src.seam.one_period) token[0] = token[1] = token[2] = 0;
-  else token_of(p.nb, w.group, w.origin, token);  // wrapped: the origin's row exists
+  if (src.wraps) token[0] = token[1] = token[2] = 0;
+  else token_of(p.nb, w.group, w.origin, token);
   src.q = static_cast<const T*>(p.q) + p.q_layout.offset(b, token, src.h);
   src.dout = static_cast<const T*>(p.d_out) + p.dout_layout.offset(b, token, src.h);
   src.lse_delta =
@@ -182,8 +168,7 @@ __device__ __forceinline__ ColSource<T> col_source(const BackwardParams& p, cons
 }
 
 // Column n's offsets from the source's bases: in q, in dO, in the workspaces'
-// tokens. From the tables, less a period past a seam, where the tile spans at most
-// one period.
+// tokens. From the tables where the tile does not wrap.
 struct ColOffsets {
   int64_t q, dout;
   int token;
@@ -192,14 +177,6 @@ template <class T, class Smem>
 __device__ __forceinline__ ColOffsets col_offsets(const BackwardParams& p, const Smem& smem, const ColSource<T>& src,
                                                   int n) {
   if (!src.wraps) return {smem.q_col_delta[n], smem.dout_col_delta[n], smem.token_col_delta[n]};
-  if (src.seam.one_period) {
-    const int packed = smem.col_offset[n];
-    int token_stride[kMaxRank];
-    flat_token_strides(p, token_stride);
-    return {smem.q_col_delta[n] + seam_shift(p.nb, src.group, src.seam, packed, p.q_layout.axis),
-            smem.dout_col_delta[n] + seam_shift(p.nb, src.group, src.seam, packed, p.dout_layout.axis),
-            smem.token_col_delta[n] + int(seam_shift(p.nb, src.group, src.seam, packed, token_stride))};
-  }
   int token[kMaxRank];
   packed_token(p.nb, src.group, src.origin, smem.col_offset[n], token);
   const int zero[kMaxRank] = {0, 0, 0};
@@ -215,19 +192,12 @@ __device__ __forceinline__ int64_t col_workspace_row(const BackwardParams& p, co
   int token[kMaxRank];
   int extent[kMaxRank];
   for (int a = 0; a < kMaxRank; ++a) extent[a] = p.kv_shape.col(a);
-  int64_t shift = 0;
   if (tile_wraps(p.nb, t.group, t.origin, extent)) {
-    const Seam seam = tile_seam(p.nb, t.group, t.origin, extent);
-    if (!seam.one_period) {
-      packed_token(p.nb, t.group, t.origin, smem.col_offset[n], token);
-      return b * p.tokens + flat_token(p, token);
-    }
-    int token_stride[kMaxRank];
-    flat_token_strides(p, token_stride);
-    shift = seam_shift(p.nb, t.group, seam, smem.col_offset[n], token_stride);
+    packed_token(p.nb, t.group, t.origin, smem.col_offset[n], token);
+    return b * p.tokens + flat_token(p, token);
   }
-  token_of(p.nb, t.group, t.origin, token);  // wrapped
-  return b * p.tokens + flat_token(p, token) + smem.token_col_delta[n] + shift;
+  token_of(p.nb, t.group, t.origin, token);
+  return b * p.tokens + flat_token(p, token) + smem.token_col_delta[n];
 }
 
 // Copies a query tile's lse and delta into `stage` by kLoadThreads threads. Columns

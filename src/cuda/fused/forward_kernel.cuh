@@ -121,6 +121,11 @@ struct ForwardConfig {
     // per CTA, so a tile's loads are an add and three compares per row.
     int64_t k_row_delta[kBlockKV];
     int64_t v_row_delta[kBlockKV];
+    // Per axis: a period's element offset in k and v (0 on an ordinary axis), what a
+    // seam tile's rows past the group's end go back by (load_wrapped_kv). Here rather
+    // than in the 24-register producer: recomputing them per row spilled (ptxas).
+    int64_t k_period[kMaxRank];
+    int64_t v_period[kMaxRank];
     int key_row_offset[kBlockKV];
     // Per query row and axis: its group index and window {j, begin, end, unused};
     // an empty window marks a row past the grid. Kept here, not in registers: only
@@ -295,6 +300,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     smem.v_row_delta[n] = dv;
     smem.key_row_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
   }
+  if (tid < kMaxRank) {
+    const Axis& ax = p.nb.axis[tid];
+    const int64_t period = ax.periodic ? int64_t(lg[tid]) * ax.dilation : 0;
+    smem.k_period[tid] = period * p.k_layout.axis[tid];
+    smem.v_period[tid] = period * p.v_layout.axis[tid];
+  }
   Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
   Odometer compute_tile = load_tile;
   const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
@@ -351,8 +362,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       const T* k_row;
       const T* v_row;
       if (seam.one_period) {
-        k_row = src.k + smem.k_row_delta[n] + seam_shift(p.nb, group, seam, packed, p.k_layout.axis);
-        v_row = src.v + smem.v_row_delta[n] + seam_shift(p.nb, group, seam, packed, p.v_layout.axis);
+        int64_t dk = smem.k_row_delta[n], dv = smem.v_row_delta[n];
+        const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
+        for (int a = 0; a < kMaxRank; ++a)
+          if (off[a] >= seam.at[a]) {
+            dk -= smem.k_period[a];
+            dv -= smem.v_period[a];
+          }
+        k_row = src.k + dk;
+        v_row = src.v + dv;
       } else {
         int token[kMaxRank];
         packed_token(p.nb, group, src.origin, packed, token);
@@ -598,7 +616,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // Which chunks of tile `it` (origin: its first key's group indices) each box of
   // this warp may attend (active), which boxes must mask it element by element, and
   // (warp-specialized) whether this warpgroup computes it at all. They depend only
-  // on the tile's origin and the boxes' windows, not on its data.
+  // on the tile's origin and the boxes' windows, not on its data. (Made one tile
+  // ahead, under the P V product, they were 2-6% slower on an H100: 633db63,
+  // docs/performance.md, "Forward v10 candidate".)
   struct TileDecisions {
     uint32_t active[kM];  // bit j: n8 chunk j has keys box m may attend
     bool needs_mask[kM];
@@ -663,23 +683,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return d;
   };
-  // Warp-specialized: tile it + 1's decisions are made while tile it's P V product
-  // runs (or right away when it is skipped), off the path between two products
-  // (the consumers wait on their own wgmmas: docs/performance.md, Nsight Compute).
-  TileDecisions next_decisions{};
-  Odometer decide_tile = compute_tile;  // tile it + 1's origin
-  auto decide_next = [&](int it) {
-    if constexpr (Cfg::kSpecialized) {
-      if (it >= total_tiles) return;
-      int origin[kMaxRank] = {0, 0, 0};
-      if (it < neighbor_tiles)
-        for (int a = 0; a < kMaxRank; ++a) origin[a] = decide_tile.origin[a];
-      next_decisions = decide(it, origin);
-      if (it < neighbor_tiles) decide_tile.advance(kbox, shape);
-    }
-  };
-  decide_next(0);
-
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
     if constexpr (Cfg::kSpecialized) {
@@ -699,12 +702,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     int origin[kMaxRank] = {0, 0, 0};
     if (!additional)
       for (int a = 0; a < kMaxRank; ++a) origin[a] = compute_tile.origin[a];
-    TileDecisions decided;
-    if constexpr (Cfg::kSpecialized) {
-      decided = next_decisions;
-    } else {
-      decided = decide(it, origin);
-    }
+    const TileDecisions decided = decide(it, origin);
     const uint32_t(&active)[kM] = decided.active;
     const bool(&needs_mask)[kM] = decided.needs_mask;
     const uint32_t any_active = decided.any_active;
@@ -903,7 +901,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
                                           /*accumulate=*/true);
         wgmma::commit_group();
         pass_turn(it + 1 == total_tiles);
-        decide_next(it + 1);
         wgmma::wait_group<0>();
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       } else if constexpr (Cfg::kTf32) {
@@ -964,7 +961,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       take_turn();
       pass_turn(it + 1 == total_tiles);
     }
-    if (!compute_tile_now) decide_next(it + 1);
     if (!additional) compute_tile.advance(kbox, shape);
     if constexpr (Cfg::kSpecialized) {
       __syncwarp();  // every lane's wgmmas on this stage completed
