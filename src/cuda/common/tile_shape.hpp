@@ -88,33 +88,6 @@ NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, con
   token_of(nb, group, j, token);
 }
 
-// A wrapped tile that spans at most one period on each periodic axis (its extent at
-// most the group's length) keeps the ordinary row offsets with one correction: row
-// `packed` lies at the wrapped origin's token moved by the row's offsets, less one
-// period (group length x dilation tokens) on each periodic axis where the wrapped
-// origin plus the offset passes the group's end (offset >= at[a]). A compare per axis
-// per row, where packed_token costs two integer remainders per axis and the row's
-// address from scratch. A longer tile, on a short periodic axis, wraps each row on
-// its own.
-struct Seam {
-  int at[kMaxRank];  // offsets from here on are one period back (1 << 30: never)
-  bool one_period;   // else packed_token per row
-};
-
-NBHD_HOST_DEVICE Seam tile_seam(const Neighborhood& nb, const int* group, const int* origin, const int* extent) {
-  Seam s;
-  s.one_period = true;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = nb.axis[a];
-    s.at[a] = 1 << 30;
-    if (!ax.periodic) continue;
-    const int lg = ax.group_length(group[a]);
-    s.one_period &= extent[a] <= lg;
-    s.at[a] = lg - ax.wrap(origin[a], lg);
-  }
-  return s;
-}
-
 // The indices [begin, end) of dilation group g's tokens (token = g + dilation * index)
 // among the tokens [first, last) of an axis: a query sub-box's part of the group.
 NBHD_HOST_DEVICE constexpr Range group_indices(int first, int last, int g, int dilation) {

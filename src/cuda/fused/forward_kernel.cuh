@@ -121,11 +121,6 @@ struct ForwardConfig {
     // per CTA, so a tile's loads are an add and three compares per row.
     int64_t k_row_delta[kBlockKV];
     int64_t v_row_delta[kBlockKV];
-    // Per axis: a period's element offset in k and v (0 on an ordinary axis), what a
-    // seam tile's rows past the group's end go back by (load_wrapped_kv). Here rather
-    // than in the 24-register producer: recomputing them per row spilled (ptxas).
-    int64_t k_period[kMaxRank];
-    int64_t v_period[kMaxRank];
     int key_row_offset[kBlockKV];
     // Per query row and axis: its group index and window {j, begin, end, unused};
     // an empty window marks a row past the grid. Kept here, not in registers: only
@@ -300,12 +295,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     smem.v_row_delta[n] = dv;
     smem.key_row_offset[n] = off[0] | (off[1] << 10) | (off[2] << 20);
   }
-  if (tid < kMaxRank) {
-    const Axis& ax = p.nb.axis[tid];
-    const int64_t period = ax.periodic ? int64_t(lg[tid]) * ax.dilation : 0;
-    smem.k_period[tid] = period * p.k_layout.axis[tid];
-    smem.v_period[tid] = period * p.v_layout.axis[tid];
-  }
   Odometer load_tile{{kbox.r[0].begin, kbox.r[1].begin, kbox.r[2].begin}};
   Odometer compute_tile = load_tile;
   const int chunk_col = chunk * Cfg::kVec;  // this thread's first column
@@ -350,37 +339,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     return src;
   };
   // A tile that wraps (the key box's rows past its end read nothing, as in load_kv):
-  // the tiles at a periodic axis's seam. Rows from the ordinary row deltas less a
-  // period where they pass the seam (tile_seam), else each row's token on its own.
+  // the tiles at a periodic axis's seam, each row's token on its own. (Rows from the
+  // ordinary deltas less a period past the seam were 18% faster on a 1x1 periodic
+  // problem, and 2-6% slower on others through the producer's registers: e61c788,
+  // docs/performance.md, "Periodic axes".)
   auto load_wrapped_kv = [&](const TileSource& src, T* k_dst, T* v_dst) {
-    const Seam seam = tile_seam(p.nb, group, src.origin, key_extent);
     for (int i = 0; i < kBlockKV / kRowStep; ++i) {
       const int n = load_row + i * kRowStep;
       const int packed = smem.key_row_offset[n];
       const bool valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
                          (packed >> 20) < src.limit[2];
-      const T* k_row;
-      const T* v_row;
-      if (seam.one_period) {
-        int64_t dk = smem.k_row_delta[n], dv = smem.v_row_delta[n];
-        const int off[kMaxRank] = {packed & 1023, (packed >> 10) & 1023, packed >> 20};
-        for (int a = 0; a < kMaxRank; ++a)
-          if (off[a] >= seam.at[a]) {
-            dk -= smem.k_period[a];
-            dv -= smem.v_period[a];
-          }
-        k_row = src.k + dk;
-        v_row = src.v + dv;
-      } else {
-        int token[kMaxRank];
-        packed_token(p.nb, group, src.origin, packed, token);
-        k_row = k_base + p.k_layout.offset(b, token, hk);
-        v_row = v_base + p.v_layout.offset(b, token, hk);
-      }
+      int token[kMaxRank];
+      packed_token(p.nb, group, src.origin, packed, token);
       const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
       const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
-      ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_row + chunk_col : src.k, k_ok ? 16 : 0);
-      ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), v_ok ? v_row + chunk_col : src.v, v_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_base + p.k_layout.offset(b, token, hk) + chunk_col : src.k,
+                       k_ok ? 16 : 0);
+      ptx::cp_async_16(ptx::smem_address(&v_dst[dst]), v_ok ? v_base + p.v_layout.offset(b, token, hk) + chunk_col : src.v,
+                       v_ok ? 16 : 0);
     }
   };
   // Loads tile `src` into `stage`: each thread copies 16-byte column `chunk` of its
@@ -636,26 +612,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       if (box_idle[m]) continue;
       const int box = warp * kM + m;
       if (!additional) {
-        if constexpr (Cfg::kSpecialized) {
-          // wgmma computes every chunk of a tile it computes, and the element mask
-          // tests each row's window, which holds only keys of active chunks: no ballot.
-          d.active[m] = ~0u;
-        } else {
-          // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
-          // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
-          bool lane_active = false;
-          if (lane < kNBlocks) {
-            int off[kMaxRank];
-            shape.key_offset(lane * 8, off);
-            lane_active = true;
-            for (int a = 0; a < kMaxRank; ++a) {
-              const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
-              const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-              lane_active &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
-            }
+        // Chunk j holds keys 8j..8j+7 of the tile: fixed coordinates on axes 0 and 1
+        // (the innermost tile extent is a multiple of 8), a run of 8 on axis 2.
+        bool lane_active = false;
+        if (lane < kNBlocks) {
+          int off[kMaxRank];
+          shape.key_offset(lane * 8, off);
+          lane_active = true;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
+            const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
+            lane_active &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
           }
-          d.active[m] = __ballot_sync(0xffffffffu, lane_active);
         }
+        d.active[m] = __ballot_sync(0xffffffffu, lane_active);
         // Inside every window of the box and inside the key box: no element mask.
         d.needs_mask[m] = has_rpb;
         for (int a = 0; a < kMaxRank; ++a) {
