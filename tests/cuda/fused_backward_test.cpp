@@ -570,10 +570,11 @@ TEST(FusedBackwardQuerySubBox, MatchesReference) {
   if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
 }
 
-// Periodic axes: the key pass's query tiles and the dq pass's key tiles at a seam load
-// their rows from the ordinary offsets less a period (one-period tiles) or row by row
-// (tiles longer than a short group). Per rank, random periodic draws (both kinds of
-// tile among them) with the planner's kernels, then the wgmma key pass forced.
+// Periodic axes: the key pass's query tiles and the dq pass's key tiles at a seam
+// reach past their group's ends and load each column's token on its own (tiles
+// longer than a short group among them). Per rank, random periodic draws with the
+// planner's kernels, then the wgmma key pass forced. (It caught an off-by-one and a
+// missing shift in e61c788's seam path, since reverted.)
 TEST(FusedBackwardPeriodic, SeamTilesMatchReference) {
   NBHD_REQUIRE_GPU();
   int ran = 0;
