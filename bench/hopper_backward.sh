@@ -176,8 +176,8 @@ for entry in "${problems[@]}"; do
       for spec in "${variants[@]}"; do order+=("${spec%%:*}"); done
       [ "$skip_mma_sync" = 0 ] && order+=(mma.sync)
       for ((round = 0; round < repeat; ++round)); do
-        # Odd rounds run the variants in reverse: a variant that always ran second
-        # was up to 5% faster in one A/B of identical code paths (H100, e61c788).
+        # Odd rounds run the variants in reverse, so that a variant's place in the
+        # order (clocks, caches, the previous process) cannot pass for its speed.
         if ((round % 2)); then
           for ((i = ${#order[@]} - 1; i >= 0; --i)); do run "$name" "${order[$i]}" "$pass" $flags; done
         else
