@@ -73,12 +73,13 @@ int warp_specialized_entry(int rank, int dim, int block_kv = 0) {
 }
 
 // Calls f(rank, bucket, entry) for every wgmma entry of the tile table with `warps`
-// warps (0: any), ranks 1-3 and head dims 64 and 128, the entry forced through
-// NBHD_FUSED_TILE while f runs; stops at the first failure.
+// warps (0: any), ranks 1-3 and head dims 64, 128 and 256 (the warp-specialized
+// kernel only), the entry forced through NBHD_FUSED_TILE while f runs; stops at the
+// first failure. A build without a head dim has no entries for it.
 template <class F>
 void for_each_wgmma_entry(int warps, F&& f) {
   for (int rank = 1; rank <= 3; ++rank)
-    for (int bucket : {64, 128}) {
+    for (int bucket : {64, 128, 256}) {
       const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, /*hopper=*/true);
       for (size_t i = 0; i < configs.size(); ++i) {
         if (!configs[i].wgmma || (warps && configs[i].warps != warps)) continue;
@@ -416,7 +417,7 @@ TEST(FusedForwardConfigs, EveryTableEntry) {
 }
 
 // Every wgmma entry (one warpgroup, and the warp-specialized two with a producer),
-// forced, on random problems of its rank at head dims 64 and 128: the 2-D and 3-D
+// forced, on random problems of its rank at head dims 64, 128 and 256: the 2-D and 3-D
 // ones skip key tiles a warpgroup's queries miss, which ends the warp-specialized
 // kernel's overlap of one tile's P V with the next tile's softmax.
 TEST(FusedForwardWgmma, EveryEntryMatchesReference) {

@@ -71,17 +71,20 @@ struct ForwardConfig {
   static constexpr int kThreads = kConsumerThreads + (kSpecialized ? 128 : 0);
   // K/V stages in flight. Two (one tile ahead) when the math warps load; the
   // producer ring holds 128 KB at head dim 128 and 96 KB at 64, what fits beside Q
-  // at 1 CTA per SM: 4 or 6 stages of 64-key tiles, 2 or 3 of 128-key tiles.
-  static constexpr int kRingBytes = (kHeadDim == 128 ? 128 : 96) << 10;
+  // at 1 CTA per SM: 4 or 6 stages of 64-key tiles, 2 or 3 of 128-key tiles. Head
+  // dim 256: 128 KB, two stages of 64-key tiles beside Q's 64 KB (~200 KB in all).
+  static constexpr int kRingBytes = (kHeadDim >= 128 ? 128 : 96) << 10;
   static constexpr int kStages = !kSpecialized ? 2 : kRingBytes / (2 * kBlockKV * kHeadDim * int(sizeof(T)));
   // Registers per thread after the producer hands its spare ones to the consumers
   // (setmaxnreg; 128 x producer + 256 x consumer fits the 64 K register file). The
   // producer's load loop spilled at 56 and 72 (ptxas, head dim 128, 64-key tiles);
   // the consumers do not at 208. 128-key tiles hold twice the scores: their
   // consumers take 240 and still spill 256 bytes (head dim 128; 308 at 224), while
-  // the producer fits in 24 with one spilled value.
-  static constexpr int kProducerRegisters = kBlockKV == 128 ? 24 : 88;
-  static constexpr int kConsumerRegisters = kBlockKV == 128 ? 240 : 208;
+  // the producer fits in 24 with one spilled value. Head dim 256 holds 128 output
+  // floats per consumer thread: 240 as well.
+  static constexpr bool kWideConsumers = kBlockKV == 128 || kHeadDim == 256;
+  static constexpr int kProducerRegisters = kWideConsumers ? 24 : 88;
+  static constexpr int kConsumerRegisters = kWideConsumers ? 240 : 208;
   // float32 runs three tf32 products per product (mma.sync m16n8k8; common/mma.cuh).
   static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
@@ -101,9 +104,11 @@ struct ForwardConfig {
       : kWarps == 4                                   ? 2
                                                       : 1;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim bucket must be 32, 64, 128 or 256");
-  static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && (kHeadDim == 64 || kHeadDim == 128) &&
-                             (kBlockKV == 64 || (kSpecialized && kBlockKV == 128))),
-                "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128, 64 keys per tile (128 with two)");
+  static_assert(!kWgmma || ((kWarps == 4 || kWarps == 8) && kMTiles == 1 && kHeadDim >= 64 &&
+                             (kHeadDim <= 128 || (kSpecialized && kBlockKV == 64)) &&
+                             (kBlockKV == 64 || (kSpecialized && kBlockKV == 128 && kHeadDim == 128))),
+                "wgmma kernels: one or two consumer warpgroups, head dim 64 or 128 (256 with two and 64-key "
+                "tiles), 64 keys per tile (128 with two at head dim 128)");
   static_assert(!kSpecialized || kStages >= 2, "the producer ring needs two stages");
   static_assert(!kWgmma || !kTf32, "wgmma kernels are 16-bit");
   static_assert(kBlockKV % 16 == 0 && kBlockKV <= 128, "key tile must be a multiple of 16 keys");
@@ -865,10 +870,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
         wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
         wgmma::fence();
+        // One wgmma per 16 keys and 128 output columns (two 64-column slabs of V):
+        // head dim 256 takes two, its second half of O at n8 block 16.
+        constexpr int kN = Cfg::kHeadDim < 128 ? Cfg::kHeadDim : 128;
 #pragma unroll
         for (int kb = 0; kb < kBlockKV / 16; ++kb)
-          wgmma::mma_rs<T, Cfg::kHeadDim>(&o[0][0][0], a[kb], wgmma::descriptor(v_tile + kb * 16 * 128, kBlockKV * 128, 1024),
-                                          /*accumulate=*/true);
+#pragma unroll
+          for (int half = 0; half < Cfg::kHeadDim / kN; ++half)
+            wgmma::mma_rs<T, kN>(&o[0][half * kN / 8][0], a[kb],
+                                 wgmma::descriptor(v_tile + (2 * half * kBlockKV + kb * 16) * 128, kBlockKV * 128, 1024),
+                                 /*accumulate=*/true);
         wgmma::commit_group();
         pass_turn(it + 1 == total_tiles);
         wgmma::wait_group<0>();
