@@ -52,6 +52,16 @@ int max_extent(int rank) {
   return rank == 1 ? (small ? 160 : 300) : rank == 2 ? (small ? 18 : 28) : (small ? 7 : 10);
 }
 
+// Forces the first wgmma key-pass entry of (dtype, rank, head dim) on an sm_90 device
+// through NBHD_FUSED_BACKWARD_TILE (the caller unsets it); false where there is none.
+bool force_wgmma_key_pass(const Problem& p) {
+  const auto configs = cuda::fused::backward_candidates(p.dtype, p.rank, int(p.dim), /*hopper=*/true);
+  const auto entry = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
+  if (entry == configs.end()) return false;
+  setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(entry - configs.begin()).c_str(), 1);
+  return true;
+}
+
 Case random_case(std::mt19937_64& rng, int rank, DType dtype) {
   auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
   testing::RandomOptions o;
@@ -518,10 +528,7 @@ TEST(FusedBackwardSmoke, WgmmaKeyPass) {
       // stride and box allow dilation 4 at 64-query 1-D tiles), seed 1 by cp.async.
       if (!seed)
         for (int a = 0; a < rank; ++a) c.p.dilation[a] = std::min<int64_t>(c.p.dilation[a], 4);
-      const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
-      const auto wgmma = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
-      ASSERT_NE(wgmma, configs.end());
-      setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(wgmma - configs.begin()).c_str(), 1);
+      ASSERT_TRUE(force_wgmma_key_pass(c.p));
       if (!seed) setenv("NBHD_FUSED_LOADS", "tma", 1);
       ran += check_backward(c, rng, seed ? "cp.async" : "TMA");
       unsetenv("NBHD_FUSED_LOADS");
@@ -556,12 +563,7 @@ TEST(FusedBackwardQuerySubBox, MatchesReference) {
       c.p.heads = c.p.kv_heads * (1 + seed % 2);
       c.lse_gradient = seed == 1;
       boxed += c.p.has_query_box();
-      if (wgmma) {
-        const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
-        const auto entry = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
-        ASSERT_NE(entry, configs.end());
-        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(entry - configs.begin()).c_str(), 1);
-      }
+      if (wgmma) ASSERT_TRUE(force_wgmma_key_pass(c.p));
       ran += check_backward(c, rng, wgmma ? "cp.async" : nullptr);
       unsetenv("NBHD_FUSED_BACKWARD_TILE");
       if (HasFailure()) return;
@@ -594,12 +596,7 @@ TEST(FusedBackwardPeriodic, SeamTilesMatchReference) {
       c.p.dim = 64 << (seed % 2);
       c.p.dim_v = 0;
       c.p.heads = c.p.kv_heads * (1 + seed % 2);
-      if (wgmma) {
-        const auto configs = cuda::fused::backward_candidates(c.p.dtype, rank, int(c.p.dim), /*hopper=*/true);
-        const auto entry = std::find_if(configs.begin(), configs.end(), [](const auto& t) { return t.wgmma; });
-        ASSERT_NE(entry, configs.end());
-        setenv("NBHD_FUSED_BACKWARD_TILE", std::to_string(entry - configs.begin()).c_str(), 1);
-      }
+      if (wgmma) ASSERT_TRUE(force_wgmma_key_pass(c.p));
       ran += check_backward(c, rng, wgmma ? "cp.async" : nullptr);
       unsetenv("NBHD_FUSED_BACKWARD_TILE");
       if (HasFailure()) return;
