@@ -272,9 +272,9 @@ TEST(FusedForwardSmoke, SmallProblems) {
   SKIP_IF_NO_CASE_RAN(before);
 }
 
-// Periodic axes: the key tiles at a seam load the ordinary row deltas less one
-// period where a row passes the group's end, or, on an axis shorter than the key
-// tile, wrap each row's token. Per rank, head dims 32 (mma.sync), 64 and 128
+// Periodic axes: the key tiles at a seam reach past their group's ends and load each
+// row's token on its own (tiles longer than a short group among them; it caught an
+// off-by-one in 90879b7's row-delta seam path, since reverted). Per rank, head dims 32 (mma.sync), 64 and 128
 // (warp-specialized wgmma on sm_90), every draw with a periodic axis, short and long
 // ones (extents from 3 up), with dilation, stride, rpb, GQA and additional tokens.
 TEST(FusedForwardPeriodic, SeamTilesMatchReference) {
