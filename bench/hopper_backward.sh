@@ -34,7 +34,8 @@
 # the forward's smoke suite).
 #   HOPPER_BWD_FILTER='FusedBackwardWgmma*' bench/hopper_backward.sh
 # Environment: HOPPER_BWD_FILTER, HOPPER_FWD_FILTER (the tests' gtest filters),
-# HOPPER_TEST_TIMEOUT, HOPPER_SANITIZE_BACKWARD=0 (sanitizers on the forward only),
+# HOPPER_HEAD_DIMS (the build's head dims, default "32;64;128"), HOPPER_TEST_TIMEOUT,
+# HOPPER_SANITIZE_BACKWARD=0 (sanitizers on the forward only),
 # HOPPER_OVERLAY_TESTS=0 (no tests of the overlay build), HOPPER_FWD_BWD=0 (no fwd+bwd rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +69,7 @@ echo "commit $commit"
 configure_and_build() {  # source build log
   {
     cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
-      -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64;128" -DNBHD_BUILD_TESTS=ON \
+      -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="${HOPPER_HEAD_DIMS:-32;64;128}" -DNBHD_BUILD_TESTS=ON \
       ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
       cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test fused_tma_test nbhd-bench
   } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
@@ -128,6 +129,10 @@ problems=(
   "2d-56-k7-d64|--extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 64"
   "2d-128-k31-p01|--extent 128x128 --kernel 31 --periodic 0x1 --heads 6 --dim 128"
   "2d-128-k31-p11|--extent 128x128 --kernel 31 --periodic 1x1 --heads 6 --dim 128"
+  # Head dim 256 (build with HOPPER_HEAD_DIMS containing 256).
+  "1d-32k-w2048-d256|--extent 32768 --kernel 2048 --heads 4 --dim 256"
+  "flux-256-k80-s16-d256|--extent 256x256 --kernel 80 --stride 16 --heads 4 --dim 256"
+  "3d-16x48x80-k8x16x24-d256|--extent 16x48x80 --kernel 8x16x24 --heads 4 --dim 256"
 )
 : > "$out/sweep.jsonl"
 printf '%-24s %-9s %-8s %10s %9s\n' problem pass variant median_ms TFLOP/s | tee "$out/sweep.txt"
