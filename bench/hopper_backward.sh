@@ -14,9 +14,10 @@
 # With --ab-env VAR=VALUE, the same build run with that variable set is the second
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
 # NBHD_FUSED_LOADS=tma against the default cp.async producers). --variant
-# NAME:VAR=VALUE[,VAR=VALUE...] (repeatable) adds more such rows, named NAME; the
-# value kv128 of NBHD_FUSED_TILE stands for the best-ranked warp-specialized entry
-# with 128-key tiles in that problem's `--dry-run` list.
+# NAME:VAR=VALUE[,VAR=VALUE...] (repeatable) adds more such rows, named NAME (a NAME
+# starting with "overlay" runs the overlay build); the values kv64 and kv128 of
+# NBHD_FUSED_TILE stand for the best-ranked warp-specialized entry with 64- or
+# 128-key tiles in that problem's `--dry-run` list.
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
 # line, with the variant) and sweep.txt (the table printed last) into $OUT (else
 # ./hopper-backward-out). Needs .carry/ (scripts/carry) where GoogleTest is not
@@ -147,16 +148,16 @@ run() {  # name variant pass flags...
     IFS=, read -r -a env <<< "${spec#*:}"
     local i
     for i in "${!env[@]}"; do
-      if [ "${env[$i]}" = NBHD_FUSED_TILE=kv128 ]; then
-        local index
-        index="$("$bench" "$@" --dtype float16 --dry-run | grep -m1 'wgmma-ws, warps 8 x 1 boxes, kv 128,' |
+      if [[ "${env[$i]}" =~ ^NBHD_FUSED_TILE=kv(64|128)$ ]]; then
+        local index keys="${BASH_REMATCH[1]}"
+        index="$("$bench" "$@" --dtype float16 --dry-run | grep -m1 "wgmma-ws, warps 8 x 1 boxes, kv $keys," |
                  sed -E 's/.*#([0-9]+) .*/\1/')"
-        [ -n "$index" ] || { echo "$name $variant $pass: no 128-key entry" | tee -a "$out/sweep.txt"; return; }
+        [ -n "$index" ] || { echo "$name $variant $pass: no $keys-key entry" | tee -a "$out/sweep.txt"; return; }
         env[$i]="NBHD_FUSED_TILE=$index"
       fi
     done
   done
-  [ "$variant" = overlay ] && binary="$overlay_bench"
+  [[ "$variant" == overlay* ]] && binary="$overlay_bench"
   local json
   json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }

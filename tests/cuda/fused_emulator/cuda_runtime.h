@@ -10,7 +10,9 @@
 // land at the issuing thread's cp.async.wait_group or mbarrier arrival
 // (EMU_CP_ASYNC=late, the default) or at issue (=early): the two ends of the window
 // a real copy may land in, so a missing wait or barrier, or a prefetch over data
-// still being read, shows in one of the runs.
+// still being read, shows in one of the runs. wgmmas execute likewise at the
+// wait_group that retires them (EMU_WGMMA=late, the default) or at issue (=early);
+// late aborts on a write to an in-flight wgmma's registers (cuda/common/wgmma.cuh).
 // EMU_SCHEDULE=reverse runs fibers in the opposite order between sync points.
 // EMU_MMA_ROUND=zero rounds every mma result toward zero (see accumulator_round).
 // "Device" memory is host memory filled with 0xff (NaN) when allocated, on one of
@@ -59,6 +61,7 @@ struct Lane {
   bool pred = true;
   uint32_t a[4], b[2], addr;
   uint64_t desc[2];  // wgmma: the operands' shared-memory descriptors
+  int wgmma_pending = 0;  // wgmmas issued, not yet executed (EMU_WGMMA=late)
   float c[4], value;
   uint32_t out[4];
   float fout[4];
@@ -471,6 +474,7 @@ inline void Block::entry() {
   b->body_();
   if (!b->fibers_[b->current_].pending.empty()) die("a thread exited with cp.async copies not waited for", b->current_);
   if (!b->fibers_[b->current_].bulk.empty()) die("a thread exited with bulk operations not waited for", b->current_);
+  if (b->lanes_[b->current_].wgmma_pending) die("a thread exited with wgmmas not waited for (wgmma.wait_group)", b->current_);
   b->fibers_[b->current_].state = kExited;
 }
 

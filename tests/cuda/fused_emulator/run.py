@@ -10,7 +10,9 @@ runs too: the forward passed on an H200, so it checks the emulator itself.
   tests/cuda/fused_emulator/run.py [--sanitize] [--dims 32,64] [--dtypes float16]
                                    [--tests fused_backward_test] [-- gtest args]
 
-Environment: EMU_CP_ASYNC=early|late (when cp.async copies land), EMU_SCHEDULE=reverse,
+Environment: EMU_CP_ASYNC=early|late (when cp.async copies land), EMU_WGMMA=early|late
+(when wgmmas execute: at issue, or at the wait_group that retires them, the default,
+which aborts on a write to an in-flight wgmma's registers), EMU_SCHEDULE=reverse,
 EMU_MMA_ROUND=zero (mma results rounded toward zero), EMU_DEVICE=a100 (compute
 capability 8.0 and 163 KB of shared memory per block: the sm_80 paths), EMU_DEVICES=n
 (devices, default 2: allocations remember theirs, a launch reading another device's

@@ -5,8 +5,15 @@
 // canonical layouts (K-major: rows 8 x 128 bytes per stride offset; MN-major: 64
 // columns per leading offset, 8 rows of K per stride offset; the swizzle XORs
 // address bits 4-6 with bits 7-9), so a layout or descriptor mistake in the kernel
-// shows here as wrong numbers. The asynchrony (commit, wait) is not emulated: each
-// instruction completes where it is issued.
+// shows here as wrong numbers.
+// The asynchrony is emulated at one end of the window or the other (EMU_WGMMA):
+// late (the default) queues each thread's wgmmas and executes them, in issue order,
+// at the wait_group that retires their commit group (reading shared memory then,
+// the last moment a real one may); early executes each where it is issued. Late
+// aborts on a write to an in-flight wgmma's accumulators or A registers (they are
+// compared at execution with what the kernel left at issue) and on a thread that
+// exits with wgmmas not waited for; a read of an accumulator before its wait sees
+// the value from before the product, so the numbers go wrong.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +21,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <string>
 
 #include "cuda/common/ptx.cuh"
 
@@ -24,9 +35,6 @@ inline uint64_t descriptor(uint32_t start, uint32_t leading, uint32_t stride) {
          (uint64_t((stride & 0x3ffff) >> 4) << 32) | (uint64_t(1) << 62);
 }
 inline void fence() {}
-inline void commit_group() {}
-template <int kPending>
-inline void wait_group() {}
 inline void fence_proxy_async() {}
 template <int kN, class R>
 inline void fence_operands(R*) {}
@@ -80,33 +88,110 @@ inline void warpgroup_mma(float* d, bool accumulate, AOf a_of, BOf b_of) {
   for (int i = 0; i < kN / 2; ++i) d[i] = out[i];
 }
 
+inline bool late() {
+  static const bool l = !(std::getenv("EMU_WGMMA") && std::string(std::getenv("EMU_WGMMA")) == "early");
+  return l;
+}
+
+// A wgmma issued and not yet executed (late): what the instruction took at issue.
+struct Pending {
+  void (*run)(const Pending&);  // the product, as mma_ss / mma_rs of its template
+  uint64_t desc[2];             // mma_rs: desc[1] only
+  bool accumulate;
+  float* d;
+  int count;                    // kN / 2 accumulators at d
+  const uint32_t* a_at;         // mma_rs: where the kernel keeps A; nullptr for mma_ss
+  uint32_t a[4];                // mma_rs: A as issued
+  long group;                   // -1 until committed
+  uint32_t expect[64];          // d's bits as the kernel must leave them until execution
+};
+// Per thread of the block: the queue in issue order and the commit groups so far.
+// Lane::wgmma_pending counts the queue for the block's exit check.
+struct Queue {
+  std::deque<Pending> ops;
+  long groups = 0;
+};
+inline Queue& queue() {
+  static Queue queues[1024];
+  Queue& q = queues[emu::block->thread()];
+  if (emu::block->lane().wgmma_pending == 0) q.ops.clear();  // a new block
+  return q;
+}
+inline void issue(Pending p) {
+  std::memcpy(p.expect, p.d, sizeof(float) * std::size_t(p.count));
+  p.group = -1;
+  queue().ops.push_back(p);
+  ++emu::block->lane().wgmma_pending;
+}
+// Executes the oldest ops while their groups leave more than `keep` committed
+// groups; every thread of a warpgroup retires the same ops in the same order (the
+// kernels issue and wait warpgroup-uniformly), so the collectives pair up.
+inline void retire(int keep) {
+  Queue& q = queue();
+  while (!q.ops.empty() && q.ops.front().group >= 0 && q.ops.front().group < q.groups - keep) {
+    const Pending p = q.ops.front();
+    q.ops.pop_front();
+    --emu::block->lane().wgmma_pending;
+    if (std::memcmp(p.expect, p.d, sizeof(float) * std::size_t(p.count)))
+      emu::die("wgmma: accumulator registers written while the wgmma was in flight (before its wait_group)",
+               emu::block->thread());
+    if (p.a_at && std::memcmp(p.a, p.a_at, sizeof p.a))
+      emu::die("wgmma: A registers of an mma_rs written while it was in flight (before its wait_group)",
+               emu::block->thread());
+    p.run(p);
+    // What it wrote is what a later op on the same registers must find there: a
+    // chain of accumulating products changes d between executions legitimately.
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(p.d), hi = lo + sizeof(float) * std::size_t(p.count);
+    for (Pending& later : q.ops)
+      for (int i = 0; i < later.count; ++i) {
+        const uintptr_t at = reinterpret_cast<uintptr_t>(later.d + i);
+        if (at >= lo && at < hi) std::memcpy(&later.expect[i], later.d + i, sizeof(float));
+      }
+  }
+}
+
 }  // namespace detail
 
-template <class T, int kN, bool kTransA = false, bool kTransB = false>
-inline void mma_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N of 32, 64 or 128");
+// Closes the thread's open wgmmas into a group (an empty one if none, as on the GPU).
+inline void commit_group() {
+  if (!detail::late()) return;
+  detail::Queue& q = detail::queue();
+  for (detail::Pending& p : q.ops)
+    if (p.group < 0) p.group = q.groups;
+  ++q.groups;
+}
+template <int kPending>
+inline void wait_group() {
+  if (detail::late()) detail::retire(kPending);
+}
+
+namespace detail {
+
+// The products, executed: each thread publishes its operands in its Lane (the
+// collective reads every lane's A and checks that the descriptors agree).
+template <class T, int kN, bool kTransA, bool kTransB>
+inline void run_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) {
   constexpr bool bf16 = ptx::MmaName<T>::kBf16;
   emu::Lane& l = emu::block->lane();
   l.desc[0] = a_desc;
   l.desc[1] = b_desc;
   l.pred = accumulate;
-  const detail::Desc a = detail::decode(a_desc), b = detail::decode(b_desc);
-  detail::warpgroup_mma<kN>(
+  const Desc a = decode(a_desc), b = decode(b_desc);
+  warpgroup_mma<kN>(
       d, accumulate,
-      [&](int, int row, int k) { return kTransA ? detail::mn_major(a, k, row, bf16) : detail::k_major(a, row, k, bf16); },
-      [&](int k, int col) { return kTransB ? detail::mn_major(b, k, col, bf16) : detail::k_major(b, col, k, bf16); });
+      [&](int, int row, int k) { return kTransA ? mn_major(a, k, row, bf16) : k_major(a, row, k, bf16); },
+      [&](int k, int col) { return kTransB ? mn_major(b, k, col, bf16) : k_major(b, col, k, bf16); });
 }
 
 template <class T, int kN>
-inline void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate) {
-  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_rs: N of 32, 64 or 128");
+inline void run_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate) {
   constexpr bool bf16 = ptx::MmaName<T>::kBf16;
   emu::Lane& l = emu::block->lane();
   for (int i = 0; i < 4; ++i) l.a[i] = a[i];
   l.desc[0] = 0;
   l.desc[1] = b_desc;
   l.pred = accumulate;
-  const detail::Desc b = detail::decode(b_desc);
+  const Desc b = decode(b_desc);
   emu::Block* blk = emu::block;
   // A from the registers of the warp owning the row (mma.sync m16n8k16 A layout).
   auto a_of = [&](int group, int row, int k) {
@@ -114,7 +199,36 @@ inline void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate
     const int reg = r / 8 + 2 * (k / 8);
     return emu::half_of(blk->lane_of(32 * w + lane).a[reg], k % 2, bf16);
   };
-  detail::warpgroup_mma<kN>(d, accumulate, a_of, [&](int k, int col) { return detail::mn_major(b, k, col, bf16); });
+  warpgroup_mma<kN>(d, accumulate, a_of, [&](int k, int col) { return mn_major(b, k, col, bf16); });
+}
+
+// A queued op's product, executed with what it took at issue.
+template <class T, int kN, bool kTransA, bool kTransB>
+inline void retired_ss(const Pending& p) {
+  run_ss<T, kN, kTransA, kTransB>(p.d, p.desc[0], p.desc[1], p.accumulate);
+}
+template <class T, int kN>
+inline void retired_rs(const Pending& p) {
+  run_rs<T, kN>(p.d, p.a, p.desc[1], p.accumulate);
+}
+
+}  // namespace detail
+
+template <class T, int kN, bool kTransA = false, bool kTransB = false>
+inline void mma_ss(float* d, uint64_t a_desc, uint64_t b_desc, bool accumulate) {
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N of 32, 64 or 128");
+  if (!detail::late()) return detail::run_ss<T, kN, kTransA, kTransB>(d, a_desc, b_desc, accumulate);
+  (void)detail::decode(a_desc);  // a bad descriptor aborts at its issue
+  (void)detail::decode(b_desc);
+  detail::issue({&detail::retired_ss<T, kN, kTransA, kTransB>, {a_desc, b_desc}, accumulate, d, kN / 2, nullptr, {}, -1, {}});
+}
+
+template <class T, int kN>
+inline void mma_rs(float* d, const uint32_t* a, uint64_t b_desc, bool accumulate) {
+  static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_rs: N of 32, 64 or 128");
+  if (!detail::late()) return detail::run_rs<T, kN>(d, a, b_desc, accumulate);
+  (void)detail::decode(b_desc);
+  detail::issue({&detail::retired_rs<T, kN>, {0, b_desc}, accumulate, d, kN / 2, a, {a[0], a[1], a[2], a[3]}, -1, {}});
 }
 
 }  // namespace nbhd::cuda::wgmma
