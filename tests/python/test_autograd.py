@@ -170,6 +170,30 @@ def test_eager_path_and_operator_agree():
         assert torch.equal(eager, operator)
 
 
+def test_eager_inference_skips_autograd_and_agrees(monkeypatch):
+    # With nothing to differentiate (no input requires grad, or grad mode off) the
+    # eager path calls the library without autograd.Function (its apply() raises
+    # here): the same values, bitwise, as a call that records the graph, and no graph.
+    from nbhd import _torch_ops
+
+    case = GRAD_CASES[1]
+    inputs = leaves(case, torch.float32)
+    out, lse = fused(case, return_lse=True)(*inputs)
+    assert out.grad_fn is not None and lse.grad_fn is not None
+
+    def recorded(*args):
+        raise AssertionError("an inference call went through autograd.Function")
+
+    monkeypatch.setattr(_torch_ops._EagerAttention, "apply", recorded)
+    plain = [None if x is None else x.detach() for x in inputs]
+    for no_grad in (False, True):
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            out_i, lse_i = fused(case, return_lse=True)(*(plain if not no_grad else inputs))
+        assert out_i.grad_fn is None and lse_i.grad_fn is None
+        assert not out_i.requires_grad
+        assert torch.equal(out_i, out.detach()) and torch.equal(lse_i, lse.detach())
+
+
 def test_second_derivatives_raise_on_both_paths():
     case = GRAD_CASES[3]
     for watched in (False, True):
