@@ -74,6 +74,8 @@ configure_and_build() {  # source build log
       ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
       cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test fused_tma_test nbhd-bench
   } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
+  # ptxas serializing a kernel's wgmmas (C7518) makes its timings meaningless.
+  echo "$1: kernels with serialized wgmmas (ptxas C7518): $(grep 'C7518' "$3" | sort -u | wc -l)"
 }
 gtest_source=""
 [ -f .carry/googletest/CMakeLists.txt ] && gtest_source="$PWD/.carry/googletest"
