@@ -334,14 +334,20 @@ def check_pair(ak, av) -> None:
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+# The dtype objects (numpy's or torch's) already found in SUPPORTED_DTYPES: a set
+# lookup instead of naming the dtype on every call.
+_supported_dtype_objects = set()
+
+
 def check_dtypes(**named) -> None:
     """TypeError naming the first array whose dtype no backend takes."""
     for name, x in named.items():
-        if x is None:
+        if x is None or x.dtype in _supported_dtype_objects:
             continue
         dtype = str(x.dtype).replace("torch.", "")
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {dtype}; nbhd takes {', '.join(SUPPORTED_DTYPES)}")
+        _supported_dtype_objects.add(x.dtype)
 
 
 def backend_name(backend: Optional[str]) -> str:
@@ -385,16 +391,18 @@ class NumpyArrays:
         return {"stream": 0, "deterministic": Settings.deterministic, "num_threads": 0}
 
 
-def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None, query_box=None):
+def forward(fw, window: Window, scale, q, k, v, rpb=None, ak=None, av=None, backend=None, query_box=None,
+            return_lse=True):
     """(out [B, X..., H, Dv], lse [B, X..., H] float32, float64 for float64 inputs); X is
-    the query box's extent when one is given (q holds its tokens)."""
+    the query box's extent when one is given (q holds its tokens). With return_lse
+    false lse is None: not allocated, not written (every backend takes a missing lse)."""
     check_pair(ak, av)
     check_dtypes(query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     p = cached_attention_problem(window, q.shape, k.shape, v.shape, scale, _shape(ak), _shape(av), rpb is not None,
                                  query_box)
     alloc = _alloc(fw, p)
-    out = alloc(tuple(q.shape[:-1]) + (v.shape[-1],), q)
-    lse = alloc(tuple(q.shape[:-1]), q, fw.accumulator(q))
+    out = alloc(q.shape[:-1] + (v.shape[-1],), q)
+    lse = alloc(q.shape[:-1], q, fw.accumulator(q)) if return_lse else None
     if _empty(p):
         _check_empty(p, query=q, key=k, value=v, rpb=rpb, additional_keys=ak, additional_values=av)
     else:

@@ -22,13 +22,15 @@ class TorchArrays:
 
     checks_only = False
 
+    # Tensor.new_empty, not torch.empty(dtype=, device=): 1.2 against 2.6 us a call on
+    # this project's CPU (docs/performance.md, "Host path"); a forward makes two.
     @staticmethod
     def empty(shape, like, dtype=None):
-        return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
+        return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
     @staticmethod
     def zeros(shape, like, dtype=None):
-        return torch.zeros(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
+        return like.new_zeros(shape) if dtype is None else like.new_zeros(shape, dtype=dtype)
 
     @staticmethod
     def accumulator(like):
@@ -254,23 +256,27 @@ def eager_call(tensors) -> bool:
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return False
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or t.device.type not in ("cpu", "cuda")):
+        # is_cpu / is_cuda, not device.type (which builds a torch.device: 0.3 us a tensor).
+        if t is not None and (type(t) is not Tensor or not (t.is_cuda or t.is_cpu)):
             return False
     return True
 
 
-def attention(query, key, value, rpb, additional_keys, additional_values, window, scale, backend, box):
+def attention(query, key, value, rpb, additional_keys, additional_values, window, scale, backend, box,
+              return_lse=True):
     """(out, lse) of neighborhood attention (window: _core.Window, scale: float or None,
     backend: str or None, box: _core.make_query_box's or None): the library directly
     where eager_call allows (through _EagerAttention when a gradient may be asked
-    for), else the operator nbhd::na_forward."""
+    for), else the operator nbhd::na_forward. lse may be None when return_lse is
+    false (an inference call then neither allocates nor writes it)."""
     tensors = (query, key, value, rpb, additional_keys, additional_values)
     if eager_call(tensors):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _EagerAttention.apply(*tensors, (window, scale, backend, box))
         # Nothing to differentiate (inference): the library without autograd's
         # bookkeeping, 11-18 us of apply() per call on this project's 2-core CPU.
-        return _core.forward(TorchArrays, window, scale, *tensors, backend=backend, query_box=box)
+        return _core.forward(TorchArrays, window, scale, *tensors, backend=backend, query_box=box,
+                             return_lse=return_lse)
     return torch.ops.nbhd.na_forward(*tensors, *window.lists(), scale, backend, *_core.query_box_lists(box))
 
 

@@ -95,10 +95,10 @@ def _attention(framework, window, query, key, value, scale, rpb, additional_keys
     box = _core.make_query_box(query_box, window.rank)
     if framework == "numpy":
         out, lse = _core.forward(_core.NumpyArrays, window, scale, query, key, value, rpb, additional_keys,
-                                 additional_values, backend, box)
+                                 additional_values, backend, box, return_lse)
     else:
         out, lse = _torch_ops().attention(query, key, value, rpb, additional_keys, additional_values, window, scale,
-                                          backend, box)
+                                          backend, box, return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -194,6 +194,30 @@ def test_eager_inference_skips_autograd_and_agrees(monkeypatch):
         assert torch.equal(out_i, out.detach()) and torch.equal(lse_i, lse.detach())
 
 
+def test_inference_without_lse_neither_allocates_nor_asks_for_it(monkeypatch):
+    # An inference call that does not return lse passes the library no lse (one
+    # allocation less per call; every backend takes a missing lse): the same out,
+    # bitwise, as a call that returns it. A training call keeps lse for its backward.
+    from nbhd import _nbhd
+
+    case = GRAD_CASES[1]
+    plain = [None if x is None else x.detach() for x in leaves(case, torch.float32)]
+    out_with, lse = fused(case, return_lse=True)(*plain)
+    seen = []
+    library_forward = _nbhd.forward
+
+    def recording(problem, query, key, value, out, lse=None, *rest, **options):
+        seen.append(lse)
+        return library_forward(problem, query, key, value, out, lse, *rest, **options)
+
+    monkeypatch.setattr(_nbhd, "forward", recording)
+    out_without = fused(case)(*plain)
+    assert seen == [None]
+    assert torch.equal(out_without, out_with)
+    fused(case)(*leaves(case, torch.float32))
+    assert len(seen) == 2 and seen[1] is not None
+
+
 def test_second_derivatives_raise_on_both_paths():
     case = GRAD_CASES[3]
     for watched in (False, True):
