@@ -11,6 +11,9 @@
 # With --overlay DIR, a second build ("overlay") of this checkout with DIR's files
 # laid over it (same relative paths) gets the same tests and backward-alone timings
 # in the same run: an A/B of a kernel change on one card, without a second call.
+# With --overlay-define NAME=VALUE instead (or beside it), the overlay build is also
+# configured with -DNAME=VALUE: an A/B of a build option, e.g.
+# NBHD_FUSED_FORWARD_OVERLAP=ON (the forward's overlap schedule).
 # With --ab-env VAR=VALUE, the same build run with that variable set is the second
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
 # NBHD_FUSED_LOADS=tma against the default cp.async producers). --variant
@@ -24,7 +27,8 @@
 # installed.
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
-#                            [--overlay DIR] [--ab-env VAR=VALUE] [--variant NAME:VAR=VALUE,...]
+#                            [--overlay DIR] [--overlay-define NAME=VALUE] [--ab-env VAR=VALUE]
+#                            [--variant NAME:VAR=VALUE,...]
 #                            [--skip-mma-sync] [--pass fwd|bwd] [--repeat N]
 # --repeat N runs each row's variants N times, odd rounds in reverse order, and
 # writes summary.txt: the median over rounds per variant and its speed relative to
@@ -42,7 +46,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/hopper-backward-out}"
 mkdir -p "$out"
-skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" ab_env="" skip_mma_sync=0 ab_pass=bwd repeat=1
+skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" overlay_define="" ab_env="" skip_mma_sync=0 ab_pass=bwd
+repeat=1
 variants=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,6 +56,7 @@ while [ $# -gt 0 ]; do
     --with-forward) with_forward=1 ;;
     --only) only="$2"; shift ;;
     --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
+    --overlay-define) overlay_define="-D$2"; shift ;;
     --ab-env) ab_env="$2"; shift ;;
     --variant) variants+=("$2"); shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
@@ -67,10 +73,10 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | t
 commit="${NBHD_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 echo "commit $commit"
 
-configure_and_build() {  # source build log
+configure_and_build() {  # source build log [cmake define]
   {
     cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS=90a \
-      -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="${HOPPER_HEAD_DIMS:-32;64;128}" -DNBHD_BUILD_TESTS=ON \
+      -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="${HOPPER_HEAD_DIMS:-32;64;128}" -DNBHD_BUILD_TESTS=ON ${4:-} \
       ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
       cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test fused_tma_test nbhd-bench
   } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
@@ -80,13 +86,16 @@ configure_and_build() {  # source build log
 gtest_source=""
 [ -f .carry/googletest/CMakeLists.txt ] && gtest_source="$PWD/.carry/googletest"
 configure_and_build . "$build" "$out/build.log"
+if [ -n "$overlay_define" ] && [ -z "$overlay" ]; then
+  overlay="$(mktemp -d)"  # no files: the same tree, configured with the define
+fi
 if [ -n "$overlay" ]; then
   overlay_source="$PWD/$build-overlay-source"
   rm -rf "$overlay_source" && mkdir -p "$overlay_source"
   tar -c --exclude='./build*' --exclude=./.git --exclude=./.carry . | tar -x -C "$overlay_source"
   cp -a "$overlay"/. "$overlay_source"/
-  echo "overlay: $(cd "$overlay" && find . -type f | sort | tr '\n' ' ')"
-  configure_and_build "$overlay_source" "$build-overlay" "$out/build-overlay.log"
+  echo "overlay: $(cd "$overlay" && find . -type f | sort | tr '\n' ' ') ${overlay_define}"
+  configure_and_build "$overlay_source" "$build-overlay" "$out/build-overlay.log" "$overlay_define"
 fi
 echo "build: $((SECONDS - start)) s"
 test_bin="$build/tests/cuda/fused_backward_test"

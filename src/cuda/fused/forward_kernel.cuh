@@ -49,6 +49,11 @@
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
 
+// The forward's overlap schedule (ForwardConfig::kOverlap): off unless the build asks.
+#ifndef NBHD_FUSED_FORWARD_OVERLAP
+#define NBHD_FUSED_FORWARD_OVERLAP 0
+#endif
+
 namespace nbhd::cuda::fused {
 
 template <class T, int kHeadDim_, int kWarps_, int kBlockKV_, int kMTiles_ = 1, bool kWgmma_ = false>
@@ -85,6 +90,13 @@ struct ForwardConfig {
   static constexpr bool kWideConsumers = kBlockKV == 128 || kHeadDim == 256;
   static constexpr int kProducerRegisters = kWideConsumers ? 24 : 88;
   static constexpr int kConsumerRegisters = kWideConsumers ? 240 : 208;
+  // Intra-warpgroup overlap (FlashAttention-3's; a build with
+  // NBHD_FUSED_FORWARD_OVERLAP=ON, a candidate not yet timed: docs/performance.md,
+  // "Forward v11"): tile t's S = Q K^T is issued together with tile t-1's P V, and
+  // t's softmax runs while that P V is in flight. A tile's stage is then held until
+  // its P V completes, one tile later, so it needs a ring of three stages or more
+  // (64-key tiles at head dims 64 and 128).
+  static constexpr bool kOverlap = kSpecialized && kStages >= 3 && NBHD_FUSED_FORWARD_OVERLAP;
   // float32 runs three tf32 products per product (mma.sync m16n8k8; common/mma.cuh).
   static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
@@ -173,6 +185,27 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// O += P V for a consumer warpgroup (wgmma): one m64 x head dim x 16 product per 16
+// keys, P from registers (the C layout of two n8 blocks of S is the A layout of
+// k16), V's rows as K (its 64-column slabs kBlockKV rows apart). One wgmma per 16
+// keys and 128 output columns: head dim 256 takes two, its second half of O at n8
+// block 16. Issues only: the caller fences, commits and waits.
+template <class Cfg>
+__device__ __forceinline__ void issue_pv(float (&o)[Cfg::kDBlocks][4], const uint32_t (&p)[Cfg::kBlockKV / 16][4],
+                                         uint32_t v_tile) {
+  if constexpr (Cfg::kWgmma) {
+    constexpr int kN = Cfg::kHeadDim < 128 ? Cfg::kHeadDim : 128;
+#pragma unroll
+    for (int kb = 0; kb < Cfg::kBlockKV / 16; ++kb)
+#pragma unroll
+      for (int half = 0; half < Cfg::kHeadDim / kN; ++half)
+        wgmma::mma_rs<typename Cfg::Element, kN>(
+            &o[half * kN / 8][0], p[kb],
+            wgmma::descriptor(v_tile + (2 * half * Cfg::kBlockKV + kb * 16) * 128, Cfg::kBlockKV * 128, 1024),
+            /*accumulate=*/true);
+  }
 }
 
 // Per axis [begin, end) ranges of group indices, 3 axes.
@@ -658,6 +691,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     return d;
   };
+  // Overlap: the P of the last computed tile, packed as P V's A operand, and its
+  // stage (-1: none pending). Its P V is issued with the next computed tile's S, or
+  // alone by a skipped tile or after the loop.
+  uint32_t pending_p[kBlockKV / 16][4];
+  int pending_stage = -1;
+  if constexpr (Cfg::kOverlap)
+#pragma unroll
+    for (int kb = 0; kb < kBlockKV / 16; ++kb)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pending_p[kb][r] = 0u;
+  // A stage's tile is read by every wgmma of this warp: the producer may refill it.
+  auto release_stage = [&](int released) {
+    __syncwarp();
+    if (lane == 0) pipeline::arrive(&smem.empty[released]);
+  };
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
     if constexpr (Cfg::kSpecialized) {
@@ -702,6 +750,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
         take_turn();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
+        if constexpr (Cfg::kOverlap) {
+          wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+          wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
+        }
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
@@ -712,8 +764,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
         wgmma::commit_group();
-        pass_turn(false);
-        wgmma::wait_group<0>();
+        if constexpr (Cfg::kOverlap) {
+          // The last computed tile's P V behind this S, on every computed tile: with
+          // no P pending it adds zeros (the current stage's V). Issued and waited for
+          // on every path alike, as ptxas needs (a wgmma in flight across a branch
+          // serializes them all: C7518).
+          detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage >= 0 ? pending_stage : stage]));
+          wgmma::commit_group();
+          pass_turn(it + 1 == total_tiles);  // one turn per tile: S and P V together
+          wgmma::wait_group<1>();            // S landed; P V may still run
+        } else {
+          pass_turn(false);
+          wgmma::wait_group<0>();
+        }
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
       } else {
         // S = Q K^T. Each K fragment serves every box of the warp; the mma of a chunk
@@ -838,6 +901,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
           row_sum[m][i] = row_sum[m][i] * rescale[i] + sum;
         }
+        if constexpr (Cfg::kOverlap) {
+          // O is the pending P V's accumulator, in flight: rescale it once that lands.
+          wgmma::wait_group<0>();
+          wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+          if (pending_stage >= 0) release_stage(pending_stage);
+        }
         // Once the running maxima settle, most tiles leave them unchanged: skip the
         // rescale of O (64 multiplies per thread and box at head dim 128) when no row
         // of the box moved.
@@ -855,8 +924,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       // O += P V, P from registers (the C layout of two n8 blocks is the A layout of
       // k16); each V fragment serves every box of the warp.
       if constexpr (Cfg::kWgmma) {
-        // One m64 x head dim x 16 product per 16 keys: V's rows are K here, its
-        // 64-column slabs kBlockKV rows apart.
         const uint32_t v_tile = ptx::smem_address(smem.v[stage]);
         uint32_t a[kBlockKV / 16][4];
 #pragma unroll
@@ -866,24 +933,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           a[kb][2] = ptx::pack2<T>(s[0][2 * kb + 1][0], s[0][2 * kb + 1][1]);
           a[kb][3] = ptx::pack2<T>(s[0][2 * kb + 1][2], s[0][2 * kb + 1][3]);
         }
-        take_turn();
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
-        wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
-        wgmma::fence();
-        // One wgmma per 16 keys and 128 output columns (two 64-column slabs of V):
-        // head dim 256 takes two, its second half of O at n8 block 16.
-        constexpr int kN = Cfg::kHeadDim < 128 ? Cfg::kHeadDim : 128;
+        if constexpr (Cfg::kOverlap) {
+          // Issued with the next computed tile's S (or alone by a skipped tile or
+          // after the loop); this tile's stage stays held until then.
 #pragma unroll
-        for (int kb = 0; kb < kBlockKV / 16; ++kb)
+          for (int kb = 0; kb < kBlockKV / 16; ++kb)
 #pragma unroll
-          for (int half = 0; half < Cfg::kHeadDim / kN; ++half)
-            wgmma::mma_rs<T, kN>(&o[0][half * kN / 8][0], a[kb],
-                                 wgmma::descriptor(v_tile + (2 * half * kBlockKV + kb * 16) * 128, kBlockKV * 128, 1024),
-                                 /*accumulate=*/true);
-        wgmma::commit_group();
-        pass_turn(it + 1 == total_tiles);
-        wgmma::wait_group<0>();
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+            for (int r = 0; r < 4; ++r) pending_p[kb][r] = a[kb][r];
+          pending_stage = stage;
+        } else {
+          take_turn();
+          wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
+          wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
+          wgmma::fence();
+          detail_fwd::issue_pv<Cfg>(o[0], a, v_tile);
+          wgmma::commit_group();
+          pass_turn(it + 1 == total_tiles);
+          wgmma::wait_group<0>();
+          wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+        }
       } else if constexpr (Cfg::kTf32) {
         // One k-step per n8 block of P, its keys reordered (Mma::a_from_accumulators),
         // so V's B fragments are read in that order, one float per lane (ldmatrix
@@ -936,6 +1004,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           }
         }
       }
+    } else if constexpr (Cfg::kOverlap) {
+      // A skipped tile's one turn: it completes the pending P V, if any, issued and
+      // waited for inside this branch.
+      take_turn();
+      if (pending_stage >= 0) {
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+        wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
+        wgmma::fence();
+        detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+        release_stage(pending_stage);
+        pending_stage = -1;
+#pragma unroll
+        for (int kb = 0; kb < kBlockKV / 16; ++kb)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) pending_p[kb][r] = 0u;
+      }
+      pass_turn(it + 1 == total_tiles);
     } else if (pingpong) {  // a skipped tile's two turns, with nothing to issue
       take_turn();
       pass_turn(false);
@@ -944,10 +1032,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
     if (!additional) compute_tile.advance(kbox, shape);
     if constexpr (Cfg::kSpecialized) {
-      __syncwarp();  // every lane's wgmmas on this stage completed
-      if (lane == 0) pipeline::arrive(&smem.empty[stage]);
+      // Overlap: a computed tile's stage is released once its P V completes.
+      if (!Cfg::kOverlap || !compute_tile_now) release_stage(stage);  // every lane's wgmmas on it completed
     } else {
       __syncthreads();  // the next iteration's loads overwrite this stage
+    }
+  }
+
+  if constexpr (Cfg::kOverlap) {
+    if (pending_stage >= 0) {  // the last computed tile's P V
+      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
+      wgmma::fence();
+      detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      release_stage(pending_stage);
     }
   }
 

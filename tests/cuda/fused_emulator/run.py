@@ -115,6 +115,9 @@ def main():
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--tests", default="fused_backward_test,fused_forward_test,fused_tma_test")
     ap.add_argument("-j", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--define", action="append", default=[],
+                    help="NAME=VALUE for every compile, e.g. NBHD_FUSED_FORWARD_OVERLAP=1 (a build option's "
+                         "kernels); use its own --build-dir, objects are reused by time stamp")
     ap.add_argument("gtest_args", nargs="*")
     args = ap.parse_args()
 
@@ -164,7 +167,8 @@ def main():
              "-DNBHD_CUDA_EMULATOR=1", '-DNBHD_CUDA_ARCHS_BUILT="emulated"',
              "-I", override, "-I", HERE, "-I", gen, "-I", os.path.join(ROOT, "include"), "-I", os.path.join(ROOT, "src"),
              "-I", os.path.join(ROOT, "tests", "cpp"), "-I", os.path.join(ROOT, "tests", "cuda"),
-             "-isystem", args.cuda_include, "-Wno-unknown-pragmas", "-Wno-attributes"]
+             "-isystem", args.cuda_include, "-Wno-unknown-pragmas", "-Wno-attributes",
+             *(f"-D{d}" for d in args.define)]
     if args.sanitize:
         flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
