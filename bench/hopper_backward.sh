@@ -139,6 +139,9 @@ problems=(
   "3d-16x48x80-k16x24x40|--extent 16x48x80 --kernel 16x24x40 --heads 4 --dim 128"
   "flux-256-k80-s16|--extent 256x256 --kernel 80 --stride 16 --heads 4 --dim 128"
   "2d-56-k7-d64|--extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 64"
+  # rpb and d rpb (the wgmma key pass has them at head dim 64).
+  "1d-32k-w2048-d64-rpb|--extent 32768 --kernel 2048 --heads 4 --dim 64 --rpb"
+  "2d-128-k31-d64-rpb|--extent 128x128 --kernel 31 --heads 6 --dim 64 --rpb"
   "2d-128-k31-p01|--extent 128x128 --kernel 31 --periodic 0x1 --heads 6 --dim 128"
   "2d-128-k31-p11|--extent 128x128 --kernel 31 --periodic 1x1 --heads 6 --dim 128"
   # Head dim 256 (build with HOPPER_HEAD_DIMS containing 256).

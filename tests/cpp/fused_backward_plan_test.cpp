@@ -61,8 +61,9 @@ TEST(FusedBackwardPlan, WgmmaCandidatesOnHopper) {
       }
 }
 
-// The planner takes the wgmma key pass only where it runs the problem (no rpb yet),
-// and never for the dq pass; --dry-run says why not.
+// The planner takes the wgmma key pass for the key pass where it runs the problem
+// (rpb and d rpb at head dim 64 only), never for the dq pass; the deterministic
+// mode's d rpb is the mma.sync key pass's (fixed-order sums); --dry-run says both.
 TEST(FusedBackwardPlan, WgmmaKeyPassWhereItRuns) {
   Problem p;
   p.rank = 1;
@@ -75,14 +76,67 @@ TEST(FusedBackwardPlan, WgmmaKeyPassWhereItRuns) {
   EXPECT_TRUE(plan.key_pass.wgmma);
   EXPECT_FALSE(plan.dq_pass.wgmma);
   EXPECT_FALSE(plan_backward(p).key_pass.wgmma);
+  auto says = [](const Problem& q, const char* what) {
+    bool said = false;
+    for (const std::string& line : describe_backward_plan(q, /*hopper=*/true)) said |= line.find(what) != std::string::npos;
+    return said;
+  };
+  // Head dim 128: d rpb (asked for with or without an rpb) stays on mma.sync.
+  EXPECT_TRUE(wgmma_key_pass_refusal(p, /*d_rpb=*/false, /*deterministic=*/true).empty());
+  EXPECT_FALSE(wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/false).empty());
   p.has_rpb = true;
-  EXPECT_FALSE(wgmma_key_pass_refusal(p).empty());
-  plan = plan_backward(p, /*hopper=*/true);
-  EXPECT_FALSE(plan.key_pass.wgmma);
-  bool said = false;
-  for (const std::string& line : describe_backward_plan(p, /*hopper=*/true))
-    said |= line.find("no wgmma key pass") != std::string::npos;
-  EXPECT_TRUE(said);
+  EXPECT_FALSE(plan_backward(p, /*hopper=*/true).key_pass.wgmma);
+  EXPECT_TRUE(says(p, "no wgmma key pass: rpb at head dim 128"));
+  // Head dim 64: the wgmma key pass with rpb and d rpb, but not deterministic d rpb.
+  p.dim = 64;
+  EXPECT_TRUE(wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/false).empty());
+  EXPECT_FALSE(wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/true).empty());
+  EXPECT_TRUE(plan_backward(p, /*hopper=*/true).key_pass.wgmma);
+  EXPECT_TRUE(says(p, "with Options::deterministic, the mma.sync key pass instead"));
+}
+
+// The wgmma key pass's d rpb bins (RpbBins): each warpgroup's 64 keys are a box of
+// the CTA tile (so a key's bin part is affine in its offsets), both boxes have the
+// same extents (the columns' parts are shared), and every entry's bins fit the
+// kernel's shared memory.
+TEST(FusedBackwardPlan, WgmmaRpbBinsFit) {
+  int largest = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int head_dim : {64, 128})
+      for (const TileConfig& c : backward_candidates(DType::kFloat16, rank, head_dim, /*hopper=*/true)) {
+        if (!c.wgmma) continue;
+        const GridTile s = GridTile::from(c.shape);
+        const RpbBins b0 = RpbBins::of(s, 0), b1 = RpbBins::of(s, 1);
+        for (int wg = 0; wg < 2; ++wg) {
+          const RpbBins& b = wg ? b1 : b0;
+          int volume = 1;
+          for (int a = 0; a < kMaxRank; ++a) volume *= b.extent[a] - s.col(a) + 1;
+          EXPECT_EQ(volume, 64) << "rank " << rank << ": warpgroup " << wg << "'s keys are not a box";
+          std::set<int> bins;
+          for (int r = 64 * wg; r < 64 * wg + 64; ++r) {
+            int off[kMaxRank];
+            s.row_offset(r, off);
+            for (int a = 0; a < kMaxRank; ++a) {
+              EXPECT_GE(off[a], b.first[a]);
+              EXPECT_LT(off[a], b.first[a] + b.extent[a] - s.col(a) + 1);
+            }
+            for (int n = 0; n < s.cols(); ++n) {
+              int c_off[kMaxRank];
+              s.col_offset(n, c_off);
+              const int bin = b.row_part(s, off) - b.col_part(c_off);
+              EXPECT_GE(bin, 0);
+              EXPECT_LT(bin, b.count());
+              int expected = 0;  // row-major over (key - first - query + col - 1) per axis
+              for (int a = 0; a < kMaxRank; ++a) expected = expected * b.extent[a] + off[a] - b.first[a] - c_off[a] + s.col(a) - 1;
+              EXPECT_EQ(bin, expected);
+            }
+          }
+        }
+        for (int a = 0; a < kMaxRank; ++a) EXPECT_EQ(b0.extent[a], b1.extent[a]);
+        EXPECT_LE(b0.count(), RpbBins::kCapacity);
+        largest = std::max(largest, b0.count());
+      }
+  EXPECT_GT(largest, RpbBins::kCapacity / 2) << "the capacity is far above what the table needs";
 }
 
 TEST(FusedBackwardPlan, RowNumberingIsABijection) {

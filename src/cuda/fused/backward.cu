@@ -57,13 +57,13 @@ BackwardPlan plan(const Problem& p) {
       const TileConfig& c = candidates[i];
       if (!c.wgmma) return {c, c, prefer_dq_pass(p)};
       BackwardPlan planned = plan_backward(p, hopper);
-      if (wgmma_key_pass_refusal(p).empty()) planned.key_pass = c;
+      if (wgmma_key_pass_refusal(p, /*d_rpb=*/p.has_rpb, /*deterministic=*/false).empty()) planned.key_pass = c;
       return planned;
     }
   }
   // The plan depends on the grid geometry, the head dims and dtype (as the
   // forward's), the device (wgmma or not) and whether there is an rpb (which the
-  // wgmma key pass does not run).
+  // wgmma key pass runs at head dim 64 only).
   using Key = std::tuple<GeometryKey, bool, bool>;
   const Key key{geometry_key(p), hopper, p.has_rpb};
   static detail::PlanCache<Key, BackwardPlan> cache(detail::kPlanCacheSize);
@@ -143,6 +143,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");
   BackwardPlan chosen = plan(p);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
+  if (chosen.key_pass.wgmma && !wgmma_key_pass_refusal(p, t.d_rpb.defined(), o.deterministic).empty())
+    chosen.key_pass = plan_backward(p, /*hopper=*/false).key_pass;
   // The kernels are compiled for backward_cols columns; a plan with others would
   // visit some key-query pairs twice (a plan cached without the dtype once did).
   const int cols = backward_cols(p.dtype, bucket);

@@ -75,6 +75,38 @@ struct GridTile {
   }
 };
 
+// The wgmma key pass's d rpb bins (backward_wgmma_kernel.cuh): warpgroup wg's keys,
+// rows 64 wg .. 64 wg + 63 of the CTA tile (a box: the tile's halves along its
+// outermost split axis), against a query tile. A key at offset r from the CTA tile
+// origin and a query at offset c from the tile's sit in bin r - first + col - 1 - c
+// per axis, in [0, extent); row-major, so the bin index is row_part(r) -
+// col_part(c). The bias index is then bin + first - (col - 1) + key origin - query
+// origin + kernel - 1 per axis.
+struct RpbBins {
+  // Bins per warpgroup in the kernel's shared memory: at most 330 over the table's
+  // entries (FusedBackwardPlan.WgmmaRpbBinsFit); 3 KB for both warpgroups, in the
+  // 5 KB that head dim 128 leaves below the 227 KB limit.
+  static constexpr int kCapacity = 384;
+
+  int first[kMaxRank];   // the warpgroup's first key, offset from the CTA tile origin
+  int extent[kMaxRank];  // its key box extent + the column tile's - 1
+
+  NBHD_HOST_DEVICE static constexpr RpbBins of(const GridTile& s, int wg) {
+    RpbBins b{};
+    int last[kMaxRank] = {};
+    s.row_offset(64 * wg, b.first);
+    s.row_offset(64 * wg + 63, last);
+    for (int a = 0; a < kMaxRank; ++a) b.extent[a] = last[a] - b.first[a] + s.col(a);
+    return b;
+  }
+  NBHD_HOST_DEVICE constexpr int count() const { return extent[0] * extent[1] * extent[2]; }
+  NBHD_HOST_DEVICE constexpr int linear(int x0, int x1, int x2) const { return (x0 * extent[1] + x1) * extent[2] + x2; }
+  NBHD_HOST_DEVICE constexpr int row_part(const GridTile& s, const int* r) const {
+    return linear(r[0] - first[0] + s.col(0) - 1, r[1] - first[1] + s.col(1) - 1, r[2] - first[2] + s.col(2) - 1);
+  }
+  NBHD_HOST_DEVICE constexpr int col_part(const int* c) const { return linear(c[0], c[1], c[2]); }
+};
+
 // One axis of a key-pass CTA whose key tile starts at group index `origin` (extent
 // `extent`, clipped to the group length lg): the relative-position-bias indices its
 // (key, query) pairs can use, [begin, end) within [0, 2 * kernel - 1). The queries

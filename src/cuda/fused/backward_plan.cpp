@@ -21,8 +21,13 @@ std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim,
   return out;
 }
 
-std::string wgmma_key_pass_refusal(const Problem& p) {
-  if (p.has_rpb) return "the wgmma key pass does not bin d rpb yet (the mma.sync key pass does)";
+std::string wgmma_key_pass_refusal(const Problem& p, bool d_rpb, bool deterministic) {
+  if ((p.has_rpb || d_rpb) && head_dim_bucket(p.dim, p.value_dim()) > 64)
+    return "rpb at head dim " + std::to_string(head_dim_bucket(p.dim, p.value_dim())) +
+           ": the wgmma key pass has its rpb paths at head dim 64 only (at 128 ptxas spilled 508 instead of 264 bytes)";
+  if (deterministic && d_rpb)
+    return "deterministic d rpb: the wgmma key pass bins it by shared-memory atomics, in no fixed order (the mma.sync "
+           "key pass sums it in a fixed order)";
   return "";
 }
 
@@ -125,10 +130,11 @@ namespace {
 
 // The candidates a pass may take, with their estimates, least cost first: the key
 // pass every candidate (the wgmma ones where they run the problem), the dq pass the
-// mma.sync ones.
+// mma.sync ones. (The deterministic mode's exception is the launch's: plans are
+// cached per problem.)
 std::vector<PlanEstimate> ranked(const Problem& p, bool hopper, bool key_pass) {
   std::vector<PlanEstimate> out;
-  const bool wgmma_ok = wgmma_key_pass_refusal(p).empty();
+  const bool wgmma_ok = wgmma_key_pass_refusal(p, /*d_rpb=*/p.has_rpb, /*deterministic=*/false).empty();
   for (const TileConfig& c : backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper)) {
     if (c.wgmma && (!key_pass || !wgmma_ok)) continue;
     out.push_back(key_pass ? estimate_key_pass(p, c) : estimate(p, c));
@@ -172,11 +178,14 @@ std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
       lines.push_back(buf);
     }
   }
-  const std::string refusal = wgmma_key_pass_refusal(p);
+  const std::string refusal = wgmma_key_pass_refusal(p, /*d_rpb=*/p.has_rpb, /*deterministic=*/false);
   if (hopper && !refusal.empty() && backward_candidates(p.dtype, p.rank, bucket, true).size() >
                                         backward_candidates(p.dtype, p.rank, bucket).size())
     lines.push_back("fused backward: no wgmma key pass: " + refusal);
   const TileConfig key_pass = ranked(p, hopper, true).front().config;
+  if (key_pass.wgmma && p.has_rpb)
+    lines.push_back("fused backward: with Options::deterministic, the mma.sync key pass instead (" +
+                    wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/true) + ")");
   if (key_pass.wgmma) {
     TmaView views[2];
     const std::string why = key_pass_tma_views(p, key_pass, contiguous_layout(p, p.heads, p.dim),

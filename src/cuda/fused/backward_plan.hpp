@@ -29,9 +29,13 @@ inline constexpr int backward_cols(DType dtype, int head_dim) {
 // 64 and 128. NBHD_FUSED_BACKWARD_TILE indexes this list.
 std::vector<TileConfig> backward_candidates(DType dtype, int rank, int head_dim, bool hopper = false);
 
-// Why the wgmma key pass cannot run a problem, or "" when it can: d rpb is binned
-// by the mma.sync key pass only.
-std::string wgmma_key_pass_refusal(const Problem& p);
+// Why the wgmma key pass cannot run a backward of p (d_rpb: d rpb is asked for, with
+// or without an rpb), or "" when it can. Its rpb paths are compiled at head dim 64
+// only (at 128 they made ptxas spill; backward_wgmma_kernel.cuh); it bins d rpb by
+// shared-memory atomics, in no fixed order, so the deterministic mode takes the
+// mma.sync key pass for d rpb (fixed-order partial sums). The planner asks with
+// d_rpb = p.has_rpb and not deterministic; the launch asks again with the call's.
+std::string wgmma_key_pass_refusal(const Problem& p, bool d_rpb, bool deterministic);
 
 // The key pass's counterpart of estimate(): rows are keys (the entry's query tile
 // and warp boxes), columns are query tiles (its key tile) walked over the inverse-

@@ -17,8 +17,11 @@
 // and each warpgroup's dQ is staged in shared memory and added to the float32
 // workspace by bulk reduce-add, a row per lane, without waiting for it. The two
 // consumer warpgroups never wait for each other. A warpgroup whose keys reach none
-// of a tile's queries skips it. Additional tokens run on the mma.sync key pass
-// (their CTAs are launched beside this one), as does d rpb.
+// of a tile's queries skips it. d rpb: each warpgroup bins its dS^T by relative
+// position in shared memory (atomics, so in no fixed order: the deterministic mode
+// takes the mma.sync key pass for it) and adds the tile's bins to d_rpb, one atomic
+// per bin. Additional tokens run on the mma.sync key pass (their CTAs are launched
+// beside this one).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,6 +44,12 @@ template <class T, int kHeadDim_>
 struct WgmmaKeyPassConfig {
   using Element = T;
   static constexpr int kHeadDim = kHeadDim_;  // padded: dim and dim_v fit in it
+  // rpb (its bias in the recomputed scores) and d rpb, at head dim 64 only: there
+  // ptxas spills no more with their paths (220 / 320 bytes of spill stores / loads,
+  // against 224 / 324 without), while at head dim 128 the bias path took every
+  // problem's kernel from 264 to 508 bytes of spill stores. Head dim 128 with an rpb
+  // or d rpb runs the mma.sync key pass (wgmma_key_pass_refusal).
+  static constexpr bool kRpb = kHeadDim == 64;
   static constexpr int kConsumerWarps = 8;    // two warpgroups of 64 keys
   static constexpr int kConsumerThreads = 32 * kConsumerWarps;
   static constexpr int kThreads = kConsumerThreads + 128;  // and the producer warpgroup
@@ -62,6 +71,7 @@ struct WgmmaKeyPassConfig {
   // head dim 128 ptxas spilled 140 bytes at 224 and 16 at 232, none at 240; the
   // producer spills ~50 bytes at 24 (none at 56), off the consumers' path.
   static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+  static constexpr int kRpbBins = RpbBins::kCapacity;  // d rpb bins per warpgroup
   static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128), "wgmma key pass: 16-bit, head dim 64 or 128");
 
   struct SharedStorage {
@@ -85,6 +95,14 @@ struct WgmmaKeyPassConfig {
     // Per consumer warpgroup: its dQ of a tile [query][kDqStride] in float32, the
     // source of the bulk reduce-adds (16-byte aligned rows).
     alignas(16) float dq[2][kBlockCols][kDqStride];
+    // d rpb (RpbBins): per warpgroup, a tile's dS^T summed by relative position; the
+    // key rows' and the columns' parts of their bin indices; per warpgroup the bias
+    // index of bin 0 less the key and query tile origins, and the bins' extents. In
+    // shared memory: held in registers across the loop they spilled (head dim 128).
+    float rpb_bins[2][kRpbBins];
+    int row_bin[kBlockRows];
+    int col_bin[kBlockCols];
+    int4 rpb_base[2], rpb_extent;
   };
   static constexpr int kSharedBytes = int(sizeof(SharedStorage)) + 1024;  // room to align the base
 
@@ -138,6 +156,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
     }
     pipeline::init(&smem.kv_full, 128);
     pipeline::fence_init();
+  }
+  if (Cfg::kRpb && p.d_rpb) {  // d rpb: the bins' tables (both warpgroups' bins have the same extents), bins zeroed
+    for (int n = tid; n < kRows; n += Cfg::kThreads) {
+      int off[kMaxRank];
+      shape.row_offset(n, off);
+      smem.row_bin[n] = RpbBins::of(shape, n / 64).row_part(shape, off);
+    }
+    for (int n = tid; n < kCols; n += Cfg::kThreads) {
+      int off[kMaxRank];
+      shape.col_offset(n, off);
+      smem.col_bin[n] = RpbBins::of(shape, 0).col_part(off);
+    }
+    for (int i = tid; i < 2 * Cfg::kRpbBins; i += Cfg::kThreads) smem.rpb_bins[i / Cfg::kRpbBins][i % Cfg::kRpbBins] = 0.f;
+    if (tid < 2) {
+      const RpbBins bins = RpbBins::of(shape, tid);
+      int base[kMaxRank];
+      for (int a = 0; a < kMaxRank; ++a) base[a] = bins.first[a] - (shape.col(a) - 1) + k_origin[a] + nb.axis[a].kernel - 1;
+      smem.rpb_base[tid] = make_int4(base[0], base[1], base[2], 0);
+      smem.rpb_extent = make_int4(bins.extent[0], bins.extent[1], bins.extent[2], bins.count());
+    }
   }
   const bool consumer = warp < Cfg::kConsumerWarps;
   const int my_row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's keys (consumers)
@@ -220,7 +258,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
   pipeline::claim_registers<Cfg::kConsumerRegisters>();
   const int wg = warp / 4;                  // keys 64 wg .. 64 wg + 63
   const int wg_warp = warp & 3;
-  const bool has_rpb = false;               // d rpb problems run the mma.sync key pass
+  const bool has_rpb = Cfg::kRpb && p.rpb != nullptr;
+  const bool rpb_grad = Cfg::kRpb && p.d_rpb != nullptr;
   float dk[kHeadDim / 2], dv[kHeadDim / 2];  // this thread's part of the warpgroup's 64 x kHeadDim
 #pragma unroll
   for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -293,6 +332,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
       wgmma::wait_group<0>();
       wgmma::fence_operands<kColBlocks * 4>(&dp[0][0]);
       detail_bwd::key_score_gradients(dp, s, dp, 0, lse_delta4, t4);  // dp holds dS^T now
+      if (rpb_grad) {  // d rpb: dS^T into this warpgroup's bins (masked pairs are exact zeros)
+        float* tile_bins = smem.rpb_bins[wg];
+#pragma unroll
+        for (int j = 0; j < kColBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (dp[j][e] != 0.f)
+              atomicAdd(&tile_bins[smem.row_bin[my_row[e >> 1]] - smem.col_bin[8 * j + 2 * t4 + (e & 1)]], dp[j][e]);
+      }
 
       // dV += P^T dO and dK += dS^T Q: one m64 x head dim x 16 product per 16
       // queries, P^T and dS^T from registers (the C layout of two n8 blocks is the A
@@ -384,6 +432,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fused_backward_key_wgmma_ker
         ptx::bulk_commit();
       }
     }
+
+    // ---- d rpb: the tile's bins added to d_rpb, one atomic per bin, and zeroed --------
+    if (computed && rpb_grad) {
+      pipeline::named_barrier<128>(1 + wg);  // every thread of the warpgroup binned the tile
+      const int4 base = smem.rpb_base[wg], extent = smem.rpb_extent;
+      float* tile_bins = smem.rpb_bins[wg];
+      for (int i = tid & 127; i < extent.w; i += 128) {
+        const float sum = tile_bins[i];
+        if (sum == 0.f) continue;
+        tile_bins[i] = 0.f;
+        const int index[kMaxRank] = {i / (extent.y * extent.z) + base.x - qtile.origin[0],
+                                     i / extent.z % extent.y + base.y - qtile.origin[1],
+                                     i % extent.z + base.z - qtile.origin[2]};
+        atomicAdd(p.d_rpb + p.drpb_layout.offset(h, index), sum);
+      }
+      pipeline::named_barrier<128>(1 + wg);  // the bins are zero again before the next tile's
+    }
   }
   ptx::bulk_wait<0>();  // this thread's bulk reduce-adds completed
 
@@ -423,6 +488,7 @@ inline constexpr bool kHasWgmmaKeyPass = sizeof(T) == 2 && (kHeadDim == 64 || kH
 template <class T, int kHeadDim>
 cudaError_t launch_fused_backward_key_wgmma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = WgmmaKeyPassConfig<T, kHeadDim>;
+  if ((p.rpb || p.d_rpb) && !Cfg::kRpb) return cudaErrorInvalidValue;  // the planner takes mma.sync for these
   auto kernel = fused_backward_key_wgmma_kernel<Cfg>;
   if (const cudaError_t e = allow_shared_memory<fused_backward_key_wgmma_kernel<Cfg>>(Cfg::kSharedBytes); e != cudaSuccess)
     return e;

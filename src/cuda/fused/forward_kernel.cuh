@@ -706,6 +706,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     __syncwarp();
     if (lane == 0) pipeline::arrive(&smem.empty[released]);
   };
+  // Overlap: the pending P V alone, issued and waited for on the caller's path (a
+  // skipped tile's branch, or after the loop), then its stage released.
+  auto complete_pending_pv = [&]() {
+    if constexpr (Cfg::kOverlap) {
+      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
+      wgmma::fence();
+      detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
+      wgmma::commit_group();
+      wgmma::wait_group<0>();
+      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
+      release_stage(pending_stage);
+      pending_stage = -1;
+#pragma unroll
+      for (int kb = 0; kb < kBlockKV / 16; ++kb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pending_p[kb][r] = 0u;
+    }
+  };
   for (int it = 0; it < total_tiles; ++it) {
     const int stage = it % Cfg::kStages;
     if constexpr (Cfg::kSpecialized) {
@@ -1008,21 +1027,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       // A skipped tile's one turn: it completes the pending P V, if any, issued and
       // waited for inside this branch.
       take_turn();
-      if (pending_stage >= 0) {
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-        wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
-        wgmma::fence();
-        detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-        wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-        release_stage(pending_stage);
-        pending_stage = -1;
-#pragma unroll
-        for (int kb = 0; kb < kBlockKV / 16; ++kb)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) pending_p[kb][r] = 0u;
-      }
+      if (pending_stage >= 0) complete_pending_pv();
       pass_turn(it + 1 == total_tiles);
     } else if (pingpong) {  // a skipped tile's two turns, with nothing to issue
       take_turn();
@@ -1039,18 +1044,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
   }
 
-  if constexpr (Cfg::kOverlap) {
-    if (pending_stage >= 0) {  // the last computed tile's P V
-      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-      wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
-      wgmma::fence();
-      detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
-      wgmma::commit_group();
-      wgmma::wait_group<0>();
-      wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
-      release_stage(pending_stage);
-    }
-  }
+  if (Cfg::kOverlap && pending_stage >= 0) complete_pending_pv();  // the last computed tile's P V
 
   // ---- epilogue: out = O / sum, staged through this warp's rows of smem.q ----------
 #pragma unroll
