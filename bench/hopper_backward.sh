@@ -11,8 +11,8 @@
 # With --overlay DIR, a second build ("overlay") of this checkout with DIR's files
 # laid over it (same relative paths) gets the same tests and backward-alone timings
 # in the same run: an A/B of a kernel change on one card, without a second call.
-# With --overlay-define NAME=VALUE instead (or beside it), the overlay build is also
-# configured with -DNAME=VALUE: an A/B of a build option, e.g.
+# With --overlay-define NAME=VALUE (repeatable) instead of or beside it, the overlay
+# build is also configured with -DNAME=VALUE: an A/B of a build option, e.g.
 # NBHD_FUSED_FORWARD_OVERLAP=ON (the forward's overlap schedule).
 # With --ab-env VAR=VALUE, the same build run with that variable set is the second
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
@@ -56,7 +56,7 @@ while [ $# -gt 0 ]; do
     --with-forward) with_forward=1 ;;
     --only) only="$2"; shift ;;
     --overlay) overlay="$(cd "$2" && pwd)"; shift ;;
-    --overlay-define) overlay_define="-D$2"; shift ;;
+    --overlay-define) overlay_define="$overlay_define -D$2"; shift ;;
     --ab-env) ab_env="$2"; shift ;;
     --variant) variants+=("$2"); shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;

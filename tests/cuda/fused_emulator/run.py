@@ -21,6 +21,7 @@ NBHD_TEST_SMALL=1 (smaller random problems; set by default here).
 """
 import argparse
 import concurrent.futures
+import hashlib
 import os
 import re
 import subprocess
@@ -117,7 +118,7 @@ def main():
     ap.add_argument("-j", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--define", action="append", default=[],
                     help="NAME=VALUE for every compile, e.g. NBHD_FUSED_FORWARD_OVERLAP=1 (a build option's "
-                         "kernels); use its own --build-dir, objects are reused by time stamp")
+                         "kernels); repeatable")
     ap.add_argument("gtest_args", nargs="*")
     args = ap.parse_args()
 
@@ -180,6 +181,8 @@ def main():
         obj = os.path.join(build, "obj", os.path.relpath(src, ROOT).replace(os.sep, "_").replace("..", "up") + ".o")
         if args.sanitize:
             obj += ".asan"
+        if args.define:  # objects of another set of defines are other objects
+            obj += "." + hashlib.sha1(" ".join(sorted(args.define)).encode()).hexdigest()[:8]
         os.makedirs(os.path.dirname(obj), exist_ok=True)
         if os.path.exists(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(src), newest_header):
             return obj
