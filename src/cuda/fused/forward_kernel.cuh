@@ -196,6 +196,51 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Online softmax of one tile of a 16-query box (the thread's rows g and g + 8): the
+// running max (base-2 units) and the thread-partial sum per row move, the scores
+// become probabilities, and `rescale` is what O must be multiplied by. score_scale
+// multiplies the scores first: the softmax scale where it was not applied yet (it is
+// positive there, so it commutes with the max), else 1.
+template <int kNBlocks>
+__device__ __forceinline__ void online_softmax(float (&s)[kNBlocks][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float score_scale, float (&rescale)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float tile_max = kNegInf;
+#pragma unroll
+    for (int j = 0; j < kNBlocks; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+    const float mx = quad_max(fmaxf(row_max[i], tile_max * score_scale));
+    // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
+    const float ref = mx == kNegInf ? 0.f : mx;
+    rescale[i] = ptx::exp2_approx(row_max[i] - ref);
+    row_max[i] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNBlocks; ++j) {
+      s[j][2 * i] = ptx::exp2_approx(fmaf(s[j][2 * i], score_scale, -ref));
+      s[j][2 * i + 1] = ptx::exp2_approx(fmaf(s[j][2 * i + 1], score_scale, -ref));
+      sum += s[j][2 * i] + s[j][2 * i + 1];
+    }
+    row_sum[i] = row_sum[i] * rescale[i] + sum;
+  }
+}
+
+// O of one 16-query box times the rows' rescale factors. Once the running maxima
+// settle, most tiles leave them unchanged: skipped when no row of the box moved (64
+// multiplies per thread at head dim 128).
+template <int kDBlocks>
+__device__ __forceinline__ void rescale_o(float (&o)[kDBlocks][4], const float (&rescale)[2]) {
+  if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
+#pragma unroll
+    for (int d = 0; d < kDBlocks; ++d) {
+      o[d][0] *= rescale[0];
+      o[d][1] *= rescale[0];
+      o[d][2] *= rescale[1];
+      o[d][3] *= rescale[1];
+    }
+  }
+}
+
 // O += P V for a consumer warpgroup (wgmma): one m64 x head dim x 16 product per 16
 // keys, P from registers (the C layout of two n8 blocks of S is the A layout of
 // k16), V's rows as K (its 64-column slabs kBlockKV rows apart). One wgmma per 16
@@ -804,6 +849,74 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     }
 
     float s[kM][kNBlocks][4];
+    // Box m's scores of this tile to base-2 units; on tiles that need it, the bias and
+    // the mask. An unmasked tile with a positive scale stays unscaled: its scale
+    // folds into the softmax's subtraction (one FFMA per score instead of FMUL +
+    // FADD), and the part returns true.
+    auto scale_and_mask = [&](int m) {
+      const bool fold_scale = !needs_mask[m] && p.scale_log2 > 0.f;
+      if (!needs_mask[m]) {
+        if (!fold_scale)
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[m][j][e] *= p.scale_log2;
+      } else if (additional) {
+        const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
+#pragma unroll
+        for (int j = 0; j < kNBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int n = 8 * j + 2 * t4 + (e & 1);
+            s[m][j][e] = n < valid_keys ? s[m][j][e] * p.scale_log2 : kNegInf;
+          }
+      } else {
+        // Per row and axis, the keys of this tile (offsets from its origin) the row sees.
+        int lo[2][kMaxRank], hi[2][kMaxRank];
+        int64_t bias_base[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          bias_base[i] = int64_t(h) * p.rpb_layout.head;
+          for (int a = 0; a < kMaxRank; ++a) {
+            const int4 ra = smem.row_axis[my_row[m][i]][a];  // {j, window begin, window end}
+            lo[i][a] = ra.y - origin[a];
+            hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
+            bias_base[i] += int64_t(origin[a] - ra.x + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kNBlocks; ++j) {
+          const bool chunk_on = (active[m] >> j) & 1u;
+          int off[kMaxRank];
+          shape.key_offset(8 * j, off);  // the chunk's first key; the run is along axis 2
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+            const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
+                              off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
+            s[m][j][e] = keep ? s[m][j][e] * p.scale_log2 : kNegInf;
+          }
+        }
+        if (has_rpb) {
+#pragma unroll
+          for (int j = 0; j < kNBlocks; ++j) {
+            int off[kMaxRank];
+            shape.key_offset(8 * j, off);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (s[m][j][e] == kNegInf) continue;
+              const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
+              const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
+                                 off2 * p.rpb_layout.axis[2];
+              const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
+                                                  : to_float(static_cast<const T*>(p.rpb)[ro]);
+              s[m][j][e] += bias * rpb_log2;
+            }
+          }
+        }
+      }
+      return fold_scale;
+    };
     if (compute_tile_now) {
       if constexpr (Cfg::kWgmma) {
         // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
@@ -875,112 +988,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
-        // Scale to base-2 units; on tiles that need it, add the bias and mask. An
-        // unmasked tile with a positive scale stays unscaled here: its scale folds
-        // into the softmax's subtraction (one FFMA per score instead of FMUL + FADD).
-        const bool fold_scale = !needs_mask[m] && p.scale_log2 > 0.f;
-        if (!needs_mask[m]) {
-          if (!fold_scale)
-#pragma unroll
-            for (int j = 0; j < kNBlocks; ++j)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) s[m][j][e] *= p.scale_log2;
-        } else if (additional) {
-          const int valid_keys = p.additional_tokens - (it - neighbor_tiles) * kBlockKV;
-#pragma unroll
-          for (int j = 0; j < kNBlocks; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int n = 8 * j + 2 * t4 + (e & 1);
-              s[m][j][e] = n < valid_keys ? s[m][j][e] * p.scale_log2 : kNegInf;
-            }
-        } else {
-          // Per row and axis, the keys of this tile (offsets from its origin) the row sees.
-          int lo[2][kMaxRank], hi[2][kMaxRank];
-          int64_t bias_base[2];
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            bias_base[i] = int64_t(h) * p.rpb_layout.head;
-            for (int a = 0; a < kMaxRank; ++a) {
-              const int4 ra = smem.row_axis[my_row[m][i]][a];  // {j, window begin, window end}
-              lo[i][a] = ra.y - origin[a];
-              hi[i][a] = imin(ra.z, kbox.r[a].end) - origin[a];
-              bias_base[i] += int64_t(origin[a] - ra.x + p.nb.axis[a].kernel - 1) * p.rpb_layout.axis[a];
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < kNBlocks; ++j) {
-            const bool chunk_on = (active[m] >> j) & 1u;
-            int off[kMaxRank];
-            shape.key_offset(8 * j, off);  // the chunk's first key; the run is along axis 2
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
-              const bool keep = chunk_on && off[0] >= lo[i][0] && off[0] < hi[i][0] && off[1] >= lo[i][1] &&
-                                off[1] < hi[i][1] && off2 >= lo[i][2] && off2 < hi[i][2];
-              s[m][j][e] = keep ? s[m][j][e] * p.scale_log2 : kNegInf;
-            }
-          }
-          if (has_rpb) {
-#pragma unroll
-            for (int j = 0; j < kNBlocks; ++j) {
-              int off[kMaxRank];
-              shape.key_offset(8 * j, off);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                if (s[m][j][e] == kNegInf) continue;
-                const int i = e >> 1, off2 = off[2] + 2 * t4 + (e & 1);
-                const int64_t ro = bias_base[i] + off[0] * p.rpb_layout.axis[0] + off[1] * p.rpb_layout.axis[1] +
-                                   off2 * p.rpb_layout.axis[2];
-                const float bias = p.rpb_is_float32 ? __ldg(static_cast<const float*>(p.rpb) + ro)
-                                                    : to_float(static_cast<const T*>(p.rpb)[ro]);
-                s[m][j][e] += bias * rpb_log2;
-              }
-            }
-          }
-        }
-
-        // Online softmax: running max (base-2 units) and (thread-partial) sum per row.
-        // The scale is positive where it folds, so it commutes with the max.
-        const float score_scale = fold_scale ? p.scale_log2 : 1.f;
+        const bool fold_scale = scale_and_mask(m);
         float rescale[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          float tile_max = kNegInf;
-#pragma unroll
-          for (int j = 0; j < kNBlocks; ++j) tile_max = fmaxf(tile_max, fmaxf(s[m][j][2 * i], s[m][j][2 * i + 1]));
-          const float mx = detail_fwd::quad_max(fmaxf(row_max[m][i], tile_max * score_scale));
-          // A row with no key yet keeps -inf; exp2 against 0 then gives exact zeros.
-          const float ref = mx == kNegInf ? 0.f : mx;
-          rescale[i] = ptx::exp2_approx(row_max[m][i] - ref);
-          row_max[m][i] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < kNBlocks; ++j) {
-            s[m][j][2 * i] = ptx::exp2_approx(fmaf(s[m][j][2 * i], score_scale, -ref));
-            s[m][j][2 * i + 1] = ptx::exp2_approx(fmaf(s[m][j][2 * i + 1], score_scale, -ref));
-            sum += s[m][j][2 * i] + s[m][j][2 * i + 1];
-          }
-          row_sum[m][i] = row_sum[m][i] * rescale[i] + sum;
-        }
+        detail_fwd::online_softmax(s[m], row_max[m], row_sum[m], fold_scale ? p.scale_log2 : 1.f, rescale);
         if constexpr (Cfg::kOverlap) {
           // O is the pending P V's accumulator, in flight: rescale it once that lands.
           wgmma::wait_group<0>();
           wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
           if (pending_stage >= 0) release_stage(pending_stage);
         }
-        // Once the running maxima settle, most tiles leave them unchanged: skip the
-        // rescale of O (64 multiplies per thread and box at head dim 128) when no row
-        // of the box moved.
-        if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
-#pragma unroll
-          for (int d = 0; d < kDBlocks; ++d) {
-            o[m][d][0] *= rescale[0];
-            o[m][d][1] *= rescale[0];
-            o[m][d][2] *= rescale[1];
-            o[m][d][3] *= rescale[1];
-          }
-        }
+        detail_fwd::rescale_o(o[m], rescale);
       }
 
       // O += P V, P from registers (the C layout of two n8 blocks is the A layout of
