@@ -156,6 +156,17 @@ TEST(Window, UnionsCoverEveryMember) {
   });
 }
 
+// wrap's one add or subtract in [-lg, 2 lg) and its remainders beyond agree with the
+// plain modulus everywhere; a non-periodic axis keeps every index.
+TEST(Window, WrapIsTheModulusOnAPeriodicAxis) {
+  Axis ax;
+  ax.periodic = true;
+  for (int lg = 1; lg <= 9; ++lg)
+    for (int j = -4 * lg - 3; j <= 4 * lg + 3; ++j) ASSERT_EQ(ax.wrap(j, lg), ((j % lg) + lg) % lg) << j << " " << lg;
+  ax.periodic = false;
+  for (int j = -5; j <= 12; ++j) EXPECT_EQ(ax.wrap(j, 4), j);
+}
+
 // Hand-worked cases, each written out from the spec by hand.
 TEST(Window, HandWorkedCases) {
   auto keys = [](int L, int k, int d, int s, bool c, int i) { return library_neighbors(Axis{L, k, d, s, c}, i); };

@@ -52,8 +52,15 @@ struct Axis {
   }
 
   // The group index an (unwrapped) window entry j stands for: j itself, or j modulo
-  // the group length on a periodic axis.
-  NBHD_HOST_DEVICE constexpr int wrap(int j, int lg) const { return periodic ? ((j % lg) + lg) % lg : j; }
+  // the group length on a periodic axis. Entries of windows and their unions lie in
+  // [-lg, 2 lg) (a window holds at most lg keys): one add or subtract there, the
+  // remainders only beyond (integer remainders are ~20 instructions each on a GPU,
+  // and the fused kernels' seam tiles wrap every row).
+  NBHD_HOST_DEVICE constexpr int wrap(int j, int lg) const {
+    if (!periodic || (j >= 0 && j < lg)) return j;
+    if (j >= -lg && j < 2 * lg) return j < 0 ? j + lg : j - lg;
+    return ((j % lg) + lg) % lg;
+  }
 
   // Keys (group indices) seen by the query at group index j of a group of length lg.
   // Non-causal windows hold exactly `kernel` keys, shifted inward at the borders
