@@ -61,7 +61,17 @@ struct TileShape {
 // unwrapped on a periodic axis (window.hpp), so a tile at the seam reaches past
 // either end of its group and its rows' indices wrap.
 
-// The token of group indices j (unwrapped on a periodic axis).
+// The token of group indices j (unwrapped on a periodic axis), the groups' lengths
+// given (lg[a] = group_length(group[a])): a loop over a tile's rows takes them once,
+// not an integer division per row and axis.
+NBHD_HOST_DEVICE void token_of(const Neighborhood& nb, const int* group, const int* lg, const int* j, int* token) {
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    token[a] = group[a] + ax.dilation * (ax.periodic ? ax.wrap(j[a], lg[a]) : j[a]);
+  }
+}
+
+// The same, the groups' lengths computed (per call).
 NBHD_HOST_DEVICE void token_of(const Neighborhood& nb, const int* group, const int* j, int* token) {
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = nb.axis[a];
@@ -82,7 +92,12 @@ NBHD_HOST_DEVICE bool tile_wraps(const Neighborhood& nb, const int* group, const
 }
 
 // The token of the tile row or column at packed offsets (axis a in bits 10a..) from
-// `origin`.
+// `origin` (with lg: the groups' lengths, as token_of).
+NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, const int* lg, const int* origin, int packed,
+                                   int* token) {
+  const int j[kMaxRank] = {origin[0] + (packed & 1023), origin[1] + ((packed >> 10) & 1023), origin[2] + (packed >> 20)};
+  token_of(nb, group, lg, j, token);
+}
 NBHD_HOST_DEVICE void packed_token(const Neighborhood& nb, const int* group, const int* origin, int packed, int* token) {
   const int j[kMaxRank] = {origin[0] + (packed & 1023), origin[1] + ((packed >> 10) & 1023), origin[2] + (packed >> 20)};
   token_of(nb, group, j, token);

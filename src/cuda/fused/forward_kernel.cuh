@@ -438,13 +438,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // problem, and 2-6% slower on others through the producer's registers: e61c788,
   // docs/performance.md, "Periodic axes".)
   auto load_wrapped_kv = [&](const TileSource& src, T* k_dst, T* v_dst) {
+    int lg[kMaxRank];  // the periodic axes' group lengths, once per tile
+    for (int a = 0; a < kMaxRank; ++a) lg[a] = p.nb.axis[a].periodic ? p.nb.axis[a].group_length(group[a]) : 0;
     for (int i = 0; i < kBlockKV / kRowStep; ++i) {
       const int n = load_row + i * kRowStep;
       const int packed = smem.key_row_offset[n];
       const bool valid = (packed & 1023) < src.limit[0] && ((packed >> 10) & 1023) < src.limit[1] &&
                          (packed >> 20) < src.limit[2];
       int token[kMaxRank];
-      packed_token(p.nb, group, src.origin, packed, token);
+      packed_token(p.nb, group, lg, src.origin, packed, token);
       const int dst = Cfg::template chunk_index<kBlockKV>(n, chunk) * Cfg::kVec;
       const bool k_ok = valid && k_chunk_ok, v_ok = valid && v_chunk_ok;
       ptx::cp_async_16(ptx::smem_address(&k_dst[dst]), k_ok ? k_base + p.k_layout.offset(b, token, hk) + chunk_col : src.k,
