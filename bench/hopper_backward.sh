@@ -18,7 +18,8 @@
 # variant ("env"), in the same rows: an A/B of a runtime switch (e.g.
 # NBHD_FUSED_LOADS=tma against the default cp.async producers). --variant
 # NAME:VAR=VALUE[,VAR=VALUE...] (repeatable) adds more such rows, named NAME (a NAME
-# starting with "overlay" runs the overlay build); the values kv64 and kv128 of
+# starting with "overlay" runs the overlay build, one starting with a --build's NAME
+# that build); the values kv64 and kv128 of
 # NBHD_FUSED_TILE stand for the best-ranked warp-specialized entry with 64- or
 # 128-key tiles in that problem's `--dry-run` list.
 # Writes build.log, tests.log, sanitizer.log, sweep.jsonl (one nbhd-bench JSON per
@@ -28,8 +29,12 @@
 #
 #   bench/hopper_backward.sh [--skip-tests] [--skip-sanitizer] [--with-forward] [--only NAME,...]
 #                            [--overlay DIR] [--overlay-define NAME=VALUE] [--ab-env VAR=VALUE]
-#                            [--variant NAME:VAR=VALUE,...]
+#                            [--variant NAME:VAR=VALUE,...] [--build NAME:DEFINE,...]
 #                            [--skip-mma-sync] [--pass fwd|bwd] [--repeat N]
+# --build NAME:DEFINE[,DEFINE...] (repeatable) adds a build of this tree, configured
+# with -DDEFINE for each, into build-hopper-NAME, timed as the variant NAME (no tests):
+# several build options A/B'd in one call, e.g. --build overlap:NBHD_FUSED_FORWARD_OVERLAP=ON
+# --build pvskip:NBHD_FUSED_FORWARD_PV_SKIP=ON.
 # --repeat N runs each row's variants N times, odd rounds in reverse order, and
 # writes summary.txt: the median over rounds per variant and its speed relative to
 # wgmma (above 1: faster).
@@ -49,6 +54,7 @@ mkdir -p "$out"
 skip_tests=0 skip_sanitizer=0 with_forward=0 only="" overlay="" overlay_define="" ab_env="" skip_mma_sync=0 ab_pass=bwd
 repeat=1
 variants=()
+builds=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --skip-tests) skip_tests=1 ;;
@@ -59,6 +65,7 @@ while [ $# -gt 0 ]; do
     --overlay-define) overlay_define="$overlay_define -D$2"; shift ;;
     --ab-env) ab_env="$2"; shift ;;
     --variant) variants+=("$2"); shift ;;
+    --build) builds+=("$2"); shift ;;
     --skip-mma-sync) skip_mma_sync=1 ;;
     --pass) ab_pass="$2"; shift ;;
     --repeat) repeat="$2"; shift ;;
@@ -97,6 +104,12 @@ if [ -n "$overlay" ]; then
   echo "overlay: $(cd "$overlay" && find . -type f | sort | tr '\n' ' ') ${overlay_define}"
   configure_and_build "$overlay_source" "$build-overlay" "$out/build-overlay.log" "$overlay_define"
 fi
+for spec in "${builds[@]}"; do
+  defines=""
+  IFS=, read -r -a list <<< "${spec#*:}"
+  for d in "${list[@]}"; do defines="$defines -D$d"; done
+  configure_and_build . "$build-${spec%%:*}" "$out/build-${spec%%:*}.log" "$defines"
+done
 echo "build: $((SECONDS - start)) s"
 test_bin="$build/tests/cuda/fused_backward_test"
 bench="$build/tools/nbhd-bench/nbhd-bench"
@@ -172,6 +185,10 @@ run() {  # name variant pass flags...
     done
   done
   [[ "$variant" == overlay* ]] && binary="$overlay_bench"
+  for spec in "${builds[@]}"; do
+    [[ "$variant" == "${spec%%:*}" || "$variant" == "${spec%%:*}"-* ]] &&
+      binary="$build-${spec%%:*}/tools/nbhd-bench/nbhd-bench"
+  done
   local json
   json="$(env "${env[@]}" timeout 60 "$binary" "$@" --dtype float16 --backend fused --pass "$pass" --warmup 3 --iters 10 \
           --json 2>>"$out/sweep.err")" || { echo "$name $variant $pass: failed" | tee -a "$out/sweep.txt"; return; }
@@ -193,6 +210,7 @@ for entry in "${problems[@]}"; do
       order=(wgmma)
       [ -n "$overlay" ] && order+=(overlay)
       [ -n "$ab_env" ] && order+=(env)
+      for spec in "${builds[@]}"; do order+=("${spec%%:*}"); done
       for spec in "${variants[@]}"; do order+=("${spec%%:*}"); done
       [ "$skip_mma_sync" = 0 ] && order+=(mma.sync)
       for ((round = 0; round < repeat; ++round)); do
