@@ -47,27 +47,35 @@ const std::map<KernelKey, Launch>& kernels() {
 // Planning samples tiles: cache the plan per problem. NBHD_FUSED_BACKWARD_TILE=<i>
 // forces candidate i of backward_candidates (for measuring): an mma.sync entry for
 // both passes; a wgmma entry for the key pass where it runs the problem (else the
-// planner's key pass), with the planner's dq pass.
-BackwardPlan plan(const Problem& p) {
+// planner's key pass), with the planner's dq pass. A call whose d rpb the wgmma key
+// pass cannot sum (deterministic) gets the mma.sync key pass.
+BackwardPlan plan(const Problem& p, bool d_rpb = false, bool deterministic = false) {
   const bool hopper = hopper_device();
+  const bool wgmma_refused = !wgmma_key_pass_refusal(p, d_rpb, deterministic).empty();
+  const auto planned = [&] {
+    BackwardPlan chosen = plan_backward(p, hopper);
+    if (chosen.key_pass.wgmma && wgmma_refused) chosen.key_pass = plan_backward(p, /*hopper=*/false).key_pass;
+    return chosen;
+  };
   if (const int forced = forced_index("NBHD_FUSED_BACKWARD_TILE"); forced >= 0) {
     const auto candidates = backward_candidates(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper);
     const size_t i = size_t(forced);
     if (i < candidates.size()) {
       const TileConfig& c = candidates[i];
       if (!c.wgmma) return {c, c, prefer_dq_pass(p)};
-      BackwardPlan planned = plan_backward(p, hopper);
-      if (wgmma_key_pass_refusal(p, /*d_rpb=*/p.has_rpb, /*deterministic=*/false).empty()) planned.key_pass = c;
-      return planned;
+      BackwardPlan chosen = planned();
+      if (!wgmma_refused) chosen.key_pass = c;
+      return chosen;
     }
   }
   // The plan depends on the grid geometry, the head dims and dtype (as the
-  // forward's), the device (wgmma or not) and whether there is an rpb (which the
-  // wgmma key pass runs at head dim 64 only).
-  using Key = std::tuple<GeometryKey, bool, bool>;
-  const Key key{geometry_key(p), hopper, p.has_rpb};
+  // forward's), the device (wgmma or not), whether there is an rpb (which the
+  // wgmma key pass runs at head dim 64 only) and whether this call refuses the
+  // wgmma key pass (deterministic d rpb): a refused call plans once, as any other.
+  using Key = std::tuple<GeometryKey, bool, bool, bool>;
+  const Key key{geometry_key(p), hopper, p.has_rpb, wgmma_refused};
   static detail::PlanCache<Key, BackwardPlan> cache(detail::kPlanCacheSize);
-  return cache.get(key, [&] { return plan_backward(p, hopper); });
+  return cache.get(key, planned);
 }
 
 // How the wgmma key pass loads Q and dO for these tensors: "" where by TMA (filling
@@ -141,10 +149,8 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   const auto launch = kernels().find({p.dtype, bucket});
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");
-  BackwardPlan chosen = plan(p);
+  BackwardPlan chosen = plan(p, t.d_rpb.defined(), o.deterministic);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
-  if (chosen.key_pass.wgmma && !wgmma_key_pass_refusal(p, t.d_rpb.defined(), o.deterministic).empty())
-    chosen.key_pass = plan_backward(p, /*hopper=*/false).key_pass;
   // The kernels are compiled for backward_cols columns; a plan with others would
   // visit some key-query pairs twice (a plan cached without the dtype once did).
   const int cols = backward_cols(p.dtype, bucket);
