@@ -155,6 +155,10 @@ problems=(
   # rpb and d rpb (the wgmma key pass has them at head dim 64).
   "1d-32k-w2048-d64-rpb|--extent 32768 --kernel 2048 --heads 4 --dim 64 --rpb"
   "2d-128-k31-d64-rpb|--extent 128x128 --kernel 31 --heads 6 --dim 64 --rpb"
+  # The deterministic mode (dq pass instead of atomics; issue 18: at most 20% over the default).
+  "1d-32k-w2048-det|--extent 32768 --kernel 2048 --heads 4 --dim 128 --deterministic"
+  "2d-128-k31-det|--extent 128x128 --kernel 31 --heads 6 --dim 128 --deterministic"
+  "3d-16x48x80-k8x16x24-det|--extent 16x48x80 --kernel 8x16x24 --heads 4 --dim 128 --deterministic"
   "2d-128-k31-p01|--extent 128x128 --kernel 31 --periodic 0x1 --heads 6 --dim 128"
   "2d-128-k31-p11|--extent 128x128 --kernel 31 --periodic 1x1 --heads 6 --dim 128"
   # Head dim 256 (build with HOPPER_HEAD_DIMS containing 256).
