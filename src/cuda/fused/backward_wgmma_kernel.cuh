@@ -65,12 +65,16 @@ struct WgmmaKeyPassConfig {
   // dS^T 16 KB, dQ staging 68 KB, 33 KB per stage; 64: 32 + 16 + 36 + 16.5 per stage).
   static constexpr int kStages = kHeadDim == 128 ? 2 : 4;
   // setmaxnreg moves registers within the CTA's launch allocation (384 x 168: the
-  // 64 K file at 1 CTA per SM, in steps of 8): 128 x 24 + 256 x 240 = 384 x 168.
-  // (With 128 x 32 the consumers' claim waited forever on an H100.) The consumers
-  // hold dK and dV (kHeadDim floats) and S^T and dP^T of 64 queries (32 each): at
-  // head dim 128 ptxas spilled 140 bytes at 224 and 16 at 232, none at 240; the
-  // producer spills ~50 bytes at 24 (none at 56), off the consumers' path.
-  static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+  // 64 K file at 1 CTA per SM, in steps of 8): producer + 2 x consumer <= 504.
+  // (A claim past it waits forever: 32 + 2 x 240 hung on an H100.) The consumers
+  // hold dK and dV (kHeadDim floats) and S^T and dP^T of 64 queries (32 each). Head
+  // dim 128: 24 / 240 (ptxas: consumers spill 140 bytes at 224, 16 at 232, none at
+  // 240; the producer's 24 spill 264 / 444 bytes, and 40 / 232 moves spills into the
+  // consumers' loop). Head dim 64: 56 / 224, where nothing spills (at 24 / 240 the
+  // producer spilled 220 / 320 bytes: 113 local loads and stores against 10).
+  static constexpr int kProducerRegisters = kHeadDim == 64 ? 56 : 24;
+  static constexpr int kConsumerRegisters = kHeadDim == 64 ? 224 : 240;
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 504, "setmaxnreg past the launch allocation");
   static constexpr int kRpbBins = RpbBins::kCapacity;  // d rpb bins per warpgroup
   static_assert(sizeof(T) == 2 && (kHeadDim == 64 || kHeadDim == 128), "wgmma key pass: 16-bit, head dim 64 or 128");
 
