@@ -88,7 +88,7 @@ struct ForwardConfig {
   // (setmaxnreg; 128 x producer + 256 x consumer fits the 64 K register file). The
   // producer's load loop spilled at 56 and 72 (ptxas, head dim 128, 64-key tiles);
   // the consumers do not at 208. 128-key tiles hold twice the scores: their
-  // consumers take 240 and still spill 256 bytes (head dim 128; 308 at 224), while
+  // consumers take 240 and still spill 236 bytes (head dim 128, on masked tiles), while
   // the producer fits in 24 with one spilled value. Head dim 256 holds 128 output
   // floats per consumer thread: 240 as well.
   static constexpr bool kWideConsumers = kBlockKV == 128 || kHeadDim == 256;
@@ -675,12 +675,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // would have no taker and is left out.
   constexpr int kTurnBarrier = 1;
   const bool pingpong = Cfg::kSpecialized && p.pingpong;
+  // The barrier ids from the thread index at each turn: kept in registers across the
+  // loop, the 128-key kernel (240 registers) spilled them and reloaded them per tile.
+  auto turn_warpgroup = [] { return int(threadIdx.x) >> 7; };
   auto take_turn = [&]() {
-    if (pingpong) pipeline::named_barrier<Cfg::kConsumerThreads>(kTurnBarrier + warpgroup);
+    if (pingpong) pipeline::named_barrier<Cfg::kConsumerThreads>(kTurnBarrier + turn_warpgroup());
   };
   auto pass_turn = [&](bool last_turn) {
-    pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && !(last_turn && warpgroup == 1),
-                                                      kTurnBarrier + 1 - warpgroup);
+    const int wg = turn_warpgroup();
+    pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && !(last_turn && wg == 1), kTurnBarrier + 1 - wg);
   };
   pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && warpgroup == 1, kTurnBarrier);
 
@@ -923,7 +926,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       if constexpr (Cfg::kWgmma) {
         // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
         // descriptor steps 32 bytes along a 128-byte row, then to the next slab.
-        const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
+        uint32_t q_tile = ptx::smem_address(smem.q) + warpgroup * 64 * 128;
+        // Opaque per tile, so that Q's descriptors are recomputed (an add each) rather
+        // than hoisted: the 128-key kernel kept its 8 in local memory and reloaded them
+        // before every S (ptxas, head dim 128: 240 registers already).
+        asm volatile("" : "+r"(q_tile));
+        const uint32_t k_tile = ptx::smem_address(smem.k[stage]);
         take_turn();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
         if constexpr (Cfg::kOverlap) {
@@ -935,7 +943,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
           const uint32_t in_row = (kk & 3) * 32;  // 16 elements of a 64-column slab
           const uint64_t a_desc =
-              wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + warpgroup * 64 * 128 + in_row, 16, 1024);
+              wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + in_row, 16, 1024);
           const uint64_t b_desc = wgmma::descriptor(k_tile + (kk >> 2) * kBlockKV * 128 + in_row, 16, 1024);
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
