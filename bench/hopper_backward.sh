@@ -34,7 +34,7 @@
 # --build NAME:DEFINE[,DEFINE...] (repeatable) adds a build of this tree, configured
 # with -DDEFINE for each, into build-hopper-NAME, timed as the variant NAME (no tests):
 # several build options A/B'd in one call, e.g. --build overlap:NBHD_FUSED_FORWARD_OVERLAP=ON
-# --build pvskip:NBHD_FUSED_FORWARD_PV_SKIP=ON.
+# (rows "overlap", and "overlap-ws64" with --variant overlap-ws64:NBHD_FUSED_TILE=kv64).
 # --repeat N runs each row's variants N times, odd rounds in reverse order, and
 # writes summary.txt: the median over rounds per variant and its speed relative to
 # wgmma (above 1: faster).
@@ -87,8 +87,8 @@ configure_and_build() {  # source build log [cmake define]
       ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
       cmake --build "$2" -j "$(nproc)" --target fused_backward_test fused_forward_test fused_tma_test nbhd-bench
   } > "$3" 2>&1 || { tail -40 "$3"; echo "build of $1 failed"; exit 1; }
-  # ptxas serializing a kernel's wgmmas (C7518) makes its timings meaningless.
-  echo "$1: kernels with serialized wgmmas (ptxas C7518): $(grep 'C7518' "$3" | sort -u | wc -l)"
+  # ptxas serializing a kernel's wgmmas (C7518, C7520, ...) makes its timings meaningless.
+  echo "$1: kernels with serialized wgmmas (ptxas): $(grep 'mma_async instructions are serialized' "$3" | sort -u | wc -l)"
 }
 gtest_source=""
 [ -f .carry/googletest/CMakeLists.txt ] && gtest_source="$PWD/.carry/googletest"
