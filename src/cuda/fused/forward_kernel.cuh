@@ -49,13 +49,9 @@
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fused/params.hpp"
 
-// Candidates not yet timed, off unless the build asks: the overlap schedule
-// (ForwardConfig::kOverlap) and P V by 16-key blocks (ForwardConfig::kSkipPvBlocks).
+// The forward's overlap schedule (ForwardConfig::kOverlap): off unless the build asks.
 #ifndef NBHD_FUSED_FORWARD_OVERLAP
 #define NBHD_FUSED_FORWARD_OVERLAP 0
-#endif
-#ifndef NBHD_FUSED_FORWARD_PV_SKIP
-#define NBHD_FUSED_FORWARD_PV_SKIP 0
 #endif
 
 namespace nbhd::cuda::fused {
@@ -88,7 +84,7 @@ struct ForwardConfig {
   // (setmaxnreg; 128 x producer + 256 x consumer fits the 64 K register file). The
   // producer's load loop spilled at 56 and 72 (ptxas, head dim 128, 64-key tiles);
   // the consumers do not at 208. 128-key tiles hold twice the scores: their
-  // consumers take 240 and still spill 236 bytes (head dim 128, on masked tiles), while
+  // consumers take 240 and still spill 256 bytes (head dim 128; 308 at 224), while
   // the producer fits in 24 with one spilled value. Head dim 256 holds 128 output
   // floats per consumer thread: 240 as well.
   static constexpr bool kWideConsumers = kBlockKV == 128 || kHeadDim == 256;
@@ -101,11 +97,6 @@ struct ForwardConfig {
   // its P V completes, one tile later, so it needs a ring of three stages or more
   // (64-key tiles at head dims 64 and 128).
   static constexpr bool kOverlap = kSpecialized && kStages >= 3 && NBHD_FUSED_FORWARD_OVERLAP;
-  // Finer skipping (a build with NBHD_FUSED_FORWARD_PV_SKIP=ON, a candidate not yet
-  // timed: docs/performance.md, "Forward v12"): the warp-specialized kernels issue
-  // P V only for the 16-key blocks of a tile that some query box of the warpgroup
-  // reaches. The others' P is zero, so the results are the same bit for bit.
-  static constexpr bool kSkipPvBlocks = kSpecialized && NBHD_FUSED_FORWARD_PV_SKIP;
   // float32 runs three tf32 products per product (mma.sync m16n8k8; common/mma.cuh).
   static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
@@ -245,22 +236,22 @@ __device__ __forceinline__ void rescale_o(float (&o)[kDBlocks][4], const float (
 // keys, P from registers (the C layout of two n8 blocks of S is the A layout of
 // k16), V's rows as K (its 64-column slabs kBlockKV rows apart). One wgmma per 16
 // keys and 128 output columns: head dim 256 takes two, its second half of O at n8
-// block 16. Only the 16-key blocks in `blocks` (bit kb; the others' P is zero:
-// ForwardConfig::kSkipPvBlocks). Issues only: the caller fences, commits and waits.
+// block 16. Issues only: the caller fences, commits and waits. (Issuing only the
+// 16-key blocks some query box reaches, each wgmma under its own branch, made ptxas
+// serialize them, C7520: 9-22% slower; docs/performance.md, "Forward v12".)
 template <class Cfg>
 __device__ __forceinline__ void issue_pv(float (&o)[Cfg::kDBlocks][4], const uint32_t (&p)[Cfg::kBlockKV / 16][4],
-                                         uint32_t v_tile, uint32_t blocks) {
+                                         uint32_t v_tile) {
   if constexpr (Cfg::kWgmma) {
     constexpr int kN = Cfg::kHeadDim < 128 ? Cfg::kHeadDim : 128;
 #pragma unroll
     for (int kb = 0; kb < Cfg::kBlockKV / 16; ++kb)
 #pragma unroll
       for (int half = 0; half < Cfg::kHeadDim / kN; ++half)
-        if ((blocks >> kb) & 1u)
-          wgmma::mma_rs<typename Cfg::Element, kN>(
-            &o[half * kN / 8][0], p[kb],
-            wgmma::descriptor(v_tile + (2 * half * Cfg::kBlockKV + kb * 16) * 128, Cfg::kBlockKV * 128, 1024),
-            /*accumulate=*/true);
+        wgmma::mma_rs<typename Cfg::Element, kN>(
+          &o[half * kN / 8][0], p[kb],
+          wgmma::descriptor(v_tile + (2 * half * Cfg::kBlockKV + kb * 16) * 128, Cfg::kBlockKV * 128, 1024),
+          /*accumulate=*/true);
   }
 }
 
@@ -675,15 +666,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // would have no taker and is left out.
   constexpr int kTurnBarrier = 1;
   const bool pingpong = Cfg::kSpecialized && p.pingpong;
-  // The barrier ids from the thread index at each turn: kept in registers across the
-  // loop, the 128-key kernel (240 registers) spilled them and reloaded them per tile.
-  auto turn_warpgroup = [] { return int(threadIdx.x) >> 7; };
   auto take_turn = [&]() {
-    if (pingpong) pipeline::named_barrier<Cfg::kConsumerThreads>(kTurnBarrier + turn_warpgroup());
+    if (pingpong) pipeline::named_barrier<Cfg::kConsumerThreads>(kTurnBarrier + warpgroup);
   };
   auto pass_turn = [&](bool last_turn) {
-    const int wg = turn_warpgroup();
-    pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && !(last_turn && wg == 1), kTurnBarrier + 1 - wg);
+    pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && !(last_turn && warpgroup == 1),
+                                                      kTurnBarrier + 1 - warpgroup);
   };
   pipeline::named_arrive_if<Cfg::kConsumerThreads>(pingpong && warpgroup == 1, kTurnBarrier);
 
@@ -699,7 +687,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
     bool needs_mask[kM];
     uint32_t any_active;
     bool compute;  // warp-specialized: some box of this warpgroup reaches the tile
-    uint32_t pv_blocks;  // kSkipPvBlocks: bit kb, the 16-key blocks of P V to issue (else all)
   };
   auto decide = [&](int it, const int* origin) {
     TileDecisions d;
@@ -751,34 +738,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         d.compute = hit;
       }
     }
-    d.pv_blocks = ~0u;
-    if constexpr (Cfg::kSkipPvBlocks) {
-      if (!additional) {
-        // Lane l asks whether box 4 warpgroup + l / kNBlocks reaches chunk l % kNBlocks
-        // (as `active` above, for the warpgroup's four boxes); the ballot's per-box
-        // fields are then or-ed together.
-        uint32_t chunks = 0;
-#pragma unroll
-        for (int round = 0; round < 4 * kNBlocks / 32; ++round) {
-          const int idx = 32 * round + lane, box = 4 * warpgroup + idx / kNBlocks;
-          int off[kMaxRank];
-          shape.key_offset(idx % kNBlocks * 8, off);
-          bool hit = true;
-          for (int a = 0; a < kMaxRank; ++a) {
-            const int4 w = smem.box_windows[box][a];  // {union begin, union end, ...}
-            const int lo = origin[a] + off[a], hi = lo + (a == kMaxRank - 1 ? 8 : 1);
-            hit &= lo < w.y && hi > w.x && lo < kbox.r[a].end;
-          }
-          uint32_t bits = __ballot_sync(0xffffffffu, hit);
-#pragma unroll
-          for (int field = kNBlocks; field < 32; field *= 2) bits |= bits >> field;
-          chunks |= bits & ((1u << kNBlocks) - 1);
-        }
-        d.pv_blocks = 0;
-#pragma unroll
-        for (int kb = 0; kb < kBlockKV / 16; ++kb) d.pv_blocks |= ((chunks >> (2 * kb)) & 3u) ? 1u << kb : 0u;
-      }
-    }
     return d;
   };
   // Overlap: the P of the last computed tile, packed as P V's A operand, and its
@@ -786,7 +745,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   // alone by a skipped tile or after the loop.
   uint32_t pending_p[kBlockKV / 16][4];
   int pending_stage = -1;
-  uint32_t pending_blocks = ~0u;
   if constexpr (Cfg::kOverlap)
 #pragma unroll
     for (int kb = 0; kb < kBlockKV / 16; ++kb)
@@ -804,13 +762,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       wgmma::fence_operands<kBlockKV / 4>(&pending_p[0][0]);
       wgmma::fence();
-      detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]), pending_blocks);
+      detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage]));
       wgmma::commit_group();
       wgmma::wait_group<0>();
       wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);
       release_stage(pending_stage);
       pending_stage = -1;
-      pending_blocks = ~0u;
 #pragma unroll
       for (int kb = 0; kb < kBlockKV / 16; ++kb)
 #pragma unroll
@@ -926,12 +883,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
       if constexpr (Cfg::kWgmma) {
         // S = Q K^T: one m64 x kBlockKV x 16 product per 16 of the head dim; the
         // descriptor steps 32 bytes along a 128-byte row, then to the next slab.
-        uint32_t q_tile = ptx::smem_address(smem.q) + warpgroup * 64 * 128;
-        // Opaque per tile, so that Q's descriptors are recomputed (an add each) rather
-        // than hoisted: the 128-key kernel kept its 8 in local memory and reloaded them
-        // before every S (ptxas, head dim 128: 240 registers already).
-        asm volatile("" : "+r"(q_tile));
-        const uint32_t k_tile = ptx::smem_address(smem.k[stage]);
+        const uint32_t q_tile = ptx::smem_address(smem.q), k_tile = ptx::smem_address(smem.k[stage]);
         take_turn();
         wgmma::fence_operands<kNBlocks * 4>(&s[0][0][0]);
         if constexpr (Cfg::kOverlap) {
@@ -943,7 +895,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
         for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
           const uint32_t in_row = (kk & 3) * 32;  // 16 elements of a 64-column slab
           const uint64_t a_desc =
-              wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + in_row, 16, 1024);
+              wgmma::descriptor(q_tile + (kk >> 2) * kBlockQ * 128 + warpgroup * 64 * 128 + in_row, 16, 1024);
           const uint64_t b_desc = wgmma::descriptor(k_tile + (kk >> 2) * kBlockKV * 128 + in_row, 16, 1024);
           wgmma::mma_ss<T, kBlockKV>(&s[0][0][0], a_desc, b_desc, /*accumulate=*/kk > 0);
         }
@@ -953,8 +905,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
           // no P pending it adds zeros (the current stage's V). Issued and waited for
           // on every path alike, as ptxas needs (a wgmma in flight across a branch
           // serializes them all: C7518).
-          detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage >= 0 ? pending_stage : stage]),
-                                    pending_blocks);
+          detail_fwd::issue_pv<Cfg>(o[0], pending_p, ptx::smem_address(smem.v[pending_stage >= 0 ? pending_stage : stage]));
           wgmma::commit_group();
           pass_turn(it + 1 == total_tiles);  // one turn per tile: S and P V together
           wgmma::wait_group<1>();            // S landed; P V may still run
@@ -1030,13 +981,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
 #pragma unroll
             for (int r = 0; r < 4; ++r) pending_p[kb][r] = a[kb][r];
           pending_stage = stage;
-          pending_blocks = decided.pv_blocks;
         } else {
           take_turn();
           wgmma::fence_operands<kDBlocks * 4>(&o[0][0][0]);  // the rescale above lands first
           wgmma::fence_operands<kBlockKV / 4>(&a[0][0]);
           wgmma::fence();
-          detail_fwd::issue_pv<Cfg>(o[0], a, v_tile, decided.pv_blocks);
+          detail_fwd::issue_pv<Cfg>(o[0], a, v_tile);
           wgmma::commit_group();
           pass_turn(it + 1 == total_tiles);
           wgmma::wait_group<0>();
