@@ -62,7 +62,7 @@ TEST(FusedBackwardPlan, WgmmaCandidatesOnHopper) {
 }
 
 // The planner takes the wgmma key pass for the key pass where it runs the problem
-// (rpb and d rpb at head dim 64 only), never for the dq pass; the deterministic
+// (rpb and d rpb at head dim 64 and rank 2 or 3 only), never for the dq pass; the deterministic
 // mode's d rpb is the mma.sync key pass's (fixed-order sums); --dry-run says both.
 TEST(FusedBackwardPlan, WgmmaKeyPassWhereItRuns) {
   Problem p;
@@ -87,8 +87,14 @@ TEST(FusedBackwardPlan, WgmmaKeyPassWhereItRuns) {
   p.has_rpb = true;
   EXPECT_FALSE(plan_backward(p, /*hopper=*/true).key_pass.wgmma);
   EXPECT_TRUE(says(p, "no wgmma key pass: rpb at head dim 128"));
-  // Head dim 64: the wgmma key pass with rpb and d rpb, but not deterministic d rpb.
+  // Head dim 64, 1-D: rpb stays on mma.sync (measured faster there).
   p.dim = 64;
+  EXPECT_FALSE(plan_backward(p, /*hopper=*/true).key_pass.wgmma);
+  EXPECT_TRUE(says(p, "no wgmma key pass: rpb on a 1-D problem"));
+  // Head dim 64, 2-D: the wgmma key pass with rpb and d rpb, but not deterministic d rpb.
+  p.rank = 2;
+  p.extent = {64, 64, 1};
+  p.kernel = {15, 15, 1};
   EXPECT_TRUE(wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/false).empty());
   EXPECT_FALSE(wgmma_key_pass_refusal(p, /*d_rpb=*/true, /*deterministic=*/true).empty());
   EXPECT_TRUE(plan_backward(p, /*hopper=*/true).key_pass.wgmma);

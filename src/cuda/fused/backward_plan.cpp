@@ -25,6 +25,12 @@ std::string wgmma_key_pass_refusal(const Problem& p, bool d_rpb, bool determinis
   if ((p.has_rpb || d_rpb) && head_dim_bucket(p.dim, p.value_dim()) > 64)
     return "rpb at head dim " + std::to_string(head_dim_bucket(p.dim, p.value_dim())) +
            ": the wgmma key pass has its rpb paths at head dim 64 only (at 128 ptxas spilled 508 instead of 264 bytes)";
+  // Measured on an H100 (2026-12-08, head dim 64, backward alone): 1-D 32k w2048 4.67
+  // ms against 3.78 on the mma.sync key pass, while 2-D 128² k31 gained (2.14 against
+  // 2.49). docs/performance.md, "bv3".
+  if ((p.has_rpb || d_rpb) && p.rank == 1)
+    return "rpb on a 1-D problem: the wgmma key pass's d rpb bins measured 0.81x of the mma.sync key pass (H100, "
+           "32k tokens, window 2048)";
   if (deterministic && d_rpb)
     return "deterministic d rpb: the wgmma key pass bins it by shared-memory atomics, in no fixed order (the mma.sync "
            "key pass sums it in a fixed order)";
