@@ -261,6 +261,51 @@ struct Box {
   __device__ bool empty() const { return r[0].size() <= 0 || r[1].size() <= 0 || r[2].size() <= 0; }
 };
 
+// The query tile a CTA computes, for one head of one batch: its group indices start
+// at origin, its group's queries end at end (the group length, or where the query
+// sub-box ends), and its windows are the group's (lg). hk: the head's kv head.
+struct QueryTile {
+  int64_t b;
+  int h, hk;
+  int group[kMaxRank], lg[kMaxRank], origin[kMaxRank], end[kMaxRank];
+};
+
+// The tile of CTA `block` (tiles, then heads, then batches). False for a CTA past its
+// group's queries: the shorter dilation groups have fewer tiles.
+__device__ __forceinline__ bool locate_query_tile(const ForwardParams& p, int64_t block, QueryTile& t) {
+  const int64_t tile = block % p.tiles;
+  block /= p.tiles;
+  t.h = int(block % p.heads);
+  t.b = block / p.heads;
+  t.hk = t.h / p.heads_per_kv;
+  int64_t rest = tile;
+  for (int a = kMaxRank - 1; a >= 0; --a) {
+    const int d = p.nb.axis[a].dilation;
+    const int per_axis = p.tiles_per_group[a] * d;
+    const int ta = int(rest % per_axis);
+    rest /= per_axis;
+    t.group[a] = ta / p.tiles_per_group[a];
+    t.lg[a] = p.nb.axis[a].group_length(t.group[a]);
+    const Range in_box = group_indices(p.query_begin[a], p.query_end[a], t.group[a], d);
+    t.end[a] = in_box.end;
+    t.origin[a] = in_box.begin + ((ta % p.tiles_per_group[a]) << p.shape.q_log2[a]);
+    if (t.origin[a] >= t.end[a]) return false;
+  }
+  return true;
+}
+
+// The tile's key box: the union of its queries' windows (those of its first and last
+// query per axis, since windows never move backwards). Unwrapped on a periodic axis.
+__device__ __forceinline__ Box key_box(const ForwardParams& p, const QueryTile& t) {
+  Box kbox;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = p.nb.axis[a];
+    const int last = imin(t.origin[a] + p.shape.q(a), t.end[a]) - 1;
+    kbox.r[a] = {ax.window(t.origin[a], t.lg[a]).begin, ax.window(last, t.lg[a]).end};
+  }
+  return kbox;
+}
+
 }  // namespace detail_fwd
 
 template <class Cfg>
@@ -281,40 +326,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM) fused_for
   const int g = lane >> 2, t4 = lane & 3;
   const TileShape& shape = p.shape;
 
-  // ---- which tile, head, batch ------------------------------------------------
-  int64_t linear = blockIdx.x;
-  const int64_t tile = linear % p.tiles;
-  linear /= p.tiles;
-  const int h = int(linear % p.heads);
-  const int64_t b = linear / p.heads;
-  const int hk = h / p.heads_per_kv;
-
-  // The tile's group indices start at q_origin; the group's queries end at q_end (the
-  // group length, or where the query sub-box ends), the windows are the group's (lg).
-  int group[kMaxRank], lg[kMaxRank], q_origin[kMaxRank], q_end[kMaxRank];
-  {
-    int64_t rest = tile;
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      const int d = p.nb.axis[a].dilation;
-      const int per_axis = p.tiles_per_group[a] * d;
-      const int ta = int(rest % per_axis);
-      rest /= per_axis;
-      group[a] = ta / p.tiles_per_group[a];
-      lg[a] = p.nb.axis[a].group_length(group[a]);
-      const Range in_box = group_indices(p.query_begin[a], p.query_end[a], group[a], d);
-      q_end[a] = in_box.end;
-      q_origin[a] = in_box.begin + ((ta % p.tiles_per_group[a]) << shape.q_log2[a]);
-      if (q_origin[a] >= q_end[a]) return;  // the shorter groups have fewer tiles
-    }
-  }
-
-  // Key box of the CTA: union of its queries' windows (first and last valid query).
-  Box kbox;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = p.nb.axis[a];
-    const int last = imin(q_origin[a] + shape.q(a), q_end[a]) - 1;
-    kbox.r[a] = {ax.window(q_origin[a], lg[a]).begin, ax.window(last, lg[a]).end};
-  }
+  // ---- which tile, head, batch; the tile's key box --------------------------------
+  detail_fwd::QueryTile qt;
+  if (!detail_fwd::locate_query_tile(p, blockIdx.x, qt)) return;
+  const int64_t b = qt.b;
+  const int h = qt.h, hk = qt.hk;
+  const int(&group)[kMaxRank] = qt.group;
+  const int(&lg)[kMaxRank] = qt.lg;
+  const int(&q_origin)[kMaxRank] = qt.origin;
+  const int(&q_end)[kMaxRank] = qt.end;
+  const Box kbox = detail_fwd::key_box(p, qt);
   int key_tiles_axis[kMaxRank];
   for (int a = 0; a < kMaxRank; ++a) key_tiles_axis[a] = ceil_div(kbox.r[a].size(), shape.k(a));
   const int neighbor_tiles = key_tiles_axis[0] * key_tiles_axis[1] * key_tiles_axis[2];
