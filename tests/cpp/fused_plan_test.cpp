@@ -4,6 +4,7 @@
 // and the chosen tilings waste no more than ../shared/design/tiling.md counts.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
 #include <vector>
 
@@ -61,8 +62,16 @@ TEST(FusedPlan, TableEntriesAreValidTilings) {
           if (c.wgmma && head_dim == 256)
             EXPECT_TRUE(c.warps == 8 && c.block_kv == 64) << "head dim 256: the warp-specialized kernel, 64-key tiles";
           EXPECT_EQ(s.queries(), 16 * c.warps * c.m_tiles);
-          EXPECT_EQ(s.keys(), c.block_kv);
-          EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
+          if (c.halo) {
+            EXPECT_FALSE(c.wgmma);
+            EXPECT_FALSE(float32) << "the halo kernel is 16-bit";
+            EXPECT_LE(head_dim, 64);
+            EXPECT_EQ(c.block_kv, 0) << "the halo kernel has no key tiles";
+            EXPECT_EQ(s.keys(), 1);
+          } else {
+            EXPECT_EQ(s.keys(), c.block_kv);
+            EXPECT_GE(s.k_log2[2], 3) << "an 8-key chunk must be a run along the innermost axis";
+          }
           int warp_rows = 1;
           for (int a = 0; a < kMaxRank; ++a) {
             EXPECT_LE(s.w_log2[a], s.q_log2[a]);
@@ -83,6 +92,7 @@ TEST(FusedPlan, TableEntriesAreValidTilings) {
             seen.insert((off[0] * s.q(1) + off[1]) * s.q(2) + off[2]);
           }
           EXPECT_EQ(int(seen.size()), s.queries());
+          if (c.halo) continue;
           seen.clear();
           for (int n = 0; n < s.keys(); ++n) {
             int off[kMaxRank];
@@ -256,6 +266,69 @@ TEST(FusedPlan, DryRunCountsTheWrappingKeyBoxes) {
   EXPECT_NE(periodic.find("axis 1: 2 of "), std::string::npos) << periodic;
   EXPECT_NE(periodic.find("the backward's query and key tiles at the seam likewise"), std::string::npos) << periodic;
   EXPECT_EQ(periodic.find("axis 0"), std::string::npos) << periodic;
+}
+
+// The halo kernel sizes its shared memory by halo_rows_bound: per axis, no run of q
+// queries (from any first query: tiles start anywhere in a query sub-box) has a window
+// union longer than the bound, for every dilation group; and the bound is reached.
+TEST(FusedPlan, HaloRowsBoundHoldsEveryKeyBox) {
+  for (int length = 1; length <= 30; ++length)
+    for (int kernel = 1; kernel <= length; ++kernel)
+      for (int dilation = 1; kernel * dilation <= length; ++dilation)
+        for (int stride = 1; stride <= kernel; ++stride)
+          for (int mode = 0; mode < 3; ++mode)  // plain, causal, periodic
+            for (int log2 = 0; log2 <= 4; ++log2) {
+              Problem p = anchor(1, {length, 0, 0}, {kernel, 0, 0}, 32);
+              p.dilation = {dilation, 1, 1};
+              p.stride = {stride, 1, 1};
+              p.causal = {mode == 1, false, false};
+              p.periodic = {mode == 2, false, false};
+              const TileShape s = log2_shape(0, 0, log2, 0, 0, 0, 0, 0, 0);
+              const int bound = halo_rows_bound(p, s);
+              const Axis ax = p.neighborhood().axis[2];
+              int longest = 0;
+              for (int g = 0; g < dilation; ++g) {
+                const int lg = ax.group_length(g);
+                for (int first = 0; first < lg; ++first) {
+                  const Range keys = ax.window_union({first, std::min(first + s.q(2), lg)}, lg);
+                  longest = std::max(longest, keys.size());
+                }
+              }
+              ASSERT_LE(longest, bound) << p.to_string() << " tile " << s.q(2);
+              // Tight where neither the group's length nor a short tile caps it.
+              if (mode == 0 && stride == 1 && s.q(2) + kernel - 1 <= ax.group_length(0))
+                EXPECT_EQ(longest, bound) << p.to_string() << " tile " << s.q(2);
+            }
+}
+
+// The halo entries are listed (and forced by NBHD_FUSED_TILE) but not chosen until
+// timed; --dry-run says why each is refused.
+TEST(FusedPlan, HaloEntriesRunOnlyWhenForced) {
+  const Problem nat = anchor(2, {56, 56, 0}, {7, 7, 0}, 32);
+  const auto ranked = rank_configs(nat);
+  ASSERT_FALSE(ranked.front().config.halo);
+  int halo = 0;
+  for (const PlanEstimate& e : ranked) {
+    if (!e.config.halo) continue;
+    ++halo;
+    EXPECT_NE(e.refused.find("not yet timed"), std::string::npos) << e.refused;
+    EXPECT_TRUE(halo_refusal(nat, e.config).empty()) << e.config.why;
+    EXPECT_GE(e.waste(), 1.0);
+  }
+  EXPECT_EQ(halo, 2) << "two 2-D halo entries at head dim 32";
+  Problem with_tokens = nat;
+  with_tokens.additional_tokens = 4;
+  Problem wide = nat;
+  wide.extent = {256, 256, 0};
+  wide.kernel = {63, 63, 0};
+  for (const TileConfig& c : candidate_configs(DType::kFloat16, 2, 32)) {
+    if (!c.halo) continue;
+    EXPECT_NE(halo_refusal(with_tokens, c).find("additional tokens"), std::string::npos);
+    EXPECT_NE(halo_refusal(wide, c).find("bytes of shared memory"), std::string::npos) << halo_refusal(wide, c);
+  }
+  bool listed = false;
+  for (const std::string& line : describe_plan(nat)) listed |= line.find("(halo: not yet timed") != std::string::npos;
+  EXPECT_TRUE(listed);
 }
 
 }  // namespace

@@ -61,6 +61,61 @@ int cases_run = 0;
 #define SKIP_IF_NO_CASE_RAN(before) \
   if (cases_run == (before)) GTEST_SKIP() << "no case of this test runs in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)"
 
+// A problem for the halo kernel's entry `c` (issue 20's shapes, small): windows of
+// 1-9 keys per axis (1-5 in 3-D) with dilation 1-4 (unequal groups), strides, causal
+// or periodic axes, extents no tile divides, GQA, rpb, head dims 16-64 in c's bucket
+// with dim_v apart, padded rows; drawn again until the entry runs it (its key box fits
+// shared memory).
+Case small_window_case(std::mt19937_64& rng, int rank, const cuda::fused::TileConfig& c) {
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  const int64_t dims[2][3] = {{16, 24, 32}, {40, 48, 64}};
+  for (;;) {
+    Problem p;
+    p.rank = rank;
+    p.dtype = uniform(0, 1) ? DType::kBFloat16 : DType::kFloat16;
+    const int64_t max_extent = rank == 1 ? 160 : rank == 2 ? 30 : 11;
+    for (int a = 0; a < rank; ++a) {
+      p.kernel[a] = uniform(1, rank == 3 ? 5 : 9);
+      p.dilation[a] = uniform(0, 2) == 0 ? uniform(2, 4) : 1;
+      if (p.kernel[a] * p.dilation[a] > max_extent) p.dilation[a] = 1;
+      p.extent[a] = uniform(p.kernel[a] * p.dilation[a], max_extent);
+      p.stride[a] = uniform(0, 2) == 0 ? uniform(1, p.kernel[a]) : 1;
+      p.causal[a] = uniform(0, 3) == 0;
+      p.periodic[a] = !p.causal[a] && uniform(0, 3) == 0;
+    }
+    p.batch = uniform(1, 2);
+    p.kv_heads = uniform(1, 2);
+    p.heads = p.kv_heads * uniform(1, 2);
+    const int64_t* bucket = dims[c.head_dim == 64];
+    p.dim = bucket[uniform(0, 2)];
+    p.dim_v = uniform(0, 2) == 0 ? bucket[uniform(0, 2)] : 0;
+    if (uniform(0, 2) == 0) p.scale = std::uniform_real_distribution<double>(0.1, 1.5)(rng);
+    p.has_rpb = uniform(0, 1) == 1;
+    if (!cuda::fused::halo_refusal(p, c).empty()) continue;
+    return Case{p, uniform(0, 3) == 0 ? 8 : 0};
+  }
+}
+
+// Calls f(rank, entry) for every halo entry of the tile table (ranks 1-3, head dims
+// 32 and 64), the entry forced through NBHD_FUSED_TILE while f runs; stops at the
+// first failure.
+template <class F>
+void for_each_halo_entry(F&& f) {
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {32, 64}) {
+      const auto configs = cuda::fused::candidate_configs(DType::kFloat16, rank, bucket, cuda::fused::hopper_device());
+      for (size_t i = 0; i < configs.size(); ++i) {
+        if (!configs[i].halo) continue;
+        SCOPED_TRACE("rank " + std::to_string(rank) + " head dim " + std::to_string(bucket) + " config " +
+                     std::to_string(i) + ": " + configs[i].why);
+        setenv("NBHD_FUSED_TILE", std::to_string(i).c_str(), 1);
+        f(rank, configs[i]);
+        unsetenv("NBHD_FUSED_TILE");
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+}
+
 // Index, in the candidate list of float16 `rank` at head dim `dim`, of the first
 // warp-specialized wgmma entry (with `block_kv`-key tiles, 0: any), -1 where there is
 // none. NBHD_FUSED_TILE takes it to force that entry.
@@ -174,6 +229,13 @@ void check_forward(const Case& c, std::mt19937_64& rng, int device = -1, const c
   else testing::expect_near("lse", lse.values(), ref_lse.values(), 2e-2, 1e-3);
 }
 
+// The halo kernel ran c (forced; a build without its dtype runs nothing).
+void check_halo_forward(const Case& c, std::mt19937_64& rng) {
+  if (can_run(Backend::kFused, c.p, Device::kCUDA).ok())
+    ASSERT_TRUE(cuda::fused::forward_config(c.p).halo) << c.p.to_string() << ": the forced halo entry did not run";
+  check_forward(c, rng);
+}
+
 class FusedForward : public ::testing::TestWithParam<std::tuple<int, DType>> {};
 
 TEST_P(FusedForward, MatchesReference) {
@@ -256,6 +318,11 @@ TEST(FusedForwardSmoke, SmallProblems) {
       unsetenv("NBHD_FUSED_SCHEDULE");
       unsetenv("NBHD_FUSED_TILE");
     }
+  // The halo kernels, one small-window problem per entry.
+  for_each_halo_entry([&](int rank, const cuda::fused::TileConfig& config) {
+    std::mt19937_64 rng(30400 + rank + config.head_dim + config.warps);
+    check_halo_forward(small_window_case(rng, rank, config), rng);
+  });
   // float32: the 64-key kernel (head dim 32) and the 32-key one (head dim 128).
   for (int rank = 1; rank <= 3; ++rank)
     for (int64_t dim : {32, 128}) {
@@ -269,6 +336,40 @@ TEST(FusedForwardSmoke, SmallProblems) {
       c.p.dim_v = 0;
       check_forward(c, rng);
     }
+  SKIP_IF_NO_CASE_RAN(before);
+}
+
+// The halo kernel (issue 20: small windows), every entry forced, on small-window
+// problems of its rank and head-dim bucket (small_window_case), a query sub-box in
+// every third; NAT's and DiNAT's shapes scaled down (7x7 windows, dilation 1 and 4,
+// with rpb) once per 2-D entry.
+TEST(FusedForwardHalo, SmallWindowsMatchReference) {
+  NBHD_REQUIRE_GPU();
+  const int before = cases_run;
+  for_each_halo_entry([&](int rank, const cuda::fused::TileConfig& config) {
+    for (int seed = 0; seed < 6; ++seed) {
+      std::mt19937_64 rng(31000 + 1000 * rank + 100 * config.warps + config.head_dim + seed);
+      Case c = small_window_case(rng, rank, config);
+      if (seed % 3 == 2) c.p = testing::with_random_box(c.p, rng);
+      check_halo_forward(c, rng);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+    if (rank != 2) return;
+    for (int64_t dilation : {1, 4}) {
+      std::mt19937_64 rng(31500 + config.warps + config.head_dim + dilation);
+      Problem p;
+      p.rank = 2;
+      p.dtype = DType::kFloat16;
+      p.extent = {30, 29, 0};
+      p.kernel = {7, 7, 0};
+      p.dilation = {dilation, dilation, 1};
+      p.heads = p.kv_heads = 2;
+      p.dim = config.head_dim;
+      p.has_rpb = true;
+      if (!cuda::fused::halo_refusal(p, config).empty()) continue;  // 8x16 queries at head dim 64: 95 KB
+      check_halo_forward(Case{p, 0}, rng);
+    }
+  });
   SKIP_IF_NO_CASE_RAN(before);
 }
 

@@ -16,6 +16,7 @@
 #include "cuda/common/check.hpp"
 #include "cuda/common/device_guard.hpp"
 #include "cuda/fused/backward.hpp"
+#include "cuda/fused/forward_halo_kernel.cuh"
 #include "cuda/fused/forward_kernel.cuh"
 #include "cuda/fused/host.hpp"
 #include "cuda/fused/plan.hpp"
@@ -30,11 +31,16 @@ namespace nbhd::cuda::fused {
   extern template cudaError_t launch_fused_forward<ForwardConfig<T, D, W, KV, M, G>>(const ForwardParams&, int64_t, cudaStream_t);
 #include "fused_forward_kernels.inc"
 #undef NBHD_FUSED_FORWARD
+#define NBHD_FUSED_FORWARD_HALO(T, D, W) \
+  extern template cudaError_t launch_fused_forward_halo<HaloForwardConfig<T, D, W>>(const ForwardParams&, int64_t, cudaStream_t);
+#include "fused_forward_halo_kernels.inc"
+#undef NBHD_FUSED_FORWARD_HALO
 
 namespace {
 
 using Launch = cudaError_t (*)(const ForwardParams&, int64_t, cudaStream_t);
-using KernelKey = std::tuple<DType, int, int, int, int, bool>;  // dtype, head dim, warps, key tile, boxes per warp, wgmma
+// dtype, head dim, warps, key tile, boxes per warp, wgmma, halo
+using KernelKey = std::tuple<DType, int, int, int, int, bool, bool>;
 struct Kernel {
   Launch launch;
   int shared_bytes;  // dynamic shared memory per CTA
@@ -48,10 +54,15 @@ constexpr DType kDTypeOf = std::is_same_v<T, __half>          ? DType::kFloat16
 const std::map<KernelKey, Kernel>& kernels() {
   static const std::map<KernelKey, Kernel> table = {
 #define NBHD_FUSED_FORWARD(T, D, W, KV, M, G)                                                    \
-  {KernelKey{kDTypeOf<T>, D, W, KV, M, G},                                                       \
+  {KernelKey{kDTypeOf<T>, D, W, KV, M, G, false},                                                \
    Kernel{&launch_fused_forward<ForwardConfig<T, D, W, KV, M, G>>, ForwardConfig<T, D, W, KV, M, G>::kSharedBytes}},
 #include "fused_forward_kernels.inc"
 #undef NBHD_FUSED_FORWARD
+// The halo kernels' shared memory depends on the problem: their most.
+#define NBHD_FUSED_FORWARD_HALO(T, D, W) \
+  {KernelKey{kDTypeOf<T>, D, W, 0, 1, false, true}, Kernel{&launch_fused_forward_halo<HaloForwardConfig<T, D, W>>, kHaloMaxSharedBytes}},
+#include "fused_forward_halo_kernels.inc"
+#undef NBHD_FUSED_FORWARD_HALO
   };
   return table;
 }
@@ -64,13 +75,14 @@ bool built(DType dtype, int head_dim) {
 
 // The chosen configuration for a problem; planning samples tiles, so cache it.
 // NBHD_FUSED_TILE=<i> forces candidate i of `nbhd-bench --dry-run`'s list (for
-// measuring the table's entries; an index out of range is ignored).
+// measuring the table's entries; an index out of range, or a halo entry that cannot
+// run the problem, is ignored).
 TileConfig plan(const Problem& p) {
   const bool hopper = hopper_device();
   if (const int forced = forced_index("NBHD_FUSED_TILE"); forced >= 0) {
     const auto candidates = candidate_configs(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim()), hopper);
     const size_t i = size_t(forced);
-    if (i < candidates.size()) return candidates[i];
+    if (i < candidates.size() && halo_refusal(p, candidates[i]).empty()) return candidates[i];
   }
   // The plan depends on the grid geometry, the head dims, the dtype and the device.
   const std::pair<GeometryKey, bool> key{geometry_key(p), hopper};
@@ -79,7 +91,7 @@ TileConfig plan(const Problem& p) {
 }
 
 const Kernel* kernel_for(DType dtype, const TileConfig& c) {
-  const auto it = kernels().find(KernelKey{dtype, c.head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma});
+  const auto it = kernels().find(KernelKey{dtype, c.head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma, c.halo});
   return it == kernels().end() ? nullptr : &it->second;
 }
 
@@ -226,10 +238,13 @@ Status forward(const Problem& p, const ForwardTensors& t, const Options& o) {
   fp.scale_log2 = float(p.softmax_scale() * 1.4426950408889634);
   fp.use_tma = tma_loads(p, config, t, &fp).empty();
   fp.pingpong = pingpong_schedule(config);
+  fp.halo_rows = config.halo ? halo_rows_bound(p, config.shape) : 0;
   return cuda_status(kernel->launch(fp, p.batch, static_cast<cudaStream_t>(o.stream)), "fused forward kernel");
 }
 
 }  // namespace
+
+TileConfig forward_config(const Problem& p) { return plan(p); }
 
 std::string forward_loads(const Problem& p, const ForwardTensors& t) {
   DeviceGuard guard;

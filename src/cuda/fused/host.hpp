@@ -156,6 +156,9 @@ inline TileGrid query_tile_grid(const Problem& p, const int* log2) {
 // key pass Q and dO: "TMA", or "cp.async: " and why (plan.hpp, forward_tma_views and
 // key_pass_tma_views; a base address TMA cannot take). backend.cu, backward.cu.
 std::string forward_loads(const Problem& p, const ForwardTensors& t);
+// The fused forward's configuration for p on the current device (NBHD_FUSED_TILE
+// included): what the tests check a forced entry against. backend.cu.
+TileConfig forward_config(const Problem& p);
 std::string key_pass_loads(const Problem& p, const BackwardTensors& t);
 
 // What a plan depends on: the grid geometry, the head dims and the dtype (which

@@ -52,6 +52,9 @@ struct ForwardParams {
   // default for 128-key tiles; backend.cu, pingpong_schedule).
   bool pingpong;
   ForwardTma tma;
+  // The halo kernel's key rows in shared memory (halo_rows_bound in plan.hpp: no
+  // tile's key box holds more).
+  int halo_rows;
 };
 
 }  // namespace nbhd::cuda::fused

@@ -6,7 +6,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <mutex>
+
+#include "cuda/fused/halo_layout.hpp"
 
 namespace nbhd::cuda::fused {
 namespace {
@@ -82,6 +85,17 @@ const std::vector<TileConfig>& table() {
       {2, 0, 8, 128, 1, log2_shape(0, 3, 4, 0, 2, 2, 0, 2, 5), "wgmma-ws 2-D 8x16 / keys 4x32: wide windows", true},
       {3, 0, 8, 128, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 2, 4), "wgmma-ws 3-D 4x4x8 / keys 2x4x16", true},
       {3, 0, 8, 128, 1, log2_shape(2, 2, 3, 1, 1, 2, 1, 3, 3), "wgmma-ws 3-D 4x4x8 / keys 2x8x8", true},
+      // The halo kernel (mma.sync, 16-bit, head dims 32 and 64): the query tile's key
+      // box loaded once, each warp computing against its own windows' union in 8-key
+      // blocks along the innermost axis. Warp boxes 2x8 (1x2x8): NAT's 7x7 windows
+      // give 8 rows of 14 keys, 16 blocks, 128 keys computed for 49 attended (a 4x4
+      // box: 10 rows of 10, 20 blocks). Not yet timed: chosen only when forced.
+      {1, 0, 8, 0, 1, log2_shape(0, 0, 7, 0, 0, 4, 0, 0, 0), "halo 1-D 128 queries / warp 16", false, true},
+      {1, 0, 4, 0, 1, log2_shape(0, 0, 6, 0, 0, 4, 0, 0, 0), "halo 1-D 64 queries / warp 16", false, true},
+      {2, 0, 8, 0, 1, log2_shape(0, 3, 4, 0, 1, 3, 0, 0, 0), "halo 2-D 8x16 / warp 2x8: 14x22 keys at k7, 49 KB at head dim 32", false, true},
+      {2, 0, 4, 0, 1, log2_shape(0, 3, 3, 0, 1, 3, 0, 0, 0), "halo 2-D 8x8 / warp 2x8: 14x14 keys at k7, 30 KB at head dim 32, 60 KB at 64", false, true},
+      {3, 0, 8, 0, 1, log2_shape(2, 2, 3, 0, 1, 3, 0, 0, 0), "halo 3-D 4x4x8 / warp 1x2x8", false, true},
+      {3, 0, 4, 0, 1, log2_shape(1, 2, 3, 0, 1, 3, 0, 0, 0), "halo 3-D 2x4x8 / warp 1x2x8", false, true},
   };
   return t;
 }
@@ -103,22 +117,22 @@ bool wgmma_kernels_built() {
 #endif
 }
 
-bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma) {
+bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma, bool halo) {
   // The kernel manifest, forward_kernels.txt (it says why each shape is there).
   struct Shape {
     bool float32;
     int head_dim, warps, block_kv, m_tiles;
-    bool wgmma;
+    bool wgmma, halo;
   };
   static constexpr Shape kManifest[] = {
-#define NBHD_FUSED_SHAPE(F32, D, W, KV, M, G) {F32, D, W, KV, M, G},
+#define NBHD_FUSED_SHAPE(F32, D, W, KV, M, G, H) {F32, D, W, KV, M, G, H},
 #include "fused_forward_manifest.inc"
 #undef NBHD_FUSED_SHAPE
   };
   if (wgmma && !wgmma_kernels_built()) return false;
   for (const Shape& s : kManifest)
     if (s.float32 == (dtype == DType::kFloat32) && s.head_dim == head_dim && s.warps == warps &&
-        s.block_kv == block_kv && s.m_tiles == m_tiles && s.wgmma == wgmma)
+        s.block_kv == block_kv && s.m_tiles == m_tiles && s.wgmma == wgmma && s.halo == halo)
       return true;
   return false;
 }
@@ -127,7 +141,7 @@ std::vector<TileConfig> candidate_configs(DType dtype, int rank, int head_dim, b
   std::vector<TileConfig> out;
   for (TileConfig c : table()) {
     if (c.rank != rank || (c.wgmma && !hopper) ||
-        !kernel_compiled(dtype, head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma))
+        !kernel_compiled(dtype, head_dim, c.warps, c.block_kv, c.m_tiles, c.wgmma, c.halo))
       continue;
     c.head_dim = head_dim;
     out.push_back(c);
@@ -254,6 +268,13 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
             g = g.size() > 0 ? Range{std::min(g.begin, uni[a].begin), std::max(g.end, uni[a].end)} : uni[a];
           }
           e.needed_pairs += needed;
+          if (c.halo) {
+            // 16 rows x the warp's key box, its innermost extent padded to 8-key blocks.
+            const double keys = double(uni[0].size()) * uni[1].size() * ((uni[2].size() + 7) / 8 * 8);
+            e.computed_pairs += 16 * keys;
+            e.visited_pairs += 16 * keys;
+            continue;
+          }
           // Over the key tiles of the CTA's key box that the warp visits (any key of
           // its union): chunks it computes (active) and chunks it predicates off.
           if (!c.wgmma) add_warp_chunks(s, kbox, uni, &e);
@@ -324,6 +345,28 @@ PlanEstimate estimate(const Problem& p, const TileConfig& c) {
   return e;
 }
 
+int halo_rows_bound(const Problem& p, const TileShape& s) {
+  const Neighborhood nb = p.neighborhood();
+  int64_t rows = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const int64_t bound = int64_t(s.q(a)) + ax.kernel + ax.stride - 2;
+    rows *= ax.periodic ? bound : std::min<int64_t>(bound, ax.group_length(0));
+  }
+  return int(std::min<int64_t>(rows, 1 << 30));
+}
+
+std::string halo_refusal(const Problem& p, const TileConfig& c) {
+  if (!c.halo) return "";
+  if (p.additional_tokens > 0) return "halo: additional tokens run on the tiled kernels";
+  const int rows = halo_rows_bound(p, c.shape);
+  const int64_t bytes = halo_shared_bytes(c.warps * 16, c.head_dim, std::min(rows, 1 << 24));
+  if (bytes > kHaloMaxSharedBytes)
+    return "halo: a key box of up to " + std::to_string(rows) + " keys needs " + std::to_string(bytes) +
+           " bytes of shared memory, over " + std::to_string(kHaloMaxSharedBytes);
+  return "";
+}
+
 std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int rank = p.rank;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
@@ -332,6 +375,11 @@ std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   for (const TileConfig& c : candidate_configs(p.dtype, rank, bucket, hopper)) {
     out.push_back(estimate(p, c));
     out.back().candidate = int(out.size()) - 1;
+    if (!c.halo) continue;
+    // Not yet timed on a GPU: no cost to rank it by, so it runs only when forced.
+    out.back().refused = halo_refusal(p, c);
+    if (out.back().refused.empty()) out.back().refused = "halo: not yet timed; NBHD_FUSED_TILE forces it";
+    out.back().cost = std::numeric_limits<double>::infinity();
   }
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
@@ -426,9 +474,10 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
     std::snprintf(buf, sizeof buf,
                   "fused %s #%d q %dx%dx%d box %dx%dx%d kv %dx%dx%d (%s, warps %d x %d boxes, kv %d, d %d): %.2fx pairs, cost %.3g  [%s]",
                   i == 0 ? "CHOSEN  " : "rejected", e.candidate, s.q(0), s.q(1), s.q(2), s.w(0), s.w(1), s.w(2), s.k(0), s.k(1),
-                  s.k(2), e.config.wgmma ? (e.config.warps == 8 ? "wgmma-ws" : "wgmma") : "mma.sync", e.config.warps, e.config.m_tiles, e.config.block_kv,
+                  s.k(2), e.config.halo ? "halo" : e.config.wgmma ? (e.config.warps == 8 ? "wgmma-ws" : "wgmma") : "mma.sync",
+                  e.config.warps, e.config.m_tiles, e.config.block_kv,
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
-    lines.push_back(buf);
+    lines.push_back(buf + (e.refused.empty() ? "" : " (" + e.refused + ")"));
   }
   if (p.any_periodic()) {
     // How many of the chosen plan's query tiles have a key box past a group's end.

@@ -27,12 +27,25 @@ struct TileConfig {
   TileShape shape;
   const char* why;  // the measured or counted reason for this entry
   bool wgmma = false;  // Hopper warpgroup instructions (sm_90a) instead of mma.sync
+  // The halo kernel (forward_halo_kernel.cuh): the tile's whole key box loaded once,
+  // no key tiles (block_kv 0; shape.k unused).
+  bool halo = false;
 };
 
 // Whether the kernel for (dtype, head-dim bucket, warps, key tile, boxes per warp,
-// instruction path) is in the build's kernel list (NBHD_DTYPES / NBHD_HEAD_DIMS /
-// NBHD_CUDA_ARCHS filter further).
-bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma);
+// instruction path, halo) is in the build's kernel list (NBHD_DTYPES /
+// NBHD_HEAD_DIMS / NBHD_CUDA_ARCHS filter further).
+bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_tiles, bool wgmma, bool halo);
+
+// The most keys a query tile of shape `s` has in its key box (the union of its
+// queries' windows), the halo kernel's rows of K and V: per axis q + kernel + stride
+// - 2 (the windows of q queries begin at most q + stride - 2 apart), at most the
+// group's length on an axis that does not wrap.
+int halo_rows_bound(const Problem& p, const TileShape& s);
+
+// "" where the halo entry `c` runs `p` (any other entry: ""), else why not: its key
+// box needs more than kHaloMaxSharedBytes of shared memory, or additional tokens.
+std::string halo_refusal(const Problem& p, const TileConfig& c);
 
 // Whether this build has the sm_90a (wgmma) forward kernels.
 bool wgmma_kernels_built();
@@ -55,6 +68,7 @@ struct PlanEstimate {
   double masked_fraction() const { return warp_tiles > 0 ? masked_warp_tiles / warp_tiles : 0; }
   double waste() const { return needed_pairs > 0 ? computed_pairs / needed_pairs : 0; }
   double cost = 0;            // what the heuristic minimises
+  std::string refused;        // why the planner never chooses it ("": it may)
 };
 
 // Counts, for a sample of query tiles, the pairs each configuration computes at
