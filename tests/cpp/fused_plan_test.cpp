@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -266,6 +267,49 @@ TEST(FusedPlan, DryRunCountsTheWrappingKeyBoxes) {
   EXPECT_NE(periodic.find("axis 1: 2 of "), std::string::npos) << periodic;
   EXPECT_NE(periodic.find("the backward's query and key tiles at the seam likewise"), std::string::npos) << periodic;
   EXPECT_EQ(periodic.find("axis 0"), std::string::npos) << periodic;
+  // And what they cost the plan: its key tiles against the same problem's without
+  // periodic axes (here as many: one 16-key tile spans a 14-key box either way), and
+  // the wrapping ones: the two seam columns of query tiles, 26 key tiles each (3 or 4
+  // rows of 4-key tiles per query tile of 8 rows, over 7 of them).
+  std::string cost;
+  for (const std::string& line : lines)
+    if (line.rfind("fused periodic cost:", 0) == 0) cost = line;
+  EXPECT_NE(cost.find("(+0.0% over the problem without periodic axes), 52 of them wrap"), std::string::npos) << cost;
+}
+
+// key_tile_count (--dry-run's "periodic cost" line) against a count tile by tile, on
+// small 2-D grids with periodic, causal and plain axes, dilation and stride.
+TEST(FusedPlan, KeyTileCountMatchesATileByTileCount) {
+  std::mt19937 rng(5);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  for (int trial = 0; trial < 300; ++trial) {
+    Problem p = anchor(2, {uniform(1, 40), uniform(1, 40), 0}, {1, 1, 0}, 32);
+    for (int a = 0; a < 2; ++a) {
+      p.kernel[a] = uniform(1, int(p.extent[a]));
+      p.dilation[a] = uniform(1, int(p.extent[a] / p.kernel[a]));
+      p.stride[a] = uniform(1, int(p.kernel[a]));
+      p.causal[a] = uniform(0, 3) == 0;
+      p.periodic[a] = !p.causal[a] && uniform(0, 1) == 1;
+    }
+    const TileShape s = log2_shape(0, uniform(0, 4), uniform(0, 4), 0, 0, 0, 0, uniform(0, 3), uniform(0, 4));
+    const Neighborhood nb = p.neighborhood();
+    const Axis &a1 = nb.axis[1], &a2 = nb.axis[2];
+    const int lg1 = a1.group_length(0), lg2 = a2.group_length(0);
+    double loaded = 0, wrapped = 0;
+    for (int t1 = 0; t1 < lg1; t1 += s.q(1))
+      for (int t2 = 0; t2 < lg2; t2 += s.q(2)) {
+        const Range k1 = a1.window_union({t1, std::min(t1 + s.q(1), lg1)}, lg1);
+        const Range k2 = a2.window_union({t2, std::min(t2 + s.q(2), lg2)}, lg2);
+        for (int o1 = k1.begin; o1 < k1.end; o1 += s.k(1))
+          for (int o2 = k2.begin; o2 < k2.end; o2 += s.k(2)) {
+            ++loaded;
+            wrapped += (a1.periodic && (o1 < 0 || o1 + s.k(1) > lg1)) || (a2.periodic && (o2 < 0 || o2 + s.k(2) > lg2));
+          }
+      }
+    const KeyTileCount c = key_tile_count(p, s);
+    ASSERT_EQ(c.loaded, loaded) << p.to_string();
+    ASSERT_EQ(c.wrapped, wrapped) << p.to_string();
+  }
 }
 
 // The halo kernel sizes its shared memory by halo_rows_bound: per axis, no run of q

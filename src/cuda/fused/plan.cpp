@@ -367,6 +367,27 @@ std::string halo_refusal(const Problem& p, const TileConfig& c) {
   return "";
 }
 
+KeyTileCount key_tile_count(const Problem& p, const TileShape& s) {
+  const Neighborhood nb = p.neighborhood();
+  const SampledQueries q = sampled_queries(p, nb);
+  double loaded = 1, inside = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const int lg = ax.group_length(q.group[a]);
+    double axis_loaded = 0, axis_inside = 0;
+    for (int t = q.indices[a].begin; t < q.indices[a].end; t += s.q(a)) {
+      const Range keys = ax.window_union({t, std::min(t + s.q(a), q.indices[a].end)}, lg);
+      for (int k = keys.begin; k < keys.end; k += s.k(a)) {
+        ++axis_loaded;
+        axis_inside += !ax.periodic || (k >= 0 && k + s.k(a) <= lg);
+      }
+    }
+    loaded *= axis_loaded;
+    inside *= axis_inside;
+  }
+  return {loaded, loaded - inside};
+}
+
 std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int rank = p.rank;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
@@ -498,6 +519,19 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
     }
     lines.push_back("fused periodic: key boxes that wrap (their key tiles at the seam load row by row): " + axes +
                     " (dilation group 0); the backward's query and key tiles at the seam likewise");
+    // What the periodic axes cost the chosen plan: the key tiles its CTAs load against
+    // the same problem's without them (no window is shifted at a border, so the border
+    // tiles' key boxes are as wide as the middle ones'), and the share that wraps.
+    Problem flat = p;
+    flat.periodic = {};
+    const KeyTileCount with = key_tile_count(p, s), without = key_tile_count(flat, s);
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "fused periodic cost: %.0f key tiles loaded (%+.1f%% over the problem without periodic axes), %.0f "
+                  "of them wrap (%.1f%%), dilation group 0",
+                  with.loaded, without.loaded > 0 ? 100.0 * (with.loaded / without.loaded - 1) : 0.0, with.wrapped,
+                  with.loaded > 0 ? 100.0 * with.wrapped / with.loaded : 0.0);
+    lines.push_back(buf);
   }
   TmaView views[3];
   const std::string why = forward_tma_views(p, ranked.front().config, contiguous_layout(p, p.heads, p.dim),

@@ -91,6 +91,16 @@ void add_warp_chunks(const TileShape& s, const Range* box, const Range* uni, Pla
 // visited chunks count 0.6 of active ones.
 double charged_pairs(const PlanEstimate& e);
 
+// Over every query tile of shape s in dilation group 0 (of a query sub-box, its part),
+// the key tiles of the tiles' key boxes (what a CTA loads), and of those the ones that
+// reach past a periodic axis's group (loaded row by row). Exact: per axis the counts
+// are independent, so the totals are products of per-axis sums.
+struct KeyTileCount {
+  double loaded = 0;
+  double wrapped = 0;
+};
+KeyTileCount key_tile_count(const Problem& p, const TileShape& s);
+
 // All candidates with their estimates, best first.
 std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper = false);
 
