@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Issue 20's small-window forward on one GPU, in one call: builds nbhd-bench and the
-# fused forward test (float16 and bfloat16, head dims 32 and 64, the GPU's own
-# architecture), runs the halo kernel's tests (and compute-sanitizer memcheck on its
-# smoke cases), then times each problem below with the planner's choice and with every
-# halo entry forced (NBHD_FUSED_TILE; their indices from --dry-run), medians of 30,
-# and profiles the halo kernel on NAT with ncu. Writes into $OUT (else
-# ./small-windows-out): build.txt, tests.txt, times.txt, dry-run.txt, ncu-summary.txt.
+# Issue 20's halo kernels on one GPU, in one call: builds nbhd-bench and the fused
+# forward and backward tests (float16 and bfloat16, head dims 32 and 64, the GPU's own
+# architecture), runs the halo kernels' tests (and compute-sanitizer memcheck on the
+# smoke cases), then times each problem below: the forward with the planner's choice
+# and with every halo entry forced (NBHD_FUSED_TILE; their indices from --dry-run),
+# the backward with the planner's dq choice and with the halo dq pass
+# (NBHD_FUSED_BACKWARD_DQ=halo), medians of 30; and profiles the halo forward and dq
+# pass on NAT with ncu. Writes into $OUT (else ./small-windows-out): build.txt,
+# tests.txt, times.txt, dry-run.txt, ncu-summary.txt.
 # Needs .carry/ where GoogleTest is not installed.
 #
 #   bench/small_windows.sh [--no-ncu]
@@ -24,15 +26,19 @@ gtest_source=""
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNBHD_CUDA=ON -DNBHD_CUDA_ARCHS="$arch" \
     -DNBHD_DTYPES="float16;bfloat16" -DNBHD_HEAD_DIMS="32;64" -DNBHD_BUILD_TESTS=ON \
     ${gtest_source:+-DNBHD_GTEST_SOURCE_DIR="$gtest_source"} &&
-    cmake --build "$build" -j "$(nproc)" --target nbhd-bench fused_forward_test
+    cmake --build "$build" -j "$(nproc)" --target nbhd-bench fused_forward_test fused_backward_test
 } > "$out/build.txt" 2>&1 || { tail -30 "$out/build.txt"; echo "build failed"; exit 1; }
 echo "build: $((SECONDS - start)) s (sm_$arch)"
 bench="$build/tools/nbhd-bench/nbhd-bench"
 test_bin="$(find "$build" -name fused_forward_test -type f -perm -u+x | head -1)"
+bwd_bin="$(find "$build" -name fused_backward_test -type f -perm -u+x | head -1)"
 
 {
   "$test_bin" --gtest_filter='FusedForwardHalo*:FusedForwardSmoke*:FusedForwardConfigs*'
+  "$bwd_bin" --gtest_filter='FusedBackwardHalo*:FusedBackwardSmoke*'
   compute-sanitizer --tool memcheck --error-exitcode 1 "$test_bin" --gtest_filter='FusedForwardSmoke*'
+  NBHD_FUSED_BACKWARD_DQ=halo compute-sanitizer --tool memcheck --error-exitcode 1 "$bwd_bin" \
+    --gtest_filter='FusedBackwardHalo*'
 } > "$out/tests.txt" 2>&1
 echo "tests: $(grep -cE '^\[  PASSED|^\[  FAILED|ERROR SUMMARY' "$out/tests.txt") summary lines"
 grep -E '^\[  (PASSED|FAILED)|ERROR SUMMARY' "$out/tests.txt"
@@ -64,6 +70,14 @@ for entry in "${problems[@]}"; do
       grep -E '^time|TFLOP' | tr '\n' ' ')
     echo "$name tile $tile $line" | tee -a "$out/times.txt"
   done
+  for dq in planner halo; do
+    env=()
+    [ "$dq" = halo ] && env=(NBHD_FUSED_BACKWARD_DQ=halo)
+    # shellcheck disable=SC2086
+    line=$(env "${env[@]}" "$bench" $flags --dtype float16 --backend fused --pass bwd --warmup 5 --iters 30 2>&1 |
+      grep -E '^time|TFLOP' | tr '\n' ' ')
+    echo "$name bwd dq $dq $line" | tee -a "$out/times.txt"
+  done
 done
 
 if [ "${1:-}" != --no-ncu ]; then
@@ -77,6 +91,10 @@ if [ "${1:-}" != --no-ncu ]; then
     --launch-count 1 -f -o "$out/nat-halo" "$bench" --extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 32 \
     --dtype float16 --backend fused --pass fwd --warmup 1 --iters 1 > "$out/ncu.log" 2>&1 &&
     "$ncu" --import "$out/nat-halo.ncu-rep" --page details > "$out/ncu-summary.txt"
+  NBHD_FUSED_BACKWARD_DQ=halo timeout 240 "$ncu" "${sections[@]}" --kernel-name fused_backward_dq_halo_kernel \
+    --launch-skip 1 --launch-count 1 -f -o "$out/nat-dq-halo" "$bench" --extent 56x56 --kernel 7 --batch 64 --heads 4 \
+    --dim 32 --dtype float16 --backend fused --pass bwd --warmup 1 --iters 1 > "$out/ncu-dq.log" 2>&1 &&
+    "$ncu" --import "$out/nat-dq-halo.ncu-rep" --page details >> "$out/ncu-summary.txt"
   grep -E 'Duration|Executed Instructions |Issue Slots Busy|Achieved Occupancy|Registers Per' "$out/ncu-summary.txt"
 fi
 echo "total: $((SECONDS - start)) s"

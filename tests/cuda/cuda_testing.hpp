@@ -98,4 +98,35 @@ class StridedDeviceTensor {
   void* data_ = nullptr;
 };
 
+// A small-window problem for the halo kernels (issue 20's shapes, small): windows of
+// 1-9 keys per axis (1-5 in 3-D) with dilation 1-4 (unequal groups), strides, causal
+// or periodic axes, extents no tile divides, GQA, rpb, float16 or bfloat16, head dims
+// 16-64 in `bucket` (32 or 64) with dim_v apart, no additional tokens.
+inline Problem small_window_problem(std::mt19937_64& rng, int rank, int bucket) {
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  const int64_t dims[2][3] = {{16, 24, 32}, {40, 48, 64}};
+  Problem p;
+  p.rank = rank;
+  p.dtype = uniform(0, 1) ? DType::kBFloat16 : DType::kFloat16;
+  const int64_t max_extent = rank == 1 ? 160 : rank == 2 ? 30 : 11;
+  for (int a = 0; a < rank; ++a) {
+    p.kernel[a] = uniform(1, rank == 3 ? 5 : 9);
+    p.dilation[a] = uniform(0, 2) == 0 ? uniform(2, 4) : 1;
+    if (p.kernel[a] * p.dilation[a] > max_extent) p.dilation[a] = 1;
+    p.extent[a] = uniform(p.kernel[a] * p.dilation[a], max_extent);
+    p.stride[a] = uniform(0, 2) == 0 ? uniform(1, p.kernel[a]) : 1;
+    p.causal[a] = uniform(0, 3) == 0;
+    p.periodic[a] = !p.causal[a] && uniform(0, 3) == 0;
+  }
+  p.batch = uniform(1, 2);
+  p.kv_heads = uniform(1, 2);
+  p.heads = p.kv_heads * uniform(1, 2);
+  const int64_t* in_bucket = dims[bucket == 64];
+  p.dim = in_bucket[uniform(0, 2)];
+  p.dim_v = uniform(0, 2) == 0 ? in_bucket[uniform(0, 2)] : 0;
+  if (uniform(0, 2) == 0) p.scale = std::uniform_real_distribution<double>(0.1, 1.5)(rng);
+  p.has_rpb = uniform(0, 1) == 1;
+  return p;
+}
+
 }  // namespace nbhd::testing

@@ -43,6 +43,9 @@ struct Case {
   Problem p;
   int64_t gap;
   bool lse_gradient = false;  // the loss uses lse too: BackwardTensors::d_lse given
+  // dQ by the halo dq pass (NBHD_FUSED_BACKWARD_DQ=halo) in both modes, checked to run
+  // it, instead of by atomics and by the tiled dq pass.
+  bool halo_dq = false;
 };
 
 // Largest extent per rank: the float64 oracle and the plain backward stay quick
@@ -362,22 +365,29 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
   };
 
   // The default mode takes dQ from float32 atomics or from the dq pass, by the
-  // window size (backward_plan.hpp); run both.
-  for (const char* dq : {"atomics", "pass"}) {
+  // window size (backward_plan.hpp); run both (or the halo dq pass, asked for).
+  const std::vector<const char*> dq_modes = c.halo_dq ? std::vector<const char*>{"halo"}
+                                                      : std::vector<const char*>{"atomics", "pass"};
+  for (const char* dq : dq_modes) {
     setenv("NBHD_FUSED_BACKWARD_DQ", dq, 1);
     KernelRun r;
     const Status s = run(/*deterministic=*/false, &r);
+    if (s.ok() && c.halo_dq) EXPECT_TRUE(cuda::fused::backward_dq_halo(p)) << "the halo dq pass did not run";
     unsetenv("NBHD_FUSED_BACKWARD_DQ");
     if (!s.ok()) {
       // Only build filters may exclude a case; anything else is a bug in the test.
       EXPECT_NE(s.message().find("in this build"), std::string::npos) << s.message();
       return false;
     }
-    expect_accurate(r, dq == std::string("atomics") ? "default mode, dQ by atomics" : "default mode, dQ by the dq pass");
+    expect_accurate(r, dq == std::string("atomics") ? "default mode, dQ by atomics"
+                       : c.halo_dq                  ? "default mode, dQ by the halo dq pass"
+                                                    : "default mode, dQ by the dq pass");
   }
   KernelRun first, second;
+  if (c.halo_dq) setenv("NBHD_FUSED_BACKWARD_DQ", "halo", 1);
   EXPECT_TRUE(run(/*deterministic=*/true, &first).ok());
   EXPECT_TRUE(run(/*deterministic=*/true, &second).ok());
+  unsetenv("NBHD_FUSED_BACKWARD_DQ");
   expect_accurate(first, "deterministic mode");
   for (auto [what, a, b] : {std::tuple{"dq", &first.dq, &second.dq}, {"dk", &first.dk, &second.dk},
                             {"dv", &first.dv, &second.dv}, {"d rpb", &first.drpb, &second.drpb},
@@ -386,6 +396,27 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     EXPECT_TRUE(bytes(*a) == bytes(*b)) << what << " differs between two deterministic runs";
   if (deterministic_out) *deterministic_out = std::move(first);
   return true;
+}
+
+// The halo dq pass (issue 20: small windows), asked for, on small-window problems
+// (testing::small_window_problem: dilation with unequal groups, strides, causal and
+// periodic axes, rpb, GQA, head dims 16-64), with lse's gradient in a third; both
+// modes, the deterministic one bitwise twice.
+TEST(FusedBackwardHalo, DqPassMatchesReference) {
+  NBHD_REQUIRE_GPU();
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {32, 64})
+      for (int seed = 0; seed < 4 && !HasFailure(); ++seed) {
+        std::mt19937_64 rng(33000 + 100 * rank + bucket + seed);
+        Case c{testing::small_window_problem(rng, rank, bucket), seed == 1 ? 8 : 0};
+        c.lse_gradient = seed % 3 == 2;
+        c.halo_dq = true;
+        cuda::fused::TileConfig entry;
+        if (!cuda::fused::halo_dq_entry(c.p, &entry)) continue;  // a key box over the shared memory
+        ran += check_backward(c, rng);
+      }
+  if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
 }
 
 // p with a random query sub-box that spans every periodic axis (the fused backward

@@ -61,38 +61,14 @@ int cases_run = 0;
 #define SKIP_IF_NO_CASE_RAN(before) \
   if (cases_run == (before)) GTEST_SKIP() << "no case of this test runs in this build (NBHD_DTYPES / NBHD_HEAD_DIMS)"
 
-// A problem for the halo kernel's entry `c` (issue 20's shapes, small): windows of
-// 1-9 keys per axis (1-5 in 3-D) with dilation 1-4 (unequal groups), strides, causal
-// or periodic axes, extents no tile divides, GQA, rpb, head dims 16-64 in c's bucket
-// with dim_v apart, padded rows; drawn again until the entry runs it (its key box fits
-// shared memory).
+// A problem for the halo kernel's entry `c` (testing::small_window_problem, padded
+// rows in a quarter), drawn again until the entry runs it (its key box fits shared
+// memory).
 Case small_window_case(std::mt19937_64& rng, int rank, const cuda::fused::TileConfig& c) {
-  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
-  const int64_t dims[2][3] = {{16, 24, 32}, {40, 48, 64}};
   for (;;) {
-    Problem p;
-    p.rank = rank;
-    p.dtype = uniform(0, 1) ? DType::kBFloat16 : DType::kFloat16;
-    const int64_t max_extent = rank == 1 ? 160 : rank == 2 ? 30 : 11;
-    for (int a = 0; a < rank; ++a) {
-      p.kernel[a] = uniform(1, rank == 3 ? 5 : 9);
-      p.dilation[a] = uniform(0, 2) == 0 ? uniform(2, 4) : 1;
-      if (p.kernel[a] * p.dilation[a] > max_extent) p.dilation[a] = 1;
-      p.extent[a] = uniform(p.kernel[a] * p.dilation[a], max_extent);
-      p.stride[a] = uniform(0, 2) == 0 ? uniform(1, p.kernel[a]) : 1;
-      p.causal[a] = uniform(0, 3) == 0;
-      p.periodic[a] = !p.causal[a] && uniform(0, 3) == 0;
-    }
-    p.batch = uniform(1, 2);
-    p.kv_heads = uniform(1, 2);
-    p.heads = p.kv_heads * uniform(1, 2);
-    const int64_t* bucket = dims[c.head_dim == 64];
-    p.dim = bucket[uniform(0, 2)];
-    p.dim_v = uniform(0, 2) == 0 ? bucket[uniform(0, 2)] : 0;
-    if (uniform(0, 2) == 0) p.scale = std::uniform_real_distribution<double>(0.1, 1.5)(rng);
-    p.has_rpb = uniform(0, 1) == 1;
-    if (!cuda::fused::halo_refusal(p, c).empty()) continue;
-    return Case{p, uniform(0, 3) == 0 ? 8 : 0};
+    const Problem p = testing::small_window_problem(rng, rank, c.head_dim);
+    if (cuda::fused::halo_refusal(p, c).empty())
+      return Case{p, std::uniform_int_distribution<int>(0, 3)(rng) == 0 ? 8 : 0};
   }
 }
 

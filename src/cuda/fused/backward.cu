@@ -110,6 +110,11 @@ std::string key_pass_loads(const Problem& p, const BackwardTensors& t) {
   return why.empty() ? "TMA" : "cp.async: " + why;
 }
 
+bool backward_dq_halo(const Problem& p) {
+  TileConfig entry;
+  return halo_dq_asked() && halo_dq_entry(p, &entry);
+}
+
 Status backward_supports(const Problem& p) {
   // A periodic axis's inverse windows stay unwrapped in the key pass (tile_shape.hpp),
   // so only the whole axis can be clipped to (detail_bwd::computed_queries).
@@ -151,10 +156,13 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");
   BackwardPlan chosen = plan(p, t.d_rpb.defined(), o.deterministic);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
+  TileConfig halo_dq;
+  const bool dq_halo = halo_dq_asked() && halo_dq_entry(p, &halo_dq);
+  if (dq_halo) chosen.dq_pass = halo_dq;
   // The kernels are compiled for backward_cols columns; a plan with others would
   // visit some key-query pairs twice (a plan cached without the dtype once did).
   const int cols = backward_cols(p.dtype, bucket);
-  if (chosen.key_pass.block_kv != cols || chosen.dq_pass.block_kv != cols)
+  if (chosen.key_pass.block_kv != cols || (chosen.dq_pass.block_kv != cols && !dq_halo))
     return Status(StatusCode::kInternal, "fused backward: the plan's tiles have " +
                                              std::to_string(chosen.key_pass.block_kv) + " and " +
                                              std::to_string(chosen.dq_pass.block_kv) + " columns, the " + name(p.dtype) +
@@ -218,6 +226,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   std::copy(query_tiles.per_group, query_tiles.per_group + kMaxRank, bp.dq_tiles_per_group);
   bp.kv_tiles = kv_tiles.count;
   bp.dq_tiles = query_tiles.count;
+  bp.dq_halo_rows = dq_halo ? halo_rows_bound(p, halo_dq.shape) : 0;
   bp.additional_col_tiles = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = bp.nb.axis[a];

@@ -40,6 +40,7 @@
 #include "cuda/common/ptx.cuh"
 #include "cuda/common/shared_memory.hpp"
 #include "cuda/fused/backward.hpp"
+#include "cuda/fused/backward_halo_kernel.cuh"
 #include "cuda/fused/backward_params.hpp"
 #include "cuda/fused/backward_parts.cuh"
 #include "cuda/fused/backward_ptx.cuh"
@@ -1218,6 +1219,12 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
 
   if (p.dq_accum) {
     fused_backward_convert_dq_kernel<T><<<unsigned(dq_blocks), kThreads, 0, stream>>>(p);
+  } else if (p.dq_halo_rows > 0) {
+    if constexpr (sizeof(T) == 2 && kHeadDim <= 64) {
+      if (const cudaError_t e = launch_fused_backward_dq_halo<T, kHeadDim>(p, stream); e != cudaSuccess) return e;
+    } else {
+      return cudaErrorInvalidValue;  // planned only where compiled (halo_dq_entry)
+    }
   } else {
     if (const cudaError_t e = allow_shared_memory<fused_backward_dq_kernel<DqPass>>(DqPass::kSharedBytes); e != cudaSuccess)
       return e;

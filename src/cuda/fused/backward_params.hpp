@@ -261,6 +261,9 @@ struct BackwardParams {
   GridTile dq_shape;
   int dq_tiles_per_group[kMaxRank];
   int64_t dq_tiles;
+  // The halo dq pass (backward_halo_kernel.cuh) when > 0: its key rows in shared
+  // memory (halo_rows_bound); 0: the tiled dq pass.
+  int dq_halo_rows;
 };
 
 }  // namespace nbhd::cuda::fused

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "cuda/fused/backward_plan.hpp"
 
+#include "cuda/fused/halo_layout.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -151,9 +153,23 @@ std::vector<PlanEstimate> ranked(const Problem& p, bool hopper, bool key_pass) {
 
 }  // namespace
 
+bool halo_dq_asked() {
+  const char* forced = std::getenv("NBHD_FUSED_BACKWARD_DQ");
+  return forced && std::string(forced) == "halo";
+}
+
+bool halo_dq_entry(const Problem& p, TileConfig* entry) {
+  for (const TileConfig& c : candidate_configs(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim())))
+    if (c.halo && c.warps == kBackwardWarps && halo_refusal(p, c, /*query_tensors=*/2).empty()) {
+      *entry = c;
+      return true;
+    }
+  return false;
+}
+
 bool prefer_dq_pass(const Problem& p) {
   if (const char* forced = std::getenv("NBHD_FUSED_BACKWARD_DQ")) {
-    if (std::string(forced) == "pass") return true;
+    if (std::string(forced) == "pass" || std::string(forced) == "halo") return true;
     if (std::string(forced) == "atomics") return false;
   }
   return p.window_size() <= kDqPassMaxWindow;
@@ -199,6 +215,13 @@ std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
     lines.push_back(why.empty() ? "fused backward key pass loads: Q and dO by TMA (contiguous tensors)"
                                 : "fused backward key pass loads: cp.async (" + why + ")");
   }
+  TileConfig halo;
+  lines.push_back(halo_dq_entry(p, &halo)
+                      ? std::string("fused backward dq pass halo: ") + halo.why +
+                            " (not yet timed; NBHD_FUSED_BACKWARD_DQ=halo runs it)"
+                      : "fused backward dq pass halo: none runs this problem (16-bit, head dims <= 64, no additional "
+                        "tokens, Q, dO and the key box within " + std::to_string(kHaloMaxSharedBytes) +
+                            " bytes of shared memory)");
   return lines;
 }
 

@@ -61,6 +61,12 @@ struct BackwardPlan {
 inline constexpr int64_t kDqPassMaxWindow = 128;
 bool prefer_dq_pass(const Problem& p);
 
+// NBHD_FUSED_BACKWARD_DQ=halo (not yet timed, so only when asked): the dq pass of
+// backward_halo_kernel.cuh, on the first 4-warp halo entry of the forward's table
+// that runs p with Q and dO rows (halo_refusal). True and the entry where there is one.
+bool halo_dq_entry(const Problem& p, TileConfig* entry);
+bool halo_dq_asked();
+
 // The candidates of least cost per pass (the forward's cost model; the wgmma key
 // pass only with `hopper` and where it runs the problem). Needs max(dim, dim_v) <=
 // 128: backward_candidates must not be empty.

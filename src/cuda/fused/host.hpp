@@ -159,6 +159,9 @@ std::string forward_loads(const Problem& p, const ForwardTensors& t);
 // The fused forward's configuration for p on the current device (NBHD_FUSED_TILE
 // included): what the tests check a forced entry against. backend.cu.
 TileConfig forward_config(const Problem& p);
+// Whether a backward of p runs the halo dq pass (NBHD_FUSED_BACKWARD_DQ=halo and an
+// entry that runs p: backward_plan.hpp, halo_dq_entry). backward.cu.
+bool backward_dq_halo(const Problem& p);
 std::string key_pass_loads(const Problem& p, const BackwardTensors& t);
 
 // What a plan depends on: the grid geometry, the head dims and the dtype (which

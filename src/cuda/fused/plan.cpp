@@ -356,11 +356,11 @@ int halo_rows_bound(const Problem& p, const TileShape& s) {
   return int(std::min<int64_t>(rows, 1 << 30));
 }
 
-std::string halo_refusal(const Problem& p, const TileConfig& c) {
+std::string halo_refusal(const Problem& p, const TileConfig& c, int query_tensors) {
   if (!c.halo) return "";
   if (p.additional_tokens > 0) return "halo: additional tokens run on the tiled kernels";
   const int rows = halo_rows_bound(p, c.shape);
-  const int64_t bytes = halo_shared_bytes(c.warps * 16, c.head_dim, std::min(rows, 1 << 24));
+  const int64_t bytes = halo_shared_bytes(query_tensors * c.warps * 16, c.head_dim, std::min(rows, 1 << 24));
   if (bytes > kHaloMaxSharedBytes)
     return "halo: a key box of up to " + std::to_string(rows) + " keys needs " + std::to_string(bytes) +
            " bytes of shared memory, over " + std::to_string(kHaloMaxSharedBytes);

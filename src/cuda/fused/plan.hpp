@@ -44,8 +44,9 @@ bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_t
 int halo_rows_bound(const Problem& p, const TileShape& s);
 
 // "" where the halo entry `c` runs `p` (any other entry: ""), else why not: its key
-// box needs more than kHaloMaxSharedBytes of shared memory, or additional tokens.
-std::string halo_refusal(const Problem& p, const TileConfig& c);
+// box and `query_tensors` tensors of query rows (the forward's Q; the dq pass's Q and
+// dO) need more than kHaloMaxSharedBytes of shared memory, or additional tokens.
+std::string halo_refusal(const Problem& p, const TileConfig& c, int query_tensors = 1);
 
 // Whether this build has the sm_90a (wgmma) forward kernels.
 bool wgmma_kernels_built();

@@ -35,7 +35,7 @@ LIBRARY = ["src/core/problem.cpp", "src/core/tensor_checks.cpp", "src/core/unfol
            "src/cuda/fused/backward.cu", "src/cuda/fused/plan.cpp", "src/cuda/fused/backward_plan.cpp",
            "src/cuda/common/tensor_map.cpp", "src/cuda/common/kernel_image.cu"]
 KERNEL_HEADERS = ["src/cuda/fused/forward_kernel.cuh", "src/cuda/fused/forward_halo_kernel.cuh",
-                  "src/cuda/fused/backward_kernel.cuh",
+                  "src/cuda/fused/backward_kernel.cuh", "src/cuda/fused/backward_halo_kernel.cuh",
                   "src/cuda/fused/backward_wgmma_kernel.cuh"]
 # Kernels of the tests themselves (rewritten like the headers, compiled into the tests).
 TEST_KERNELS = ["tests/cuda/tma_probe.cu"]
