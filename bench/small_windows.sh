@@ -5,9 +5,9 @@
 # architecture), runs the halo kernels' tests (and compute-sanitizer memcheck on the
 # smoke cases), then times each problem below: the forward with the planner's choice
 # and with every halo entry forced (NBHD_FUSED_TILE; their indices from --dry-run),
-# the backward with the planner's dq choice and with the halo dq pass
-# (NBHD_FUSED_BACKWARD_DQ=halo), medians of 30; and profiles the halo forward and dq
-# pass on NAT with ncu. Writes into $OUT (else ./small-windows-out): build.txt,
+# the backward with the planner's passes, with the halo dq pass
+# (NBHD_FUSED_BACKWARD_DQ=halo) and with both halo passes (NBHD_FUSED_BACKWARD_KEY=halo
+# too), medians of 30; and profiles the three halo kernels on NAT with ncu. Writes into $OUT (else ./small-windows-out): build.txt,
 # tests.txt, times.txt, dry-run.txt, ncu-summary.txt.
 # Needs .carry/ where GoogleTest is not installed.
 #
@@ -37,8 +37,7 @@ bwd_bin="$(find "$build" -name fused_backward_test -type f -perm -u+x | head -1)
   "$test_bin" --gtest_filter='FusedForwardHalo*:FusedForwardSmoke*:FusedForwardConfigs*'
   "$bwd_bin" --gtest_filter='FusedBackwardHalo*:FusedBackwardSmoke*'
   compute-sanitizer --tool memcheck --error-exitcode 1 "$test_bin" --gtest_filter='FusedForwardSmoke*'
-  NBHD_FUSED_BACKWARD_DQ=halo compute-sanitizer --tool memcheck --error-exitcode 1 "$bwd_bin" \
-    --gtest_filter='FusedBackwardHalo*'
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$bwd_bin" --gtest_filter='FusedBackwardHalo*'
 } > "$out/tests.txt" 2>&1
 echo "tests: $(grep -cE '^\[  PASSED|^\[  FAILED|ERROR SUMMARY' "$out/tests.txt") summary lines"
 grep -E '^\[  (PASSED|FAILED)|ERROR SUMMARY' "$out/tests.txt"
@@ -70,13 +69,16 @@ for entry in "${problems[@]}"; do
       grep -E '^time|TFLOP' | tr '\n' ' ')
     echo "$name tile $tile $line" | tee -a "$out/times.txt"
   done
-  for dq in planner halo; do
+  # The backward: the planner's passes, the halo dq pass, and both halo passes (the key
+  # pass only where d rpb is not asked for: nbhd-bench asks for it with --rpb).
+  for passes in planner dq-halo both-halo; do
     env=()
-    [ "$dq" = halo ] && env=(NBHD_FUSED_BACKWARD_DQ=halo)
+    [ "$passes" = dq-halo ] && env=(NBHD_FUSED_BACKWARD_DQ=halo)
+    [ "$passes" = both-halo ] && env=(NBHD_FUSED_BACKWARD_DQ=halo NBHD_FUSED_BACKWARD_KEY=halo)
     # shellcheck disable=SC2086
     line=$(env "${env[@]}" "$bench" $flags --dtype float16 --backend fused --pass bwd --warmup 5 --iters 30 2>&1 |
       grep -E '^time|TFLOP' | tr '\n' ' ')
-    echo "$name bwd dq $dq $line" | tee -a "$out/times.txt"
+    echo "$name bwd $passes $line" | tee -a "$out/times.txt"
   done
 done
 
@@ -95,6 +97,11 @@ if [ "${1:-}" != --no-ncu ]; then
     --launch-skip 1 --launch-count 1 -f -o "$out/nat-dq-halo" "$bench" --extent 56x56 --kernel 7 --batch 64 --heads 4 \
     --dim 32 --dtype float16 --backend fused --pass bwd --warmup 1 --iters 1 > "$out/ncu-dq.log" 2>&1 &&
     "$ncu" --import "$out/nat-dq-halo.ncu-rep" --page details >> "$out/ncu-summary.txt"
+  NBHD_FUSED_BACKWARD_DQ=halo NBHD_FUSED_BACKWARD_KEY=halo timeout 240 "$ncu" "${sections[@]}" \
+    --kernel-name fused_backward_key_halo_kernel --launch-skip 1 --launch-count 1 -f -o "$out/nat-key-halo" "$bench" \
+    --extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 32 --dtype float16 --backend fused --pass bwd --warmup 1 \
+    --iters 1 > "$out/ncu-key.log" 2>&1 &&
+    "$ncu" --import "$out/nat-key-halo.ncu-rep" --page details >> "$out/ncu-summary.txt"
   grep -E 'Duration|Executed Instructions |Issue Slots Busy|Achieved Occupancy|Registers Per' "$out/ncu-summary.txt"
 fi
 echo "total: $((SECONDS - start)) s"

@@ -43,9 +43,24 @@ struct Case {
   Problem p;
   int64_t gap;
   bool lse_gradient = false;  // the loss uses lse too: BackwardTensors::d_lse given
+  bool rpb_gradient = true;   // with an rpb: d rpb asked for (a frozen bias: not)
   // dQ by the halo dq pass (NBHD_FUSED_BACKWARD_DQ=halo) in both modes, checked to run
   // it, instead of by atomics and by the tiled dq pass.
   bool halo_dq = false;
+  // dK and dV by the halo key pass (NBHD_FUSED_BACKWARD_KEY=halo) in every run,
+  // checked to run it.
+  bool halo_key = false;
+};
+
+// Sets an environment variable for a scope (none when name is null).
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) {
+    if (name) setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (name) unsetenv(name);
+  }
 };
 
 // Largest extent per rank: the float64 oracle and the plain backward stay quick
@@ -268,6 +283,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
                     KernelRun* deterministic_out = nullptr) {
   const Problem& p = c.p;
   SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : "") + (c.lse_gradient ? " (with lse's gradient)" : ""));
+  const ScopedEnv key_pass(c.halo_key ? "NBHD_FUSED_BACKWARD_KEY" : nullptr, "halo");
   const Inputs in(p, rng, c.gap);
   auto out_shape = shape_of(in.q.ref());
   out_shape.back() = p.value_dim();
@@ -308,7 +324,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     r.dq = HostTensor(dtype, shape_of(in.q.ref()), gap);
     r.dk = HostTensor(dtype, shape_of(in.k.ref()), gap);
     r.dv = HostTensor(dtype, shape_of(in.v.ref()), gap);
-    if (p.has_rpb) r.drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()), gap);
+    if (p.has_rpb && c.rpb_gradient) r.drpb = HostTensor(DType::kFloat32, shape_of(in.rpb.ref()), gap);
     if (p.additional_tokens) {
       r.dak = HostTensor(dtype, shape_of(in.ak.ref()), gap);
       r.dav = HostTensor(dtype, shape_of(in.av.ref()), gap);
@@ -359,7 +375,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     expect_gradient("dq", p.dtype, values(r.dq), values(exact.dq), plain.dq, magnitude.dq);
     expect_gradient("dk", p.dtype, values(r.dk), values(exact.dk), plain.dk, magnitude.dk);
     expect_gradient("dv", p.dtype, values(r.dv), values(exact.dv), plain.dv, magnitude.dv);
-    expect_gradient("d rpb", p.dtype, values(r.drpb), values(exact.drpb), plain.drpb, magnitude.drpb);
+    if (c.rpb_gradient) expect_gradient("d rpb", p.dtype, values(r.drpb), values(exact.drpb), plain.drpb, magnitude.drpb);
     expect_gradient("d additional keys", p.dtype, values(r.dak), values(exact.dak), plain.dak, magnitude.dak);
     expect_gradient("d additional values", p.dtype, values(r.dav), values(exact.dav), plain.dav, magnitude.dav);
   };
@@ -373,6 +389,8 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     KernelRun r;
     const Status s = run(/*deterministic=*/false, &r);
     if (s.ok() && c.halo_dq) EXPECT_TRUE(cuda::fused::backward_dq_halo(p)) << "the halo dq pass did not run";
+    if (s.ok() && c.halo_key)
+      EXPECT_TRUE(cuda::fused::backward_key_halo(p, p.has_rpb && c.rpb_gradient)) << "the halo key pass did not run";
     unsetenv("NBHD_FUSED_BACKWARD_DQ");
     if (!s.ok()) {
       // Only build filters may exclude a case; anything else is a bug in the test.
@@ -407,7 +425,7 @@ TEST(FusedBackwardHalo, DqPassMatchesReference) {
   int ran = 0;
   for (int rank = 1; rank <= 3; ++rank)
     for (int bucket : {32, 64})
-      for (int seed = 0; seed < 4 && !HasFailure(); ++seed) {
+      for (int seed = 0; seed < 3 && !HasFailure(); ++seed) {
         std::mt19937_64 rng(33000 + 100 * rank + bucket + seed);
         Case c{testing::small_window_problem(rng, rank, bucket), seed == 1 ? 8 : 0};
         c.lse_gradient = seed % 3 == 2;
@@ -426,6 +444,31 @@ Problem with_backward_box(Problem p, std::mt19937_64& rng) {
   for (int a = 0; a < p.rank; ++a)
     if (p.periodic[a]) p.query_begin[a] = p.query_end[a] = 0;
   return p;
+}
+
+// The halo key pass (NBHD_FUSED_BACKWARD_KEY=halo) on small-window problems without d
+// rpb (which it leaves to the tiled key pass; half of them with a frozen rpb), GQA
+// groups of 1-2 heads, lse's gradient in a third, query sub-boxes spanning the
+// periodic axes in a third; dQ by the tiled dq pass or the halo one (both modes, the
+// deterministic one bitwise twice).
+TEST(FusedBackwardHalo, KeyPassMatchesReference) {
+  NBHD_REQUIRE_GPU();
+  int ran = 0;
+  for (int rank = 1; rank <= 3; ++rank)
+    for (int bucket : {32, 64})
+      for (int seed = 0; seed < 3 && !HasFailure(); ++seed) {
+        std::mt19937_64 rng(34000 + 100 * rank + bucket + seed);
+        Case c{testing::small_window_problem(rng, rank, bucket), seed == 1 ? 8 : 0};
+        c.rpb_gradient = false;
+        if (seed == 2) c.p = with_backward_box(c.p, rng);
+        c.lse_gradient = seed % 3 == 2;
+        c.halo_key = true;
+        cuda::fused::TileConfig entry;
+        if (!cuda::fused::halo_key_entry(c.p, /*d_rpb=*/false, &entry)) continue;  // a query box over the shared memory
+        c.halo_dq = seed % 2 == 1 && cuda::fused::halo_dq_entry(c.p, &entry);
+        ran += check_backward(c, rng);
+      }
+  if (ran == 0) GTEST_SKIP() << "no case's head dim is in this build (NBHD_HEAD_DIMS)";
 }
 
 class FusedBackward : public ::testing::TestWithParam<std::tuple<int, DType>> {};

@@ -115,6 +115,11 @@ bool backward_dq_halo(const Problem& p) {
   return halo_dq_asked() && halo_dq_entry(p, &entry);
 }
 
+bool backward_key_halo(const Problem& p, bool d_rpb) {
+  TileConfig entry;
+  return halo_key_asked() && halo_key_entry(p, d_rpb, &entry);
+}
+
 Status backward_supports(const Problem& p) {
   // A periodic axis's inverse windows stay unwrapped in the key pass (tile_shape.hpp),
   // so only the whole axis can be clipped to (detail_bwd::computed_queries).
@@ -156,13 +161,18 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   if (launch == kernels().end()) return Status(StatusCode::kInternal, "fused backward kernel not built");
   BackwardPlan chosen = plan(p, t.d_rpb.defined(), o.deterministic);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
-  TileConfig halo_dq;
+  TileConfig halo_dq, halo_key;
   const bool dq_halo = halo_dq_asked() && halo_dq_entry(p, &halo_dq);
   if (dq_halo) chosen.dq_pass = halo_dq;
+  const bool key_halo = halo_key_asked() && halo_key_entry(p, t.d_rpb.defined(), &halo_key);
+  if (key_halo) {
+    chosen.key_pass = halo_key;
+    chosen.dq_by_pass = true;  // it adds no dQ by atomics: a dq pass computes dQ
+  }
   // The kernels are compiled for backward_cols columns; a plan with others would
   // visit some key-query pairs twice (a plan cached without the dtype once did).
   const int cols = backward_cols(p.dtype, bucket);
-  if (chosen.key_pass.block_kv != cols || (chosen.dq_pass.block_kv != cols && !dq_halo))
+  if ((chosen.key_pass.block_kv != cols && !key_halo) || (chosen.dq_pass.block_kv != cols && !dq_halo))
     return Status(StatusCode::kInternal, "fused backward: the plan's tiles have " +
                                              std::to_string(chosen.key_pass.block_kv) + " and " +
                                              std::to_string(chosen.dq_pass.block_kv) + " columns, the " + name(p.dtype) +
@@ -227,6 +237,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   bp.kv_tiles = kv_tiles.count;
   bp.dq_tiles = query_tiles.count;
   bp.dq_halo_rows = dq_halo ? halo_rows_bound(p, halo_dq.shape) : 0;
+  bp.kv_halo_rows = key_halo ? halo_key_rows_bound(p, halo_key.shape) : 0;
   bp.additional_col_tiles = 1;
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = bp.nb.axis[a];

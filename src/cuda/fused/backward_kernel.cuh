@@ -1181,11 +1181,13 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
   // Key pass: the mma.sync kernel for every CTA, or the wgmma kernel for the
   // neighborhood key tiles and the mma.sync one for the additional tokens' CTAs
   // (first in its grid: a grid of only those runs only those).
-  const int64_t key_blocks = int64_t(p.batch) * p.kv_heads * ((p.wgmma_key_pass ? 0 : p.kv_tiles) + p.additional_ctas);
+  const int64_t key_blocks =
+      int64_t(p.batch) * p.kv_heads * ((p.wgmma_key_pass || p.kv_halo_rows > 0 ? 0 : p.kv_tiles) + p.additional_ctas);
   const int64_t wgmma_blocks = p.wgmma_key_pass ? int64_t(p.batch) * p.kv_heads * p.kv_tiles : 0;
   const int64_t dq_blocks = p.dq_accum ? blocks_for(int64_t(p.batch) * p.tokens * p.heads * (p.dim / (16 / int(sizeof(T)))), kThreads)
                                        : p.dq_tiles * p.heads * p.batch;
-  for (const int64_t blocks : {rpb_blocks, pre_blocks, key_blocks, wgmma_blocks, dq_blocks})
+  const int64_t halo_key_blocks = p.kv_halo_rows > 0 ? int64_t(p.batch) * p.kv_heads * p.kv_tiles : 0;
+  for (const int64_t blocks : {rpb_blocks, pre_blocks, key_blocks, wgmma_blocks, halo_key_blocks, dq_blocks})
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (p.wgmma_key_pass && !kHasWgmmaKeyPass<T, kHeadDim>) return cudaErrorInvalidValue;  // offered only where compiled
 
@@ -1206,6 +1208,13 @@ cudaError_t launch_fused_backward(const BackwardParams& p, cudaStream_t stream) 
   if constexpr (kHasWgmmaKeyPass<T, kHeadDim>) {
     if (p.wgmma_key_pass)
       if (const cudaError_t e = launch_fused_backward_key_wgmma<T, kHeadDim>(p, stream); e != cudaSuccess) return e;
+  }
+  if (p.kv_halo_rows > 0) {
+    if constexpr (sizeof(T) == 2 && kHeadDim <= 64) {
+      if (const cudaError_t e = launch_fused_backward_key_halo<T, kHeadDim>(p, stream); e != cudaSuccess) return e;
+    } else {
+      return cudaErrorInvalidValue;  // planned only where compiled (halo_key_entry)
+    }
   }
   if (key_blocks > 0) {
     // The opt-in covers the d rpb buffer; a launch uses what it needs.

@@ -264,6 +264,9 @@ struct BackwardParams {
   // The halo dq pass (backward_halo_kernel.cuh) when > 0: its key rows in shared
   // memory (halo_rows_bound); 0: the tiled dq pass.
   int dq_halo_rows;
+  // The halo key pass when > 0: its query rows in shared memory (halo_key_rows_bound;
+  // kv_shape is then its key tile); 0: the tiled or wgmma key pass.
+  int kv_halo_rows;
 };
 
 }  // namespace nbhd::cuda::fused

@@ -167,6 +167,44 @@ bool halo_dq_entry(const Problem& p, TileConfig* entry) {
   return false;
 }
 
+bool halo_key_asked() {
+  const char* forced = std::getenv("NBHD_FUSED_BACKWARD_KEY");
+  return forced && std::string(forced) == "halo";
+}
+
+int halo_key_rows_bound(const Problem& p, const TileShape& s) {
+  const Neighborhood nb = p.neighborhood();
+  int64_t rows = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const Axis& ax = nb.axis[a];
+    const Range box = p.padded_query_range(a);
+    int longest = 0;
+    for (int g = 0; g < ax.dilation; ++g) {
+      const int lg = ax.group_length(g);
+      const Range part = group_indices(box.begin, box.end, g, ax.dilation);
+      for (int origin = 0; origin < lg; origin += s.q(a)) {
+        Range q = ax.inverse_window_union({origin, std::min(origin + s.q(a), lg)}, lg);
+        if (!ax.periodic) q = {std::max(q.begin, part.begin), std::min(q.end, part.end)};
+        longest = std::max(longest, q.size());
+      }
+    }
+    rows *= longest;
+  }
+  return int(std::min<int64_t>(rows, 1 << 24));
+}
+
+bool halo_key_entry(const Problem& p, bool d_rpb, TileConfig* entry) {
+  if (d_rpb || p.additional_tokens > 0) return false;
+  for (const TileConfig& c : candidate_configs(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim())))
+    if (const int rows = halo_key_rows_bound(p, c.shape);
+        c.halo && c.warps == kBackwardWarps && rows <= kHaloMaxSharedBytes / 64 &&
+        halo_key_pass_shared_bytes(c.warps * 16, c.head_dim, rows) <= kHaloMaxSharedBytes) {
+      *entry = c;
+      return true;
+    }
+  return false;
+}
+
 bool prefer_dq_pass(const Problem& p) {
   if (const char* forced = std::getenv("NBHD_FUSED_BACKWARD_DQ")) {
     if (std::string(forced) == "pass" || std::string(forced) == "halo") return true;
@@ -221,6 +259,12 @@ std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
                             " (not yet timed; NBHD_FUSED_BACKWARD_DQ=halo runs it)"
                       : "fused backward dq pass halo: none runs this problem (16-bit, head dims <= 64, no additional "
                         "tokens, Q, dO and the key box within " + std::to_string(kHaloMaxSharedBytes) +
+                            " bytes of shared memory)");
+  lines.push_back(halo_key_entry(p, /*d_rpb=*/false, &halo)
+                      ? std::string("fused backward key pass halo: ") + halo.why +
+                            " (not yet timed; NBHD_FUSED_BACKWARD_KEY=halo runs it where d rpb is not asked for)"
+                      : "fused backward key pass halo: none runs this problem (16-bit, head dims <= 64, no additional "
+                        "tokens, K, V, Q, dO and the query box within " + std::to_string(kHaloMaxSharedBytes) +
                             " bytes of shared memory)");
   return lines;
 }

@@ -67,6 +67,17 @@ bool prefer_dq_pass(const Problem& p);
 bool halo_dq_entry(const Problem& p, TileConfig* entry);
 bool halo_dq_asked();
 
+// NBHD_FUSED_BACKWARD_KEY=halo (not yet timed): the key pass of
+// backward_halo_kernel.cuh, on the first 4-warp halo entry of the forward's table
+// (its query tile as the key tile) whose query box fits with K and V
+// (halo_key_pass_shared_bytes), without d rpb (d_rpb: asked for) or additional tokens.
+bool halo_key_entry(const Problem& p, bool d_rpb, TileConfig* entry);
+bool halo_key_asked();
+// The most queries a key tile of shape s.q has in its query box (the union of its
+// keys' inverse windows, clipped to the computed queries), over every tile of every
+// dilation group.
+int halo_key_rows_bound(const Problem& p, const TileShape& s);
+
 // The candidates of least cost per pass (the forward's cost model; the wgmma key
 // pass only with `hopper` and where it runs the problem). Needs max(dim, dim_v) <=
 // 128: backward_candidates must not be empty.

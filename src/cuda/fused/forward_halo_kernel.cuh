@@ -60,12 +60,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   halo::set_key_box(p.nb, p.shape, t);
 
   // ---- loads: the query tile and the halo, once; the warp's keys while they fly ----
-  halo::load_query_rows<kHeadDim, Cfg::kThreads>(p.nb, p.shape, t, static_cast<const T*>(p.q), p.q_layout, p.dim,
-                                                 Cfg::kBlockQ, q_smem);
-  halo::load_halo<kHeadDim, Cfg::kThreads>(p.nb, t, static_cast<const T*>(p.k), p.k_layout, p.dim,
+  halo::load_tile_rows<kHeadDim, Cfg::kThreads>(p.nb, p.shape, t, static_cast<const T*>(p.q), p.q_layout, t.h, p.dim,
+                                                Cfg::kBlockQ, q_smem);
+  halo::load_halo<kHeadDim, Cfg::kThreads>(p.nb, t, t.hk, static_cast<const T*>(p.k), p.k_layout, p.dim,
                                            static_cast<const T*>(p.v), p.v_layout, p.dim_v, k_smem, v_smem);
   ptx::cp_async_commit();
-  halo::WarpKeys w = halo::warp_keys(p.nb, p.shape, t, p.rpb_layout, warp, lane);
+  halo::WarpKeys w = halo::warp_keys(p.nb, p.shape, t, p.rpb_layout, t.h, /*rpb_sign=*/1, warp, lane,
+                                     [&](int a, int j) { return p.nb.axis[a].window(j, t.lg[a]); });
   ptx::cp_async_wait<0>();
   __syncthreads();  // the tile and its halo landed; no barrier follows
   if (w.idle) return;
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     row_sum[i] = detail_fwd::quad_sum(row_sum[i]);
     inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
   }
-  halo::store_rows<kHeadDim>(o, inv, q_smem, p.nb, p.shape, t, static_cast<T*>(p.out), p.out_layout, p.dim_v, warp, lane);
+  halo::store_rows<kHeadDim>(o, inv, q_smem, p.nb, p.shape, t, static_cast<T*>(p.out), p.out_layout, t.h, p.dim_v, warp,
+                             lane);
   if (p.lse && (lane & 3) == 0) {
     constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll

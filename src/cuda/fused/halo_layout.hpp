@@ -18,4 +18,10 @@ NBHD_HOST_DEVICE constexpr int halo_shared_bytes(int queries, int head_dim, int 
   return (queries + 2 * (halo_rows + kHaloSlackRows)) * head_dim * 2;
 }
 
+// The halo key pass's (backward_halo_kernel.cuh): K and V of its `keys` rows, Q and dO
+// of `halo_rows` query rows plus the slack, and lse and delta (8 bytes) per halo row.
+NBHD_HOST_DEVICE constexpr int halo_key_pass_shared_bytes(int keys, int head_dim, int halo_rows) {
+  return 2 * (keys + halo_rows + kHaloSlackRows) * head_dim * 2 + (halo_rows + kHaloSlackRows) * 8;
+}
+
 }  // namespace nbhd::cuda::fused

@@ -39,15 +39,17 @@ struct Rows {
 // (ptxas, sm_90a), and spilled 150-280 bytes at 128.)
 inline constexpr int kStepBlocks = 4;
 
-// A query tile of one dilation group and one (batch, head): its group indices start
-// at origin, its group's queries end at end, its windows are the group's (lg); the
-// key box is the union of its queries' windows (unwrapped on a periodic axis), stored
-// row-major as `rows` halo rows.
+// A tile of one dilation group and one (batch, head): a query tile (the forward, the
+// dq pass) or a key tile (the key pass). Its group indices start at origin and its
+// rows end at end (the group's queries, or its keys), its windows are the group's
+// (lg). Its halo is the other side's box, stored row-major as `rows` halo rows: the
+// union of a query tile's windows (its key box) or of a key tile's inverse windows
+// (its query box), unwrapped on a periodic axis.
 struct Tile {
   int64_t b;
   int h, hk;
   int group[kMaxRank], lg[kMaxRank], origin[kMaxRank], end[kMaxRank];
-  Range keys[kMaxRank];
+  Range halo[kMaxRank];
   int rows;
 };
 
@@ -57,16 +59,18 @@ __device__ __forceinline__ void set_key_box(const Neighborhood& nb, const TileSh
   for (int a = 0; a < kMaxRank; ++a) {
     const Axis& ax = nb.axis[a];
     const int last = imin(t.origin[a] + shape.q(a), t.end[a]) - 1;
-    t.keys[a] = {ax.window(t.origin[a], t.lg[a]).begin, ax.window(last, t.lg[a]).end};
-    t.rows *= t.keys[a].size();
+    t.halo[a] = {ax.window(t.origin[a], t.lg[a]).begin, ax.window(last, t.lg[a]).end};
+    t.rows *= t.halo[a].size();
   }
 }
 
-// The tile's query rows of one tensor (Q or dO) into `dst`, rows past the group's
-// queries and columns past `columns` as zeros (cp.async; the caller commits).
+// The tile's own rows of one tensor (Q or dO of a query tile, K or V of a key tile) at
+// `head` into `dst`, rows past `end` and columns past `columns` as zeros (cp.async;
+// the caller commits).
 template <int kHeadDim, int kThreads, class T>
-__device__ __forceinline__ void load_query_rows(const Neighborhood& nb, const TileShape& shape, const Tile& t, const T* base,
-                                                const detail::TokenLayout& layout, int columns, int queries, T* dst) {
+__device__ __forceinline__ void load_tile_rows(const Neighborhood& nb, const TileShape& shape, const Tile& t, const T* base,
+                                               const detail::TokenLayout& layout, int head, int columns, int queries,
+                                               T* dst) {
   using R = Rows<kHeadDim>;
   for (int idx = threadIdx.x; idx < queries * R::kChunks; idx += kThreads) {
     const int r = idx / R::kChunks, c = idx % R::kChunks;
@@ -80,33 +84,35 @@ __device__ __forceinline__ void load_query_rows(const Neighborhood& nb, const Ti
     const T* src = base;
     if (valid) {
       token_of(nb, t.group, t.lg, j, token);
-      src = base + layout.offset(t.b, token, t.h) + c * 8;
+      src = base + layout.offset(t.b, token, head) + c * 8;
     }
     ptx::cp_async_16(ptx::smem_address(&dst[R::chunk_index(r, c) * 8]), src, valid ? 16 : 0);
   }
 }
 
-// K and V of the halo: row r is the key box's key r, row-major; on a periodic axis its
+// Two tensors of the halo at `head` (K and V of a query tile's key box; Q and dO of a
+// key tile's query box): row r is the box's token r, row-major; on a periodic axis its
 // token wraps. Each thread copies 16-byte column `chunk` of rows first_row, first_row +
 // kRowStep, ..., its coordinates stepped without a division per row (two divisions per
-// row made the loop ~290 SASS instructions). Columns past dim (K) or dim_v (V) are
-// zeros, and so are the kHaloSlackRows rows past the halo: a masked key's P is an
+// row made the loop ~290 SASS instructions). Columns past dim (k) or dim_v (v) are
+// zeros, and so are the kHaloSlackRows rows past the halo: a masked pair's P is an
 // exact 0, and 0 times these finite zeros adds nothing. cp.async; the caller commits.
 template <int kHeadDim, int kThreads, class T>
-__device__ __forceinline__ void load_halo(const Neighborhood& nb, const Tile& t, const T* k, const detail::TokenLayout& kl,
-                                          int dim, const T* v, const detail::TokenLayout& vl, int dim_v, T* k_dst, T* v_dst) {
+__device__ __forceinline__ void load_halo(const Neighborhood& nb, const Tile& t, int head, const T* k,
+                                          const detail::TokenLayout& kl, int dim, const T* v, const detail::TokenLayout& vl,
+                                          int dim_v, T* k_dst, T* v_dst) {
   using R = Rows<kHeadDim>;
   constexpr int kRowStep = kThreads / R::kChunks;
-  const int halo1 = t.keys[1].size(), halo2 = t.keys[2].size();
+  const int halo1 = t.halo[1].size(), halo2 = t.halo[2].size();
   const int chunk = threadIdx.x % R::kChunks, first_row = threadIdx.x / R::kChunks;
   const bool k_ok = chunk * 8 < dim, v_ok = chunk * 8 < dim_v;
-  const T* k_head = k + t.b * kl.batch + t.hk * kl.head + chunk * 8;
-  const T* v_head = v + t.b * vl.batch + t.hk * vl.head + chunk * 8;
+  const T* k_head = k + t.b * kl.batch + head * kl.head + chunk * 8;
+  const T* v_head = v + t.b * vl.batch + head * vl.head + chunk * 8;
   const int step01 = kRowStep / halo2, step2 = kRowStep - step01 * halo2;
   int x2 = first_row % halo2, x01 = first_row / halo2;
   int x1 = x01 % halo1, x0 = x01 / halo1;
   for (int r = first_row; r < t.rows; r += kRowStep) {
-    const int j[kMaxRank] = {t.keys[0].begin + x0, t.keys[1].begin + x1, t.keys[2].begin + x2};
+    const int j[kMaxRank] = {t.halo[0].begin + x0, t.halo[1].begin + x1, t.halo[2].begin + x2};
     int token[kMaxRank];
     token_of(nb, t.group, t.lg, j, token);
     const int at = R::chunk_index(r, chunk) * 8;
@@ -152,22 +158,30 @@ struct BlockWalk {
   }
 };
 
-// A warp's 16 queries and its keys: the union of its queries' windows (a box inside
-// the tile's), walked in `blocks` 8-key blocks; per row g and g + 8 of the warp (mma C
-// layout) its group indices, and per axis its window as a begin relative to the warp's
-// key box and a length (0 for a row past the group's queries; the innermost begin also
-// relative to this thread's first column of a block, 2 t4); the rows' rpb offsets.
+// A warp's 16 rows and their columns: the union of its rows' ranges (a box inside the
+// tile's halo: a query's window, or a key's inverse window), walked in `blocks` 8-column
+// blocks; per row g and g + 8 of the warp (mma C layout) its group indices, and per axis
+// its range as a begin relative to the warp's box and a length (0 for a row past the
+// tile's end; the innermost begin also relative to this thread's first column of a
+// block, 2 t4); the rows' rpb offsets (the bias index is key - query + kernel - 1 per
+// axis, so its sign along the columns is +1 for query rows and -1 for key rows).
 struct WarpKeys {
   BlockWalk walk;
   int blocks;
-  bool idle;  // every query of the warp is past the group's end
+  bool idle;  // every row of the warp is past the tile's end
   int row_j[2][kMaxRank], win_lo[2][kMaxRank], win_len[2][kMaxRank];
   bool row_valid[2];
-  int64_t rpb_row[2];  // the bias of key (y0, y1, x) for row i: rpb_row[i] + y0 a0 + y1 a1 + x a2
+  int rpb_sign;
+  int64_t rpb_row[2];  // the bias of column (y0, y1, x) for row i: rpb_row[i] + sign (y0 a0 + y1 a1 + x a2)
 };
 
+// range_of(a, j): row j's range on axis a (Axis::window for a query row; the clipped
+// inverse window for a key row); ranges' begins and ends never decrease along an
+// axis, so a box of rows has the union of its first and last row's.
+template <class RangeOf>
 __device__ __forceinline__ WarpKeys warp_keys(const Neighborhood& nb, const TileShape& shape, const Tile& t,
-                                              const detail::RpbLayout& rpb, int warp, int lane) {
+                                              const detail::RpbLayout& rpb, int rpb_head, int rpb_sign, int warp, int lane,
+                                              RangeOf&& range_of) {
   const int g = lane >> 2, t4 = lane & 3;
   WarpKeys w;
   int warp_off[kMaxRank];
@@ -175,11 +189,14 @@ __device__ __forceinline__ WarpKeys warp_keys(const Neighborhood& nb, const Tile
   Range box[kMaxRank];
   w.idle = false;
   for (int a = 0; a < kMaxRank; ++a) {
-    const Axis& ax = nb.axis[a];
     const int first = t.origin[a] + warp_off[a], last = imin(first + shape.w(a), t.end[a]) - 1;
     w.idle |= last < first;
-    box[a] = {ax.window(first, t.lg[a]).begin, ax.window(imax(last, first), t.lg[a]).end};
+    // Inside the tile's halo: a key's inverse window clipped to the computed queries
+    // may be empty at a begin past the halo's end.
+    const int begin = imax(range_of(a, first).begin, t.halo[a].begin);
+    box[a] = {begin, imax(begin, imin(range_of(a, imax(last, first)).end, t.halo[a].end))};
   }
+  w.rpb_sign = rpb_sign;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     int off[kMaxRank];
@@ -189,22 +206,22 @@ __device__ __forceinline__ WarpKeys warp_keys(const Neighborhood& nb, const Tile
       w.row_j[i][a] = t.origin[a] + off[a];
       w.row_valid[i] &= w.row_j[i][a] < t.end[a];
     }
-    w.rpb_row[i] = int64_t(t.h) * rpb.head + int64_t(2 * t4) * rpb.axis[kMaxRank - 1];
+    w.rpb_row[i] = int64_t(rpb_head) * rpb.head + rpb_sign * int64_t(2 * t4) * rpb.axis[kMaxRank - 1];
     for (int a = 0; a < kMaxRank; ++a) {
-      const Range win = nb.axis[a].window(w.row_j[i][a], t.lg[a]);
+      const Range win = range_of(a, w.row_j[i][a]);
       w.win_lo[i][a] = win.begin - box[a].begin - (a == kMaxRank - 1 ? 2 * t4 : 0);
       w.win_len[i][a] = w.row_valid[i] ? win.size() : 0;
-      w.rpb_row[i] += int64_t(box[a].begin - w.row_j[i][a] + nb.axis[a].kernel - 1) * rpb.axis[a];
+      w.rpb_row[i] += (rpb_sign * int64_t(box[a].begin - w.row_j[i][a]) + nb.axis[a].kernel - 1) * rpb.axis[a];
     }
   }
-  const int halo1 = t.keys[1].size(), halo2 = t.keys[2].size();
+  const int halo1 = t.halo[1].size(), halo2 = t.halo[2].size();
   w.walk.width = (box[2].size() + 7) & ~7;
   w.walk.extent1 = box[1].size();
   w.walk.next_row1 = halo2 - w.walk.width;
   w.walk.next_row0 = (halo1 - w.walk.extent1) * halo2;
   w.walk.y0 = w.walk.y1 = w.walk.x = 0;
-  w.walk.row = ((box[0].begin - t.keys[0].begin) * halo1 + (box[1].begin - t.keys[1].begin)) * halo2 +
-               (box[2].begin - t.keys[2].begin);
+  w.walk.row = ((box[0].begin - t.halo[0].begin) * halo1 + (box[1].begin - t.halo[1].begin)) * halo2 +
+               (box[2].begin - t.halo[2].begin);
   w.blocks = box[0].size() * w.walk.extent1 * (w.walk.width / 8);
   return w;
 }
@@ -308,7 +325,7 @@ __device__ __forceinline__ void scale_mask_bias(float (&s)[kStepBlocks][4], uint
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (((attended >> (4 * j + e)) & 1u) == 0) continue;
-      const int64_t o = w.rpb_row[e >> 1] + block_at + ((e & 1) ? rl.axis[2] : 0);
+      const int64_t o = w.rpb_row[e >> 1] + w.rpb_sign * (block_at + ((e & 1) ? rl.axis[2] : 0));
       const float bias = rpb_is_float32 ? __ldg(static_cast<const float*>(rpb) + o) : to_float(static_cast<const T*>(rpb)[o]);
       s[j][e] += bias * kLog2e;
     }
@@ -328,12 +345,12 @@ __device__ __forceinline__ void load_row_fragments(typename Mma<T>::A (&a)[kHead
   for (int kk = 0; kk < kHeadDim / 16; ++kk) a[kk] = Mma<T>::load_a(lane_row + (((2 * kk + (lane >> 4)) ^ swz) << 4));
 }
 
-// The warp's 16 output rows (acc times `row_scale` per row) to `out`, columns below
-// `columns`, staged through the warp's rows of `stage` (16-byte stores).
+// The warp's 16 output rows (acc times `row_scale` per row) to `out` at `head`, columns
+// below `columns`, staged through the warp's rows of `stage` (16-byte stores).
 template <int kHeadDim, class T>
 __device__ __forceinline__ void store_rows(const float (&acc)[kHeadDim / 8][4], const float (&row_scale)[2], T* stage,
                                            const Neighborhood& nb, const TileShape& shape, const Tile& t, T* out,
-                                           const detail::TokenLayout& layout, int columns, int warp, int lane) {
+                                           const detail::TokenLayout& layout, int head, int columns, int warp, int lane) {
   using R = Rows<kHeadDim>;
   const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
@@ -356,7 +373,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kHeadDim / 8][4], 
     }
     if (!valid) continue;
     token_of(nb, t.group, t.lg, j, token);
-    *reinterpret_cast<uint4*>(out + layout.offset(t.b, token, t.h) + c * 8) =
+    *reinterpret_cast<uint4*>(out + layout.offset(t.b, token, head) + c * 8) =
         *reinterpret_cast<const uint4*>(&stage[R::chunk_index(r, c) * 8]);
   }
 }
