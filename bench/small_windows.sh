@@ -69,8 +69,8 @@ for entry in "${problems[@]}"; do
       grep -E '^time|TFLOP' | tr '\n' ' ')
     echo "$name tile $tile $line" | tee -a "$out/times.txt"
   done
-  # The backward: the planner's passes, the halo dq pass, and both halo passes (the key
-  # pass only where d rpb is not asked for: nbhd-bench asks for it with --rpb).
+  # The backward: the planner's passes, the halo dq pass, and both halo passes (with
+  # --rpb nbhd-bench asks for d rpb, which the halo key pass bins in shared memory).
   for passes in planner dq-halo both-halo; do
     env=()
     [ "$passes" = dq-halo ] && env=(NBHD_FUSED_BACKWARD_DQ=halo)

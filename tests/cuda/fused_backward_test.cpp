@@ -390,7 +390,8 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
     const Status s = run(/*deterministic=*/false, &r);
     if (s.ok() && c.halo_dq) EXPECT_TRUE(cuda::fused::backward_dq_halo(p)) << "the halo dq pass did not run";
     if (s.ok() && c.halo_key)
-      EXPECT_TRUE(cuda::fused::backward_key_halo(p, p.has_rpb && c.rpb_gradient)) << "the halo key pass did not run";
+      EXPECT_TRUE(cuda::fused::backward_key_halo(p, p.has_rpb && c.rpb_gradient, /*deterministic=*/false))
+          << "the halo key pass did not run";
     unsetenv("NBHD_FUSED_BACKWARD_DQ");
     if (!s.ok()) {
       // Only build filters may exclude a case; anything else is a bug in the test.
@@ -446,11 +447,12 @@ Problem with_backward_box(Problem p, std::mt19937_64& rng) {
   return p;
 }
 
-// The halo key pass (NBHD_FUSED_BACKWARD_KEY=halo) on small-window problems without d
-// rpb (which it leaves to the tiled key pass; half of them with a frozen rpb), GQA
-// groups of 1-2 heads, lse's gradient in a third, query sub-boxes spanning the
-// periodic axes in a third; dQ by the tiled dq pass or the halo one (both modes, the
-// deterministic one bitwise twice).
+// The halo key pass (NBHD_FUSED_BACKWARD_KEY=halo) on small-window problems, half of
+// them with an rpb (its gradient binned in the default mode; deterministic d rpb runs
+// on the tiled key pass; a frozen rpb in the first seed), GQA groups of 1-2 heads,
+// lse's gradient in a third, query sub-boxes spanning the periodic axes in a third;
+// dQ by the tiled dq pass or the halo one (both modes, the deterministic one bitwise
+// twice).
 TEST(FusedBackwardHalo, KeyPassMatchesReference) {
   NBHD_REQUIRE_GPU();
   int ran = 0;
@@ -459,12 +461,13 @@ TEST(FusedBackwardHalo, KeyPassMatchesReference) {
       for (int seed = 0; seed < 3 && !HasFailure(); ++seed) {
         std::mt19937_64 rng(34000 + 100 * rank + bucket + seed);
         Case c{testing::small_window_problem(rng, rank, bucket), seed == 1 ? 8 : 0};
-        c.rpb_gradient = false;
+        c.rpb_gradient = seed != 0;
         if (seed == 2) c.p = with_backward_box(c.p, rng);
         c.lse_gradient = seed % 3 == 2;
         c.halo_key = true;
         cuda::fused::TileConfig entry;
-        if (!cuda::fused::halo_key_entry(c.p, /*d_rpb=*/false, &entry)) continue;  // a query box over the shared memory
+        if (!cuda::fused::halo_key_entry(c.p, c.p.has_rpb && c.rpb_gradient, /*deterministic=*/false, &entry))
+          continue;  // a query box over the shared memory
         c.halo_dq = seed % 2 == 1 && cuda::fused::halo_dq_entry(c.p, &entry);
         ran += check_backward(c, rng);
       }

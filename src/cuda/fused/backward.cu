@@ -115,9 +115,9 @@ bool backward_dq_halo(const Problem& p) {
   return halo_dq_asked() && halo_dq_entry(p, &entry);
 }
 
-bool backward_key_halo(const Problem& p, bool d_rpb) {
+bool backward_key_halo(const Problem& p, bool d_rpb, bool deterministic) {
   TileConfig entry;
-  return halo_key_asked() && halo_key_entry(p, d_rpb, &entry);
+  return halo_key_asked() && halo_key_entry(p, d_rpb, deterministic, &entry);
 }
 
 Status backward_supports(const Problem& p) {
@@ -164,7 +164,7 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   TileConfig halo_dq, halo_key;
   const bool dq_halo = halo_dq_asked() && halo_dq_entry(p, &halo_dq);
   if (dq_halo) chosen.dq_pass = halo_dq;
-  const bool key_halo = halo_key_asked() && halo_key_entry(p, t.d_rpb.defined(), &halo_key);
+  const bool key_halo = halo_key_asked() && halo_key_entry(p, t.d_rpb.defined(), o.deterministic, &halo_key);
   if (key_halo) {
     chosen.key_pass = halo_key;
     chosen.dq_by_pass = true;  // it adds no dQ by atomics: a dq pass computes dQ

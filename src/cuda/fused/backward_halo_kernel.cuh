@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const uint32_t attended = halo::step_blocks(w, first, block_row);
     float s[kStep][4], dp[kStep][4];
     halo::block_scores<kHeadDim, T>(s, qa, k_rows, block_row, lane);
-    halo::scale_mask_bias<T>(s, attended, p.scale_log2, p.rpb, p.rpb_is_float32, p.rpb_layout, w, step_start);
+    halo::scale_mask_bias(s, attended, p.scale_log2, p.rpb != nullptr, p.rpb_layout, w, step_start,
+                            halo::GlobalBias<T>{p.rpb, p.rpb_is_float32});
     halo::block_scores<kHeadDim, T>(dp, da, v_rows, block_row, lane);
     // dS = P (dP - delta), P = exp2(score - lse) (masked scores: exact zeros).
 #pragma unroll
@@ -134,8 +135,11 @@ cudaError_t launch_fused_backward_dq_halo(const BackwardParams& p, cudaStream_t 
 // keys' inverse windows in 8-query blocks,
 //   S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta), dK += dS^T Q,
-// dK and dV in registers across the heads, written once. d rpb and additional tokens
-// stay on the tiled key pass (halo_key_entry).
+// dK and dV in registers across the heads, written once. With an rpb, the head's bias
+// table sits in shared memory, compact ([2 k - 1] per axis); d rpb (default mode) is
+// binned there by shared atomics, then added by one global atomic per bin and head.
+// Deterministic d rpb and additional tokens stay on the tiled key pass
+// (halo_key_entry).
 template <class T, int kHeadDim_>
 struct HaloKeyConfig {
   using Element = T;
@@ -161,6 +165,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   T* q_smem = v_smem + Cfg::kBlockK * kHeadDim;
   T* dout_smem = q_smem + (p.kv_halo_rows + kHaloSlackRows) * kHeadDim;
   float2* lse_delta = reinterpret_cast<float2*>(dout_smem + (p.kv_halo_rows + kHaloSlackRows) * kHeadDim);
+  // The bias table and the d rpb bins of a head, compact: bin (x0, x1, x2) at
+  // (x0 (2 k1 - 1) + x1) (2 k2 - 1) + x2, x = key - query + kernel - 1 per axis.
+  const bool has_bias = p.rpb != nullptr, bias_gradient = p.d_rpb != nullptr;
+  detail::RpbLayout bins{};
+  bins.axis[2] = 1;
+  bins.axis[1] = 2 * p.nb.axis[2].kernel - 1;
+  bins.axis[0] = bins.axis[1] * (2 * p.nb.axis[1].kernel - 1);
+  const int bin_count = int(bins.axis[0]) * (2 * p.nb.axis[0].kernel - 1);
+  float* bias_table = reinterpret_cast<float*>(lse_delta + p.kv_halo_rows + kHaloSlackRows);
+  float* bias_bins = bias_table + bin_count;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t4 = lane & 3;
   const TileShape shape{{p.kv_shape.row_log2[0], p.kv_shape.row_log2[1], p.kv_shape.row_log2[2]},
                         {p.kv_shape.warp_log2[0], p.kv_shape.warp_log2[1], p.kv_shape.warp_log2[2]},
@@ -229,19 +243,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       }
       lse_delta[r] = ld;
     }
-    halo::WarpKeys w = halo::warp_keys(p.nb, shape, t, p.rpb_layout, t.h, /*rpb_sign=*/-1, warp, lane, inverse_window);
+    if (has_bias || bias_gradient)
+      for (int i = threadIdx.x; i < bin_count; i += Cfg::kThreads) {
+        const int x2 = i % int(bins.axis[1]), x1 = i / int(bins.axis[1]) % (2 * p.nb.axis[1].kernel - 1),
+                  x0 = i / int(bins.axis[0]);
+        bias_table[i] = has_bias ? halo::GlobalBias<T>{p.rpb, p.rpb_is_float32}(
+                                       int64_t(t.h) * p.rpb_layout.head + x0 * p.rpb_layout.axis[0] +
+                                       x1 * p.rpb_layout.axis[1] + x2 * p.rpb_layout.axis[2])
+                                 : 0.f;
+        bias_bins[i] = 0.f;
+      }
+    halo::WarpKeys w = halo::warp_keys(p.nb, shape, t, bins, /*rpb_head=*/0, /*rpb_sign=*/-1, warp, lane, inverse_window);
     idle = w.idle;
     ptx::cp_async_wait<0>();
-    __syncthreads();  // the halo landed
-    if (w.idle) continue;
+    __syncthreads();  // the halo, its lse and delta, and the bias table landed
 
-    for (int first = 0; first < w.blocks; first += kStep) {
+    for (int first = 0; first < (w.idle ? 0 : w.blocks); first += kStep) {
       const halo::BlockWalk step_start = w.walk;
       int block_row[kStep];
       const uint32_t attended = halo::step_blocks(w, first, block_row);
       float s[kStep][4], dp[kStep][4];
       halo::block_scores<kHeadDim, T>(s, ka, q_rows, block_row, lane);
-      halo::scale_mask_bias<T>(s, attended, p.scale_log2, p.rpb, p.rpb_is_float32, p.rpb_layout, w, step_start);
+      halo::scale_mask_bias(s, attended, p.scale_log2, has_bias, bins, w, step_start,
+                            [&](int64_t o) { return bias_table[o]; });
       // P^T = exp2(score - lse of the column's query); masked scores give exact zeros.
       float delta[kStep][2];
 #pragma unroll
@@ -259,7 +283,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
       for (int j = 0; j < kStep; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - delta[j][e & 1];
+      if (bias_gradient)
+        halo::for_each_bias(attended, bins, w, step_start, [&](int j, int e, int64_t o) { atomicAdd(&bias_bins[o], s[j][e]); });
       halo::block_accumulate<kHeadDim, T>(dk, s, q_rows, block_row, lane);
+    }
+    if (bias_gradient) {
+      __syncthreads();  // every warp's dS is binned
+      for (int i = threadIdx.x; i < bin_count; i += Cfg::kThreads) {
+        if (bias_bins[i] == 0.f) continue;
+        const int x2 = i % int(bins.axis[1]), x1 = i / int(bins.axis[1]) % (2 * p.nb.axis[1].kernel - 1),
+                  x0 = i / int(bins.axis[0]);
+        atomicAdd(p.d_rpb + int64_t(t.h) * p.drpb_layout.head + x0 * p.drpb_layout.axis[0] + x1 * p.drpb_layout.axis[1] +
+                      x2 * p.drpb_layout.axis[2],
+                  bias_bins[i]);
+      }
     }
   }
 
@@ -278,7 +315,9 @@ cudaError_t launch_fused_backward_key_halo(const BackwardParams& p, cudaStream_t
   if (const cudaError_t e = allow_shared_memory<fused_backward_key_halo_kernel<Cfg>>(kHaloMaxSharedBytes); e != cudaSuccess)
     return e;
   const int64_t blocks = int64_t(p.batch) * p.kv_heads * p.kv_tiles;
-  const int bytes = halo_key_pass_shared_bytes(Cfg::kBlockK, kHeadDim, p.kv_halo_rows);
+  const int bins = (2 * p.nb.axis[0].kernel - 1) * (2 * p.nb.axis[1].kernel - 1) * (2 * p.nb.axis[2].kernel - 1);
+  const int bytes =
+      halo_key_pass_shared_bytes(Cfg::kBlockK, kHeadDim, p.kv_halo_rows, p.rpb || p.d_rpb ? bins : 0);
   fused_backward_key_halo_kernel<Cfg><<<dim3(unsigned(blocks)), dim3(Cfg::kThreads), bytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -193,12 +193,16 @@ int halo_key_rows_bound(const Problem& p, const TileShape& s) {
   return int(std::min<int64_t>(rows, 1 << 24));
 }
 
-bool halo_key_entry(const Problem& p, bool d_rpb, TileConfig* entry) {
-  if (d_rpb || p.additional_tokens > 0) return false;
+bool halo_key_entry(const Problem& p, bool d_rpb, bool deterministic, TileConfig* entry) {
+  if ((d_rpb && deterministic) || p.additional_tokens > 0) return false;
+  int64_t bins = 1;
+  for (int a = 0; a < p.rank; ++a) bins *= 2 * p.kernel[a] - 1;
+  if ((p.has_rpb || d_rpb) && bins > kHaloMaxBiasBins) return false;
+  const int bias_floats = p.has_rpb || d_rpb ? int(bins) : 0;
   for (const TileConfig& c : candidate_configs(p.dtype, p.rank, head_dim_bucket(p.dim, p.value_dim())))
     if (const int rows = halo_key_rows_bound(p, c.shape);
         c.halo && c.warps == kBackwardWarps && rows <= kHaloMaxSharedBytes / 64 &&
-        halo_key_pass_shared_bytes(c.warps * 16, c.head_dim, rows) <= kHaloMaxSharedBytes) {
+        halo_key_pass_shared_bytes(c.warps * 16, c.head_dim, rows, bias_floats) <= kHaloMaxSharedBytes) {
       *entry = c;
       return true;
     }
@@ -260,12 +264,12 @@ std::vector<std::string> describe_backward_plan(const Problem& p, bool hopper) {
                       : "fused backward dq pass halo: none runs this problem (16-bit, head dims <= 64, no additional "
                         "tokens, Q, dO and the key box within " + std::to_string(kHaloMaxSharedBytes) +
                             " bytes of shared memory)");
-  lines.push_back(halo_key_entry(p, /*d_rpb=*/false, &halo)
+  lines.push_back(halo_key_entry(p, /*d_rpb=*/p.has_rpb, /*deterministic=*/false, &halo)
                       ? std::string("fused backward key pass halo: ") + halo.why +
-                            " (not yet timed; NBHD_FUSED_BACKWARD_KEY=halo runs it where d rpb is not asked for)"
+                            " (not yet timed; NBHD_FUSED_BACKWARD_KEY=halo runs it, but not for deterministic d rpb)"
                       : "fused backward key pass halo: none runs this problem (16-bit, head dims <= 64, no additional "
-                        "tokens, K, V, Q, dO and the query box within " + std::to_string(kHaloMaxSharedBytes) +
-                            " bytes of shared memory)");
+                        "tokens, at most " + std::to_string(kHaloMaxBiasBins) + " bias bins, K, V, Q, dO and the query "
+                        "box within " + std::to_string(kHaloMaxSharedBytes) + " bytes of shared memory)");
   return lines;
 }
 

@@ -69,9 +69,10 @@ bool halo_dq_asked();
 
 // NBHD_FUSED_BACKWARD_KEY=halo (not yet timed): the key pass of
 // backward_halo_kernel.cuh, on the first 4-warp halo entry of the forward's table
-// (its query tile as the key tile) whose query box fits with K and V
-// (halo_key_pass_shared_bytes), without d rpb (d_rpb: asked for) or additional tokens.
-bool halo_key_entry(const Problem& p, bool d_rpb, TileConfig* entry);
+// (its query tile as the key tile) whose query box fits with K and V and the bias
+// bins (halo_key_pass_shared_bytes), without additional tokens or deterministic d rpb
+// (d_rpb: asked for).
+bool halo_key_entry(const Problem& p, bool d_rpb, bool deterministic, TileConfig* entry);
 bool halo_key_asked();
 // The most queries a key tile of shape s.q has in its query box (the union of its
 // keys' inverse windows, clipped to the computed queries), over every tile of every

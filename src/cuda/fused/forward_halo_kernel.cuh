@@ -87,7 +87,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
     const uint32_t attended = halo::step_blocks(w, first, block_row);
     float s[kStep][4];
     halo::block_scores<kHeadDim, T>(s, qa, k_rows, block_row, lane);
-    halo::scale_mask_bias<T>(s, attended, p.scale_log2, p.rpb, p.rpb_is_float32, p.rpb_layout, w, step_start);
+    halo::scale_mask_bias(s, attended, p.scale_log2, p.rpb != nullptr, p.rpb_layout, w, step_start,
+                            halo::GlobalBias<T>{p.rpb, p.rpb_is_float32});
     float rescale[2];
     detail_fwd::online_softmax(s, row_max, row_sum, 1.f, rescale);
     detail_fwd::rescale_o(o, rescale);

@@ -19,9 +19,12 @@ NBHD_HOST_DEVICE constexpr int halo_shared_bytes(int queries, int head_dim, int 
 }
 
 // The halo key pass's (backward_halo_kernel.cuh): K and V of its `keys` rows, Q and dO
-// of `halo_rows` query rows plus the slack, and lse and delta (8 bytes) per halo row.
-NBHD_HOST_DEVICE constexpr int halo_key_pass_shared_bytes(int keys, int head_dim, int halo_rows) {
-  return 2 * (keys + halo_rows + kHaloSlackRows) * head_dim * 2 + (halo_rows + kHaloSlackRows) * 8;
+// of `halo_rows` query rows plus the slack, lse and delta (8 bytes) per halo row, and
+// with an rpb or d rpb the head's bias table and d rpb bins (`bins` floats each).
+// kHaloMaxBiasBins caps the bins (2-D 7x7 windows: 169; 3-D 9x9x9: 4913).
+inline constexpr int kHaloMaxBiasBins = 4096;
+NBHD_HOST_DEVICE constexpr int halo_key_pass_shared_bytes(int keys, int head_dim, int halo_rows, int bins) {
+  return 2 * (keys + halo_rows + kHaloSlackRows) * head_dim * 2 + (halo_rows + kHaloSlackRows) * 8 + 2 * bins * 4;
 }
 
 }  // namespace nbhd::cuda::fused

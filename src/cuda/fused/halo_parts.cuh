@@ -306,32 +306,47 @@ __device__ __forceinline__ void block_accumulate(float (&acc)[kHeadDim / 8][4], 
   }
 }
 
-// The scores of the step to base-2 units (times scale_log2), the unattended ones -inf,
-// plus the bias where there is one (the step's blocks walked again from `at`: their
-// coordinates are not kept, for registers).
-template <class T>
-__device__ __forceinline__ void scale_mask_bias(float (&s)[kStepBlocks][4], uint32_t attended, float scale_log2,
-                                                const void* rpb, bool rpb_is_float32, const detail::RpbLayout& rl,
-                                                const WarpKeys& w, BlockWalk at) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-#pragma unroll
-  for (int j = 0; j < kStepBlocks; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[j][e] = (attended >> (4 * j + e)) & 1u ? s[j][e] * scale_log2 : kNegInf;
-  if (rpb == nullptr) return;
+// Calls f(j, e, offset) for every attended score (block j, element e) of the step,
+// with its bias offset in layout `rl` (warp_keys' rpb_row and sign): the step's blocks
+// walked again from `at` (their coordinates are not kept, for registers).
+template <class F>
+__device__ __forceinline__ void for_each_bias(uint32_t attended, const detail::RpbLayout& rl, const WarpKeys& w,
+                                              BlockWalk at, F&& f) {
 #pragma unroll
   for (int j = 0; j < kStepBlocks; ++j) {
     const int64_t block_at = int64_t(at.y0) * rl.axis[0] + int64_t(at.y1) * rl.axis[1] + int64_t(at.x) * rl.axis[2];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (((attended >> (4 * j + e)) & 1u) == 0) continue;
-      const int64_t o = w.rpb_row[e >> 1] + w.rpb_sign * (block_at + ((e & 1) ? rl.axis[2] : 0));
-      const float bias = rpb_is_float32 ? __ldg(static_cast<const float*>(rpb) + o) : to_float(static_cast<const T*>(rpb)[o]);
-      s[j][e] += bias * kLog2e;
+      f(j, e, w.rpb_row[e >> 1] + w.rpb_sign * (block_at + ((e & 1) ? rl.axis[2] : 0)));
     }
     at.advance();
   }
 }
+
+// The scores of the step to base-2 units (times scale_log2), the unattended ones -inf,
+// plus, with a bias, bias(offset) in natural units (for_each_bias).
+template <class Bias>
+__device__ __forceinline__ void scale_mask_bias(float (&s)[kStepBlocks][4], uint32_t attended, float scale_log2,
+                                                bool has_bias, const detail::RpbLayout& rl, const WarpKeys& w,
+                                                const BlockWalk& at, Bias&& bias) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = (attended >> (4 * j + e)) & 1u ? s[j][e] * scale_log2 : kNegInf;
+  if (has_bias) for_each_bias(attended, rl, w, at, [&](int j, int e, int64_t o) { s[j][e] += bias(o) * kLog2e; });
+}
+
+// The bias of an rpb tensor in global memory (float32 or the inputs' dtype).
+template <class T>
+struct GlobalBias {
+  const void* rpb;
+  bool is_float32;
+  __device__ float operator()(int64_t o) const {
+    return is_float32 ? __ldg(static_cast<const float*>(rpb) + o) : to_float(static_cast<const T*>(rpb)[o]);
+  }
+};
 
 // The A fragments of the warp's 16 rows of a query-row tensor in shared memory (Q or
 // dO), whole head dim.

@@ -162,9 +162,10 @@ TileConfig forward_config(const Problem& p);
 // Whether a backward of p runs the halo dq pass (NBHD_FUSED_BACKWARD_DQ=halo and an
 // entry that runs p: backward_plan.hpp, halo_dq_entry). backward.cu.
 bool backward_dq_halo(const Problem& p);
-// Whether a backward of p (asking for d rpb or not) runs the halo key pass
-// (NBHD_FUSED_BACKWARD_KEY=halo and an entry that runs it: halo_key_entry).
-bool backward_key_halo(const Problem& p, bool d_rpb);
+// Whether a backward of p (asking for d rpb or not, deterministic or not) runs the
+// halo key pass (NBHD_FUSED_BACKWARD_KEY=halo and an entry that runs it:
+// halo_key_entry).
+bool backward_key_halo(const Problem& p, bool d_rpb, bool deterministic);
 std::string key_pass_loads(const Problem& p, const BackwardTensors& t);
 
 // What a plan depends on: the grid geometry, the head dims and the dtype (which
