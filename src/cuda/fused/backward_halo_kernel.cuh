@@ -41,9 +41,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   T* k_smem = dout_smem + Cfg::kBlockQ * kHeadDim;
   T* v_smem = k_smem + (p.dq_halo_rows + kHaloSlackRows) * kHeadDim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const TileShape shape{{p.dq_shape.row_log2[0], p.dq_shape.row_log2[1], p.dq_shape.row_log2[2]},
-                        {p.dq_shape.warp_log2[0], p.dq_shape.warp_log2[1], p.dq_shape.warp_log2[2]},
-                        {0, 0, 0}};
+  const TileShape shape = p.dq_shape.row_shape();
 
   halo::Tile t;
   {
@@ -176,9 +174,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSM)
   float* bias_table = reinterpret_cast<float*>(lse_delta + p.kv_halo_rows + kHaloSlackRows);
   float* bias_bins = bias_table + bin_count;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t4 = lane & 3;
-  const TileShape shape{{p.kv_shape.row_log2[0], p.kv_shape.row_log2[1], p.kv_shape.row_log2[2]},
-                        {p.kv_shape.warp_log2[0], p.kv_shape.warp_log2[1], p.kv_shape.warp_log2[2]},
-                        {0, 0, 0}};
+  const TileShape shape = p.kv_shape.row_shape();
 
   halo::Tile t;
   {

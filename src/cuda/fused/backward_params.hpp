@@ -30,6 +30,11 @@ struct GridTile {
             {s.k_log2[0], s.k_log2[1], s.k_log2[2]}};
   }
 
+  // Its rows as a TileShape (the halo kernels' parts take one; no column tiles).
+  NBHD_HOST_DEVICE constexpr TileShape row_shape() const {
+    return {{row_log2[0], row_log2[1], row_log2[2]}, {warp_log2[0], warp_log2[1], warp_log2[2]}, {0, 0, 0}};
+  }
+
   NBHD_HOST_DEVICE constexpr int row(int a) const { return 1 << row_log2[a]; }
   NBHD_HOST_DEVICE constexpr int warp(int a) const { return 1 << warp_log2[a]; }
   NBHD_HOST_DEVICE constexpr int col(int a) const { return 1 << col_log2[a]; }

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // The halo kernels' parts (issue 20: small windows), shared by the forward
-// (forward_halo_kernel.cuh) and the backward's dq pass (backward_halo_kernel.cuh):
-// a query tile's key box loaded once into shared memory (the halo), each warp's keys
-// as 8-key blocks along the innermost axis of the union of its own queries' windows,
+// (forward_halo_kernel.cuh) and the backward's dq and key passes
+// (backward_halo_kernel.cuh): a tile's other side loaded once into shared memory (the
+// halo: a query tile's key box, or a key tile's query box), each warp's columns as
+// 8-column blocks along the innermost axis of the union of its own rows' ranges,
 // read from the halo by per-lane ldmatrix row addresses, and the products over a step
-// of blocks (Q K^T or dO V^T; P V or dS K). mma.sync m16n8k16, 16-bit elements.
+// of blocks (Q K^T, dO V^T, K Q^T, V dO^T; P V, dS K, P^T dO, dS^T Q). mma.sync
+// m16n8k16, 16-bit elements.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -53,7 +55,8 @@ struct Tile {
   int rows;
 };
 
-// The key box of a tile whose other fields are set (q: the tile's extents).
+// The halo of a query tile whose other fields are set: its key box (shape.q: the
+// tile's extents).
 __device__ __forceinline__ void set_key_box(const Neighborhood& nb, const TileShape& shape, Tile& t) {
   t.rows = 1;
   for (int a = 0; a < kMaxRank; ++a) {
