@@ -11,8 +11,10 @@
 # tests.txt, times.txt, dry-run.txt, ncu-summary.txt.
 # Needs .carry/ where GoogleTest is not installed.
 #
-#   bench/small_windows.sh [--no-ncu]
+#   bench/small_windows.sh [tests] [times] [ncu]     default: all three (the build always;
+#                                                    on a warm machine it is incremental)
 set -uo pipefail
+steps=" ${*:-tests times ncu} "
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/small-windows-out}"
 mkdir -p "$out"
@@ -33,14 +35,15 @@ bench="$build/tools/nbhd-bench/nbhd-bench"
 test_bin="$(find "$build" -name fused_forward_test -type f -perm -u+x | head -1)"
 bwd_bin="$(find "$build" -name fused_backward_test -type f -perm -u+x | head -1)"
 
-{
-  "$test_bin" --gtest_filter='FusedForwardHalo*:FusedForwardSmoke*:FusedForwardConfigs*'
-  "$bwd_bin" --gtest_filter='FusedBackwardHalo*:FusedBackwardSmoke*'
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$test_bin" --gtest_filter='FusedForwardSmoke*'
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$bwd_bin" --gtest_filter='FusedBackwardHalo*'
-} > "$out/tests.txt" 2>&1
-echo "tests: $(grep -cE '^\[  PASSED|^\[  FAILED|ERROR SUMMARY' "$out/tests.txt") summary lines"
-grep -E '^\[  (PASSED|FAILED)|ERROR SUMMARY' "$out/tests.txt"
+if [[ "$steps" == *" tests "* ]]; then
+  {
+    "$test_bin" --gtest_filter='FusedForwardHalo*:FusedForwardSmoke*:FusedForwardConfigs*'
+    "$bwd_bin" --gtest_filter='FusedBackwardHalo*:FusedBackwardSmoke*'
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$test_bin" --gtest_filter='FusedForwardSmoke*'
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$bwd_bin" --gtest_filter='FusedBackwardHalo*'
+  } > "$out/tests.txt" 2>&1
+  grep -E '^\[  (PASSED|FAILED)|ERROR SUMMARY|Failure' "$out/tests.txt" | head -20
+fi
 
 problems=(  # name|flags (NAT and DiNAT anchors, NAT-Tiny's stages, a 1-D and a 3-D small window)
   "nat-56-k7-d32|--extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 32"
@@ -56,6 +59,7 @@ problems=(  # name|flags (NAT and DiNAT anchors, NAT-Tiny's stages, a 1-D and a 
 : > "$out/times.txt"
 : > "$out/dry-run.txt"
 for entry in "${problems[@]}"; do
+  [[ "$steps" == *" times "* ]] || break
   IFS='|' read -r name flags <<< "$entry"
   # shellcheck disable=SC2086  # the flags are words
   "$bench" $flags --dtype float16 --backend fused --dry-run > "$out/dry.tmp" 2>&1
@@ -82,7 +86,7 @@ for entry in "${problems[@]}"; do
   done
 done
 
-if [ "${1:-}" != --no-ncu ]; then
+if [[ "$steps" == *" ncu "* ]]; then
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
   halo=$(grep -A40 '===== nat-56-k7-d32$' "$out/dry-run.txt" | grep -oE '#[0-9]+ [^(]*\(halo,' | head -1 |
     grep -oE '^#[0-9]+' | tr -d '#')
