@@ -88,8 +88,9 @@ done
 
 if [[ "$steps" == *" ncu "* ]]; then
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  halo=$(grep -A40 '===== nat-56-k7-d32$' "$out/dry-run.txt" | grep -oE '#[0-9]+ [^(]*\(halo,' | head -1 |
-    grep -oE '^#[0-9]+' | tr -d '#')
+  # The 4-warp halo entry (the faster on NAT, H100 2026-12-08): its index from --dry-run.
+  halo=$("$bench" --extent 56x56 --kernel 7 --batch 64 --heads 4 --dim 32 --dtype float16 --backend fused --dry-run 2>&1 |
+    grep -oE '#[0-9]+ [^(]*\(halo, warps 4' | head -1 | grep -oE '^#[0-9]+' | tr -d '#')
   sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
             --section SchedulerStats --section WarpStateStats --section InstructionStats --section LaunchStats
             --section Occupancy)
