@@ -283,7 +283,9 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
                     KernelRun* deterministic_out = nullptr) {
   const Problem& p = c.p;
   SCOPED_TRACE(p.to_string() + (c.gap ? " (padded strides)" : "") + (c.lse_gradient ? " (with lse's gradient)" : ""));
-  const ScopedEnv key_pass(c.halo_key ? "NBHD_FUSED_BACKWARD_KEY" : nullptr, "halo");
+  // The halo key pass where asked for, else the tiled (or wgmma) one, which the
+  // default would replace on small windows (halo_by_default).
+  const ScopedEnv key_pass("NBHD_FUSED_BACKWARD_KEY", c.halo_key ? "halo" : "tiled");
   const Inputs in(p, rng, c.gap);
   auto out_shape = shape_of(in.q.ref());
   out_shape.back() = p.value_dim();
@@ -403,7 +405,7 @@ bool check_backward(const Case& c, std::mt19937_64& rng, const char* loads = nul
                                                     : "default mode, dQ by the dq pass");
   }
   KernelRun first, second;
-  if (c.halo_dq) setenv("NBHD_FUSED_BACKWARD_DQ", "halo", 1);
+  setenv("NBHD_FUSED_BACKWARD_DQ", c.halo_dq ? "halo" : "pass", 1);  // the tiled dq pass unless asked
   EXPECT_TRUE(run(/*deterministic=*/true, &first).ok());
   EXPECT_TRUE(run(/*deterministic=*/true, &second).ok());
   unsetenv("NBHD_FUSED_BACKWARD_DQ");

@@ -112,12 +112,12 @@ std::string key_pass_loads(const Problem& p, const BackwardTensors& t) {
 
 bool backward_dq_halo(const Problem& p) {
   TileConfig entry;
-  return halo_dq_asked() && halo_dq_entry(p, &entry);
+  return halo_dq_chosen(p, &entry);
 }
 
 bool backward_key_halo(const Problem& p, bool d_rpb, bool deterministic) {
   TileConfig entry;
-  return halo_key_asked() && halo_key_entry(p, d_rpb, deterministic, &entry);
+  return halo_key_chosen(p, d_rpb, deterministic, &entry);
 }
 
 Status backward_supports(const Problem& p) {
@@ -162,9 +162,9 @@ Status backward(const Problem& p, const BackwardTensors& t, const Options& o) {
   BackwardPlan chosen = plan(p, t.d_rpb.defined(), o.deterministic);
   chosen.dq_by_pass = prefer_dq_pass(p);  // outside the cache: NBHD_FUSED_BACKWARD_DQ may change
   TileConfig halo_dq, halo_key;
-  const bool dq_halo = halo_dq_asked() && halo_dq_entry(p, &halo_dq);
+  const bool dq_halo = halo_dq_chosen(p, &halo_dq);
   if (dq_halo) chosen.dq_pass = halo_dq;
-  const bool key_halo = halo_key_asked() && halo_key_entry(p, t.d_rpb.defined(), o.deterministic, &halo_key);
+  const bool key_halo = halo_key_chosen(p, t.d_rpb.defined(), o.deterministic, &halo_key);
   if (key_halo) {
     chosen.key_pass = halo_key;
     chosen.dq_by_pass = true;  // it adds no dQ by atomics: a dq pass computes dQ

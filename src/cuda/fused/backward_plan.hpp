@@ -65,6 +65,10 @@ bool prefer_dq_pass(const Problem& p);
 // backward_halo_kernel.cuh, on the first 4-warp halo entry of the forward's table
 // that runs p with Q and dO rows (halo_refusal). True and the entry where there is one.
 bool halo_dq_entry(const Problem& p, TileConfig* entry);
+// Whether the backward runs the halo dq pass on p: asked for
+// (NBHD_FUSED_BACKWARD_DQ=halo), or by default (halo_by_default, no
+// NBHD_FUSED_BACKWARD_DQ), where an entry runs it.
+bool halo_dq_chosen(const Problem& p, TileConfig* entry);
 bool halo_dq_asked();
 
 // NBHD_FUSED_BACKWARD_KEY=halo (not yet timed): the key pass of
@@ -73,6 +77,9 @@ bool halo_dq_asked();
 // bins (halo_key_pass_shared_bytes), without additional tokens or deterministic d rpb
 // (d_rpb: asked for).
 bool halo_key_entry(const Problem& p, bool d_rpb, bool deterministic, TileConfig* entry);
+// The same for the halo key pass (NBHD_FUSED_BACKWARD_KEY=halo, or by default without
+// NBHD_FUSED_BACKWARD_KEY; =tiled keeps the tiled or wgmma key pass).
+bool halo_key_chosen(const Problem& p, bool d_rpb, bool deterministic, TileConfig* entry);
 bool halo_key_asked();
 // The most queries a key tile of shape s.q has in its query box (the union of its
 // keys' inverse windows, clipped to the computed queries), over every tile of every

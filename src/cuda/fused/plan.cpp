@@ -388,19 +388,41 @@ KeyTileCount key_tile_count(const Problem& p, const TileShape& s) {
   return {loaded, loaded - inside};
 }
 
+bool halo_by_default(const Problem& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (p.rank > 2) return false;
+  for (int a = 0; a < p.rank; ++a)
+    if (p.kernel[a] > kHaloDefaultMaxKernel) return false;
+  return true;
+}
+
 std::vector<PlanEstimate> rank_configs(const Problem& p, bool hopper) {
   const int rank = p.rank;
   const int bucket = head_dim_bucket(p.dim, p.value_dim());
   std::vector<PlanEstimate> out;
   if (!bucket) return out;
+  double best_tiled = std::numeric_limits<double>::infinity();
   for (const TileConfig& c : candidate_configs(p.dtype, rank, bucket, hopper)) {
     out.push_back(estimate(p, c));
     out.back().candidate = int(out.size()) - 1;
+    if (!c.halo) best_tiled = std::min(best_tiled, out.back().cost);
+  }
+  // The halo entries have no pair-count model: where measured faster (halo_by_default)
+  // they cost kHaloCostFactor of the best tiled entry (the halo forward's times were
+  // 0.57-0.75 of the tiled one's, H100), the preferred warp count first (8 warps at
+  // head dim 32: 1.05-1.14x faster than 4 on DiNAT, NAT-Tiny stages 2-3 and 1-D, 0.94x
+  // on NAT 56²; 4 warps at 64: 1.33x); elsewhere they run only when forced.
+  constexpr double kHaloCostFactor = 0.6;
+  for (PlanEstimate& e : out) {
+    const TileConfig& c = e.config;
     if (!c.halo) continue;
-    // Not yet timed on a GPU: no cost to rank it by, so it runs only when forced.
-    out.back().refused = halo_refusal(p, c);
-    if (out.back().refused.empty()) out.back().refused = "halo: not yet timed; NBHD_FUSED_TILE forces it";
-    out.back().cost = std::numeric_limits<double>::infinity();
+    e.refused = halo_refusal(p, c);
+    if (e.refused.empty() && !halo_by_default(p))
+      e.refused = "halo: measured faster only on rank 1-2 windows of at most " + std::to_string(kHaloDefaultMaxKernel) +
+                  " (a tie at 3-D k5); NBHD_FUSED_TILE forces it";
+    const bool preferred = c.warps == (c.head_dim <= 32 ? 8 : 4);
+    e.cost = e.refused.empty() ? kHaloCostFactor * best_tiled * (preferred ? 1.0 : 1.05)
+                               : std::numeric_limits<double>::infinity();
   }
   std::stable_sort(out.begin(), out.end(), [](const PlanEstimate& a, const PlanEstimate& b) { return a.cost < b.cost; });
   return out;
@@ -500,7 +522,10 @@ std::vector<std::string> describe_plan(const Problem& p, bool hopper) {
                   e.config.head_dim, e.waste(), e.cost, e.config.why);
     lines.push_back(buf + (e.refused.empty() ? "" : " (" + e.refused + ")"));
   }
-  if (p.any_periodic()) {
+  if (p.any_periodic() && ranked.front().config.halo) {
+    lines.push_back("fused periodic: the halo kernel loads its key box row by row, each row's token wrapped where it "
+                    "must (no seam tiles); the backward's halo passes likewise");
+  } else if (p.any_periodic()) {
     // How many of the chosen plan's query tiles have a key box past a group's end.
     const TileShape& s = ranked.front().config.shape;
     const Neighborhood nb = p.neighborhood();

@@ -43,6 +43,13 @@ bool kernel_compiled(DType dtype, int head_dim, int warps, int block_kv, int m_t
 // group's length on an axis that does not wrap.
 int halo_rows_bound(const Problem& p, const TileShape& s);
 
+// Whether the halo kernels are the default for p: 16-bit, rank 1 or 2, windows of at
+// most kHaloDefaultMaxKernel per axis (the measured range: on an H100 the halo forward
+// ran 1.34-1.74x the tiled one on 1-D and 2-D windows of 7-13 and tied at 3-D k5; its
+// backward passes 1.45-1.70x; docs/performance.md, "The halo kernel").
+inline constexpr int kHaloDefaultMaxKernel = 13;
+bool halo_by_default(const Problem& p);
+
 // "" where the halo entry `c` runs `p` (any other entry: ""), else why not: its key
 // box and `query_tensors` tensors of query rows (the forward's Q; the dq pass's Q and
 // dO) need more than kHaloMaxSharedBytes of shared memory, or additional tokens.
